@@ -1,0 +1,67 @@
+#pragma once
+// kvtier::cache<Options...>: the composed KV cache an engine instantiates.
+
+#include "kvtier/detail/cache_impl.hpp"
+#include "kvtier/options.hpp"
+
+namespace kvtier {
+
+/// The KV cache, composed from kvtier::opt tags in any order (each has a default):
+///
+///   opt::chunk_tokens<N>         tokens per chunk (256)
+///   opt::layout<L>               the engine's KV layout (layout::vllm_flash_nhd)
+///   opt::eviction<E>             eviction policy of every tier (eviction::lru)
+///   opt::tiers<First, Lower...>  tier chain, memory tier first (tiers<tier::host>)
+///   opt::hasher<H>               chunk-key hasher (key::xxh3_hasher)
+///
+/// A tag given twice is a compile error. The resolved policies are nested names:
+/// layout_type, eviction_type, hasher_type, tier_list, chunk_tokens, tier_count, and
+/// tier_configs (a std::tuple of each tier's config, in chain order).
+///
+/// Construction: `cache(model_shape, salt, tier_configs = {}, cache_config = {})` validates
+/// the model (every field > 0, chunk_tokens a multiple of block_size), reserves every tier's
+/// memory, file and index, and starts one write-through thread when there are lower tiers.
+/// Afterwards no call allocates on the heap (except the text of a thrown error).
+///
+/// The engine's calls (all thread-safe; the lock is never held across a copy or I/O):
+///
+///  - `lease lookup(tokens)`: the longest cached prefix, walking tiers in order per chunk and
+///    stopping at the first chunk no tier holds; the lease keeps those chunks from eviction.
+///    O(tokens) hashing outside the lock + O(chunks) hash-table probes under it.
+///  - `size_t retrieve(lease&, engine_kv, block_table)`: loads the lease's tokens into the
+///    engine's blocks and consumes the lease. A chunk held only by a lower tier is first copied
+///    into the first tier (promotion) and verified. Returns the tokens actually loaded, always a
+///    prefix of lease.tokens(); a failed or corrupt read ends it there.
+///  - `size_t store(tokens, engine_kv, block_table)`: copies the chunks of `tokens` from the
+///    engine's blocks into the first tier, evicting as needed, and queues write-through to lower
+///    tiers (a full queue drops, and counts, rather than blocking). A chunk is visible to lookup
+///    only once all its bytes are in. Returns the tokens stored or already held, a prefix: when
+///    nothing more is evictable it stores what fits.
+///  - `release(lease&)`: gives the lease's chunks back without loading them.
+///  - `pin(tokens)` / `unpin(tokens)`: a pinned chunk is never evicted from any tier that holds it
+///    when pinned. pin returns the tokens of the pinned prefix; unpin the tokens unpinned.
+///  - `clear(tokens)` / `clear()`: removes unpinned chunks from every tier (bytes under a lease
+///    stay valid until it ends). Return the tokens / chunk copies removed.
+///  - `flush()`: waits until queued write-through has finished.
+///  - `stats()`: a snapshot of the counters (per tier hits, misses, bytes, evictions, errors).
+///
+/// Bad input (wrong tensor count or extent, block id out of range, a block table shorter than
+/// the tokens, too many tokens, a lease of another cache) throws kvtier::invalid_argument naming
+/// the value, before anything is changed.
+template <option... Options>
+class cache : public detail::cache_impl<detail::resolve_options<Options...>::chunk_tokens,
+                                        typename detail::resolve_options<Options...>::layout,
+                                        typename detail::resolve_options<Options...>::eviction,
+                                        typename detail::resolve_options<Options...>::hasher,
+                                        typename detail::resolve_options<Options...>::tiers> {
+  using base = detail::cache_impl<detail::resolve_options<Options...>::chunk_tokens,
+                                  typename detail::resolve_options<Options...>::layout,
+                                  typename detail::resolve_options<Options...>::eviction,
+                                  typename detail::resolve_options<Options...>::hasher,
+                                  typename detail::resolve_options<Options...>::tiers>;
+
+ public:
+  using base::base;
+};
+
+}  // namespace kvtier

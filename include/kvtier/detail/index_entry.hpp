@@ -1,0 +1,46 @@
+#pragma once
+// One chunk's record in a tier's index, linked by Boost.Intrusive hooks (no allocation).
+
+#include "kvtier/key/chunk_key.hpp"
+
+#include <boost/intrusive/list.hpp>
+#include <boost/intrusive/unordered_set.hpp>
+
+#include <cstdint>
+
+namespace kvtier::detail {
+
+namespace bi = boost::intrusive;
+
+enum class entry_state : std::uint8_t {
+  free,     ///< on the free list
+  writing,  ///< in the hash set but its bytes are not whole yet: invisible to lookup
+  ready,    ///< bytes whole: visible to lookup
+  zombie,   ///< removed from the hash set while still referenced; freed by the last unref
+};
+
+/// Entry i of a tier owns slot i of that tier's storage. An entry is in the eviction list
+/// exactly when it is ready, unreferenced and unpinned, so the list's victim is always evictable.
+/// The list hook doubles as the free-list hook (an entry is never in both).
+struct index_entry : bi::unordered_set_base_hook<bi::link_mode<bi::normal_link>>,
+                     bi::list_base_hook<bi::link_mode<bi::normal_link>> {
+  chunk_key key{};
+  std::uint32_t tokens = 0;  ///< tokens held (the chunk size, or fewer for a partial tail)
+  std::uint32_t refs = 0;    ///< leases, transfers and queued writes using the bytes
+  std::uint32_t pins = 0;    ///< pin() calls not yet unpinned
+  entry_state state = entry_state::free;
+
+  [[nodiscard]] bool evictable() const noexcept {
+    return state == entry_state::ready && refs == 0 && pins == 0;
+  }
+};
+
+struct entry_key_of {
+  using type = chunk_key;
+  const type& operator()(const index_entry& e) const noexcept { return e.key; }
+};
+
+/// The list an eviction policy orders. It holds exactly the evictable entries.
+using eviction_list = bi::list<index_entry, bi::constant_time_size<true>>;
+
+}  // namespace kvtier::detail

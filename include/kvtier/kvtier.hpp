@@ -1,0 +1,22 @@
+#pragma once
+// kvtier: the KV-cache layer of LLM inference engines. Host umbrella header (no CUDA needed).
+
+#include "kvtier/cache.hpp"
+#include "kvtier/concepts.hpp"
+#include "kvtier/config.hpp"
+#include "kvtier/error.hpp"
+#include "kvtier/eviction/lru.hpp"
+#include "kvtier/key/chunk_key.hpp"
+#include "kvtier/key/xxh3_hasher.hpp"
+#include "kvtier/layout/chunk_format.hpp"
+#include "kvtier/layout/trtllm_packed.hpp"
+#include "kvtier/layout/view.hpp"
+#include "kvtier/layout/vllm_flash_nhd.hpp"
+#include "kvtier/memory/region.hpp"
+#include "kvtier/memory/slab.hpp"
+#include "kvtier/model.hpp"
+#include "kvtier/options.hpp"
+#include "kvtier/stats.hpp"
+#include "kvtier/tier/host.hpp"
+#include "kvtier/tier/local_disk.hpp"
+#include "kvtier/transfer/host_copy.hpp"

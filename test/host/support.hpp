@@ -1,0 +1,136 @@
+#pragma once
+// A fake paged engine for tests: random KV bytes in vLLM flash NHD or TensorRT-LLM packed
+// tensors, with reference addressing written independently of kvtier's layout code.
+
+#include <kvtier/kvtier.hpp>
+
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace test {
+
+inline std::filesystem::path temp_dir(const std::string& name) {
+  const char* base = std::getenv("KVTIER_TEST_TMP");
+  static std::atomic<int> counter{0};
+  std::filesystem::path p =
+      std::filesystem::path(base ? base : "/tmp/kvtier-test") /
+      (name + "-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
+  std::filesystem::remove_all(p);
+  std::filesystem::create_directories(p);
+  return p;
+}
+
+/// doctest::Contains for a std::string (doctest takes its own string type).
+inline doctest::Contains contains(const std::string& s) { return doctest::Contains(s.c_str()); }
+
+inline std::vector<kvtier::token_id> tokens(std::size_t n, std::uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<kvtier::token_id> t(n);
+  for (auto& x : t) x = static_cast<kvtier::token_id>(rng() % 128000);
+  return t;
+}
+
+/// An engine holding KV in layout L, with `blocks` blocks filled with random bytes.
+template <class L>
+struct engine {
+  kvtier::model_shape m;
+  std::int64_t blocks;
+  std::vector<std::vector<std::byte>> storage;
+  mutable std::vector<void*> ptrs;  // rebuilt by kv(): copies of an engine own their bytes
+  std::vector<std::int64_t> shape;
+
+  engine(const kvtier::model_shape& ms, std::int64_t nb, std::uint32_t seed) : m(ms), blocks(nb) {
+    const auto s = L::shape(m, nb);
+    shape.assign(s.begin(), s.end());
+    std::size_t elems = 1;
+    for (auto d : shape) elems *= static_cast<std::size_t>(d);
+    const std::size_t count = L::per_layer ? m.layers : 1;
+    storage.resize(count);
+    std::mt19937_64 rng(seed);
+    for (auto& t : storage) {
+      t.resize(elems * m.dtype_size);
+      for (auto& b : t) b = static_cast<std::byte>(rng());
+    }
+  }
+  kvtier::engine_kv kv() const {
+    ptrs.clear();
+    for (auto& t : storage) ptrs.push_back(const_cast<std::byte*>(t.data()));
+    return {ptrs, shape};
+  }
+  void wipe(std::byte v = std::byte{0}) {
+    for (auto& t : storage) std::fill(t.begin(), t.end(), v);
+  }
+
+  /// Reference address of element row (layer, kv, block, slot, head): head_size elements.
+  const std::byte* row(std::size_t l, std::size_t kv, std::size_t b, std::size_t s,
+                       std::size_t h) const {
+    const std::size_t NB = blocks, BS = m.block_size, H = m.kv_heads, D = m.head_size,
+                      NL = m.layers, dt = m.dtype_size;
+    std::size_t elem;
+    const std::byte* base;
+    if constexpr (std::is_same_v<L, kvtier::layout::vllm_flash_nhd>) {
+      base = storage[l].data();
+      elem = (((kv * NB + b) * BS + s) * H + h) * D;  // [2, NB, BS, H, D]
+    } else {
+      base = storage[0].data();
+      elem = ((((b * NL + l) * 2 + kv) * H + h) * BS + s) * D;  // [NB, NL, 2, H, BS, D]
+    }
+    return base + elem * dt;
+  }
+  std::byte* row(std::size_t l, std::size_t kv, std::size_t b, std::size_t s, std::size_t h) {
+    return const_cast<std::byte*>(std::as_const(*this).row(l, kv, b, s, h));
+  }
+  /// Token t's rows (every layer, K/V, head) as in block table `bt`.
+  template <class F>
+  void for_token(const std::vector<std::int32_t>& bt, std::size_t t, F&& f) const {
+    const std::size_t b = static_cast<std::size_t>(bt[t / m.block_size]), s = t % m.block_size;
+    for (std::size_t l = 0; l < m.layers; ++l)
+      for (std::size_t kv = 0; kv < 2; ++kv)
+        for (std::size_t h = 0; h < m.kv_heads; ++h) f(row(l, kv, b, s, h));
+  }
+};
+
+/// True when tokens [0, n) of `a` (table ta) hold the same bytes as those of `b` (table tb).
+template <class LA, class LB>
+bool same_tokens(const engine<LA>& a, const std::vector<std::int32_t>& ta, const engine<LB>& b,
+                 const std::vector<std::int32_t>& tb, std::size_t first, std::size_t n) {
+  const std::size_t row = a.m.head_size * a.m.dtype_size;
+  for (std::size_t t = first; t < first + n; ++t) {
+    std::vector<const std::byte*> ra, rb;
+    a.for_token(ta, t, [&](const std::byte* p) { ra.push_back(p); });
+    b.for_token(tb, t, [&](const std::byte* p) { rb.push_back(p); });
+    for (std::size_t i = 0; i < ra.size(); ++i) {
+      if (std::memcmp(ra[i], rb[i], row) != 0) return false;
+    }
+  }
+  return true;
+}
+
+/// A block table of `n` distinct blocks in shuffled (non-contiguous) order.
+inline std::vector<std::int32_t> shuffled_table(std::size_t n, std::int64_t blocks,
+                                                std::uint32_t seed) {
+  std::vector<std::int32_t> all(static_cast<std::size_t>(blocks));
+  std::iota(all.begin(), all.end(), 0);
+  std::shuffle(all.begin(), all.end(), std::mt19937(seed));
+  REQUIRE(n <= all.size());
+  all.resize(n);
+  return all;
+}
+
+inline std::size_t blocks_for(std::size_t tokens, std::size_t bs) { return (tokens + bs - 1) / bs; }
+
+/// A small model: 2 layers, 2 KV heads, head size 8, 2-byte dtype, engine block 4 tokens.
+inline constexpr kvtier::model_shape small_model{2, 2, 8, 2, 4};
+inline const kvtier::salt small_salt{"test-model", "bf16", 0, 1, ""};
+
+}  // namespace test
