@@ -697,14 +697,15 @@ namespace kvtier::memory {
 
 /// Owns `bytes` of host memory aligned to `alignment` (a power of two, at least 64). With an
 /// upstream std::pmr::memory_resource the engine supplies the memory (its own pool, a
-/// huge-page arena); without one kvtier reserves it with aligned new. With `lock`, the pages are
-/// mlock()ed and pre-faulted so the first store does not page-fault; failure throws tier_error
-/// naming the size and the system's reason (usually RLIMIT_MEMLOCK).
+/// huge-page arena); without one kvtier reserves it with aligned new. With `prefault`, every page
+/// is touched now, so the first store into it does not page-fault. With `lock`, the pages are
+/// mlock()ed (which faults them in); failure throws tier_error naming the size and the system's
+/// reason (usually RLIMIT_MEMLOCK).
 class region {
  public:
   region() = default;
   region(std::size_t bytes, std::size_t alignment, bool lock,
-         std::pmr::memory_resource* upstream = nullptr)
+         std::pmr::memory_resource* upstream = nullptr, bool prefault = false)
       : bytes_(bytes), alignment_(alignment), upstream_(upstream) {
     if (bytes == 0) throw invalid_argument("kvtier: memory region of 0 bytes");
     try {
@@ -714,6 +715,7 @@ class region {
       throw tier_error("kvtier: cannot allocate a host region of " + std::to_string(bytes) +
                        " bytes");
     }
+    if (prefault && !lock) std::memset(data_, 0, bytes);  // mlock faults the pages itself
     if (lock) {
       if (::mlock(data_, bytes) != 0) {
         const int err = errno;
@@ -780,10 +782,11 @@ class slab {
  public:
   slab() = default;
   slab(std::size_t slots, std::size_t slot_bytes, std::size_t alignment, bool lock,
-       std::pmr::memory_resource* upstream = nullptr)
+       std::pmr::memory_resource* upstream = nullptr, bool prefault = false)
       : slot_bytes_(round_up(slot_bytes, alignment)),
         slots_(slots),
-        region_(checked_bytes(slots, round_up(slot_bytes, alignment)), alignment, lock, upstream) {}
+        region_(checked_bytes(slots, round_up(slot_bytes, alignment)), alignment, lock, upstream,
+                prefault) {}
 
   [[nodiscard]] std::byte* data(std::uint32_t slot) const noexcept {
     return region_.data() + static_cast<std::size_t>(slot) * slot_bytes_;
@@ -1971,8 +1974,9 @@ struct host {
 
   struct config {
     std::size_t capacity_bytes = std::size_t{1} << 30;  ///< slab size; holds floor(cap / chunk)
-    bool lock_memory = false;                           ///< mlock and pre-fault the slab
+    bool lock_memory = false;                           ///< mlock the slab
     std::pmr::memory_resource* memory = nullptr;        ///< engine-provided memory, or nullptr
+    bool prefault = true;  ///< touch every page at construction, not on the first stores
   };
 
   template <class Eviction>
@@ -1982,7 +1986,8 @@ struct host {
 
     impl(const config& c, const context& ctx)
         : index_(slots_for(c, ctx)),
-          slab_(index_.capacity(), ctx.format.chunk_bytes(), alignment, c.lock_memory, c.memory) {}
+          slab_(index_.capacity(), ctx.format.chunk_bytes(), alignment, c.lock_memory, c.memory,
+                c.prefault) {}
 
     [[nodiscard]] detail::chunk_index<Eviction>& index() noexcept { return index_; }
     [[nodiscard]] std::byte* data(std::uint32_t slot) const noexcept { return slab_.data(slot); }

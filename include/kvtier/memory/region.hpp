@@ -17,14 +17,15 @@ namespace kvtier::memory {
 
 /// Owns `bytes` of host memory aligned to `alignment` (a power of two, at least 64). With an
 /// upstream std::pmr::memory_resource the engine supplies the memory (its own pool, a
-/// huge-page arena); without one kvtier reserves it with aligned new. With `lock`, the pages are
-/// mlock()ed and pre-faulted so the first store does not page-fault; failure throws tier_error
-/// naming the size and the system's reason (usually RLIMIT_MEMLOCK).
+/// huge-page arena); without one kvtier reserves it with aligned new. With `prefault`, every page
+/// is touched now, so the first store into it does not page-fault. With `lock`, the pages are
+/// mlock()ed (which faults them in); failure throws tier_error naming the size and the system's
+/// reason (usually RLIMIT_MEMLOCK).
 class region {
  public:
   region() = default;
   region(std::size_t bytes, std::size_t alignment, bool lock,
-         std::pmr::memory_resource* upstream = nullptr)
+         std::pmr::memory_resource* upstream = nullptr, bool prefault = false)
       : bytes_(bytes), alignment_(alignment), upstream_(upstream) {
     if (bytes == 0) throw invalid_argument("kvtier: memory region of 0 bytes");
     try {
@@ -34,6 +35,7 @@ class region {
       throw tier_error("kvtier: cannot allocate a host region of " + std::to_string(bytes) +
                        " bytes");
     }
+    if (prefault && !lock) std::memset(data_, 0, bytes);  // mlock faults the pages itself
     if (lock) {
       if (::mlock(data_, bytes) != 0) {
         const int err = errno;

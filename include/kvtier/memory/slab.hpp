@@ -15,10 +15,11 @@ class slab {
  public:
   slab() = default;
   slab(std::size_t slots, std::size_t slot_bytes, std::size_t alignment, bool lock,
-       std::pmr::memory_resource* upstream = nullptr)
+       std::pmr::memory_resource* upstream = nullptr, bool prefault = false)
       : slot_bytes_(round_up(slot_bytes, alignment)),
         slots_(slots),
-        region_(checked_bytes(slots, round_up(slot_bytes, alignment)), alignment, lock, upstream) {}
+        region_(checked_bytes(slots, round_up(slot_bytes, alignment)), alignment, lock, upstream,
+                prefault) {}
 
   [[nodiscard]] std::byte* data(std::uint32_t slot) const noexcept {
     return region_.data() + static_cast<std::size_t>(slot) * slot_bytes_;

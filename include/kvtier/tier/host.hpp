@@ -21,8 +21,9 @@ struct host {
 
   struct config {
     std::size_t capacity_bytes = std::size_t{1} << 30;  ///< slab size; holds floor(cap / chunk)
-    bool lock_memory = false;                           ///< mlock and pre-fault the slab
+    bool lock_memory = false;                           ///< mlock the slab
     std::pmr::memory_resource* memory = nullptr;        ///< engine-provided memory, or nullptr
+    bool prefault = true;  ///< touch every page at construction, not on the first stores
   };
 
   template <class Eviction>
@@ -32,7 +33,8 @@ struct host {
 
     impl(const config& c, const context& ctx)
         : index_(slots_for(c, ctx)),
-          slab_(index_.capacity(), ctx.format.chunk_bytes(), alignment, c.lock_memory, c.memory) {}
+          slab_(index_.capacity(), ctx.format.chunk_bytes(), alignment, c.lock_memory, c.memory,
+                c.prefault) {}
 
     [[nodiscard]] detail::chunk_index<Eviction>& index() noexcept { return index_; }
     [[nodiscard]] std::byte* data(std::uint32_t slot) const noexcept { return slab_.data(slot); }

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what kvtier's build, tests and examples need, from Debian packages, when missing.
+set -euo pipefail
+need=()
+for pkg in cmake make g++ python3 doctest-dev libboost-dev libxxhash-dev; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+# A toolchain already on PATH (e.g. a newer cmake or python3 from elsewhere) is fine too.
+filtered=()
+for pkg in "${need[@]}"; do
+  case "$pkg" in
+    cmake|make|g++|python3) command -v "$pkg" >/dev/null 2>&1 || filtered+=("$pkg") ;;
+    *) filtered+=("$pkg") ;;
+  esac
+done
+if [ ${#filtered[@]} -gt 0 ]; then
+  echo "kvtier: installing ${filtered[*]}"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${filtered[@]}" >/dev/null
+fi
