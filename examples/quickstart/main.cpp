@@ -144,12 +144,15 @@ bool serve(cache_t& cache, engine& eng, const std::vector<kvtier::token_id>& pro
   std::vector<std::byte> a(bytes), b(bytes);
   std::memset(a.data(), 1, bytes);
   std::memset(b.data(), 2, bytes);
-  t0 = clock_type::now();
-  std::memcpy(b.data(), a.data(), bytes);
-  const double memcpy_s = seconds_since(t0);
+  double memcpy_s = 1e30;
+  for (int i = 0; i < 3; ++i) {
+    t0 = clock_type::now();
+    std::memcpy(b.data(), a.data(), bytes);
+    memcpy_s = std::min(memcpy_s, seconds_since(t0));
+  }
   std::printf(
-      "  retrieve loaded %zu tokens, %.1f MiB in %.2f ms: %.2f GB/s "
-      "(memcpy of the same bytes %.2f GB/s, ratio %.2f)\n",
+      "  retrieve loaded %zu tokens, %.1f MiB in %.2f ms: %.2f GB/s (one run; memcpy of the "
+      "same bytes, best of 3, %.2f GB/s, ratio %.2f; kvtier_bench_host measures properly)\n",
       loaded, bytes / 1048576.0, load_s * 1e3, gbps(bytes, load_s), gbps(bytes, memcpy_s),
       memcpy_s / load_s);
   const auto got = eng.snapshot(bt, loaded);  // token-major: a prefix of `expected`

@@ -1013,9 +1013,69 @@ struct local_disk {
 
 
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 namespace kvtier::transfer {
 
 namespace detail {
+
+#if defined(__SSE2__)
+// Copies 64 bytes with streaming stores; `dst` is 16-byte aligned.
+inline void stream64(std::byte* dst, const std::byte* src) noexcept {
+  const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16));
+  const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 32));
+  const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 48));
+  _mm_stream_si128(reinterpret_cast<__m128i*>(dst), a);
+  _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 16), b);
+  _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 32), c);
+  _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 48), d);
+}
+#endif
+
+/// Copies n bytes. Copies of 256 bytes or more use streaming (non-temporal) stores where the
+/// target has them: chunk bytes are not read again soon by this core, and streaming skips the
+/// read-for-ownership of every destination line. Runs of 8 KiB or more are copied two pages at
+/// a time, interleaved, with the source prefetched, which keeps several DRAM pages open at once
+/// (glibc's memcpy does the same, but only above a size threshold far larger than a block).
+/// Measured in bench/host_tier.cpp and docs/performance.md. The caller must fence() before
+/// publishing what it wrote.
+inline void copy_bytes(std::byte* dst, const std::byte* src, std::size_t n) noexcept {
+#if defined(__SSE2__)
+  if (n >= 256) {
+    const std::size_t head = (16 - (reinterpret_cast<std::uintptr_t>(dst) & 15)) & 15;
+    std::memcpy(dst, src, head);
+    dst += head, src += head, n -= head;
+    constexpr std::size_t page = 4096, pages = 2;
+    std::size_t i = 0;
+    for (; i + pages * page <= n; i += pages * page) {
+      for (std::size_t j = 0; j < page; j += 64) {
+        for (std::size_t p = 0; p < pages; ++p) {
+          const std::byte* s = src + i + p * page + j;
+          _mm_prefetch(reinterpret_cast<const char*>(s + 512), _MM_HINT_T0);
+          stream64(dst + i + p * page + j, s);
+        }
+      }
+    }
+    for (; i + 64 <= n; i += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(src + i + 1024), _MM_HINT_T0);
+      stream64(dst + i, src + i);
+    }
+    std::memcpy(dst + i, src + i, n - i);
+    return;
+  }
+#endif
+  std::memcpy(dst, src, n);
+}
+
+/// Orders streaming stores before what follows (publishing a chunk to other threads).
+inline void fence() noexcept {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
 
 /// Copies `tokens` x `heads` rows of `row` bytes between two token/head-strided places, merging
 /// into one memcpy per token or one per run when both sides are contiguous.
@@ -1026,11 +1086,11 @@ inline void copy_rows(std::byte* dst, std::size_t dst_token, std::size_t dst_hea
   if (dst_heads_dense && src_heads_dense) {
     const std::size_t token = heads * row;
     if (dst_token == token && src_token == token) {
-      std::memcpy(dst, src, tokens * token);
+      copy_bytes(dst, src, tokens * token);
       return;
     }
     for (std::size_t t = 0; t < tokens; ++t) {
-      std::memcpy(dst + t * dst_token, src + t * src_token, token);
+      copy_bytes(dst + t * dst_token, src + t * src_token, token);
     }
     return;
   }
@@ -1038,7 +1098,7 @@ inline void copy_rows(std::byte* dst, std::size_t dst_token, std::size_t dst_hea
   for (std::size_t h = 0; h < heads; ++h) {
     std::byte* d = dst + h * dst_head;
     const std::byte* s = src + h * src_head;
-    for (std::size_t t = 0; t < tokens; ++t) std::memcpy(d + t * dst_token, s + t * src_token, row);
+    for (std::size_t t = 0; t < tokens; ++t) copy_bytes(d + t * dst_token, s + t * src_token, row);
   }
 }
 
@@ -1069,6 +1129,7 @@ void move_chunk(const layout::view<L>& v, const layout::chunk_format& f, block_t
       }
     }
   }
+  fence();
 }
 
 }  // namespace detail
