@@ -5,10 +5,10 @@
 // Model: Llama-3-8B KV shape (8 KV heads, head size 128, bf16, block 16) with a chosen layer
 // count; 256-token chunks, engine blocks in shuffled order. Reports store (gather from paged
 // blocks into the host slab) and retrieve (scatter back) GB/s, each as a ratio to the limit: the
-// faster of glibc memcpy and a streaming (non-temporal) copy of the same bytes between two
-// contiguous buffers (in chunk-sized pieces, and in one call). Every timed copy starts with
-// source and destination flushed from the caches. Best of --iters runs of each, interleaved so
-// noise hits all alike.
+// fastest of glibc memcpy in chunk-sized pieces, glibc memcpy in one call, and kvtier's own copy,
+// of the same bytes between two contiguous buffers. Every timed copy starts with source and
+// destination flushed from the caches. Best of --iters runs of each, interleaved so noise hits
+// all alike.
 #include <kvtier/kvtier.hpp>
 
 #include <algorithm>
