@@ -893,16 +893,18 @@ struct local_disk {
     [[nodiscard]] bool write(std::uint32_t slot, const chunk_key& key, std::uint32_t tokens,
                              const std::byte* src, std::size_t bytes) noexcept {
       alignas(64) std::byte page[detail::record_header_bytes] = {};
+      const off_t base = static_cast<off_t>(slot) * static_cast<off_t>(slot_bytes_);
+      // Old header cleared first (with the still-zero page), new header last: a torn write never
+      // leaves a valid header over bytes it does not describe (the payload checksum would catch
+      // it anyway).
+      if (!io_all(::pwrite, page, sizeof(detail::record_header), base) ||
+          !io_all(::pwrite, src, bytes, base + off_t(detail::record_header_bytes))) {
+        return false;
+      }
       const detail::record_header h =
           detail::make_record_header(key, ctx_.salt, ctx_.format.fingerprint(), tokens, src, bytes);
       std::memcpy(page, &h, sizeof h);
-      const off_t base = static_cast<off_t>(slot) * static_cast<off_t>(slot_bytes_);
-      // Old header cleared first, new header last: a torn write never leaves a valid header over
-      // bytes it does not describe (and the payload checksum catches it anyway).
-      alignas(64) static constexpr std::byte zero[sizeof(detail::record_header)] = {};
-      return io_all(::pwrite, zero, sizeof zero, base) &&
-             io_all(::pwrite, src, bytes, base + off_t(detail::record_header_bytes)) &&
-             io_all(::pwrite, page, sizeof page, base);
+      return io_all(::pwrite, page, sizeof page, base);
     }
 
     /// Records found intact at construction, and slots dropped then (bad or repeated header).
@@ -1456,36 +1458,20 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
   }
 
   std::size_t pin(std::span<const token_id> tokens) {
-    return for_each_chunk("pin", tokens, true, [this](const chunk_key& k) {
-      bool any = false;
-      for (std::size_t t = 0; t < tier_count; ++t) {
-        if (index_entry* e = index_[t]->find_ready(k)) {
-          index_[t]->pin(*e);
-          any = true;
-        }
-      }
-      return any;
+    return for_each_chunk("pin", tokens, true, [](index_type& ix, index_entry& e) {
+      ix.pin(e);
+      return true;
     });
   }
 
   std::size_t unpin(std::span<const token_id> tokens) {
-    return for_each_chunk("unpin", tokens, false, [this](const chunk_key& k) {
-      bool any = false;
-      for (std::size_t t = 0; t < tier_count; ++t) {
-        if (index_entry* e = index_[t]->find(k)) any = index_[t]->unpin(*e) || any;
-      }
-      return any;
-    });
+    return for_each_chunk("unpin", tokens, false,
+                          [](index_type& ix, index_entry& e) { return ix.unpin(e); });
   }
 
   std::size_t clear(std::span<const token_id> tokens) {
-    return for_each_chunk("clear", tokens, false, [this](const chunk_key& k) {
-      bool any = false;
-      for (std::size_t t = 0; t < tier_count; ++t) {
-        if (index_entry* e = index_[t]->find_ready(k)) any = index_[t]->remove(*e) || any;
-      }
-      return any;
-    });
+    return for_each_chunk("clear", tokens, false,
+                          [](index_type& ix, index_entry& e) { return ix.remove(e); });
   }
 
   std::size_t clear() {
@@ -1663,30 +1649,35 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
     return n;
   }
 
-  // Runs `f(key) -> bool` under the lock for each chunk of `tokens`; returns the tokens of the
-  // chunks it was true for (only the prefix up to the first false when `prefix`).
-  template <class F>
+  // Under the lock, applies `op(index, entry) -> bool` to each chunk of `tokens` in every tier
+  // holding it ready; returns the tokens of the chunks it was true for in some tier (only the
+  // prefix up to the first chunk it was true for nowhere, when `prefix`).
+  template <class Op>
   std::size_t for_each_chunk(const char* what, std::span<const token_id> tokens, bool prefix,
-                             F&& f) {
+                             Op op) {
     check_tokens(what, tokens.size());
     const std::size_t n = chunk_count(tokens.size());
     if (n == 0) return 0;
     std::unique_lock lk(mu_);
-    const std::uint32_t op = acquire_op_locked();
-    if (op == no_op) return 0;
+    const std::uint32_t op_slot = acquire_op_locked();
+    if (op_slot == no_op) return 0;
     lk.unlock();
-    chunk_key* ks = op_keys(op);
+    chunk_key* ks = op_keys(op_slot);
     keys(tokens, {ks, n});
     lk.lock();
     std::size_t done = 0;
     for (std::size_t i = 0; i < n; ++i) {
-      if (f(ks[i])) {
+      bool any = false;
+      for (std::size_t t = 0; t < tier_count; ++t) {
+        if (index_entry* e = index_[t]->find_ready(ks[i])) any = op(*index_[t], *e) || any;
+      }
+      if (any) {
         done += chunk_tokens_at(i, tokens.size());
       } else if (prefix) {
         break;
       }
     }
-    free_ops_.push_back(op);
+    free_ops_.push_back(op_slot);
     return done;
   }
 
@@ -1790,7 +1781,8 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
       const std::uint32_t ntok = he.tokens;
       std::array<std::uint32_t, tier_count> dst{};
       std::array<bool, tier_count> write{};
-      for (std::size_t t = 1; t < tier_count; ++t) {
+      // A chunk cleared while queued is not written: clear must not be undone by a late write.
+      for (std::size_t t = 1; t < tier_count && he.state == entry_state::ready; ++t) {
         index_type& ix = *index_[t];
         if (index_entry* e = ix.find(key)) {
           ix.touch(*e);

@@ -241,3 +241,26 @@ TEST_CASE("disk capacity below one record is rejected, naming it") {
   CHECK_THROWS_WITH_AS(C(test::small_model, test::small_salt, {{slot}, {dir, 5000}}),
                        doctest::Contains("capacity_bytes 5000"), kvtier::invalid_argument);
 }
+
+TEST_CASE("a chunk cleared while its write-through is queued is not written to disk") {
+  const auto dir = test::temp_dir("clear-queued");
+  kvtier::cache_config cfg;
+  cfg.write_queue_depth = 64;
+  C cache(test::small_model, test::small_salt, {{16 * slot}, {dir, 64 * record}}, cfg);
+  test::engine<nhd> eng(test::small_model, 64, 1);
+  const auto bt = test::shuffled_table(16, 64, 3);
+  // Many chunks queued at once; clear them right away. Whatever the worker had not started yet
+  // must not appear on disk afterwards.
+  std::vector<std::vector<kvtier::token_id>> ps;
+  for (std::uint32_t i = 0; i < 12; ++i) ps.push_back(test::tokens(16, 500 + i));
+  for (const auto& p : ps) REQUIRE(cache.store(p, eng.kv(), bt) == 16);
+  std::size_t cleared = 0;
+  for (const auto& p : ps) cleared += cache.clear(p) / 16;
+  cache.flush();
+  std::size_t on_disk = 0;
+  for (const auto& p : ps) on_disk += cache.lookup(p).hits_in(1);
+  // A chunk was either already on disk when cleared (removed there too), or never written.
+  CHECK(cleared == 12);
+  CHECK(on_disk == 0);
+  CHECK(cache.stats().tiers[1].used_chunks == 0);
+}

@@ -87,16 +87,18 @@ struct local_disk {
     [[nodiscard]] bool write(std::uint32_t slot, const chunk_key& key, std::uint32_t tokens,
                              const std::byte* src, std::size_t bytes) noexcept {
       alignas(64) std::byte page[detail::record_header_bytes] = {};
+      const off_t base = static_cast<off_t>(slot) * static_cast<off_t>(slot_bytes_);
+      // Old header cleared first (with the still-zero page), new header last: a torn write never
+      // leaves a valid header over bytes it does not describe (the payload checksum would catch
+      // it anyway).
+      if (!io_all(::pwrite, page, sizeof(detail::record_header), base) ||
+          !io_all(::pwrite, src, bytes, base + off_t(detail::record_header_bytes))) {
+        return false;
+      }
       const detail::record_header h =
           detail::make_record_header(key, ctx_.salt, ctx_.format.fingerprint(), tokens, src, bytes);
       std::memcpy(page, &h, sizeof h);
-      const off_t base = static_cast<off_t>(slot) * static_cast<off_t>(slot_bytes_);
-      // Old header cleared first, new header last: a torn write never leaves a valid header over
-      // bytes it does not describe (and the payload checksum catches it anyway).
-      alignas(64) static constexpr std::byte zero[sizeof(detail::record_header)] = {};
-      return io_all(::pwrite, zero, sizeof zero, base) &&
-             io_all(::pwrite, src, bytes, base + off_t(detail::record_header_bytes)) &&
-             io_all(::pwrite, page, sizeof page, base);
+      return io_all(::pwrite, page, sizeof page, base);
     }
 
     /// Records found intact at construction, and slots dropped then (bad or repeated header).
