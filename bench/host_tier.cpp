@@ -47,11 +47,11 @@ int run(std::uint32_t layers, std::size_t chunks, int iters) {
   const kvtier::model_shape m{layers, 8, 128, 2, 16};
   const std::size_t tokens = chunks * 256;
   const std::int64_t blocks = static_cast<std::int64_t>(tokens / 16);
-  const auto shape_arr = L::shape(m, blocks);
+  const auto shape_arr = kvtier::layout::shape_of<L>(m, blocks);
   std::vector<std::int64_t> shape(shape_arr.begin(), shape_arr.end());
   std::size_t tensor_bytes = m.dtype_size;
   for (auto d : shape) tensor_bytes *= static_cast<std::size_t>(d);
-  const std::size_t ntensors = L::per_layer ? layers : 1;
+  const std::size_t ntensors = kvtier::layout::tensor_count(L::scope, m);
   std::vector<std::vector<std::byte>> tensors(ntensors, std::vector<std::byte>(tensor_bytes));
   std::vector<void*> ptrs;
   for (auto& t : tensors) {

@@ -37,7 +37,7 @@ int main(int argc, char** argv) {
   cfg.max_tokens = tokens;
   cache_t cache(m, {"bench", "fp8", 0, 1, ""}, {{(chunks + 1) * 4096}}, cfg);
   const std::int64_t blocks = static_cast<std::int64_t>(tokens / 16);
-  const auto shape_arr = kvtier::layout::vllm_flash_nhd::shape(m, blocks);
+  const auto shape_arr = kvtier::layout::shape_of<kvtier::layout::vllm_flash_nhd>(m, blocks);
   std::vector<std::int64_t> shape(shape_arr.begin(), shape_arr.end());
   std::vector<std::byte> layer(static_cast<std::size_t>(2 * blocks * 16 * 8));
   std::vector<void*> ptrs{layer.data()};

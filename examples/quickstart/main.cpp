@@ -42,7 +42,7 @@ struct engine {
   std::mt19937_64 rng{2024};
 
   engine() {
-    const auto s = layout::shape(model, engine_blocks);
+    const auto s = kvtier::layout::shape_of<layout>(model, engine_blocks);
     shape.assign(s.begin(), s.end());
     const std::size_t bytes =
         2 * engine_blocks * model.block_size * model.kv_heads * model.head_size * model.dtype_size;

@@ -3,7 +3,7 @@
 
 #include "kvtier/detail/index_entry.hpp"
 #include "kvtier/key/chunk_key.hpp"
-#include "kvtier/layout/block_span.hpp"
+#include "kvtier/layout/dims.hpp"
 #include "kvtier/model.hpp"
 #include "kvtier/tier/context.hpp"
 
@@ -14,16 +14,14 @@
 
 namespace kvtier {
 
-/// An engine KV layout: tensor rank and shape for a model, and where (layer, K/V, block) lives.
+/// An engine KV layout, described by the role of each dim of its tensors and which tensors the
+/// engine passes (see layout/dims.hpp); kvtier derives shapes, strides and copies from that.
 template <class L>
-concept layout_policy = requires(const model_shape& m, const layout::extents& e) {
+concept layout_policy = requires {
   { L::name } -> std::convertible_to<const char*>;
-  { L::per_layer } -> std::convertible_to<bool>;
-  { L::rank } -> std::convertible_to<std::size_t>;
-  { L::blocks_dim } -> std::convertible_to<std::size_t>;
-  { L::dim_names[0] } -> std::convertible_to<const char*>;
-  { L::shape(m, std::int64_t{1})[0] } -> std::convertible_to<std::int64_t>;
-  { L::span(e, std::size_t{}, std::size_t{}, std::size_t{}) } -> std::same_as<layout::block_span>;
+  { L::scope } -> std::convertible_to<layout::tensors>;
+  { L::dims[0] } -> std::convertible_to<layout::dim>;
+  { L::dims.size() } -> std::convertible_to<std::size_t>;
 };
 
 /// An eviction policy orders the evictable entries of a tier and picks the victim.

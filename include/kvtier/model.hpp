@@ -30,12 +30,15 @@ struct salt {
   std::string tenant;         ///< optional isolation between users; empty = shared
 };
 
-/// The engine's KV tensors: one base pointer per tensor (one per layer for per-layer layouts,
-/// one for single-tensor layouts) and the shape every tensor has, outermost first, exactly as
-/// the engine's framework reports it (e.g. torch's .shape). Tensors are dense row-major.
+/// The engine's KV tensors: one base pointer per tensor (as the layout's scope says: one, one
+/// per layer, or one per K/V and layer), the shape every tensor has, outermost first, and
+/// optionally their strides in elements, exactly as the engine's framework reports them (torch's
+/// .shape and .stride()). Without strides the tensors are dense row-major. With them, padded or
+/// permuted tensors work, provided the last dim is contiguous and no two elements overlap.
 struct engine_kv {
   std::span<void* const> tensors;
   std::span<const std::int64_t> shape;
+  std::span<const std::int64_t> strides = {};
 };
 
 /// The engine's block ids for one request, in token order: token t lives in

@@ -35,6 +35,7 @@ struct chunk_tokens {
 /// The engine's KV layout. Default layout::vllm_flash_nhd.
 template <layout_policy L>
 struct layout {
+  static_assert(kvtier::layout::traits<L>::rank > 0);  // instantiates the description's checks
   using kvtier_option_kind = detail::layout_kind;
   using type = L;
 };

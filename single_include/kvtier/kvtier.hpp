@@ -344,12 +344,15 @@ struct salt {
   std::string tenant;         ///< optional isolation between users; empty = shared
 };
 
-/// The engine's KV tensors: one base pointer per tensor (one per layer for per-layer layouts,
-/// one for single-tensor layouts) and the shape every tensor has, outermost first, exactly as
-/// the engine's framework reports it (e.g. torch's .shape). Tensors are dense row-major.
+/// The engine's KV tensors: one base pointer per tensor (as the layout's scope says: one, one
+/// per layer, or one per K/V and layer), the shape every tensor has, outermost first, and
+/// optionally their strides in elements, exactly as the engine's framework reports them (torch's
+/// .shape and .stride()). Without strides the tensors are dense row-major. With them, padded or
+/// permuted tensors work, provided the last dim is contiguous and no two elements overlap.
 struct engine_kv {
   std::span<void* const> tensors;
   std::span<const std::int64_t> shape;
+  std::span<const std::int64_t> strides = {};
 };
 
 /// The engine's block ids for one request, in token order: token t lives in
@@ -362,7 +365,8 @@ using block_table = std::span<const std::int32_t>;
 
 namespace kvtier::layout {
 
-/// Canonical chunk format: `[layers][2 (K, V)][tokens][kv_heads][head_size]`, dense.
+/// Canonical chunk format: `[layers][kv_planes][tokens][kv_heads][head_size]`, dense, with
+/// kv_planes 2 (K then V) or 1 for layouts without a K/V split (MLA's latent).
 ///
 /// Layer-major so that one layer of a chunk is one contiguous span (what layer-wise pipelining
 /// moves), K before V, then token-major so that a run of tokens of one (layer, K/V) is contiguous
@@ -375,12 +379,11 @@ struct chunk_format {
   std::size_t head_size = 0;
   std::size_t dtype_size = 0;
   std::size_t chunk_tokens = 0;
+  std::size_t kv_planes = 2;
 
-  static constexpr std::size_t kv_planes = 2;
-
-  [[nodiscard]] static constexpr chunk_format from(const model_shape& m,
-                                                   std::size_t chunk_tokens) noexcept {
-    return {m.layers, m.kv_heads, m.head_size, m.dtype_size, chunk_tokens};
+  [[nodiscard]] static constexpr chunk_format from(const model_shape& m, std::size_t chunk_tokens,
+                                                   std::size_t kv_planes = 2) noexcept {
+    return {m.layers, m.kv_heads, m.head_size, m.dtype_size, chunk_tokens, kv_planes};
   }
   /// Bytes of one head row (head_size elements).
   KVTIER_HOST_DEVICE [[nodiscard]] constexpr std::size_t row_bytes() const noexcept {
@@ -426,8 +429,142 @@ struct chunk_format {
 // A validated view of the engine's KV tensors through a layout policy.
 
 // ---- begin kvtier/layout/block_span.hpp
-// Where one (layer, K-or-V, block) of an engine's KV lives: a shape/stride value.
+// Where one (layer, K-or-V, block) of an engine's KV lives, and the resolved strides that say so.
 
+// ---- begin kvtier/layout/dims.hpp
+// The vocabulary layouts are written in: what each dimension of an engine's KV tensor means.
+
+
+#include <array>
+
+namespace kvtier::layout {
+
+/// The role of one dimension of an engine KV tensor.
+enum class dim : std::uint8_t {
+  kv,       ///< 2: K then V
+  layer,    ///< layers, in a tensor that holds several
+  block,    ///< engine blocks
+  slot,     ///< token slot inside a block (block_size)
+  token,    ///< block * block_size + slot, for token-granular pools (SGLang)
+  head,     ///< KV heads
+  elem,     ///< head_size elements, contiguous
+  kv_elem,  ///< 2 * head_size elements: K's head_size then V's (fused K/V)
+};
+
+/// Which tensors an engine passes for one layout.
+enum class tensors : std::uint8_t {
+  one,           ///< one tensor for all layers
+  per_layer,     ///< one per layer, in layer order
+  per_layer_kv,  ///< one per (K or V, layer): all K tensors in layer order, then all V tensors
+};
+
+[[nodiscard]] constexpr const char* dim_name(dim d) noexcept {
+  switch (d) {
+    case dim::kv:
+      return "kv";
+    case dim::layer:
+      return "layers";
+    case dim::block:
+      return "num_blocks";
+    case dim::slot:
+      return "block_size";
+    case dim::token:
+      return "num_tokens";
+    case dim::head:
+      return "kv_heads";
+    case dim::elem:
+      return "head_size";
+    case dim::kv_elem:
+      return "2*head_size";
+  }
+  return "?";
+}
+
+[[nodiscard]] constexpr std::size_t tensor_count(tensors t, const model_shape& m) noexcept {
+  return t == tensors::one ? 1 : t == tensors::per_layer ? m.layers : 2 * std::size_t{m.layers};
+}
+
+/// What kvtier derives from a layout's dims at compile time, with the checks that make a
+/// description well-formed (each fails to compile with a one-line message).
+template <class L>
+struct traits {
+  static constexpr std::size_t rank = L::dims.size();
+
+  static constexpr std::size_t count(dim d) noexcept {
+    std::size_t n = 0;
+    for (dim x : L::dims) n += x == d;
+    return n;
+  }
+  static constexpr bool has(dim d) noexcept { return count(d) > 0; }
+  static constexpr std::size_t index(dim d) noexcept {
+    for (std::size_t i = 0; i < rank; ++i)
+      if (L::dims[i] == d) return i;
+    return rank;
+  }
+
+  /// K and V planes per chunk: 1 for layouts without a K/V split (MLA latent), else 2.
+  static constexpr std::size_t kv_planes =
+      has(dim::kv) || has(dim::kv_elem) || L::scope == tensors::per_layer_kv ? 2 : 1;
+  /// The dimension that grows with the engine's block count.
+  static constexpr std::size_t blocks_dim = has(dim::block) ? index(dim::block) : index(dim::token);
+
+  static_assert(rank >= 2, "kvtier layout: at least two dims");
+  static_assert(
+      [] {
+        for (std::size_t i = 0; i < rank; ++i)
+          for (std::size_t j = i + 1; j < rank; ++j)
+            if (L::dims[i] == L::dims[j]) return false;
+        return true;
+      }(),
+      "kvtier layout: a dim role appears twice");
+  static_assert(L::dims[rank - 1] == dim::elem || L::dims[rank - 1] == dim::kv_elem,
+                "kvtier layout: the last dim must be elem or kv_elem (rows are contiguous)");
+  static_assert(has(dim::token) != (has(dim::block) && has(dim::slot)),
+                "kvtier layout: give block and slot dims, or one token dim");
+  static_assert(!has(dim::token) || (!has(dim::block) && !has(dim::slot)),
+                "kvtier layout: a token dim replaces block and slot");
+  static_assert(count(dim::kv) + count(dim::kv_elem) + (L::scope == tensors::per_layer_kv) <= 1,
+                "kvtier layout: K/V is split by exactly one of kv, kv_elem, or per_layer_kv");
+  static_assert(has(dim::layer) == (L::scope == tensors::one),
+                "kvtier layout: a layer dim exactly when one tensor holds all layers");
+};
+
+/// The extent of dim `d` for model `m` and `blocks` engine blocks.
+[[nodiscard]] constexpr std::int64_t extent(dim d, const model_shape& m,
+                                            std::int64_t blocks) noexcept {
+  switch (d) {
+    case dim::kv:
+      return 2;
+    case dim::layer:
+      return m.layers;
+    case dim::block:
+      return blocks;
+    case dim::slot:
+      return m.block_size;
+    case dim::token:
+      return blocks * m.block_size;
+    case dim::head:
+      return m.kv_heads;
+    case dim::elem:
+      return m.head_size;
+    case dim::kv_elem:
+      return 2 * std::int64_t{m.head_size};
+  }
+  return 0;
+}
+
+/// The shape each tensor of layout L has for model `m` and `blocks` engine blocks.
+template <class L>
+[[nodiscard]] constexpr std::array<std::int64_t, traits<L>::rank> shape_of(
+    const model_shape& m, std::int64_t blocks) noexcept {
+  std::array<std::int64_t, traits<L>::rank> s{};
+  for (std::size_t i = 0; i < s.size(); ++i) s[i] = extent(L::dims[i], m, blocks);
+  // A layout without heads keeps one (MLA's latent vector is one "head" of head_size).
+  return s;
+}
+
+}  // namespace kvtier::layout
+// ---- end kvtier/layout/dims.hpp
 
 
 namespace kvtier::layout {
@@ -442,95 +579,202 @@ struct block_span {
   std::size_t head_stride = 0;
 };
 
-/// Runtime extents a layout's index arithmetic needs, all in elements except dtype_size.
-struct extents {
-  std::size_t layers = 0;
-  std::size_t blocks = 0;
-  std::size_t block_size = 0;
-  std::size_t heads = 0;
-  std::size_t head_size = 0;
-  std::size_t dtype_size = 0;
+/// An engine's KV resolved through a layout: extents and byte strides by role. Trivially
+/// copyable, the same on host and device: CUDA kernels receive it by value.
+struct ref {
+  tensors scope = tensors::one;
+  std::uint32_t layers = 0;
+  std::uint32_t heads = 0;
+  std::uint32_t block_size = 0;
+  std::uint32_t row_bytes = 0;  ///< head_size * dtype_size: one contiguous row
+  std::uint64_t blocks = 0;
+  std::size_t kv_stride = 0;     ///< bytes between K and V (0 when they are separate tensors)
+  std::size_t layer_stride = 0;  ///< bytes between layers (0 when layers are separate tensors)
+  std::size_t block_stride = 0;
+  std::size_t token_stride = 0;  ///< bytes between slots of a block
+  std::size_t head_stride = 0;
+
+  KVTIER_HOST_DEVICE [[nodiscard]] constexpr block_span span(std::size_t layer, std::size_t kv,
+                                                             std::size_t block) const noexcept {
+    const std::uint32_t t = scope == tensors::one ? 0u
+                            : scope == tensors::per_layer
+                                ? static_cast<std::uint32_t>(layer)
+                                : static_cast<std::uint32_t>(kv * layers + layer);
+    return {t, layer * layer_stride + kv * kv_stride + block * block_stride, token_stride,
+            head_stride};
+  }
 };
 
 }  // namespace kvtier::layout
 // ---- end kvtier/layout/block_span.hpp
 
+#include <algorithm>
 
 namespace kvtier::layout {
 
 /// The engine's tensors checked against layout L and the model: tensor count, null pointers,
-/// rank and every extent. Throws kvtier::invalid_argument naming the first offending value.
+/// rank, every extent, and (when the engine gives them) strides. Throws
+/// kvtier::invalid_argument naming the first offending value and what the layout expects.
 /// Cheap to build (no allocation); valid while the engine_kv's memory is.
 template <class L>
 class view {
+  using tr = traits<L>;
+
  public:
   view(const model_shape& m, const engine_kv& kv) {
-    const std::size_t want_tensors = L::per_layer ? m.layers : 1;
+    const std::string lname = L::name;
+    const std::size_t want_tensors = tensor_count(L::scope, m);
     if (kv.tensors.size() != want_tensors) {
       throw invalid_argument("kvtier: engine_kv has " + std::to_string(kv.tensors.size()) +
-                             " tensors, layout " + L::name + " expects " +
-                             std::to_string(want_tensors) +
-                             (L::per_layer ? " (one per layer)" : " (one for all layers)"));
+                             " tensors, layout " + lname + " expects " +
+                             std::to_string(want_tensors) + scope_text());
     }
     for (std::size_t i = 0; i < kv.tensors.size(); ++i) {
       if (kv.tensors[i] == nullptr) {
         throw invalid_argument("kvtier: engine_kv tensor " + std::to_string(i) + " is null");
       }
     }
-    if (kv.shape.size() != L::rank) {
+    if (tr::kv_planes == 1 && m.kv_heads != 1) {
+      throw invalid_argument("kvtier: model_shape.kv_heads is " + std::to_string(m.kv_heads) +
+                             ", layout " + lname +
+                             " holds one latent row per token (no K/V split) and expects 1");
+    }
+    if (kv.shape.size() != tr::rank) {
       throw invalid_argument("kvtier: engine_kv shape has rank " + std::to_string(kv.shape.size()) +
-                             ", layout " + L::name + " expects rank " + std::to_string(L::rank));
+                             ", layout " + lname + " expects rank " + std::to_string(tr::rank));
     }
-    const std::int64_t blocks = kv.shape[L::blocks_dim];
-    if (blocks <= 0) {
-      throw invalid_argument("kvtier: engine_kv shape[" + std::to_string(L::blocks_dim) + "] (" +
-                             L::dim_names[L::blocks_dim] + ") is " + std::to_string(blocks) +
-                             ", must be > 0");
+    // The block count comes from the dim that grows with it (in tokens for a token pool).
+    const std::size_t bd = tr::blocks_dim;
+    const std::int64_t unit = extent(L::dims[bd], m, 1);
+    const std::int64_t grown = kv.shape[bd];
+    if (grown <= 0 || grown % unit != 0) {
+      throw invalid_argument("kvtier: engine_kv shape[" + std::to_string(bd) + "] (" +
+                             dim_name(L::dims[bd]) + ") is " + std::to_string(grown) + ", layout " +
+                             lname + " expects a positive multiple of " + std::to_string(unit));
     }
-    const auto want = L::shape(m, blocks);
-    for (std::size_t d = 0; d < L::rank; ++d) {
+    const std::int64_t blocks = grown / unit;
+    const auto want = shape_of<L>(m, blocks);
+    for (std::size_t d = 0; d < tr::rank; ++d) {
       if (kv.shape[d] != want[d]) {
         throw invalid_argument("kvtier: engine_kv shape[" + std::to_string(d) + "] (" +
-                               L::dim_names[d] + ") is " + std::to_string(kv.shape[d]) +
-                               ", layout " + L::name + " expects " + std::to_string(want[d]));
+                               dim_name(L::dims[d]) + ") is " + std::to_string(kv.shape[d]) +
+                               ", layout " + lname + " expects " + std::to_string(want[d]));
       }
     }
+    const std::array<std::int64_t, tr::rank> st = strides(kv, want, lname);
+    const auto s = [&](dim d) -> std::size_t {
+      return tr::has(d) ? static_cast<std::size_t>(st[tr::index(d)]) * m.dtype_size : 0;
+    };
+    r_.scope = L::scope;
+    r_.layers = m.layers;
+    r_.heads = m.kv_heads;
+    r_.block_size = m.block_size;
+    r_.row_bytes = m.head_size * m.dtype_size;
+    r_.blocks = static_cast<std::uint64_t>(blocks);
+    r_.layer_stride = s(dim::layer);
+    r_.head_stride = s(dim::head);
+    if (tr::has(dim::token)) {
+      r_.token_stride = s(dim::token);
+      r_.block_stride = r_.token_stride * m.block_size;
+    } else {
+      r_.token_stride = s(dim::slot);
+      r_.block_stride = s(dim::block);
+    }
+    r_.kv_stride = tr::has(dim::kv_elem) ? std::size_t{m.head_size} * m.dtype_size : s(dim::kv);
     tensors_ = kv.tensors.data();
-    ext_ = {m.layers,    static_cast<std::size_t>(blocks), m.block_size, m.kv_heads, m.head_size,
-            m.dtype_size};
   }
 
-  [[nodiscard]] const extents& ext() const noexcept { return ext_; }
-  [[nodiscard]] std::size_t blocks() const noexcept { return ext_.blocks; }
+  [[nodiscard]] const ref& resolved() const noexcept { return r_; }
+  [[nodiscard]] void* const* tensors() const noexcept { return tensors_; }
+  [[nodiscard]] std::size_t blocks() const noexcept { return r_.blocks; }
 
-  /// Base address and strides of (layer, kv, block). `block` must be < blocks().
+  /// Base address of (layer, kv, block) and its strides. `block` must be < blocks().
   [[nodiscard]] std::byte* base(std::size_t layer, std::size_t kv, std::size_t block,
                                 block_span& s) const noexcept {
-    s = L::span(ext_, layer, kv, block);
+    s = r_.span(layer, kv, block);
     return static_cast<std::byte*>(tensors_[s.tensor]) + s.offset;
   }
 
   /// Checks the first `tokens` tokens' blocks: the table is long enough and every id is in range.
   void check_block_table(block_table table, std::size_t tokens) const {
-    const std::size_t need = (tokens + ext_.block_size - 1) / ext_.block_size;
+    const std::size_t need = (tokens + r_.block_size - 1) / r_.block_size;
     if (table.size() < need) {
       throw invalid_argument("kvtier: block table has " + std::to_string(table.size()) +
                              " blocks, " + std::to_string(tokens) + " tokens need " +
                              std::to_string(need) + " (block size " +
-                             std::to_string(ext_.block_size) + ")");
+                             std::to_string(r_.block_size) + ")");
     }
     for (std::size_t i = 0; i < need; ++i) {
-      if (table[i] < 0 || static_cast<std::size_t>(table[i]) >= ext_.blocks) {
+      if (table[i] < 0 || static_cast<std::uint64_t>(table[i]) >= r_.blocks) {
         throw invalid_argument("kvtier: block table[" + std::to_string(i) + "] is block id " +
                                std::to_string(table[i]) + ", engine has blocks 0.." +
-                               std::to_string(ext_.blocks - 1));
+                               std::to_string(r_.blocks - 1));
       }
     }
   }
 
  private:
+  static std::string scope_text() {
+    switch (L::scope) {
+      case tensors::one:
+        return " (one for all layers)";
+      case tensors::per_layer:
+        return " (one per layer)";
+      case tensors::per_layer_kv:
+        return " (one per layer for K, then one per layer for V)";
+    }
+    return "";
+  }
+
+  // The engine's strides (elements), checked, or the dense row-major strides of `shape`.
+  static std::array<std::int64_t, tr::rank> strides(const engine_kv& kv,
+                                                    const std::array<std::int64_t, tr::rank>& shape,
+                                                    const std::string& lname) {
+    std::array<std::int64_t, tr::rank> st{};
+    std::int64_t dense = 1;
+    for (std::size_t d = tr::rank; d-- > 0;) {
+      st[d] = dense;
+      dense *= shape[d];
+    }
+    if (kv.strides.empty()) return st;
+    if (kv.strides.size() != tr::rank) {
+      throw invalid_argument("kvtier: engine_kv strides have rank " +
+                             std::to_string(kv.strides.size()) + ", shape has rank " +
+                             std::to_string(tr::rank));
+    }
+    const std::size_t last = tr::rank - 1;
+    if (kv.strides[last] != 1) {
+      throw invalid_argument("kvtier: engine_kv strides[" + std::to_string(last) + "] (" +
+                             dim_name(L::dims[last]) + ") is " + std::to_string(kv.strides[last]) +
+                             ", layout " + lname + " needs 1 (contiguous rows)");
+    }
+    // No two elements may share an address: ordered by stride, each dim must step over the
+    // whole extent of the next smaller one.
+    std::array<std::size_t, tr::rank> order{};
+    for (std::size_t d = 0; d < tr::rank; ++d) order[d] = d;
+    std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+      return kv.strides[a] != kv.strides[b] ? kv.strides[a] < kv.strides[b] : a > b;
+    });
+    std::int64_t span = 1;  // elements covered by the dims checked so far
+    for (std::size_t i = 0; i < tr::rank; ++i) {
+      const std::size_t d = order[i];
+      if (kv.strides[d] < 0 || (shape[d] > 1 && kv.strides[d] < span)) {
+        throw invalid_argument("kvtier: engine_kv strides[" + std::to_string(d) + "] (" +
+                               dim_name(L::dims[d]) + ") is " + std::to_string(kv.strides[d]) +
+                               ", which overlaps the dims inside it (" + std::to_string(span) +
+                               " elements); layout " + lname +
+                               " needs non-overlapping "
+                               "strides, dense ones are " +
+                               std::to_string(st[d]));
+      }
+      if (shape[d] > 1) span = kv.strides[d] * shape[d];
+    }
+    for (std::size_t d = 0; d < tr::rank; ++d) st[d] = kv.strides[d];
+    return st;
+  }
+
   void* const* tensors_ = nullptr;
-  extents ext_{};
+  ref r_{};
 };
 
 }  // namespace kvtier::layout
@@ -538,7 +782,6 @@ class view {
 // ---- begin kvtier/stats.hpp
 // Counters a cache reports.
 
-#include <array>
 
 namespace kvtier {
 
@@ -822,7 +1065,6 @@ class slab {
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <filesystem>
 #include <system_error>
 #include <type_traits>
@@ -1109,16 +1351,16 @@ enum class direction { gather, scatter };
 template <direction Dir, class L>
 void move_chunk(const layout::view<L>& v, const layout::chunk_format& f, block_table table,
                 std::size_t first_token, std::size_t tokens, std::byte* chunk) noexcept {
-  const auto& e = v.ext();
-  const std::size_t row = f.row_bytes(), ctoken = f.token_bytes();
+  const layout::ref& e = v.resolved();
+  const std::size_t row = f.row_bytes(), ctoken = f.token_bytes(), bs = e.block_size;
   for (std::size_t l = 0; l < f.layers; ++l) {
-    for (std::size_t kv = 0; kv < layout::chunk_format::kv_planes; ++kv) {
+    for (std::size_t kv = 0; kv < f.kv_planes; ++kv) {
       std::size_t t = 0;
       while (t < tokens) {
         const std::size_t tok = first_token + t;
-        const std::size_t block = static_cast<std::size_t>(table[tok / e.block_size]);
-        const std::size_t slot = tok % e.block_size;
-        const std::size_t run = std::min(e.block_size - slot, tokens - t);
+        const std::size_t block = static_cast<std::size_t>(table[tok / bs]);
+        const std::size_t slot = tok % bs;
+        const std::size_t run = std::min(bs - slot, tokens - t);
         layout::block_span s;
         std::byte* eng = v.base(l, kv, block, s) + slot * s.token_stride;
         std::byte* c = chunk + f.offset(l, kv, t, tokens);
@@ -1259,7 +1501,7 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
              const cache_config& cfg = {})
       : model_(checked_model(model)),
         cfg_(checked_config(cfg)),
-        format_(layout::chunk_format::from(model, ChunkTokens)),
+        format_(layout::chunk_format::from(model, ChunkTokens, layout::traits<Layout>::kv_planes)),
         salt_key_(make_salt_key(s, format_)),
         max_chunks_((cfg.max_tokens + ChunkTokens - 1) / ChunkTokens),
         op_keys_(std::make_unique<chunk_key[]>(max_chunks_ * cfg.max_inflight)),
@@ -1536,7 +1778,7 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
                              " is not a multiple of the engine block size " +
                              std::to_string(m.block_size));
     }
-    std::size_t bytes = 2 * ChunkTokens;
+    std::size_t bytes = layout::traits<Layout>::kv_planes * ChunkTokens;
     for (std::size_t f : {std::size_t{m.layers}, std::size_t{m.kv_heads}, std::size_t{m.head_size},
                           std::size_t{m.dtype_size}}) {
       if (__builtin_mul_overflow(bytes, f, &bytes)) {
@@ -1870,16 +2112,14 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
 
 namespace kvtier {
 
-/// An engine KV layout: tensor rank and shape for a model, and where (layer, K/V, block) lives.
+/// An engine KV layout, described by the role of each dim of its tensors and which tensors the
+/// engine passes (see layout/dims.hpp); kvtier derives shapes, strides and copies from that.
 template <class L>
-concept layout_policy = requires(const model_shape& m, const layout::extents& e) {
+concept layout_policy = requires {
   { L::name } -> std::convertible_to<const char*>;
-  { L::per_layer } -> std::convertible_to<bool>;
-  { L::rank } -> std::convertible_to<std::size_t>;
-  { L::blocks_dim } -> std::convertible_to<std::size_t>;
-  { L::dim_names[0] } -> std::convertible_to<const char*>;
-  { L::shape(m, std::int64_t{1})[0] } -> std::convertible_to<std::int64_t>;
-  { L::span(e, std::size_t{}, std::size_t{}, std::size_t{}) } -> std::same_as<layout::block_span>;
+  { L::scope } -> std::convertible_to<layout::tensors>;
+  { L::dims[0] } -> std::convertible_to<layout::dim>;
+  { L::dims.size() } -> std::convertible_to<std::size_t>;
 };
 
 /// An eviction policy orders the evictable entries of a tier and picks the victim.
@@ -1975,38 +2215,18 @@ struct xxh3_hasher {
 }  // namespace kvtier::key
 // ---- end kvtier/key/xxh3_hasher.hpp
 // ---- begin kvtier/layout/vllm_flash_nhd.hpp
-// vLLM FlashAttention layout: one tensor per layer, [2, NB, BS, H, D].
+// vLLM FlashAttention layout, NHD: one tensor per layer, [2, NB, BS, H, D].
 
 
 
 namespace kvtier::layout {
 
-/// vLLM flash-attention backend, NHD: per layer `[2, num_blocks, block_size, kv_heads,
-/// head_size]`. A block's slots are contiguous for each of K and V, so one block moves as one
-/// span of block_size * kv_heads * head_size elements.
+/// vLLM flash-attention backend, NHD: per layer `[2, num_blocks, block_size, kv_heads, head_size]`.
+/// A block's slots are contiguous for each of K and V: a block moves as one span.
 struct vllm_flash_nhd {
   static constexpr const char* name = "vllm_flash_nhd";
-  static constexpr bool per_layer = true;  ///< one tensor per layer
-  static constexpr std::size_t rank = 5;
-  static constexpr std::array<const char*, rank> dim_names{"kv", "num_blocks", "block_size",
-                                                           "kv_heads", "head_size"};
-  static constexpr std::size_t blocks_dim = 1;
-
-  /// The shape each tensor must have for this model and `blocks` engine blocks.
-  [[nodiscard]] static constexpr std::array<std::int64_t, rank> shape(const model_shape& m,
-                                                                      std::int64_t blocks) {
-    return {2, blocks, m.block_size, m.kv_heads, m.head_size};
-  }
-
-  KVTIER_HOST_DEVICE [[nodiscard]] static constexpr block_span span(const extents& e,
-                                                                    std::size_t layer,
-                                                                    std::size_t kv,
-                                                                    std::size_t block) noexcept {
-    const std::size_t row = e.head_size * e.dtype_size;
-    const std::size_t token = e.heads * row;
-    return {static_cast<std::uint32_t>(layer), (kv * e.blocks + block) * e.block_size * token,
-            token, row};
-  }
+  static constexpr tensors scope = tensors::per_layer;
+  static constexpr std::array dims{dim::kv, dim::block, dim::slot, dim::head, dim::elem};
 };
 
 }  // namespace kvtier::layout
@@ -2089,6 +2309,7 @@ struct chunk_tokens {
 /// The engine's KV layout. Default layout::vllm_flash_nhd.
 template <layout_policy L>
 struct layout {
+  static_assert(kvtier::layout::traits<L>::rank > 0);  // instantiates the description's checks
   using kvtier_option_kind = detail::layout_kind;
   using type = L;
 };
@@ -2233,6 +2454,109 @@ class cache : public detail::cache_impl<detail::resolve_options<Options...>::chu
 
 }  // namespace kvtier
 // ---- end kvtier/cache.hpp
+// ---- begin kvtier/layout/flashinfer_hnd.hpp
+// FlashInfer layout, HND: one tensor per layer, [NB, 2, H, BS, D].
+
+
+
+namespace kvtier::layout {
+
+/// vLLM FlashInfer backend, HND: per layer `[num_blocks, 2, kv_heads, block_size, head_size]`.
+struct flashinfer_hnd {
+  static constexpr const char* name = "flashinfer_hnd";
+  static constexpr tensors scope = tensors::per_layer;
+  static constexpr std::array dims{dim::block, dim::kv, dim::head, dim::slot, dim::elem};
+};
+
+}  // namespace kvtier::layout
+// ---- end kvtier/layout/flashinfer_hnd.hpp
+// ---- begin kvtier/layout/flashinfer_nhd.hpp
+// FlashInfer layout, NHD: one tensor per layer, [NB, 2, BS, H, D].
+
+
+
+namespace kvtier::layout {
+
+/// vLLM FlashInfer backend, NHD: per layer `[num_blocks, 2, block_size, kv_heads, head_size]`
+/// (K and V of a block next to each other).
+struct flashinfer_nhd {
+  static constexpr const char* name = "flashinfer_nhd";
+  static constexpr tensors scope = tensors::per_layer;
+  static constexpr std::array dims{dim::block, dim::kv, dim::slot, dim::head, dim::elem};
+};
+
+}  // namespace kvtier::layout
+// ---- end kvtier/layout/flashinfer_nhd.hpp
+// ---- begin kvtier/layout/fused_kv.hpp
+// Fused K/V layout (vLLM blocks-first): one tensor per layer, [NB, H, BS, 2*D].
+
+
+
+namespace kvtier::layout {
+
+/// Fused K/V, blocks first: per layer `[num_blocks, kv_heads, block_size, 2 * head_size]`, each
+/// row holding a token's K (first head_size elements) then its V.
+struct fused_kv {
+  static constexpr const char* name = "fused_kv";
+  static constexpr tensors scope = tensors::per_layer;
+  static constexpr std::array dims{dim::block, dim::head, dim::slot, dim::kv_elem};
+};
+
+}  // namespace kvtier::layout
+// ---- end kvtier/layout/fused_kv.hpp
+// ---- begin kvtier/layout/mla_latent.hpp
+// MLA latent layout (DeepSeek in vLLM): one tensor per layer, [NB, BS, D]; no K/V split.
+
+
+
+namespace kvtier::layout {
+
+/// Multi-head latent attention (DeepSeek V2/V3 in vLLM): per layer `[num_blocks, block_size,
+/// head_size]` with head_size the latent width (e.g. 512 + 64 = 576) and no K/V split, so a chunk
+/// has one plane. model_shape.kv_heads must be 1.
+struct mla_latent {
+  static constexpr const char* name = "mla_latent";
+  static constexpr tensors scope = tensors::per_layer;
+  static constexpr std::array dims{dim::block, dim::slot, dim::elem};
+};
+
+}  // namespace kvtier::layout
+// ---- end kvtier/layout/mla_latent.hpp
+// ---- begin kvtier/layout/sglang_mla.hpp
+// SGLang MLA token pool: one tensor per layer, [NB*BS, 1, D]; no K/V split.
+
+
+
+namespace kvtier::layout {
+
+/// SGLang MLA token pool: per layer `[num_tokens, 1, head_size]` (the latent as one head), no
+/// K/V split. Chunks are interchangeable with mla_latent's. model_shape.kv_heads must be 1.
+struct sglang_mla {
+  static constexpr const char* name = "sglang_mla";
+  static constexpr tensors scope = tensors::per_layer;
+  static constexpr std::array dims{dim::token, dim::head, dim::elem};
+};
+
+}  // namespace kvtier::layout
+// ---- end kvtier/layout/sglang_mla.hpp
+// ---- begin kvtier/layout/sglang_split_kv.hpp
+// SGLang MHA token pool: separate K and V buffers per layer, [NB*BS, H, D] each.
+
+
+
+namespace kvtier::layout {
+
+/// SGLang MHA token pool: `2 x layers` tensors `[num_tokens, kv_heads, head_size]` (all K buffers
+/// in layer order, then all V buffers); token t of block b is row b * block_size + slot. With
+/// SGLang's page size 1, block_size is 1 and the block table is the token-to-slot mapping.
+struct sglang_split_kv {
+  static constexpr const char* name = "sglang_split_kv";
+  static constexpr tensors scope = tensors::per_layer_kv;
+  static constexpr std::array dims{dim::token, dim::head, dim::elem};
+};
+
+}  // namespace kvtier::layout
+// ---- end kvtier/layout/sglang_split_kv.hpp
 // ---- begin kvtier/layout/trtllm_packed.hpp
 // TensorRT-LLM KV pool: one tensor, [NB, NL, 2, H, BS, D].
 
@@ -2240,32 +2564,50 @@ class cache : public detail::cache_impl<detail::resolve_options<Options...>::chu
 
 namespace kvtier::layout {
 
-/// TensorRT-LLM paged pool: one tensor `[num_blocks, layers, 2, kv_heads, block_size,
-/// head_size]`, every layer of a block packed together, heads outside tokens (HND). Each head's
-/// tokens are contiguous, so moving to the token-major chunk format copies head_size runs.
+/// TensorRT-LLM paged pool: one tensor `[num_blocks, layers, 2, kv_heads, block_size, head_size]`,
+/// every layer of a block packed together, heads outside tokens (HND).
 struct trtllm_packed {
   static constexpr const char* name = "trtllm_packed";
-  static constexpr bool per_layer = false;  ///< one tensor for all layers
-  static constexpr std::size_t rank = 6;
-  static constexpr std::array<const char*, rank> dim_names{"num_blocks", "layers",     "kv",
-                                                           "kv_heads",   "block_size", "head_size"};
-  static constexpr std::size_t blocks_dim = 0;
-
-  [[nodiscard]] static constexpr std::array<std::int64_t, rank> shape(const model_shape& m,
-                                                                      std::int64_t blocks) {
-    return {blocks, m.layers, 2, m.kv_heads, m.block_size, m.head_size};
-  }
-
-  KVTIER_HOST_DEVICE [[nodiscard]] static constexpr block_span span(const extents& e,
-                                                                    std::size_t layer,
-                                                                    std::size_t kv,
-                                                                    std::size_t block) noexcept {
-    const std::size_t row = e.head_size * e.dtype_size;
-    const std::size_t head = e.block_size * row;
-    return {0, ((block * e.layers + layer) * 2 + kv) * e.heads * head, row, head};
-  }
+  static constexpr tensors scope = tensors::one;
+  static constexpr std::array dims{dim::block, dim::layer, dim::kv,
+                                   dim::head,  dim::slot,  dim::elem};
 };
 
 }  // namespace kvtier::layout
 // ---- end kvtier/layout/trtllm_packed.hpp
+// ---- begin kvtier/layout/vllm_cross_layer.hpp
+// vLLM cross-layer layout: one tensor, [NB, NL, 2, BS, H, D].
+
+
+
+namespace kvtier::layout {
+
+/// vLLM cross-layer mode: one tensor `[num_blocks, layers, 2, block_size, kv_heads, head_size]`,
+/// every layer of a block together, so one block of all layers is one contiguous span.
+struct vllm_cross_layer {
+  static constexpr const char* name = "vllm_cross_layer";
+  static constexpr tensors scope = tensors::one;
+  static constexpr std::array dims{dim::block, dim::layer, dim::kv,
+                                   dim::slot,  dim::head,  dim::elem};
+};
+
+}  // namespace kvtier::layout
+// ---- end kvtier/layout/vllm_cross_layer.hpp
+// ---- begin kvtier/layout/vllm_flash_hnd.hpp
+// vLLM FlashAttention layout, HND: one tensor per layer, [2, NB, H, BS, D].
+
+
+
+namespace kvtier::layout {
+
+/// vLLM flash-attention backend, HND: per layer `[2, num_blocks, kv_heads, block_size, head_size]`.
+/// Each head's slots are contiguous; rows of head_size move to the token-major chunk format.
+struct vllm_flash_hnd {
+  static constexpr const char* name = "vllm_flash_hnd";
+  static constexpr tensors scope = tensors::per_layer;
+  static constexpr std::array dims{dim::kv, dim::block, dim::head, dim::slot, dim::elem};
+};
+
+}  // namespace kvtier::layout
+// ---- end kvtier/layout/vllm_flash_hnd.hpp
 // ---- end kvtier/kvtier.hpp

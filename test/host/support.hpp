@@ -50,12 +50,11 @@ struct engine {
   std::vector<std::int64_t> shape;
 
   engine(const kvtier::model_shape& ms, std::int64_t nb, std::uint32_t seed) : m(ms), blocks(nb) {
-    const auto s = L::shape(m, nb);
+    const auto s = kvtier::layout::shape_of<L>(m, nb);
     shape.assign(s.begin(), s.end());
     std::size_t elems = 1;
     for (auto d : shape) elems *= static_cast<std::size_t>(d);
-    const std::size_t count = L::per_layer ? m.layers : 1;
-    storage.resize(count);
+    storage.resize(kvtier::layout::tensor_count(L::scope, m));
     std::mt19937_64 rng(seed);
     for (auto& t : storage) {
       t.resize(elems * m.dtype_size);
@@ -71,31 +70,52 @@ struct engine {
     for (auto& t : storage) std::fill(t.begin(), t.end(), v);
   }
 
-  /// Reference address of element row (layer, kv, block, slot, head): head_size elements.
+  /// Reference address of the head_size-element row (layer, kv, block, slot, head), from each
+  /// layout's documented shape, written out by hand (not through kvtier's dim roles).
   const std::byte* row(std::size_t l, std::size_t kv, std::size_t b, std::size_t s,
                        std::size_t h) const {
+    namespace ly = kvtier::layout;
     const std::size_t NB = blocks, BS = m.block_size, H = m.kv_heads, D = m.head_size,
                       NL = m.layers, dt = m.dtype_size;
-    std::size_t elem;
-    const std::byte* base;
-    if constexpr (std::is_same_v<L, kvtier::layout::vllm_flash_nhd>) {
-      base = storage[l].data();
+    std::size_t tensor = l, elem = 0;
+    if constexpr (std::is_same_v<L, ly::vllm_flash_nhd>) {
       elem = (((kv * NB + b) * BS + s) * H + h) * D;  // [2, NB, BS, H, D]
-    } else {
-      base = storage[0].data();
+    } else if constexpr (std::is_same_v<L, ly::vllm_flash_hnd>) {
+      elem = (((kv * NB + b) * H + h) * BS + s) * D;  // [2, NB, H, BS, D]
+    } else if constexpr (std::is_same_v<L, ly::flashinfer_nhd>) {
+      elem = (((b * 2 + kv) * BS + s) * H + h) * D;  // [NB, 2, BS, H, D]
+    } else if constexpr (std::is_same_v<L, ly::flashinfer_hnd>) {
+      elem = (((b * 2 + kv) * H + h) * BS + s) * D;  // [NB, 2, H, BS, D]
+    } else if constexpr (std::is_same_v<L, ly::vllm_cross_layer>) {
+      tensor = 0;
+      elem = (((((b * NL + l) * 2 + kv) * BS + s) * H + h)) * D;  // [NB, NL, 2, BS, H, D]
+    } else if constexpr (std::is_same_v<L, ly::sglang_split_kv>) {
+      tensor = kv * NL + l;
+      elem = ((b * BS + s) * H + h) * D;  // 2 x NL x [NB*BS, H, D]
+    } else if constexpr (std::is_same_v<L, ly::mla_latent>) {
+      elem = (b * BS + s) * D;  // [NB, BS, D]
+    } else if constexpr (std::is_same_v<L, ly::sglang_mla>) {
+      elem = (b * BS + s) * D;  // [NB*BS, 1, D]
+    } else if constexpr (std::is_same_v<L, ly::trtllm_packed>) {
+      tensor = 0;
       elem = ((((b * NL + l) * 2 + kv) * H + h) * BS + s) * D;  // [NB, NL, 2, H, BS, D]
+    } else if constexpr (std::is_same_v<L, ly::fused_kv>) {
+      elem = ((b * H + h) * BS + s) * 2 * D + kv * D;  // [NB, H, BS, 2*D]
+    } else {
+      static_assert(sizeof(L) == 0, "test engine: no reference formula for this layout");
     }
-    return base + elem * dt;
+    return storage[tensor].data() + elem * dt;
   }
   std::byte* row(std::size_t l, std::size_t kv, std::size_t b, std::size_t s, std::size_t h) {
     return const_cast<std::byte*>(std::as_const(*this).row(l, kv, b, s, h));
   }
+  static constexpr std::size_t planes = kvtier::layout::traits<L>::kv_planes;
   /// Token t's rows (every layer, K/V, head) as in block table `bt`.
   template <class F>
   void for_token(const std::vector<std::int32_t>& bt, std::size_t t, F&& f) const {
     const std::size_t b = static_cast<std::size_t>(bt[t / m.block_size]), s = t % m.block_size;
     for (std::size_t l = 0; l < m.layers; ++l)
-      for (std::size_t kv = 0; kv < 2; ++kv)
+      for (std::size_t kv = 0; kv < planes; ++kv)
         for (std::size_t h = 0; h < m.kv_heads; ++h) f(row(l, kv, b, s, h));
   }
 };

@@ -67,15 +67,17 @@ TEST_CASE_TEMPLATE("engine tensor errors name the offending value and change not
   SUBCASE("wrong rank") {
     auto shape = eng.shape;
     shape.push_back(1);
-    CHECK_THROWS_WITH_AS(cache.store(toks, {eng.kv().tensors, shape}, bt),
-                         test::contains("rank " + std::to_string(L::rank + 1)), E);
+    CHECK_THROWS_WITH_AS(
+        cache.store(toks, {eng.kv().tensors, shape}, bt),
+        test::contains("rank " + std::to_string(kvtier::layout::traits<L>::rank + 1)), E);
   }
   SUBCASE("wrong extent, for every dimension but the block count") {
-    for (std::size_t d = 0; d < L::rank; ++d) {
-      if (d == L::blocks_dim) continue;
+    for (std::size_t d = 0; d < kvtier::layout::traits<L>::rank; ++d) {
+      if (d == kvtier::layout::traits<L>::blocks_dim) continue;
       auto shape = eng.shape;
       shape[d] += 1;
-      const std::string msg = "shape[" + std::to_string(d) + "] (" + L::dim_names[d] + ") is " +
+      const std::string msg = "shape[" + std::to_string(d) + "] (" +
+                              kvtier::layout::dim_name(L::dims[d]) + ") is " +
                               std::to_string(shape[d]) + ", layout " + L::name + " expects " +
                               std::to_string(eng.shape[d]);
       CHECK_THROWS_WITH_AS(cache.store(toks, {eng.kv().tensors, shape}, bt), test::contains(msg),

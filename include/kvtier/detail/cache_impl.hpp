@@ -121,7 +121,7 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
              const cache_config& cfg = {})
       : model_(checked_model(model)),
         cfg_(checked_config(cfg)),
-        format_(layout::chunk_format::from(model, ChunkTokens)),
+        format_(layout::chunk_format::from(model, ChunkTokens, layout::traits<Layout>::kv_planes)),
         salt_key_(make_salt_key(s, format_)),
         max_chunks_((cfg.max_tokens + ChunkTokens - 1) / ChunkTokens),
         op_keys_(std::make_unique<chunk_key[]>(max_chunks_ * cfg.max_inflight)),
@@ -398,7 +398,7 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
                              " is not a multiple of the engine block size " +
                              std::to_string(m.block_size));
     }
-    std::size_t bytes = 2 * ChunkTokens;
+    std::size_t bytes = layout::traits<Layout>::kv_planes * ChunkTokens;
     for (std::size_t f : {std::size_t{m.layers}, std::size_t{m.kv_heads}, std::size_t{m.head_size},
                           std::size_t{m.dtype_size}}) {
       if (__builtin_mul_overflow(bytes, f, &bytes)) {

@@ -1,7 +1,8 @@
 #pragma once
-// Where one (layer, K-or-V, block) of an engine's KV lives: a shape/stride value.
+// Where one (layer, K-or-V, block) of an engine's KV lives, and the resolved strides that say so.
 
 #include "kvtier/config.hpp"
+#include "kvtier/layout/dims.hpp"
 
 #include <cstddef>
 #include <cstdint>
@@ -18,14 +19,30 @@ struct block_span {
   std::size_t head_stride = 0;
 };
 
-/// Runtime extents a layout's index arithmetic needs, all in elements except dtype_size.
-struct extents {
-  std::size_t layers = 0;
-  std::size_t blocks = 0;
-  std::size_t block_size = 0;
-  std::size_t heads = 0;
-  std::size_t head_size = 0;
-  std::size_t dtype_size = 0;
+/// An engine's KV resolved through a layout: extents and byte strides by role. Trivially
+/// copyable, the same on host and device: CUDA kernels receive it by value.
+struct ref {
+  tensors scope = tensors::one;
+  std::uint32_t layers = 0;
+  std::uint32_t heads = 0;
+  std::uint32_t block_size = 0;
+  std::uint32_t row_bytes = 0;  ///< head_size * dtype_size: one contiguous row
+  std::uint64_t blocks = 0;
+  std::size_t kv_stride = 0;     ///< bytes between K and V (0 when they are separate tensors)
+  std::size_t layer_stride = 0;  ///< bytes between layers (0 when layers are separate tensors)
+  std::size_t block_stride = 0;
+  std::size_t token_stride = 0;  ///< bytes between slots of a block
+  std::size_t head_stride = 0;
+
+  KVTIER_HOST_DEVICE [[nodiscard]] constexpr block_span span(std::size_t layer, std::size_t kv,
+                                                             std::size_t block) const noexcept {
+    const std::uint32_t t = scope == tensors::one ? 0u
+                            : scope == tensors::per_layer
+                                ? static_cast<std::uint32_t>(layer)
+                                : static_cast<std::uint32_t>(kv * layers + layer);
+    return {t, layer * layer_stride + kv * kv_stride + block * block_stride, token_stride,
+            head_stride};
+  }
 };
 
 }  // namespace kvtier::layout

@@ -9,7 +9,8 @@
 
 namespace kvtier::layout {
 
-/// Canonical chunk format: `[layers][2 (K, V)][tokens][kv_heads][head_size]`, dense.
+/// Canonical chunk format: `[layers][kv_planes][tokens][kv_heads][head_size]`, dense, with
+/// kv_planes 2 (K then V) or 1 for layouts without a K/V split (MLA's latent).
 ///
 /// Layer-major so that one layer of a chunk is one contiguous span (what layer-wise pipelining
 /// moves), K before V, then token-major so that a run of tokens of one (layer, K/V) is contiguous
@@ -22,12 +23,11 @@ struct chunk_format {
   std::size_t head_size = 0;
   std::size_t dtype_size = 0;
   std::size_t chunk_tokens = 0;
+  std::size_t kv_planes = 2;
 
-  static constexpr std::size_t kv_planes = 2;
-
-  [[nodiscard]] static constexpr chunk_format from(const model_shape& m,
-                                                   std::size_t chunk_tokens) noexcept {
-    return {m.layers, m.kv_heads, m.head_size, m.dtype_size, chunk_tokens};
+  [[nodiscard]] static constexpr chunk_format from(const model_shape& m, std::size_t chunk_tokens,
+                                                   std::size_t kv_planes = 2) noexcept {
+    return {m.layers, m.kv_heads, m.head_size, m.dtype_size, chunk_tokens, kv_planes};
   }
   /// Bytes of one head row (head_size elements).
   KVTIER_HOST_DEVICE [[nodiscard]] constexpr std::size_t row_bytes() const noexcept {

@@ -3,8 +3,11 @@
 
 #include "kvtier/error.hpp"
 #include "kvtier/layout/block_span.hpp"
+#include "kvtier/layout/dims.hpp"
 #include "kvtier/model.hpp"
 
+#include <algorithm>
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -12,78 +15,168 @@
 namespace kvtier::layout {
 
 /// The engine's tensors checked against layout L and the model: tensor count, null pointers,
-/// rank and every extent. Throws kvtier::invalid_argument naming the first offending value.
+/// rank, every extent, and (when the engine gives them) strides. Throws
+/// kvtier::invalid_argument naming the first offending value and what the layout expects.
 /// Cheap to build (no allocation); valid while the engine_kv's memory is.
 template <class L>
 class view {
+  using tr = traits<L>;
+
  public:
   view(const model_shape& m, const engine_kv& kv) {
-    const std::size_t want_tensors = L::per_layer ? m.layers : 1;
+    const std::string lname = L::name;
+    const std::size_t want_tensors = tensor_count(L::scope, m);
     if (kv.tensors.size() != want_tensors) {
       throw invalid_argument("kvtier: engine_kv has " + std::to_string(kv.tensors.size()) +
-                             " tensors, layout " + L::name + " expects " +
-                             std::to_string(want_tensors) +
-                             (L::per_layer ? " (one per layer)" : " (one for all layers)"));
+                             " tensors, layout " + lname + " expects " +
+                             std::to_string(want_tensors) + scope_text());
     }
     for (std::size_t i = 0; i < kv.tensors.size(); ++i) {
       if (kv.tensors[i] == nullptr) {
         throw invalid_argument("kvtier: engine_kv tensor " + std::to_string(i) + " is null");
       }
     }
-    if (kv.shape.size() != L::rank) {
+    if (tr::kv_planes == 1 && m.kv_heads != 1) {
+      throw invalid_argument("kvtier: model_shape.kv_heads is " + std::to_string(m.kv_heads) +
+                             ", layout " + lname +
+                             " holds one latent row per token (no K/V split) and expects 1");
+    }
+    if (kv.shape.size() != tr::rank) {
       throw invalid_argument("kvtier: engine_kv shape has rank " + std::to_string(kv.shape.size()) +
-                             ", layout " + L::name + " expects rank " + std::to_string(L::rank));
+                             ", layout " + lname + " expects rank " + std::to_string(tr::rank));
     }
-    const std::int64_t blocks = kv.shape[L::blocks_dim];
-    if (blocks <= 0) {
-      throw invalid_argument("kvtier: engine_kv shape[" + std::to_string(L::blocks_dim) + "] (" +
-                             L::dim_names[L::blocks_dim] + ") is " + std::to_string(blocks) +
-                             ", must be > 0");
+    // The block count comes from the dim that grows with it (in tokens for a token pool).
+    const std::size_t bd = tr::blocks_dim;
+    const std::int64_t unit = extent(L::dims[bd], m, 1);
+    const std::int64_t grown = kv.shape[bd];
+    if (grown <= 0 || grown % unit != 0) {
+      throw invalid_argument("kvtier: engine_kv shape[" + std::to_string(bd) + "] (" +
+                             dim_name(L::dims[bd]) + ") is " + std::to_string(grown) + ", layout " +
+                             lname + " expects a positive multiple of " + std::to_string(unit));
     }
-    const auto want = L::shape(m, blocks);
-    for (std::size_t d = 0; d < L::rank; ++d) {
+    const std::int64_t blocks = grown / unit;
+    const auto want = shape_of<L>(m, blocks);
+    for (std::size_t d = 0; d < tr::rank; ++d) {
       if (kv.shape[d] != want[d]) {
         throw invalid_argument("kvtier: engine_kv shape[" + std::to_string(d) + "] (" +
-                               L::dim_names[d] + ") is " + std::to_string(kv.shape[d]) +
-                               ", layout " + L::name + " expects " + std::to_string(want[d]));
+                               dim_name(L::dims[d]) + ") is " + std::to_string(kv.shape[d]) +
+                               ", layout " + lname + " expects " + std::to_string(want[d]));
       }
     }
+    const std::array<std::int64_t, tr::rank> st = strides(kv, want, lname);
+    const auto s = [&](dim d) -> std::size_t {
+      return tr::has(d) ? static_cast<std::size_t>(st[tr::index(d)]) * m.dtype_size : 0;
+    };
+    r_.scope = L::scope;
+    r_.layers = m.layers;
+    r_.heads = m.kv_heads;
+    r_.block_size = m.block_size;
+    r_.row_bytes = m.head_size * m.dtype_size;
+    r_.blocks = static_cast<std::uint64_t>(blocks);
+    r_.layer_stride = s(dim::layer);
+    r_.head_stride = s(dim::head);
+    if (tr::has(dim::token)) {
+      r_.token_stride = s(dim::token);
+      r_.block_stride = r_.token_stride * m.block_size;
+    } else {
+      r_.token_stride = s(dim::slot);
+      r_.block_stride = s(dim::block);
+    }
+    r_.kv_stride = tr::has(dim::kv_elem) ? std::size_t{m.head_size} * m.dtype_size : s(dim::kv);
     tensors_ = kv.tensors.data();
-    ext_ = {m.layers,    static_cast<std::size_t>(blocks), m.block_size, m.kv_heads, m.head_size,
-            m.dtype_size};
   }
 
-  [[nodiscard]] const extents& ext() const noexcept { return ext_; }
-  [[nodiscard]] std::size_t blocks() const noexcept { return ext_.blocks; }
+  [[nodiscard]] const ref& resolved() const noexcept { return r_; }
+  [[nodiscard]] void* const* tensors() const noexcept { return tensors_; }
+  [[nodiscard]] std::size_t blocks() const noexcept { return r_.blocks; }
 
-  /// Base address and strides of (layer, kv, block). `block` must be < blocks().
+  /// Base address of (layer, kv, block) and its strides. `block` must be < blocks().
   [[nodiscard]] std::byte* base(std::size_t layer, std::size_t kv, std::size_t block,
                                 block_span& s) const noexcept {
-    s = L::span(ext_, layer, kv, block);
+    s = r_.span(layer, kv, block);
     return static_cast<std::byte*>(tensors_[s.tensor]) + s.offset;
   }
 
   /// Checks the first `tokens` tokens' blocks: the table is long enough and every id is in range.
   void check_block_table(block_table table, std::size_t tokens) const {
-    const std::size_t need = (tokens + ext_.block_size - 1) / ext_.block_size;
+    const std::size_t need = (tokens + r_.block_size - 1) / r_.block_size;
     if (table.size() < need) {
       throw invalid_argument("kvtier: block table has " + std::to_string(table.size()) +
                              " blocks, " + std::to_string(tokens) + " tokens need " +
                              std::to_string(need) + " (block size " +
-                             std::to_string(ext_.block_size) + ")");
+                             std::to_string(r_.block_size) + ")");
     }
     for (std::size_t i = 0; i < need; ++i) {
-      if (table[i] < 0 || static_cast<std::size_t>(table[i]) >= ext_.blocks) {
+      if (table[i] < 0 || static_cast<std::uint64_t>(table[i]) >= r_.blocks) {
         throw invalid_argument("kvtier: block table[" + std::to_string(i) + "] is block id " +
                                std::to_string(table[i]) + ", engine has blocks 0.." +
-                               std::to_string(ext_.blocks - 1));
+                               std::to_string(r_.blocks - 1));
       }
     }
   }
 
  private:
+  static std::string scope_text() {
+    switch (L::scope) {
+      case tensors::one:
+        return " (one for all layers)";
+      case tensors::per_layer:
+        return " (one per layer)";
+      case tensors::per_layer_kv:
+        return " (one per layer for K, then one per layer for V)";
+    }
+    return "";
+  }
+
+  // The engine's strides (elements), checked, or the dense row-major strides of `shape`.
+  static std::array<std::int64_t, tr::rank> strides(const engine_kv& kv,
+                                                    const std::array<std::int64_t, tr::rank>& shape,
+                                                    const std::string& lname) {
+    std::array<std::int64_t, tr::rank> st{};
+    std::int64_t dense = 1;
+    for (std::size_t d = tr::rank; d-- > 0;) {
+      st[d] = dense;
+      dense *= shape[d];
+    }
+    if (kv.strides.empty()) return st;
+    if (kv.strides.size() != tr::rank) {
+      throw invalid_argument("kvtier: engine_kv strides have rank " +
+                             std::to_string(kv.strides.size()) + ", shape has rank " +
+                             std::to_string(tr::rank));
+    }
+    const std::size_t last = tr::rank - 1;
+    if (kv.strides[last] != 1) {
+      throw invalid_argument("kvtier: engine_kv strides[" + std::to_string(last) + "] (" +
+                             dim_name(L::dims[last]) + ") is " + std::to_string(kv.strides[last]) +
+                             ", layout " + lname + " needs 1 (contiguous rows)");
+    }
+    // No two elements may share an address: ordered by stride, each dim must step over the
+    // whole extent of the next smaller one.
+    std::array<std::size_t, tr::rank> order{};
+    for (std::size_t d = 0; d < tr::rank; ++d) order[d] = d;
+    std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+      return kv.strides[a] != kv.strides[b] ? kv.strides[a] < kv.strides[b] : a > b;
+    });
+    std::int64_t span = 1;  // elements covered by the dims checked so far
+    for (std::size_t i = 0; i < tr::rank; ++i) {
+      const std::size_t d = order[i];
+      if (kv.strides[d] < 0 || (shape[d] > 1 && kv.strides[d] < span)) {
+        throw invalid_argument("kvtier: engine_kv strides[" + std::to_string(d) + "] (" +
+                               dim_name(L::dims[d]) + ") is " + std::to_string(kv.strides[d]) +
+                               ", which overlaps the dims inside it (" + std::to_string(span) +
+                               " elements); layout " + lname +
+                               " needs non-overlapping "
+                               "strides, dense ones are " +
+                               std::to_string(st[d]));
+      }
+      if (shape[d] > 1) span = kv.strides[d] * shape[d];
+    }
+    for (std::size_t d = 0; d < tr::rank; ++d) st[d] = kv.strides[d];
+    return st;
+  }
+
   void* const* tensors_ = nullptr;
-  extents ext_{};
+  ref r_{};
 };
 
 }  // namespace kvtier::layout

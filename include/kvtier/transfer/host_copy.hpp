@@ -105,16 +105,16 @@ enum class direction { gather, scatter };
 template <direction Dir, class L>
 void move_chunk(const layout::view<L>& v, const layout::chunk_format& f, block_table table,
                 std::size_t first_token, std::size_t tokens, std::byte* chunk) noexcept {
-  const auto& e = v.ext();
-  const std::size_t row = f.row_bytes(), ctoken = f.token_bytes();
+  const layout::ref& e = v.resolved();
+  const std::size_t row = f.row_bytes(), ctoken = f.token_bytes(), bs = e.block_size;
   for (std::size_t l = 0; l < f.layers; ++l) {
-    for (std::size_t kv = 0; kv < layout::chunk_format::kv_planes; ++kv) {
+    for (std::size_t kv = 0; kv < f.kv_planes; ++kv) {
       std::size_t t = 0;
       while (t < tokens) {
         const std::size_t tok = first_token + t;
-        const std::size_t block = static_cast<std::size_t>(table[tok / e.block_size]);
-        const std::size_t slot = tok % e.block_size;
-        const std::size_t run = std::min(e.block_size - slot, tokens - t);
+        const std::size_t block = static_cast<std::size_t>(table[tok / bs]);
+        const std::size_t slot = tok % bs;
+        const std::size_t run = std::min(bs - slot, tokens - t);
         layout::block_span s;
         std::byte* eng = v.base(l, kv, block, s) + slot * s.token_stride;
         std::byte* c = chunk + f.offset(l, kv, t, tokens);
