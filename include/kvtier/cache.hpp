@@ -9,7 +9,8 @@ namespace kvtier {
 /// The KV cache, composed from kvtier::opt tags in any order (each has a default):
 ///
 ///   opt::chunk_tokens<N>         tokens per chunk (256)
-///   opt::layout<L>               the engine's KV layout (layout::vllm_flash_nhd)
+///   opt::block_tokens<BS>        the engine block size, when known at compile time (0: at run
+///   time) opt::layout<L>               the engine's KV layout (layout::vllm_flash_nhd)
 ///   opt::eviction<E>             eviction policy of every tier (eviction::lru)
 ///   opt::tiers<First, Lower...>  tier chain, memory tier first (tiers<tier::host>)
 ///   opt::hasher<H>               chunk-key hasher (key::xxh3_hasher)
@@ -48,17 +49,16 @@ namespace kvtier {
 /// Bad input (wrong tensor count or extent, block id out of range, a block table shorter than
 /// the tokens, too many tokens, a lease of another cache) throws kvtier::invalid_argument naming
 /// the value, before anything is changed.
+namespace detail {
+/// The implementation type an option pack resolves to.
+template <class R>
+using cache_impl_of = cache_impl<R::chunk_tokens, R::block_tokens, typename R::layout,
+                                 typename R::eviction, typename R::hasher, typename R::tiers>;
+}  // namespace detail
+
 template <option... Options>
-class cache : public detail::cache_impl<detail::resolve_options<Options...>::chunk_tokens,
-                                        typename detail::resolve_options<Options...>::layout,
-                                        typename detail::resolve_options<Options...>::eviction,
-                                        typename detail::resolve_options<Options...>::hasher,
-                                        typename detail::resolve_options<Options...>::tiers> {
-  using base = detail::cache_impl<detail::resolve_options<Options...>::chunk_tokens,
-                                  typename detail::resolve_options<Options...>::layout,
-                                  typename detail::resolve_options<Options...>::eviction,
-                                  typename detail::resolve_options<Options...>::hasher,
-                                  typename detail::resolve_options<Options...>::tiers>;
+class cache : public detail::cache_impl_of<detail::resolve_options<Options...>> {
+  using base = detail::cache_impl_of<detail::resolve_options<Options...>>;
 
  public:
   using base::base;

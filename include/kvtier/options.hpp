@@ -15,6 +15,7 @@ namespace kvtier {
 
 namespace detail {
 struct chunk_tokens_kind {};
+struct block_tokens_kind {};
 struct layout_kind {};
 struct eviction_kind {};
 struct tiers_kind {};
@@ -29,6 +30,15 @@ struct chunk_tokens {
   static_assert(N > 0, "kvtier::opt::chunk_tokens<N>: N must be > 0");
   static_assert(N <= 65536, "kvtier::opt::chunk_tokens<N>: N must be <= 65536");
   using kvtier_option_kind = detail::chunk_tokens_kind;
+  static constexpr std::size_t value = N;
+};
+
+/// The engine's block size, when it is known at compile time: chunk_tokens must then be a
+/// multiple of it (a compile error otherwise), and model_shape.block_size must equal it.
+/// Default 0: the block size is only known at run time and checked at construction.
+template <std::size_t N>
+struct block_tokens {
+  using kvtier_option_kind = detail::block_tokens_kind;
   static constexpr std::size_t value = N;
 };
 
@@ -94,6 +104,8 @@ template <option... Opts>
 struct resolve_options {
   static_assert(count_kind<chunk_tokens_kind, Opts...> <= 1,
                 "kvtier::cache: option chunk_tokens given more than once");
+  static_assert(count_kind<block_tokens_kind, Opts...> <= 1,
+                "kvtier::cache: option block_tokens given more than once");
   static_assert(count_kind<layout_kind, Opts...> <= 1,
                 "kvtier::cache: option layout given more than once");
   static_assert(count_kind<eviction_kind, Opts...> <= 1,
@@ -105,6 +117,10 @@ struct resolve_options {
 
   static constexpr std::size_t chunk_tokens =
       find_option<chunk_tokens_kind, opt::chunk_tokens<256>, Opts...>::type::value;
+  static constexpr std::size_t block_tokens =
+      find_option<block_tokens_kind, opt::block_tokens<0>, Opts...>::type::value;
+  static_assert(block_tokens == 0 || chunk_tokens % block_tokens == 0,
+                "kvtier::cache: chunk_tokens must be a multiple of block_tokens");
   using layout =
       typename find_option<layout_kind, opt::layout<layout::vllm_flash_nhd>, Opts...>::type::type;
   using eviction =

@@ -695,22 +695,27 @@ class view {
     return static_cast<std::byte*>(tensors_[s.tensor]) + s.offset;
   }
 
-  /// Checks the first `tokens` tokens' blocks: the table is long enough and every id is in range.
-  void check_block_table(block_table table, std::size_t tokens) const {
-    const std::size_t need = (tokens + r_.block_size - 1) / r_.block_size;
+  /// Checks the blocks of tokens [begin, end): the table reaches them and every id is in range.
+  /// Blocks before `begin` are not looked at (the engine may have freed them).
+  void check_block_table(block_table table, std::size_t begin, std::size_t end) const {
+    if (end <= begin) return;
+    const std::size_t need = (end + r_.block_size - 1) / r_.block_size;
     if (table.size() < need) {
       throw invalid_argument("kvtier: block table has " + std::to_string(table.size()) +
-                             " blocks, " + std::to_string(tokens) + " tokens need " +
+                             " blocks, " + std::to_string(end) + " tokens need " +
                              std::to_string(need) + " (block size " +
                              std::to_string(r_.block_size) + ")");
     }
-    for (std::size_t i = 0; i < need; ++i) {
+    for (std::size_t i = begin / r_.block_size; i < need; ++i) {
       if (table[i] < 0 || static_cast<std::uint64_t>(table[i]) >= r_.blocks) {
         throw invalid_argument("kvtier: block table[" + std::to_string(i) + "] is block id " +
                                std::to_string(table[i]) + ", engine has blocks 0.." +
                                std::to_string(r_.blocks - 1));
       }
     }
+  }
+  void check_block_table(block_table table, std::size_t tokens) const {
+    check_block_table(table, 0, tokens);
   }
 
  private:
@@ -1430,12 +1435,13 @@ struct chunk_ref {
   std::uint8_t wrote = 0;  ///< store: this call allocated the entry and must fill it
 };
 
-template <std::size_t ChunkTokens, class Layout, class Eviction, class Hasher, class TierTuple>
+template <std::size_t ChunkTokens, std::size_t BlockTokens, class Layout, class Eviction,
+          class Hasher, class TierTuple>
 class cache_impl;
 
-template <std::size_t ChunkTokens, class Layout, class Eviction, class Hasher, class First,
-          class... Lower>
-class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower...>> {
+template <std::size_t ChunkTokens, std::size_t BlockTokens, class Layout, class Eviction,
+          class Hasher, class First, class... Lower>
+class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<First, Lower...>> {
   using index_type = chunk_index<Eviction>;
   using first_impl = typename First::template impl<Eviction>;
   static constexpr std::uint32_t no_op = UINT32_MAX;
@@ -1443,6 +1449,7 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
 
  public:
   static constexpr std::size_t chunk_tokens = ChunkTokens;
+  static constexpr std::size_t block_tokens = BlockTokens;  ///< 0 when known at run time only
   static constexpr std::size_t tier_count = 1 + sizeof...(Lower);
   using layout_type = Layout;
   using eviction_type = Eviction;
@@ -1468,8 +1475,13 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
     lease& operator=(const lease&) = delete;
     ~lease() { reset(); }
 
-    /// Tokens of the cached prefix (a multiple of chunk_tokens unless a partial tail hit).
+    /// Tokens of the cached run from first_token() (a multiple of chunk_tokens unless a partial
+    /// tail hit); for a lookup from the start, the cached prefix.
     [[nodiscard]] std::size_t tokens() const noexcept { return tokens_; }
+    /// The first token of the run: first_chunk * chunk_tokens of the lookup (0 by default).
+    [[nodiscard]] std::size_t first_token() const noexcept { return first_ * ChunkTokens; }
+    /// One past the last token of the run.
+    [[nodiscard]] std::size_t end_token() const noexcept { return first_token() + tokens_; }
     /// Chunks of the cached prefix.
     [[nodiscard]] std::size_t chunks() const noexcept { return chunks_; }
     /// Chunks of the prefix found in tier `t` (0 = the first tier).
@@ -1490,9 +1502,11 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
       op_ = std::exchange(o.op_, no_op);
       chunks_ = std::exchange(o.chunks_, 0);
       tokens_ = std::exchange(o.tokens_, 0);
+      first_ = std::exchange(o.first_, 0);
     }
     cache_impl* cache_ = nullptr;
     std::uint32_t op_ = no_op;
+    std::size_t first_ = 0;  ///< first chunk of the run
     std::size_t chunks_ = 0;
     std::size_t tokens_ = 0;
   };
@@ -1570,15 +1584,17 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
 
   // ---- the engine's calls -------------------------------------------------------------------
 
-  lease lookup(std::span<const token_id> tokens) {
+  lease lookup(std::span<const token_id> tokens, std::size_t first_chunk = 0) {
     check_tokens("lookup", tokens.size());
     const std::size_t n = chunk_count(tokens.size());
+    check_first_chunk("lookup", first_chunk, n);
     lease l;
     l.cache_ = this;
+    l.first_ = first_chunk;
     std::unique_lock lk(mu_);
     ++stats_.lookups;
     stats_.lookup_tokens += tokens.size();
-    if (n == 0) return l;
+    if (first_chunk == n) return l;
     const std::uint32_t op = acquire_op_locked();
     if (op == no_op) return l;
     lk.unlock();
@@ -1587,11 +1603,11 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
     chunk_ref* rs = op_refs(op);
     lk.lock();
     std::size_t hit = 0, hit_tokens = 0;
-    for (; hit < n; ++hit) {
+    for (; first_chunk + hit < n; ++hit) {
       std::size_t t = 0;
       index_entry* e = nullptr;
       for (; t < tier_count; ++t) {
-        if ((e = index_[t]->find_ready(ks[hit])) != nullptr) break;
+        if ((e = index_[t]->find_ready(ks[first_chunk + hit])) != nullptr) break;
         ++stats_.tiers[t].misses;
       }
       if (e == nullptr) break;
@@ -1611,21 +1627,34 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
     return l;
   }
 
-  std::size_t retrieve(lease& l, const engine_kv& kv, block_table table) {
+  std::size_t retrieve(lease& l, const engine_kv& kv, block_table table,
+                       std::size_t end_token = SIZE_MAX) {
     check_lease("retrieve", l);
     const layout::view<Layout> v(model_, kv);
-    v.check_block_table(table, l.tokens_);
-    if (l.chunks_ == 0) {
+    // Load the lease's chunks that end at or before end_token.
+    const std::size_t abs_end = l.end_token();
+    std::size_t count = l.chunks_;
+    while (count > 0 &&
+           (l.first_ + count - 1) * ChunkTokens + chunk_tokens_at(l.first_ + count - 1, abs_end) >
+               end_token) {
+      --count;
+    }
+    const std::size_t load_end = count == 0 ? l.first_token()
+                                            : (l.first_ + count - 1) * ChunkTokens +
+                                                  chunk_tokens_at(l.first_ + count - 1, abs_end);
+    v.check_block_table(table, l.first_token(), load_end);
+    if (count == 0) {
       release(l);
       return 0;
     }
     chunk_key* ks = op_keys(l.op_);
     chunk_ref* rs = op_refs(l.op_);
     std::size_t loaded = 0, bytes = 0, i = 0;
-    for (; i < l.chunks_; ++i) {
-      const std::size_t ntok = chunk_tokens_at(i, l.tokens_);
-      if (rs[i].tier != 0 && !promote(ks[i], ntok, rs[i])) break;
-      transfer::scatter(v, format_, table, i * ChunkTokens, ntok, first_->data(rs[i].slot));
+    for (; i < count; ++i) {
+      const std::size_t c = l.first_ + i;
+      const std::size_t ntok = chunk_tokens_at(c, abs_end);
+      if (rs[i].tier != 0 && !promote(ks[c], ntok, rs[i])) break;
+      transfer::scatter(v, format_, table, c * ChunkTokens, ntok, first_->data(rs[i].slot));
       loaded += ntok;
       bytes += format_.bytes(ntok);
     }
@@ -1637,12 +1666,20 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
     return loaded;
   }
 
-  std::size_t store(std::span<const token_id> tokens, const engine_kv& kv, block_table table) {
+  std::size_t store(std::span<const token_id> tokens, const engine_kv& kv, block_table table,
+                    std::size_t first_token = 0) {
     check_tokens("store", tokens.size());
+    if (first_token > tokens.size()) {
+      throw invalid_argument("kvtier: store first_token " + std::to_string(first_token) +
+                             " is past the " + std::to_string(tokens.size()) + " tokens");
+    }
     const layout::view<Layout> v(model_, kv);
-    v.check_block_table(table, tokens.size());
     const std::size_t n = chunk_count(tokens.size());
-    if (n == 0) return 0;
+    // Chunks starting before first_token are skipped: the engine may no longer hold their blocks.
+    const std::size_t first = (first_token + ChunkTokens - 1) / ChunkTokens;
+    const std::size_t end = n == 0 ? 0 : std::min(n * ChunkTokens, tokens.size());
+    v.check_block_table(table, std::min(first * ChunkTokens, end), end);
+    if (first >= n) return 0;
     std::unique_lock lk(mu_);
     const std::uint32_t op = acquire_op_locked();
     if (op == no_op) return 0;
@@ -1652,7 +1689,7 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
     chunk_ref* rs = op_refs(op);
     index_type& ix = *index_[0];
     lk.lock();
-    std::size_t placed = 0;
+    std::size_t placed = first;
     for (; placed < n; ++placed) {
       if (index_entry* e = ix.find(ks[placed])) {
         ix.touch(*e);  // already held (or being written by another caller)
@@ -1667,14 +1704,14 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
     if (placed < n) ++stats_.store_partial;
     lk.unlock();
     std::size_t bytes = 0;
-    for (std::size_t i = 0; i < placed; ++i) {
+    for (std::size_t i = first; i < placed; ++i) {
       if (!rs[i].wrote) continue;
       const std::size_t ntok = chunk_tokens_at(i, tokens.size());
       transfer::gather(v, format_, table, i * ChunkTokens, ntok, first_->data(rs[i].slot));
       bytes += format_.bytes(ntok);
     }
     lk.lock();
-    for (std::size_t i = 0; i < placed; ++i) {
+    for (std::size_t i = first; i < placed; ++i) {
       if (!rs[i].wrote) continue;
       index_entry& e = ix.at(rs[i].slot);
       ix.publish(e);
@@ -1682,7 +1719,7 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
       if constexpr (sizeof...(Lower) > 0) enqueue_locked(e);
       ix.unref(e);
     }
-    const std::size_t stored = std::min(placed * ChunkTokens, tokens.size());
+    const std::size_t stored = std::min(placed * ChunkTokens, tokens.size()) - first * ChunkTokens;
     stats_.stored_tokens += stored;
     stats_.bytes_from_engine += bytes;
     stats_.tiers[0].bytes_written += bytes;
@@ -1691,6 +1728,12 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
     state_cv_.notify_all();
     if constexpr (sizeof...(Lower) > 0) work_cv_.notify_one();
     return stored;
+  }
+
+  /// Throws what store or retrieve would throw for `kv` and the blocks of tokens [begin, end) of
+  /// `table`, without doing anything else.
+  void validate(const engine_kv& kv, block_table table, std::size_t begin, std::size_t end) const {
+    layout::view<Layout>(model_, kv).check_block_table(table, begin, end);
   }
 
   void release(lease& l) noexcept {
@@ -1773,6 +1816,10 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
     for (auto [name, value] : fields) {
       if (value == 0) throw invalid_argument(std::string("kvtier: model_shape.") + name + " is 0");
     }
+    if (BlockTokens != 0 && m.block_size != BlockTokens) {
+      throw invalid_argument("kvtier: model_shape.block_size " + std::to_string(m.block_size) +
+                             " differs from opt::block_tokens " + std::to_string(BlockTokens));
+    }
     if (ChunkTokens % m.block_size != 0) {
       throw invalid_argument("kvtier: chunk size " + std::to_string(ChunkTokens) +
                              " is not a multiple of the engine block size " +
@@ -1840,6 +1887,13 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
       throw invalid_argument(std::string("kvtier: ") + what + " of " + std::to_string(n) +
                              " tokens exceeds cache_config.max_tokens " +
                              std::to_string(cfg_.max_tokens));
+    }
+  }
+  static void check_first_chunk(const char* what, std::size_t first, std::size_t n) {
+    if (first > n) {
+      throw invalid_argument(std::string("kvtier: ") + what + " first_chunk " +
+                             std::to_string(first) + " is past the " + std::to_string(n) +
+                             " chunks of the tokens");
     }
   }
   void check_lease(const char* what, const lease& l) const {
@@ -2289,6 +2343,7 @@ namespace kvtier {
 
 namespace detail {
 struct chunk_tokens_kind {};
+struct block_tokens_kind {};
 struct layout_kind {};
 struct eviction_kind {};
 struct tiers_kind {};
@@ -2303,6 +2358,15 @@ struct chunk_tokens {
   static_assert(N > 0, "kvtier::opt::chunk_tokens<N>: N must be > 0");
   static_assert(N <= 65536, "kvtier::opt::chunk_tokens<N>: N must be <= 65536");
   using kvtier_option_kind = detail::chunk_tokens_kind;
+  static constexpr std::size_t value = N;
+};
+
+/// The engine's block size, when it is known at compile time: chunk_tokens must then be a
+/// multiple of it (a compile error otherwise), and model_shape.block_size must equal it.
+/// Default 0: the block size is only known at run time and checked at construction.
+template <std::size_t N>
+struct block_tokens {
+  using kvtier_option_kind = detail::block_tokens_kind;
   static constexpr std::size_t value = N;
 };
 
@@ -2368,6 +2432,8 @@ template <option... Opts>
 struct resolve_options {
   static_assert(count_kind<chunk_tokens_kind, Opts...> <= 1,
                 "kvtier::cache: option chunk_tokens given more than once");
+  static_assert(count_kind<block_tokens_kind, Opts...> <= 1,
+                "kvtier::cache: option block_tokens given more than once");
   static_assert(count_kind<layout_kind, Opts...> <= 1,
                 "kvtier::cache: option layout given more than once");
   static_assert(count_kind<eviction_kind, Opts...> <= 1,
@@ -2379,6 +2445,10 @@ struct resolve_options {
 
   static constexpr std::size_t chunk_tokens =
       find_option<chunk_tokens_kind, opt::chunk_tokens<256>, Opts...>::type::value;
+  static constexpr std::size_t block_tokens =
+      find_option<block_tokens_kind, opt::block_tokens<0>, Opts...>::type::value;
+  static_assert(block_tokens == 0 || chunk_tokens % block_tokens == 0,
+                "kvtier::cache: chunk_tokens must be a multiple of block_tokens");
   using layout =
       typename find_option<layout_kind, opt::layout<layout::vllm_flash_nhd>, Opts...>::type::type;
   using eviction =
@@ -2397,7 +2467,8 @@ namespace kvtier {
 /// The KV cache, composed from kvtier::opt tags in any order (each has a default):
 ///
 ///   opt::chunk_tokens<N>         tokens per chunk (256)
-///   opt::layout<L>               the engine's KV layout (layout::vllm_flash_nhd)
+///   opt::block_tokens<BS>        the engine block size, when known at compile time (0: at run
+///   time) opt::layout<L>               the engine's KV layout (layout::vllm_flash_nhd)
 ///   opt::eviction<E>             eviction policy of every tier (eviction::lru)
 ///   opt::tiers<First, Lower...>  tier chain, memory tier first (tiers<tier::host>)
 ///   opt::hasher<H>               chunk-key hasher (key::xxh3_hasher)
@@ -2436,17 +2507,16 @@ namespace kvtier {
 /// Bad input (wrong tensor count or extent, block id out of range, a block table shorter than
 /// the tokens, too many tokens, a lease of another cache) throws kvtier::invalid_argument naming
 /// the value, before anything is changed.
+namespace detail {
+/// The implementation type an option pack resolves to.
+template <class R>
+using cache_impl_of = cache_impl<R::chunk_tokens, R::block_tokens, typename R::layout,
+                                 typename R::eviction, typename R::hasher, typename R::tiers>;
+}  // namespace detail
+
 template <option... Options>
-class cache : public detail::cache_impl<detail::resolve_options<Options...>::chunk_tokens,
-                                        typename detail::resolve_options<Options...>::layout,
-                                        typename detail::resolve_options<Options...>::eviction,
-                                        typename detail::resolve_options<Options...>::hasher,
-                                        typename detail::resolve_options<Options...>::tiers> {
-  using base = detail::cache_impl<detail::resolve_options<Options...>::chunk_tokens,
-                                  typename detail::resolve_options<Options...>::layout,
-                                  typename detail::resolve_options<Options...>::eviction,
-                                  typename detail::resolve_options<Options...>::hasher,
-                                  typename detail::resolve_options<Options...>::tiers>;
+class cache : public detail::cache_impl_of<detail::resolve_options<Options...>> {
+  using base = detail::cache_impl_of<detail::resolve_options<Options...>>;
 
  public:
   using base::base;
@@ -2454,6 +2524,297 @@ class cache : public detail::cache_impl<detail::resolve_options<Options...>::chu
 
 }  // namespace kvtier
 // ---- end kvtier/cache.hpp
+// ---- begin kvtier/group_cache.hpp
+// kvtier::group_cache: models whose KV lives in several layer groups (hybrid sliding-window /
+// full-attention models, DeepSeek V4's compressed and indexer caches, per-slot state pages).
+
+
+#include <numeric>
+
+namespace kvtier {
+
+/// When a layer group's KV counts as present for a cached prefix of P tokens.
+struct hit_rule {
+  /// 0: every chunk of the prefix (full attention). Otherwise the chunks covering the prefix's
+  /// last window_tokens tokens (sliding window: the engine attends to nothing older).
+  std::size_t window_tokens = 0;
+
+  [[nodiscard]] static constexpr hit_rule all_blocks() noexcept { return {0}; }
+  [[nodiscard]] static constexpr hit_rule trailing_window(std::size_t tokens) noexcept {
+    return {tokens};
+  }
+};
+
+/// One layer group of a group_cache: its own model shape (layers, heads, head size, dtype size,
+/// block size), tiers, settings and hit rule. Its layout, eviction and tier chain are those of
+/// the cache type `Cache`.
+template <class Cache>
+struct group {
+  model_shape model;
+  typename Cache::tier_configs tiers{};
+  cache_config config{};
+  hit_rule rule{};
+};
+
+/// The smallest chunk size usable with engine block sizes `Bs...`: their least common multiple.
+template <std::size_t... Bs>
+inline constexpr std::size_t chunk_tokens_for = [] {
+  std::size_t l = 1;
+  ((l = std::lcm(l, Bs)), ...);
+  return l;
+}();
+
+/// A cache over several KV layer groups, one kvtier::cache per group (`Caches...`, each with its
+/// own layout, block size, width, dtype and tiers), sharing one chunk size. A prefix is a hit
+/// only when every group holds what its hit rule needs for it:
+///
+///  - an all_blocks group (full attention) holds every chunk of the prefix;
+///  - a trailing_window(W) group holds the chunks covering the prefix's last W tokens.
+///
+/// Opaque per-slot state (an indexer's keys, compressed caches) is a group too: a one-plane
+/// layout such as layout::state_pages with dtype_size 1 and head_size = state bytes per slot.
+///
+/// Each group's chunks are keyed with the salt's model_id suffixed by "#group<g>", so groups
+/// never share chunks. Thread-safe as its caches are.
+template <class... Caches>
+class group_cache {
+  static_assert(sizeof...(Caches) >= 1, "kvtier::group_cache: at least one group");
+  static constexpr std::size_t N = std::get<0>(std::tuple{Caches::chunk_tokens...});
+  static_assert(((Caches::chunk_tokens == N) && ...),
+                "kvtier::group_cache: every group must use one chunk size (a multiple of every "
+                "group's block size: kvtier::chunk_tokens_for<block sizes...>)");
+  static_assert(((Caches::block_tokens == 0 || N % Caches::block_tokens == 0) && ...),
+                "kvtier::group_cache: the chunk size must be a multiple of every group's block "
+                "size");
+  static constexpr std::size_t G = sizeof...(Caches);
+  using index_seq = std::index_sequence_for<Caches...>;
+
+ public:
+  static constexpr std::size_t chunk_tokens = N;
+  static constexpr std::size_t group_count = G;
+  using cache_types = std::tuple<Caches...>;
+
+  /// The result of lookup: one lease per group and the combined hit. Move-only; must not
+  /// outlive its group_cache.
+  class lease {
+   public:
+    /// Tokens of the cached prefix: every group's rule holds for it.
+    [[nodiscard]] std::size_t tokens() const noexcept { return tokens_; }
+    [[nodiscard]] bool live() const noexcept { return live_; }
+    /// Group g's lease (for its hits per tier, its first token).
+    template <std::size_t I>
+    [[nodiscard]] const auto& part() const noexcept {
+      return std::get<I>(leases_);
+    }
+    void reset() noexcept {
+      std::apply([](auto&... l) { (l.reset(), ...); }, leases_);
+      live_ = false;
+      tokens_ = 0;
+    }
+
+   private:
+    friend class group_cache;
+    std::tuple<typename Caches::lease...> leases_;
+    std::size_t tokens_ = 0;
+    bool live_ = false;
+  };
+
+  /// Builds every group's cache. Throws invalid_argument naming the group when the chunk size is
+  /// not a multiple of its block size (with the smallest chunk size that fits all groups), when
+  /// a group stores partial tails, or as the group's cache constructor does.
+  explicit group_cache(const salt& s, const group<Caches>&... groups) : rules_{groups.rule...} {
+    const std::array<std::uint32_t, G> bs{groups.model.block_size...};
+    std::size_t l = 1;
+    for (auto b : bs) l = b ? std::lcm(l, std::size_t{b}) : l;
+    for (std::size_t g = 0; g < G; ++g) {
+      if (bs[g] != 0 && N % bs[g] != 0) {
+        throw invalid_argument("kvtier: group " + std::to_string(g) + " has block size " +
+                               std::to_string(bs[g]) + "; chunk size " + std::to_string(N) +
+                               " is not a multiple of it (the smallest that fits every group "
+                               "is " +
+                               std::to_string(l) + ")");
+      }
+    }
+    const std::array<bool, G> partial{groups.config.store_partial_tail...};
+    for (std::size_t g = 0; g < G; ++g) {
+      if (partial[g]) {
+        throw invalid_argument("kvtier: group " + std::to_string(g) +
+                               " sets store_partial_tail; a group_cache stores full chunks only");
+      }
+    }
+    build(s, index_seq{}, groups...);
+  }
+
+  /// The longest prefix of `tokens` for which every group's hit rule holds, with leases that
+  /// keep what each group needs. O(groups x chunks) probes; a window group is asked again only
+  /// when another group shortened the prefix.
+  lease lookup(std::span<const token_id> tokens) {
+    lease out;
+    out.live_ = true;
+    std::size_t p = tokens.size() / N;  // the prefix, in chunks
+    for_each(out, [&](auto gi, auto& c, auto& l) {
+      if (rules_[gi].window_tokens != 0) return;
+      l = c.lookup(tokens);
+      p = std::min(p, l.chunks());
+    });
+    for (bool changed = true; changed && p > 0;) {
+      changed = false;
+      for_each(out, [&](auto gi, auto& c, auto& l) {
+        const std::size_t w = rules_[gi].window_tokens;
+        if (w == 0 || p == 0) return;
+        const std::size_t first = window_first_chunk(p, w);
+        if (l.live() && l.first_token() <= first * N && l.end_token() >= p * N) return;
+        l = c.lookup(tokens, first);
+        const std::size_t end = first + l.chunks();
+        if (end < p) {
+          p = end;
+          changed = true;
+        }
+      });
+    }
+    if (p == 0) {
+      out.reset();
+      out.live_ = true;
+      return out;
+    }
+    out.tokens_ = p * N;
+    return out;
+  }
+
+  /// Loads the lease's prefix into every group's blocks: group g from kvs[g] through tables[g]
+  /// (a window group's table may hold -1 for blocks before its window). Validates every group
+  /// before loading any. Returns the tokens loaded for which every group's rule holds: the
+  /// lease's tokens, or less after a failed read (then the engine recomputes the rest).
+  std::size_t retrieve(lease& l, std::span<const engine_kv> kvs,
+                       std::span<const block_table> tables) {
+    check_counts("retrieve", kvs.size(), tables.size());
+    if (!l.live_) {
+      throw invalid_argument("kvtier: retrieve of a group lease that is not live");
+    }
+    const std::size_t end = l.tokens_;
+    for_each(l, [&](auto gi, auto& c, auto& gl) {
+      if (end > 0) c.validate(kvs[gi], tables[gi], gl.live() ? gl.first_token() : 0, end);
+    });
+    if (end == 0) {
+      l.reset();
+      return 0;
+    }
+    std::array<std::size_t, G> first{}, loaded_end{};
+    for_each(l, [&](auto gi, auto& c, auto& gl) {
+      first[gi] = gl.first_token();
+      loaded_end[gi] = first[gi] + c.retrieve(gl, kvs[gi], tables[gi], end);
+    });
+    l.reset();
+    std::size_t p = end;
+    for (std::size_t g = 0; g < G; ++g) p = std::min(p, loaded_end[g]);
+    p -= p % N;
+    // A window group must still cover the last window before p; it loaded [first, loaded_end).
+    for (std::size_t g = 0; g < G && p > 0; ++g) {
+      const std::size_t w = rules_[g].window_tokens;
+      if (w != 0 && window_first_chunk(p / N, w) * N < first[g]) p = 0;
+    }
+    return p;
+  }
+
+  /// Stores the chunks of `tokens` in every group: group g from kvs[g] through tables[g],
+  /// skipping chunks that start before first_tokens[g] (blocks the engine already freed, as a
+  /// sliding-window group does; empty = 0 for every group). Validates every group before storing
+  /// any. Returns the tokens of the prefix every full-attention group now holds (all groups'
+  /// stored ends when none is full-attention).
+  std::size_t store(std::span<const token_id> tokens, std::span<const engine_kv> kvs,
+                    std::span<const block_table> tables,
+                    std::span<const std::size_t> first_tokens = {}) {
+    check_counts("store", kvs.size(), tables.size());
+    if (!first_tokens.empty() && first_tokens.size() != G) {
+      throw invalid_argument("kvtier: group store got " + std::to_string(first_tokens.size()) +
+                             " first_tokens for " + std::to_string(G) + " groups");
+    }
+    const std::size_t end = tokens.size() / N * N;
+    auto first_of = [&](std::size_t g) {
+      const std::size_t f = first_tokens.empty() ? 0 : first_tokens[g];
+      return (f + N - 1) / N * N;
+    };
+    for_each_cache([&](auto gi, auto& c) {
+      if (first_tokens.size() == G && first_tokens[gi] > tokens.size()) {
+        throw invalid_argument("kvtier: group " + std::to_string(gi) + " first_token " +
+                               std::to_string(first_tokens[gi]) + " is past the " +
+                               std::to_string(tokens.size()) + " tokens");
+      }
+      c.validate(kvs[gi], tables[gi], std::min(first_of(gi), end), end);
+    });
+    std::size_t full = SIZE_MAX, any = SIZE_MAX;
+    for_each_cache([&](auto gi, auto& c) {
+      const std::size_t f = std::min(first_of(gi), end);
+      const std::size_t stored_end = f + c.store(tokens, kvs[gi], tables[gi], f);
+      any = std::min(any, stored_end);
+      if (rules_[gi].window_tokens == 0) full = std::min(full, stored_end);
+    });
+    return full != SIZE_MAX ? full : any;
+  }
+
+  /// Group I's cache (its stats, pins, clear, flush).
+  template <std::size_t I>
+  [[nodiscard]] auto& cache() noexcept {
+    return *std::get<I>(caches_);
+  }
+  [[nodiscard]] const hit_rule& rule(std::size_t g) const noexcept { return rules_[g]; }
+
+  /// Waits for every group's write-through.
+  void flush() {
+    std::apply([](auto&... c) { (c->flush(), ...); }, caches_);
+  }
+
+ private:
+  // The first chunk of the window ending at chunk p (exclusive) for a window of w tokens.
+  static std::size_t window_first_chunk(std::size_t p, std::size_t w) noexcept {
+    return p * N > w ? (p * N - w) / N : 0;
+  }
+
+  void check_counts(const char* what, std::size_t kvs, std::size_t tables) const {
+    if (kvs != G || tables != G) {
+      throw invalid_argument(std::string("kvtier: group ") + what + " got " + std::to_string(kvs) +
+                             " engine_kv and " + std::to_string(tables) + " block tables for " +
+                             std::to_string(G) + " groups");
+    }
+  }
+
+  template <std::size_t... I>
+  void build(const salt& s, std::index_sequence<I...>, const group<Caches>&... groups) {
+    ((std::get<I>(caches_) =
+          std::make_unique<Caches>(groups.model, group_salt(s, I), groups.tiers, groups.config)),
+     ...);
+  }
+  static salt group_salt(salt s, std::size_t g) {
+    s.model_id += "#group" + std::to_string(g);
+    return s;
+  }
+
+  // Calls f(std::integral_constant<g>, cache_g, lease_g) for each group g in order.
+  template <class F>
+  void for_each(lease& l, F&& f) {
+    for_each_impl(l, f, index_seq{});
+  }
+  template <class F, std::size_t... I>
+  void for_each_impl(lease& l, F& f, std::index_sequence<I...>) {
+    (f(std::integral_constant<std::size_t, I>{}, *std::get<I>(caches_), std::get<I>(l.leases_)),
+     ...);
+  }
+  // Calls f(std::integral_constant<g>, cache_g) for each group g in order.
+  template <class F>
+  void for_each_cache(F&& f) {
+    for_each_cache_impl(f, index_seq{});
+  }
+  template <class F, std::size_t... I>
+  void for_each_cache_impl(F& f, std::index_sequence<I...>) {
+    (f(std::integral_constant<std::size_t, I>{}, *std::get<I>(caches_)), ...);
+  }
+
+  std::array<hit_rule, G> rules_;
+  std::tuple<std::unique_ptr<Caches>...> caches_;
+};
+
+}  // namespace kvtier
+// ---- end kvtier/group_cache.hpp
 // ---- begin kvtier/layout/flashinfer_hnd.hpp
 // FlashInfer layout, HND: one tensor per layer, [NB, 2, H, BS, D].
 
@@ -2557,6 +2918,25 @@ struct sglang_split_kv {
 
 }  // namespace kvtier::layout
 // ---- end kvtier/layout/sglang_split_kv.hpp
+// ---- begin kvtier/layout/state_pages.hpp
+// Opaque per-slot state pages: one tensor per state array, [NB, BS, bytes].
+
+
+
+namespace kvtier::layout {
+
+/// Opaque per-slot state kept in pages like KV blocks (an indexer's keys, a compressed cache):
+/// per state array ("layer") `[num_blocks, block_size, state_bytes]`, no K/V split. Describe it
+/// with model_shape{arrays, 1, state_bytes, 1, block_size} and use it as one group of a
+/// group_cache.
+struct state_pages {
+  static constexpr const char* name = "state_pages";
+  static constexpr tensors scope = tensors::per_layer;
+  static constexpr std::array dims{dim::block, dim::slot, dim::elem};
+};
+
+}  // namespace kvtier::layout
+// ---- end kvtier/layout/state_pages.hpp
 // ---- begin kvtier/layout/trtllm_packed.hpp
 // TensorRT-LLM KV pool: one tensor, [NB, NL, 2, H, BS, D].
 

@@ -94,6 +94,8 @@ struct engine {
       elem = ((b * BS + s) * H + h) * D;  // 2 x NL x [NB*BS, H, D]
     } else if constexpr (std::is_same_v<L, ly::mla_latent>) {
       elem = (b * BS + s) * D;  // [NB, BS, D]
+    } else if constexpr (std::is_same_v<L, ly::state_pages>) {
+      elem = (b * BS + s) * D;  // [NB, BS, bytes]
     } else if constexpr (std::is_same_v<L, ly::sglang_mla>) {
       elem = (b * BS + s) * D;  // [NB*BS, 1, D]
     } else if constexpr (std::is_same_v<L, ly::trtllm_packed>) {

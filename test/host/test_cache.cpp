@@ -7,6 +7,7 @@ using nhd = kvtier::layout::vllm_flash_nhd;
 using trt = kvtier::layout::trtllm_packed;
 using host = kvtier::tier::host;
 using disk = kvtier::tier::local_disk;
+using E = kvtier::invalid_argument;
 
 namespace {
 
@@ -277,4 +278,31 @@ TEST_CASE("in-flight operations are bounded; a refused lookup is a counted miss"
   CHECK(cache.stats().busy == 1);
   a.reset();
   CHECK(cache.lookup(p).tokens() == 32);
+}
+
+TEST_CASE("chunk ranges: lookup from a chunk, store from a token, retrieve up to a token") {
+  using C = kvtier::cache<o::chunk_tokens<16>>;
+  C cache(test::small_model, test::small_salt, {{mib}});
+  test::engine<nhd> eng(test::small_model, 64, 1), dst(test::small_model, 64, 2);
+  auto bt = test::shuffled_table(16, 64, 3);
+  const auto p = test::tokens(64, 1);
+  // The engine no longer holds the blocks of tokens 0..31: they are -1 and must not be read.
+  auto freed = bt;
+  for (std::size_t b = 0; b < 8; ++b) freed[b] = -1;
+  CHECK(cache.store(p, eng.kv(), freed, 20) == 32);  // chunk 1 starts before 20: skipped too
+  CHECK(cache.lookup(p).tokens() == 0);              // no prefix from token 0
+  auto l = cache.lookup(p, 2);
+  CHECK(l.first_token() == 32);
+  CHECK(l.tokens() == 32);
+  CHECK(l.end_token() == 64);
+  // Load only up to token 48: chunk 2, not chunk 3; the blocks before 32 are not looked at.
+  CHECK(cache.retrieve(l, dst.kv(), freed, 48) == 16);
+  CHECK(test::same_tokens(eng, bt, dst, bt, 32, 16));
+  test::engine<nhd> fresh(test::small_model, 64, 2);
+  CHECK(test::same_tokens(fresh, bt, dst, bt, 48, 16));
+  CHECK_THROWS_WITH_AS((void)cache.lookup(p, 5),
+                       "kvtier: lookup first_chunk 5 is past the 4 chunks of the tokens", E);
+  CHECK_THROWS_WITH_AS(cache.store(p, eng.kv(), bt, 65),
+                       "kvtier: store first_token 65 is past the 64 tokens", E);
+  CHECK(cache.lookup(p, 4).tokens() == 0);
 }

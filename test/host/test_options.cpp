@@ -28,10 +28,11 @@ TEST_CASE("options resolve the same in any order") {
       std::is_same_v<a::tier_configs,
                      std::tuple<kvtier::tier::host::config, kvtier::tier::local_disk::config>>);
   // Both resolve to the same implementation type.
-  static_assert(std::is_base_of_v<
-                kvtier::detail::cache_impl<64, kvtier::layout::trtllm_packed, kvtier::eviction::lru,
-                                           kvtier::key::xxh3_hasher, a::tier_list>,
-                b>);
+  static_assert(
+      std::is_base_of_v<
+          kvtier::detail::cache_impl<64, 0, kvtier::layout::trtllm_packed, kvtier::eviction::lru,
+                                     kvtier::key::xxh3_hasher, a::tier_list>,
+          b>);
   CHECK(a::tier_count == 2);
 }
 

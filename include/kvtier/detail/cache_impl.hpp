@@ -50,12 +50,13 @@ struct chunk_ref {
   std::uint8_t wrote = 0;  ///< store: this call allocated the entry and must fill it
 };
 
-template <std::size_t ChunkTokens, class Layout, class Eviction, class Hasher, class TierTuple>
+template <std::size_t ChunkTokens, std::size_t BlockTokens, class Layout, class Eviction,
+          class Hasher, class TierTuple>
 class cache_impl;
 
-template <std::size_t ChunkTokens, class Layout, class Eviction, class Hasher, class First,
-          class... Lower>
-class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower...>> {
+template <std::size_t ChunkTokens, std::size_t BlockTokens, class Layout, class Eviction,
+          class Hasher, class First, class... Lower>
+class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<First, Lower...>> {
   using index_type = chunk_index<Eviction>;
   using first_impl = typename First::template impl<Eviction>;
   static constexpr std::uint32_t no_op = UINT32_MAX;
@@ -63,6 +64,7 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
 
  public:
   static constexpr std::size_t chunk_tokens = ChunkTokens;
+  static constexpr std::size_t block_tokens = BlockTokens;  ///< 0 when known at run time only
   static constexpr std::size_t tier_count = 1 + sizeof...(Lower);
   using layout_type = Layout;
   using eviction_type = Eviction;
@@ -88,8 +90,13 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
     lease& operator=(const lease&) = delete;
     ~lease() { reset(); }
 
-    /// Tokens of the cached prefix (a multiple of chunk_tokens unless a partial tail hit).
+    /// Tokens of the cached run from first_token() (a multiple of chunk_tokens unless a partial
+    /// tail hit); for a lookup from the start, the cached prefix.
     [[nodiscard]] std::size_t tokens() const noexcept { return tokens_; }
+    /// The first token of the run: first_chunk * chunk_tokens of the lookup (0 by default).
+    [[nodiscard]] std::size_t first_token() const noexcept { return first_ * ChunkTokens; }
+    /// One past the last token of the run.
+    [[nodiscard]] std::size_t end_token() const noexcept { return first_token() + tokens_; }
     /// Chunks of the cached prefix.
     [[nodiscard]] std::size_t chunks() const noexcept { return chunks_; }
     /// Chunks of the prefix found in tier `t` (0 = the first tier).
@@ -110,9 +117,11 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
       op_ = std::exchange(o.op_, no_op);
       chunks_ = std::exchange(o.chunks_, 0);
       tokens_ = std::exchange(o.tokens_, 0);
+      first_ = std::exchange(o.first_, 0);
     }
     cache_impl* cache_ = nullptr;
     std::uint32_t op_ = no_op;
+    std::size_t first_ = 0;  ///< first chunk of the run
     std::size_t chunks_ = 0;
     std::size_t tokens_ = 0;
   };
@@ -190,15 +199,17 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
 
   // ---- the engine's calls -------------------------------------------------------------------
 
-  lease lookup(std::span<const token_id> tokens) {
+  lease lookup(std::span<const token_id> tokens, std::size_t first_chunk = 0) {
     check_tokens("lookup", tokens.size());
     const std::size_t n = chunk_count(tokens.size());
+    check_first_chunk("lookup", first_chunk, n);
     lease l;
     l.cache_ = this;
+    l.first_ = first_chunk;
     std::unique_lock lk(mu_);
     ++stats_.lookups;
     stats_.lookup_tokens += tokens.size();
-    if (n == 0) return l;
+    if (first_chunk == n) return l;
     const std::uint32_t op = acquire_op_locked();
     if (op == no_op) return l;
     lk.unlock();
@@ -207,11 +218,11 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
     chunk_ref* rs = op_refs(op);
     lk.lock();
     std::size_t hit = 0, hit_tokens = 0;
-    for (; hit < n; ++hit) {
+    for (; first_chunk + hit < n; ++hit) {
       std::size_t t = 0;
       index_entry* e = nullptr;
       for (; t < tier_count; ++t) {
-        if ((e = index_[t]->find_ready(ks[hit])) != nullptr) break;
+        if ((e = index_[t]->find_ready(ks[first_chunk + hit])) != nullptr) break;
         ++stats_.tiers[t].misses;
       }
       if (e == nullptr) break;
@@ -231,21 +242,34 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
     return l;
   }
 
-  std::size_t retrieve(lease& l, const engine_kv& kv, block_table table) {
+  std::size_t retrieve(lease& l, const engine_kv& kv, block_table table,
+                       std::size_t end_token = SIZE_MAX) {
     check_lease("retrieve", l);
     const layout::view<Layout> v(model_, kv);
-    v.check_block_table(table, l.tokens_);
-    if (l.chunks_ == 0) {
+    // Load the lease's chunks that end at or before end_token.
+    const std::size_t abs_end = l.end_token();
+    std::size_t count = l.chunks_;
+    while (count > 0 &&
+           (l.first_ + count - 1) * ChunkTokens + chunk_tokens_at(l.first_ + count - 1, abs_end) >
+               end_token) {
+      --count;
+    }
+    const std::size_t load_end = count == 0 ? l.first_token()
+                                            : (l.first_ + count - 1) * ChunkTokens +
+                                                  chunk_tokens_at(l.first_ + count - 1, abs_end);
+    v.check_block_table(table, l.first_token(), load_end);
+    if (count == 0) {
       release(l);
       return 0;
     }
     chunk_key* ks = op_keys(l.op_);
     chunk_ref* rs = op_refs(l.op_);
     std::size_t loaded = 0, bytes = 0, i = 0;
-    for (; i < l.chunks_; ++i) {
-      const std::size_t ntok = chunk_tokens_at(i, l.tokens_);
-      if (rs[i].tier != 0 && !promote(ks[i], ntok, rs[i])) break;
-      transfer::scatter(v, format_, table, i * ChunkTokens, ntok, first_->data(rs[i].slot));
+    for (; i < count; ++i) {
+      const std::size_t c = l.first_ + i;
+      const std::size_t ntok = chunk_tokens_at(c, abs_end);
+      if (rs[i].tier != 0 && !promote(ks[c], ntok, rs[i])) break;
+      transfer::scatter(v, format_, table, c * ChunkTokens, ntok, first_->data(rs[i].slot));
       loaded += ntok;
       bytes += format_.bytes(ntok);
     }
@@ -257,12 +281,20 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
     return loaded;
   }
 
-  std::size_t store(std::span<const token_id> tokens, const engine_kv& kv, block_table table) {
+  std::size_t store(std::span<const token_id> tokens, const engine_kv& kv, block_table table,
+                    std::size_t first_token = 0) {
     check_tokens("store", tokens.size());
+    if (first_token > tokens.size()) {
+      throw invalid_argument("kvtier: store first_token " + std::to_string(first_token) +
+                             " is past the " + std::to_string(tokens.size()) + " tokens");
+    }
     const layout::view<Layout> v(model_, kv);
-    v.check_block_table(table, tokens.size());
     const std::size_t n = chunk_count(tokens.size());
-    if (n == 0) return 0;
+    // Chunks starting before first_token are skipped: the engine may no longer hold their blocks.
+    const std::size_t first = (first_token + ChunkTokens - 1) / ChunkTokens;
+    const std::size_t end = n == 0 ? 0 : std::min(n * ChunkTokens, tokens.size());
+    v.check_block_table(table, std::min(first * ChunkTokens, end), end);
+    if (first >= n) return 0;
     std::unique_lock lk(mu_);
     const std::uint32_t op = acquire_op_locked();
     if (op == no_op) return 0;
@@ -272,7 +304,7 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
     chunk_ref* rs = op_refs(op);
     index_type& ix = *index_[0];
     lk.lock();
-    std::size_t placed = 0;
+    std::size_t placed = first;
     for (; placed < n; ++placed) {
       if (index_entry* e = ix.find(ks[placed])) {
         ix.touch(*e);  // already held (or being written by another caller)
@@ -287,14 +319,14 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
     if (placed < n) ++stats_.store_partial;
     lk.unlock();
     std::size_t bytes = 0;
-    for (std::size_t i = 0; i < placed; ++i) {
+    for (std::size_t i = first; i < placed; ++i) {
       if (!rs[i].wrote) continue;
       const std::size_t ntok = chunk_tokens_at(i, tokens.size());
       transfer::gather(v, format_, table, i * ChunkTokens, ntok, first_->data(rs[i].slot));
       bytes += format_.bytes(ntok);
     }
     lk.lock();
-    for (std::size_t i = 0; i < placed; ++i) {
+    for (std::size_t i = first; i < placed; ++i) {
       if (!rs[i].wrote) continue;
       index_entry& e = ix.at(rs[i].slot);
       ix.publish(e);
@@ -302,7 +334,7 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
       if constexpr (sizeof...(Lower) > 0) enqueue_locked(e);
       ix.unref(e);
     }
-    const std::size_t stored = std::min(placed * ChunkTokens, tokens.size());
+    const std::size_t stored = std::min(placed * ChunkTokens, tokens.size()) - first * ChunkTokens;
     stats_.stored_tokens += stored;
     stats_.bytes_from_engine += bytes;
     stats_.tiers[0].bytes_written += bytes;
@@ -311,6 +343,12 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
     state_cv_.notify_all();
     if constexpr (sizeof...(Lower) > 0) work_cv_.notify_one();
     return stored;
+  }
+
+  /// Throws what store or retrieve would throw for `kv` and the blocks of tokens [begin, end) of
+  /// `table`, without doing anything else.
+  void validate(const engine_kv& kv, block_table table, std::size_t begin, std::size_t end) const {
+    layout::view<Layout>(model_, kv).check_block_table(table, begin, end);
   }
 
   void release(lease& l) noexcept {
@@ -393,6 +431,10 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
     for (auto [name, value] : fields) {
       if (value == 0) throw invalid_argument(std::string("kvtier: model_shape.") + name + " is 0");
     }
+    if (BlockTokens != 0 && m.block_size != BlockTokens) {
+      throw invalid_argument("kvtier: model_shape.block_size " + std::to_string(m.block_size) +
+                             " differs from opt::block_tokens " + std::to_string(BlockTokens));
+    }
     if (ChunkTokens % m.block_size != 0) {
       throw invalid_argument("kvtier: chunk size " + std::to_string(ChunkTokens) +
                              " is not a multiple of the engine block size " +
@@ -460,6 +502,13 @@ class cache_impl<ChunkTokens, Layout, Eviction, Hasher, std::tuple<First, Lower.
       throw invalid_argument(std::string("kvtier: ") + what + " of " + std::to_string(n) +
                              " tokens exceeds cache_config.max_tokens " +
                              std::to_string(cfg_.max_tokens));
+    }
+  }
+  static void check_first_chunk(const char* what, std::size_t first, std::size_t n) {
+    if (first > n) {
+      throw invalid_argument(std::string("kvtier: ") + what + " first_chunk " +
+                             std::to_string(first) + " is past the " + std::to_string(n) +
+                             " chunks of the tokens");
     }
   }
   void check_lease(const char* what, const lease& l) const {

@@ -97,22 +97,27 @@ class view {
     return static_cast<std::byte*>(tensors_[s.tensor]) + s.offset;
   }
 
-  /// Checks the first `tokens` tokens' blocks: the table is long enough and every id is in range.
-  void check_block_table(block_table table, std::size_t tokens) const {
-    const std::size_t need = (tokens + r_.block_size - 1) / r_.block_size;
+  /// Checks the blocks of tokens [begin, end): the table reaches them and every id is in range.
+  /// Blocks before `begin` are not looked at (the engine may have freed them).
+  void check_block_table(block_table table, std::size_t begin, std::size_t end) const {
+    if (end <= begin) return;
+    const std::size_t need = (end + r_.block_size - 1) / r_.block_size;
     if (table.size() < need) {
       throw invalid_argument("kvtier: block table has " + std::to_string(table.size()) +
-                             " blocks, " + std::to_string(tokens) + " tokens need " +
+                             " blocks, " + std::to_string(end) + " tokens need " +
                              std::to_string(need) + " (block size " +
                              std::to_string(r_.block_size) + ")");
     }
-    for (std::size_t i = 0; i < need; ++i) {
+    for (std::size_t i = begin / r_.block_size; i < need; ++i) {
       if (table[i] < 0 || static_cast<std::uint64_t>(table[i]) >= r_.blocks) {
         throw invalid_argument("kvtier: block table[" + std::to_string(i) + "] is block id " +
                                std::to_string(table[i]) + ", engine has blocks 0.." +
                                std::to_string(r_.blocks - 1));
       }
     }
+  }
+  void check_block_table(block_table table, std::size_t tokens) const {
+    check_block_table(table, 0, tokens);
   }
 
  private:
