@@ -19,8 +19,14 @@ kvtier::detail::index_entry& put(index_t& ix, std::uint64_t k, std::uint64_t& ev
 }
 }  // namespace
 
-TEST_CASE("metadata per cached chunk is at most 64 bytes") {
+TEST_CASE("metadata per cached chunk is at most 64 bytes, hash buckets included") {
   CHECK(sizeof(kvtier::detail::index_entry) <= 64);
+  for (std::size_t cap : {1u, 7u, 8u, 9u, 100u, 513u, 1000u, 4096u, 4097u, 100000u}) {
+    CAPTURE(cap);
+    index_t ix(cap);
+    // Tiny indexes keep a floor of 8 buckets; past that, <= 64 bytes per chunk in all.
+    if (cap >= 8) CHECK(ix.metadata_bytes() <= 64 * cap);
+  }
 }
 
 TEST_CASE("allocate takes free entries, then evicts least recently used") {

@@ -25,7 +25,9 @@ class chunk_index {
   explicit chunk_index(std::size_t capacity)
       : capacity_(capacity),
         entries_(std::make_unique<index_entry[]>(capacity)),
-        bucket_count_(std::bit_ceil(capacity < 8 ? std::size_t{8} : capacity)),
+        // One bucket per 1-2 entries: chains stay short and index metadata stays within 64 bytes
+        // per chunk (56-byte entry + at most 8 bytes of buckets).
+        bucket_count_(std::bit_floor(capacity < 8 ? std::size_t{8} : capacity)),
         buckets_(std::make_unique<bucket_type[]>(bucket_count_)),
         set_(typename set_type::bucket_traits(buckets_.get(), bucket_count_)) {
     if (capacity == 0 || capacity > UINT32_MAX) {
@@ -46,6 +48,10 @@ class chunk_index {
   /// Entries in the hash set (writing or ready).
   [[nodiscard]] std::size_t size() const noexcept { return set_.size(); }
   [[nodiscard]] std::size_t free_count() const noexcept { return free_.size(); }
+  /// Bytes of index metadata in all (entries and hash buckets), fixed at construction.
+  [[nodiscard]] std::size_t metadata_bytes() const noexcept {
+    return capacity_ * sizeof(index_entry) + bucket_count_ * sizeof(bucket_type);
+  }
   [[nodiscard]] std::uint32_t slot(const index_entry& e) const noexcept {
     return static_cast<std::uint32_t>(&e - entries_.get());
   }
