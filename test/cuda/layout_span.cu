@@ -11,8 +11,17 @@ __global__ void spans(kvtier::layout::ref r, kvtier::layout::chunk_format f,
 }
 
 // The same function is constexpr on the host: one definition for both sides.
-constexpr kvtier::layout::ref nhd{kvtier::layout::tensors::per_layer, 2, 8, 16, 256, 100,
-                                  100 * 16 * 8 * 256, 0, 16 * 8 * 256, 8 * 256, 256};
+constexpr kvtier::layout::ref nhd{kvtier::layout::tensors::per_layer,
+                                  2,
+                                  8,
+                                  16,
+                                  256,
+                                  100,
+                                  100 * 16 * 8 * 256,
+                                  0,
+                                  16 * 8 * 256,
+                                  8 * 256,
+                                  256};
 static_assert(nhd.span(1, 1, 3).tensor == 1);
 static_assert(nhd.span(1, 1, 3).offset == 100 * 16 * 8 * 256 + 3 * 16 * 8 * 256);
 

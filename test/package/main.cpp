@@ -6,8 +6,7 @@
 
 int main() {
   const kvtier::model_shape m{1, 1, 8, 2, 4};
-  kvtier::cache<kvtier::opt::chunk_tokens<8>> cache(m, {"consumer", "bf16", 0, 1, ""},
-                                                    {{1 << 16}});
+  kvtier::cache<kvtier::opt::chunk_tokens<8>> cache(m, {"consumer", "bf16", 0, 1, ""}, {{1 << 16}});
   std::vector<std::int64_t> shape{2, 4, 4, 1, 8};
   std::vector<std::byte> layer(2 * 4 * 4 * 8 * 2);
   for (std::size_t i = 0; i < layer.size(); ++i) layer[i] = std::byte(i);
