@@ -692,8 +692,6 @@ class view {
   }
 
   [[nodiscard]] const ref& resolved() const noexcept { return r_; }
-  [[nodiscard]] void* const* tensors() const noexcept { return tensors_; }
-  [[nodiscard]] std::size_t blocks() const noexcept { return r_.blocks; }
 
   /// Base address of (layer, kv, block) and its strides. `block` must be < blocks().
   [[nodiscard]] std::byte* base(std::size_t layer, std::size_t kv, std::size_t block,
@@ -720,9 +718,6 @@ class view {
                                std::to_string(r_.blocks - 1));
       }
     }
-  }
-  void check_block_table(block_table table, std::size_t tokens) const {
-    check_block_table(table, 0, tokens);
   }
 
  private:
@@ -1915,8 +1910,8 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   static std::size_t chunk_tokens_at(std::size_t i, std::size_t total) noexcept {
     return std::min(ChunkTokens, total - i * ChunkTokens);
   }
-  chunk_key* op_keys(std::uint32_t op) noexcept { return op_keys_.get() + op * max_chunks_; }
-  chunk_ref* op_refs(std::uint32_t op) noexcept { return op_refs_.get() + op * max_chunks_; }
+  chunk_key* op_keys(std::uint32_t op) const noexcept { return op_keys_.get() + op * max_chunks_; }
+  chunk_ref* op_refs(std::uint32_t op) const noexcept { return op_refs_.get() + op * max_chunks_; }
 
   std::uint32_t acquire_op_locked() noexcept {
     if (free_ops_.empty()) {
@@ -1946,7 +1941,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
 
   std::size_t lease_hits_in(const lease& l, std::size_t t) const noexcept {
     if (l.op_ == no_op) return 0;
-    const chunk_ref* rs = op_refs_.get() + l.op_ * max_chunks_;
+    const chunk_ref* rs = op_refs(l.op_);
     std::size_t n = 0;
     for (std::size_t i = 0; i < l.chunks_; ++i) n += rs[i].tier == t;
     return n;

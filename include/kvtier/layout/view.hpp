@@ -87,8 +87,6 @@ class view {
   }
 
   [[nodiscard]] const ref& resolved() const noexcept { return r_; }
-  [[nodiscard]] void* const* tensors() const noexcept { return tensors_; }
-  [[nodiscard]] std::size_t blocks() const noexcept { return r_.blocks; }
 
   /// Base address of (layer, kv, block) and its strides. `block` must be < blocks().
   [[nodiscard]] std::byte* base(std::size_t layer, std::size_t kv, std::size_t block,
@@ -115,9 +113,6 @@ class view {
                                std::to_string(r_.blocks - 1));
       }
     }
-  }
-  void check_block_table(block_table table, std::size_t tokens) const {
-    check_block_table(table, 0, tokens);
   }
 
  private:
