@@ -17,7 +17,8 @@ struct tier_stats {
   std::uint64_t bytes_read = 0;  ///< bytes read out of this tier (retrieve, promotion)
   std::uint64_t evictions = 0;
   std::uint64_t errors = 0;          ///< failed I/O and records that failed verification
-  std::uint64_t dropped_writes = 0;  ///< write-through jobs dropped (queue full, tier full)
+  std::uint64_t dropped_writes = 0;  ///< writes into this tier dropped (queue full, no room)
+  std::uint64_t write_backs = 0;     ///< writes made because the first tier evicted the chunk
   std::uint64_t promotions = 0;      ///< chunks copied from this tier into the first tier
   std::uint64_t recovered = 0;       ///< chunks found intact in storage at construction
   std::size_t used_chunks = 0;       ///< chunks visible to lookup now
@@ -36,6 +37,8 @@ struct cache_stats {
   std::uint64_t bytes_to_engine = 0;    ///< bytes scattered into engine blocks
   std::uint64_t store_partial = 0;      ///< stores that found no room for all their chunks
   std::uint64_t busy = 0;               ///< calls refused because max_inflight were in flight
+  std::uint64_t prefetched = 0;         ///< chunks prefetch() loaded into the first tier
+  std::uint64_t prefetch_dropped = 0;   ///< prefetch() calls that stopped early (queue, room)
   std::array<tier_stats, Tiers> tiers{};
 };
 

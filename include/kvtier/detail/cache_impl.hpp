@@ -8,9 +8,9 @@
 #include "kvtier/model.hpp"
 #include "kvtier/stats.hpp"
 #include "kvtier/tier/context.hpp"
-#include "kvtier/tier/local_disk.hpp"
 #include "kvtier/transfer/host_copy.hpp"
 
+#include <algorithm>
 #include <array>
 #include <condition_variable>
 #include <cstddef>
@@ -19,12 +19,21 @@
 #include <mutex>
 #include <span>
 #include <string>
+#include <string_view>
+#include <type_traits>
 #include <thread>
 #include <tuple>
 #include <utility>
 #include <vector>
 
 namespace kvtier {
+
+/// When a lower tier receives a chunk stored in the first tier. Either way a lower tier with
+/// `admit_after_hits` N > 0 takes a chunk only once lookups hit it N times in the first tier.
+enum class write_mode {
+  write_through,  ///< as soon as it is stored (queued; the engine never waits for it)
+  write_back,     ///< when the first tier evicts it (and on flush()); its slot is freed then
+};
 
 /// Runtime settings of a cache that are not per tier.
 struct cache_config {
@@ -39,6 +48,10 @@ struct cache_config {
   /// Also store the last, partial chunk of a sequence (off by default: a partial chunk is a hit
   /// only for a lookup whose tail is exactly the same tokens).
   bool store_partial_tail = false;
+  /// When lower tiers receive a chunk (see write_mode).
+  write_mode mode = write_mode::write_through;
+  /// Chunks waiting to be loaded by prefetch(); when full, prefetch starts no more (counted).
+  std::size_t prefetch_queue_depth = 256;
 };
 
 namespace detail {
@@ -61,6 +74,15 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   using first_impl = typename First::template impl<Eviction>;
   static constexpr std::uint32_t no_op = UINT32_MAX;
   static constexpr std::uint8_t dropped_tier = 0xff;
+  template <class T>
+  static constexpr bool is_indexed = requires(std::remove_cvref_t<T>& x) {
+    x.index();
+  };
+  static constexpr bool has_lower = sizeof...(Lower) > 0;
+  static constexpr std::size_t remote_count =
+      (std::size_t{0} + ... + !is_indexed<typename Lower::template impl<Eviction>>);
+  static constexpr std::size_t window = 16;  // chunks promoted or written per batch
+  static_assert(sizeof...(Lower) < 8, "kvtier: a tier chain has at most 8 tiers");
 
  public:
   static constexpr std::size_t chunk_tokens = ChunkTokens;
@@ -134,8 +156,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
         salt_key_(make_salt_key(s, format_)),
         max_chunks_((cfg.max_tokens + ChunkTokens - 1) / ChunkTokens),
         op_keys_(std::make_unique<chunk_key[]>(max_chunks_ * cfg.max_inflight)),
-        op_refs_(std::make_unique<chunk_ref[]>(max_chunks_ * cfg.max_inflight)),
-        ring_(cfg.write_queue_depth) {
+        op_refs_(std::make_unique<chunk_ref[]>(max_chunks_ * cfg.max_inflight)) {
     const tier::context ctx{format_, salt_key_};
     first_ = std::make_unique<first_impl>(std::get<0>(tiers), ctx);
     make_lower(tiers, ctx, std::index_sequence_for<Lower...>{});
@@ -154,18 +175,29 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     }
     const char* names[] = {First::name, Lower::name...};
     for (std::size_t t = 0; t < tier_count; ++t) stats_.tiers[t].name = names[t];
-    if constexpr (sizeof...(Lower) > 0) worker_ = std::thread([this] { worker_loop(); });
+    if constexpr (has_lower) {
+      prefetch_ring_.resize(cfg.prefetch_queue_depth);
+      for (std::size_t t = 1; t < tier_count; ++t) {
+        rings_[t].slots.resize(cfg.write_queue_depth);
+        rings_[t].thread = std::thread([this, t] { writer_loop(t); });
+      }
+      reader_ = std::thread([this] { reader_loop(); });
+    }
   }
 
-  /// Finishes queued write-through (bounded by the queue depth), then frees everything.
+  /// Finishes queued writes to lower tiers (bounded by the queue depths) and stops; queued
+  /// prefetches are abandoned. Under write_back, chunks not yet written back are not written:
+  /// call flush() first to keep them.
   ~cache_impl() {
-    if constexpr (sizeof...(Lower) > 0) {
+    if constexpr (has_lower) {
       {
         std::lock_guard lk(mu_);
         stop_ = true;
       }
       work_cv_.notify_all();
-      worker_.join();
+      prefetch_cv_.notify_all();
+      for (std::size_t t = 1; t < tier_count; ++t) rings_[t].thread.join();
+      reader_.join();
     }
   }
   cache_impl(const cache_impl&) = delete;
@@ -222,14 +254,44 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       std::size_t t = 0;
       index_entry* e = nullptr;
       for (; t < tier_count; ++t) {
+        if (index_[t] == nullptr) continue;  // remote tiers are asked below, for the rest at once
         if ((e = index_[t]->find_ready(ks[first_chunk + hit])) != nullptr) break;
         ++stats_.tiers[t].misses;
       }
       if (e == nullptr) break;
       index_[t]->ref(*e);
       ++stats_.tiers[t].hits;
+      if (t == 0) note_hit_locked(*e);
       rs[hit] = {index_[t]->slot(*e), static_cast<std::uint8_t>(t), 0};
       hit_tokens += e->tokens;
+    }
+    if constexpr (remote_count > 0) {
+      // The chunks no local tier holds: one pipelined existence check per remote tier, without
+      // the lock, bounded by the tier's timeout. A remote tier that is down answers at once.
+      if (first_chunk + hit < n) {
+        const std::span<const chunk_key> rest(ks + first_chunk + hit, n - first_chunk - hit);
+        lk.unlock();
+        std::size_t found = 0, tier = 0;
+        std::array<std::uint8_t, tier_count> asked{};
+        for (std::size_t t = 1; t < tier_count && found == 0; ++t) {
+          with_lower(t - 1, [&](auto& impl) {
+            if constexpr (!is_indexed<decltype(impl)>) {
+              found = impl.probe(rest);
+              asked[t] = 1;
+              tier = t;
+            }
+          });
+        }
+        lk.lock();
+        for (std::size_t t = 1; t < tier_count; ++t) {
+          if (asked[t] && (t != tier || found < rest.size())) ++stats_.tiers[t].misses;
+        }
+        if (found > 0) stats_.tiers[tier].hits += found;
+        for (std::size_t j = 0; j < found; ++j, ++hit) {
+          rs[hit] = {0, static_cast<std::uint8_t>(tier), 0};
+          hit_tokens += chunk_tokens_at(first_chunk + hit, tokens.size());
+        }
+      }
     }
     stats_.hit_tokens += hit_tokens;
     if (hit == 0) {
@@ -264,14 +326,21 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     }
     chunk_key* ks = op_keys(l.op_);
     chunk_ref* rs = op_refs(l.op_);
-    std::size_t loaded = 0, bytes = 0, i = 0;
-    for (; i < count; ++i) {
-      const std::size_t c = l.first_ + i;
-      const std::size_t ntok = chunk_tokens_at(c, abs_end);
-      if (rs[i].tier != 0 && !promote(ks[c], ntok, rs[i])) break;
-      transfer::scatter(v, format_, table, c * ChunkTokens, ntok, first_->data(rs[i].slot));
-      loaded += ntok;
-      bytes += format_.bytes(ntok);
+    std::size_t loaded = 0, bytes = 0;
+    // A window of chunks at a time: its lower-tier chunks are promoted in one batch per tier,
+    // then the window is scattered into the engine's blocks.
+    for (std::size_t w = 0; w < count; w += window) {
+      const std::size_t hi = std::min(count, w + window);
+      if constexpr (has_lower) promote_window(ks + l.first_, rs, w, hi, l.first_, abs_end);
+      std::size_t i = w;
+      for (; i < hi && rs[i].tier == 0; ++i) {
+        const std::size_t c = l.first_ + i;
+        const std::size_t ntok = chunk_tokens_at(c, abs_end);
+        transfer::scatter(v, format_, table, c * ChunkTokens, ntok, first_->data(rs[i].slot));
+        loaded += ntok;
+        bytes += format_.bytes(ntok);
+      }
+      if (i < hi) break;  // a chunk could not be brought in: the loaded prefix ends there
     }
     std::lock_guard lk(mu_);
     stats_.retrieved_tokens += loaded;
@@ -311,7 +380,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
         rs[placed] = {ix.slot(*e), 0, 0};
         continue;
       }
-      index_entry* e = ix.allocate(stats_.tiers[0].evictions);
+      index_entry* e = allocate_first_locked();
       if (e == nullptr) break;  // everything left is leased, pinned or being written
       ix.insert_writing(*e, ks[placed], chunk_tokens_at(placed, tokens.size()));
       rs[placed] = {ix.slot(*e), 0, 1};
@@ -331,7 +400,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       index_entry& e = ix.at(rs[i].slot);
       ix.publish(e);
       ++stats_.tiers[0].writes;
-      if constexpr (sizeof...(Lower) > 0) enqueue_locked(e);
+      if constexpr (has_lower) on_stored_locked(e);
       ix.unref(e);
     }
     const std::size_t stored = std::min(placed * ChunkTokens, tokens.size()) - first * ChunkTokens;
@@ -341,8 +410,60 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     free_ops_.push_back(op);
     lk.unlock();
     state_cv_.notify_all();
-    if constexpr (sizeof...(Lower) > 0) work_cv_.notify_one();
+    if constexpr (has_lower) work_cv_.notify_all();
     return stored;
+  }
+
+  /// Starts loading the lower-tier chunks of `tokens`' cached prefix into the first tier in the
+  /// background; returns the tokens whose loading started. lookup() reports a chunk in the
+  /// first tier once it is loaded (and in its lower tier until then).
+  std::size_t prefetch(std::span<const token_id> tokens) {
+    check_tokens("prefetch", tokens.size());
+    if constexpr (!has_lower) {
+      return 0;
+    } else {
+      const std::size_t n = chunk_count(tokens.size());
+      if (n == 0) return 0;
+      std::unique_lock lk(mu_);
+      const std::uint32_t op = acquire_op_locked();
+      if (op == no_op) return 0;
+      lk.unlock();
+      chunk_key* ks = op_keys(op);
+      keys(tokens, {ks, n});
+      lk.lock();
+      index_type& first = *index_[0];
+      std::size_t started = 0;
+      for (std::size_t i = 0; i < n; ++i) {
+        if (first.find(ks[i]) != nullptr) continue;  // held, or on its way in
+        std::size_t t = 1;
+        index_entry* low = nullptr;
+        for (; t < tier_count; ++t) {
+          if (index_[t] == nullptr) break;  // a remote tier: try it (a miss costs one GET)
+          if ((low = index_[t]->find_ready(ks[i])) != nullptr) break;
+        }
+        if (t == tier_count) break;  // no tier below can hold it: the cached prefix ends here
+        if (prefetch_count_ == prefetch_ring_.size()) {
+          ++stats_.prefetch_dropped;
+          break;
+        }
+        index_entry* e = allocate_first_locked();
+        if (e == nullptr) {
+          ++stats_.prefetch_dropped;
+          break;
+        }
+        first.insert_writing(*e, ks[i],
+                             static_cast<std::uint32_t>(chunk_tokens_at(i, tokens.size())));
+        if (low != nullptr) index_[t]->ref(*low);
+        prefetch_ring_[(prefetch_head_ + prefetch_count_) % prefetch_ring_.size()] = {
+            first.slot(*e), low ? index_[t]->slot(*low) : 0, static_cast<std::uint8_t>(t)};
+        ++prefetch_count_;
+        started += chunk_tokens_at(i, tokens.size());
+      }
+      free_ops_.push_back(op);
+      lk.unlock();
+      if (started > 0) prefetch_cv_.notify_one();
+      return started;
+    }
   }
 
   /// Throws what store or retrieve would throw for `kv` and the blocks of tokens [begin, end) of
@@ -375,22 +496,49 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   }
 
   std::size_t clear() {
-    std::lock_guard lk(mu_);
+    std::unique_lock lk(mu_);
     std::size_t removed = 0;
     for (std::size_t t = 0; t < tier_count; ++t) {
+      if (index_[t] == nullptr) continue;
       index_type& ix = *index_[t];
       for (std::uint32_t s = 0; s < ix.capacity(); ++s) {
         index_entry& e = ix.at(s);
         if (e.state == entry_state::ready && ix.remove(e)) ++removed;
       }
     }
+    lk.unlock();
+    if constexpr (remote_count > 0) {
+      for (std::size_t t = 1; t < tier_count; ++t) {
+        with_lower(t - 1, [&](auto& impl) {
+          if constexpr (!is_indexed<decltype(impl)>) removed += impl.remove_all();
+        });
+      }
+    }
     return removed;
   }
 
+  /// Waits until every queued write to a lower tier has completed. Under write_back it first
+  /// writes back every chunk the first tier still owes a lower tier (and has admitted).
   void flush() {
-    if constexpr (sizeof...(Lower) > 0) {
+    if constexpr (has_lower) {
       std::unique_lock lk(mu_);
-      idle_cv_.wait(lk, [this] { return queued_ == 0 && active_jobs_ == 0; });
+      for (bool more = true; more;) {
+        more = false;
+        if (cfg_.mode == write_mode::write_back) {
+          index_type& ix = *index_[0];
+          for (std::uint32_t s = 0; s < ix.capacity(); ++s) {
+            index_entry& e = ix.at(s);
+            if (e.state != entry_state::ready || e.owed == 0) continue;
+            for (std::size_t t = 1; t < tier_count; ++t) {
+              if ((e.owed & bit(t)) && admitted(e, t) && !try_enqueue_locked(e, t, false)) {
+                more = true;  // that queue is full: wait for it, then go on
+              }
+            }
+          }
+          work_cv_.notify_all();
+        }
+        idle_cv_.wait(lk, [this] { return writers_idle_locked(); });
+      }
     }
   }
 
@@ -398,6 +546,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     std::lock_guard lk(mu_);
     stats_type s = stats_;
     for (std::size_t t = 0; t < tier_count; ++t) {
+      if (index_[t] == nullptr) continue;  // a remote tier does not know what it holds
       s.tiers[t].used_chunks = index_[t]->size();
       s.tiers[t].capacity_chunks = index_[t]->capacity();
     }
@@ -459,6 +608,9 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     if (c.write_queue_depth == 0) {
       throw invalid_argument("kvtier: cache_config.write_queue_depth is 0");
     }
+    if (c.prefetch_queue_depth == 0) {
+      throw invalid_argument("kvtier: cache_config.prefetch_queue_depth is 0");
+    }
     return c;
   }
 
@@ -491,8 +643,28 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   void make_lower(const tier_configs& tiers, const tier::context& ctx, std::index_sequence<I...>) {
     ((std::get<I>(lower_) =
           std::make_unique<typename Lower::template impl<Eviction>>(std::get<I + 1>(tiers), ctx),
-      index_[I + 1] = &std::get<I>(lower_)->index()),
+      admit_[I + 1] = admit_after(std::get<I + 1>(tiers)), lower_mask_ |= bit(I + 1)),
      ...);
+    (set_index<I>(), ...);
+  }
+  template <std::size_t I>
+  void set_index() noexcept {
+    if constexpr (is_indexed<decltype(*std::get<I>(lower_))>) {
+      index_[I + 1] = &std::get<I>(lower_)->index();
+    }
+  }
+
+  template <class Config>
+  static std::uint32_t admit_after(const Config& c) {
+    if constexpr (requires { c.admit_after_hits; }) {
+      if (c.admit_after_hits > 255) {
+        throw invalid_argument("kvtier: admit_after_hits " + std::to_string(c.admit_after_hits) +
+                               " is above 255");
+      }
+      return static_cast<std::uint32_t>(c.admit_after_hits);
+    } else {
+      return 0;
+    }
   }
 
   // ---- helpers ------------------------------------------------------------------------------
@@ -523,6 +695,9 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   static std::size_t chunk_tokens_at(std::size_t i, std::size_t total) noexcept {
     return std::min(ChunkTokens, total - i * ChunkTokens);
   }
+  static constexpr std::uint8_t bit(std::size_t t) noexcept {
+    return static_cast<std::uint8_t>(1u << t);
+  }
   chunk_key* op_keys(std::uint32_t op) const noexcept { return op_keys_.get() + op * max_chunks_; }
   chunk_ref* op_refs(std::uint32_t op) const noexcept { return op_refs_.get() + op * max_chunks_; }
 
@@ -540,7 +715,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     if (l.op_ != no_op) {
       const chunk_ref* rs = op_refs(l.op_);
       for (std::size_t i = 0; i < l.chunks_; ++i) {
-        if (rs[i].tier == dropped_tier) continue;
+        if (rs[i].tier == dropped_tier || index_[rs[i].tier] == nullptr) continue;
         index_type& ix = *index_[rs[i].tier];
         ix.unref(ix.at(rs[i].slot));
       }
@@ -560,9 +735,10 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     return n;
   }
 
-  // Under the lock, applies `op(index, entry) -> bool` to each chunk of `tokens` in every tier
-  // holding it ready; returns the tokens of the chunks it was true for in some tier (only the
-  // prefix up to the first chunk it was true for nowhere, when `prefix`).
+  // Under the lock, applies `op(index, entry) -> bool` to each chunk of `tokens` in every
+  // indexed tier holding it ready; returns the tokens of the chunks it was true for in some tier
+  // (only the prefix up to the first chunk it was true for nowhere, when `prefix`). clear also
+  // deletes the chunks from remote tiers, without the lock.
   template <class Op>
   std::size_t for_each_chunk(const char* what, std::span<const token_id> tokens, bool prefix,
                              Op op) {
@@ -580,6 +756,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     for (std::size_t i = 0; i < n; ++i) {
       bool any = false;
       for (std::size_t t = 0; t < tier_count; ++t) {
+        if (index_[t] == nullptr) continue;
         if (index_entry* e = index_[t]->find_ready(ks[i])) any = op(*index_[t], *e) || any;
       }
       if (any) {
@@ -588,74 +765,110 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
         break;
       }
     }
+    lk.unlock();
+    if constexpr (remote_count > 0) {
+      if (std::string_view(what) == "clear") {
+        std::size_t removed = 0;
+        for (std::size_t t = 1; t < tier_count; ++t) {
+          with_lower(t - 1, [&](auto& impl) {
+            if constexpr (!is_indexed<decltype(impl)>) {
+              removed = std::max(removed, impl.remove({ks, n}));
+            }
+          });
+        }
+        // A chunk only a remote tier held counts too (full chunks; the tail last).
+        done = std::max(done, std::min(removed * ChunkTokens, tokens.size()));
+      }
+    }
+    lk.lock();
     free_ops_.push_back(op_slot);
     return done;
   }
 
-  // Brings chunk `k` held in a lower tier (by `r`) into the first tier; on success `r` points at
-  // the first tier's entry (still referenced), on failure the lower reference is dropped and
-  // `r` no longer counts. Disk I/O runs without the lock.
-  bool promote(const chunk_key& k, std::size_t ntok, chunk_ref& r) {
-    index_type& first = *index_[0];
-    index_type& low = *index_[r.tier];
-    std::unique_lock lk(mu_);
-    index_entry* e;
-    // Another caller may be bringing the same chunk in: wait for its outcome, then re-check.
-    while ((e = first.find(k)) != nullptr && e->state == entry_state::writing) state_cv_.wait(lk);
-    if (e != nullptr) {
-      first.ref(*e);
-      low.unref(low.at(r.slot));
-      r = {first.slot(*e), 0, 0};
-      return true;
-    }
-    e = first.allocate(stats_.tiers[0].evictions);
-    if (e == nullptr) {
-      drop_ref_locked(r);
-      return false;
-    }
-    first.insert_writing(*e, k, static_cast<std::uint32_t>(ntok));
-    const std::uint32_t slot = first.slot(*e);
-    const std::size_t t = r.tier;
-    lk.unlock();
-    const tier::read_status st = read_lower(t, r.slot, k, ntok, first_->data(slot));
-    lk.lock();
-    const std::size_t bytes = format_.bytes(ntok);
-    if (st == tier::read_status::ok) {
-      first.publish(*e);
-      ++stats_.tiers[t].promotions;
-      stats_.tiers[t].bytes_read += bytes;
-      ++stats_.tiers[0].writes;
-      stats_.tiers[0].bytes_written += bytes;
-      low.unref(low.at(r.slot));
-      r = {slot, 0, 0};
-    } else {
-      first.abort(*e);
-      first.unref(*e);
-      ++stats_.tiers[t].errors;
-      // A record that failed verification is dropped, pinned or not, so it is never served.
-      if (st == tier::read_status::corrupt) low.discard(low.at(r.slot));
-      drop_ref_locked(r);
-    }
-    lk.unlock();
-    state_cv_.notify_all();
-    return st == tier::read_status::ok;
-  }
+  // ---- tier-chain policy --------------------------------------------------------------------
 
-  // Drops an operation's reference; the lease still counts the chunk, so mark it for release.
-  void drop_ref_locked(chunk_ref& r) noexcept {
-    index_type& ix = *index_[r.tier];
-    ix.unref(ix.at(r.slot));
-    r = {0, dropped_tier, 0};
-  }
-
-  tier::read_status read_lower(std::size_t t, std::uint32_t slot, const chunk_key& k,
-                               std::size_t ntok, std::byte* dst) {
-    tier::read_status st = tier::read_status::io_error;
-    with_lower(t - 1, [&](auto& impl) {
-      st = impl.read(slot, k, static_cast<std::uint32_t>(ntok), dst, format_.bytes(ntok));
+  // The first tier's allocation: under write_back, a victim that still owes a lower tier its
+  // bytes is queued for writing instead (its slot frees when the write completes) and the next
+  // victim is tried; when its queue is full it is evicted unwritten (a counted dropped write).
+  index_entry* allocate_first_locked() noexcept {
+    return index_[0]->allocate(stats_.tiers[0].evictions, [this](index_entry& v) {
+      if constexpr (has_lower) {
+        if (cfg_.mode != write_mode::write_back || v.owed == 0) return false;
+        bool kept = false;
+        for (std::size_t t = 1; t < tier_count; ++t) {
+          if (!(v.owed & bit(t)) || !admitted(v, t)) continue;
+          if (try_enqueue_locked(v, t, true)) {
+            kept = true;
+          } else {
+            ++stats_.tiers[t].dropped_writes;
+          }
+        }
+        return kept;
+      } else {
+        (void)v;
+        return false;
+      }
     });
-    return st;
   }
+
+  bool admitted(const index_entry& e, std::size_t t) const noexcept {
+    return admit_[t] == 0 || e.hits >= admit_[t];
+  }
+
+  // A chunk just stored in the first tier: every lower tier is owed it; under write-through,
+  // the tiers that admit it at once get it queued now.
+  void on_stored_locked(index_entry& e) noexcept {
+    e.owed = lower_mask_;
+    if (cfg_.mode != write_mode::write_through) return;
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      if (admit_[t] == 0 && !try_enqueue_locked(e, t, false)) {
+        ++stats_.tiers[t].dropped_writes;
+        e.owed &= static_cast<std::uint8_t>(~bit(t));
+      }
+    }
+  }
+
+  // A lookup hit in the first tier: counts toward admission into lower tiers.
+  void note_hit_locked(index_entry& e) noexcept {
+    if (e.hits < 255) ++e.hits;
+    if constexpr (has_lower) {
+      if (cfg_.mode != write_mode::write_through || e.owed == 0) return;
+      bool queued = false;
+      for (std::size_t t = 1; t < tier_count; ++t) {
+        if ((e.owed & bit(t)) && admit_[t] != 0 && e.hits >= admit_[t]) {
+          if (try_enqueue_locked(e, t, false)) {
+            queued = true;
+          } else {
+            ++stats_.tiers[t].dropped_writes;
+            e.owed &= static_cast<std::uint8_t>(~bit(t));
+          }
+        }
+      }
+      if (queued) work_cv_.notify_all();
+    }
+  }
+
+  // Queues the first tier's entry `e` for writing to tier t (referenced until written); false
+  // when that queue is full.
+  bool try_enqueue_locked(index_entry& e, std::size_t t, bool evict_after) noexcept {
+    write_ring& r = rings_[t];
+    if (r.count == r.slots.size()) return false;
+    index_[0]->ref(e);  // the writer reads the first tier's bytes in place
+    r.slots[(r.head + r.count) % r.slots.size()] = index_[0]->slot(e);
+    ++r.count;
+    e.owed &= static_cast<std::uint8_t>(~bit(t));
+    if (evict_after) e.evict_after_write = 1;
+    return true;
+  }
+
+  bool writers_idle_locked() const noexcept {
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      if (rings_[t].count != 0 || rings_[t].active != 0) return false;
+    }
+    return true;
+  }
+
+  // ---- lower tiers --------------------------------------------------------------------------
 
   template <class F>
   void with_lower(std::size_t j, F&& f) {
@@ -666,78 +879,255 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     ((j == I ? (f(*std::get<I>(lower_)), 0) : 0), ...);
   }
 
-  // ---- write-through ------------------------------------------------------------------------
-
-  void enqueue_locked(index_entry& e) noexcept {
-    if (queued_ == ring_.size()) {
-      for (std::size_t t = 1; t < tier_count; ++t) ++stats_.tiers[t].dropped_writes;
-      return;
-    }
-    index_[0]->ref(e);  // the worker reads the first tier's bytes in place
-    ring_[(ring_head_ + queued_) % ring_.size()] = index_[0]->slot(e);
-    ++queued_;
+  // Reads the jobs of lower tier t in one batch.
+  void read_lower(std::size_t t, std::span<tier::read_job> jobs) {
+    with_lower(t - 1, [&](auto& impl) { impl.read_batch(jobs); });
   }
 
-  void worker_loop() {
+  // The end of bringing a chunk from lower tier t (slot `lslot` there, when indexed) into the
+  // first tier's writing entry `hslot`. On success the entry is published and keeps the
+  // caller's reference; otherwise it is aborted and unreferenced. The lower reference (indexed
+  // tiers) is dropped either way; a record that failed verification is discarded, pinned or
+  // not, so it is never served.
+  bool finish_promotion_locked(std::uint32_t hslot, std::size_t t, std::uint32_t lslot,
+                               tier::read_status st) noexcept {
+    index_type& first = *index_[0];
+    index_entry& e = first.at(hslot);
+    const std::size_t bytes = format_.bytes(e.tokens);
+    const bool ok = st == tier::read_status::ok;
+    if (ok) {
+      first.publish(e);
+      ++stats_.tiers[t].promotions;
+      stats_.tiers[t].bytes_read += bytes;
+      ++stats_.tiers[0].writes;
+      stats_.tiers[0].bytes_written += bytes;
+    } else {
+      first.abort(e);
+      first.unref(e);
+      if (st != tier::read_status::missing) ++stats_.tiers[t].errors;
+    }
+    if (index_type* low = index_[t]) {
+      index_entry& le = low->at(lslot);
+      if (st == tier::read_status::corrupt) low->discard(le);
+      low->unref(le);
+    }
+    return ok;
+  }
+
+  // Brings the lower-tier chunks of a lease's window [lo, hi) into the first tier, one read
+  // batch per tier, without the lock during I/O. On return each chunk's ref is in the first
+  // tier (still referenced) or dropped.
+  void promote_window(const chunk_key* ks, chunk_ref* rs, std::size_t lo, std::size_t hi,
+                      std::size_t first_chunk, std::size_t abs_end) {
+    bool any = false;
+    for (std::size_t i = lo; i < hi; ++i) any = any || (rs[i].tier != 0);
+    if (!any) return;
+    index_type& first = *index_[0];
+    std::array<tier::read_job, window> jobs;
+    std::array<std::uint32_t, window> at{};     // chunk index of each job
+    std::array<std::uint32_t, window> hslot{};  // its first-tier entry
+    std::array<std::uint32_t, window> wait{};   // chunks another caller is bringing in
+    std::size_t nj = 0, nw = 0;
+    std::unique_lock lk(mu_);
+    // Jobs are collected tier by tier, so each tier's jobs are contiguous: one batch each.
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      for (std::size_t i = lo; i < hi; ++i) {
+        chunk_ref& r = rs[i];
+        if (r.tier != t) continue;
+        index_entry* e = first.find(ks[i]);
+        if (e != nullptr && e->state == entry_state::ready) {
+          first.ref(*e);
+          drop_ref_locked(r);
+          r = {first.slot(*e), 0, 0};
+        } else if (e != nullptr) {
+          wait[nw++] = static_cast<std::uint32_t>(i);
+        } else if ((e = allocate_first_locked()) == nullptr) {
+          drop_ref_locked(r);
+        } else {
+          const std::size_t ntok = chunk_tokens_at(first_chunk + i, abs_end);
+          first.insert_writing(*e, ks[i], static_cast<std::uint32_t>(ntok));
+          hslot[nj] = first.slot(*e);
+          jobs[nj] = {r.slot, ks[i], static_cast<std::uint32_t>(ntok), first_->data(hslot[nj]),
+                      format_.bytes(ntok)};
+          at[nj++] = static_cast<std::uint32_t>(i);
+        }
+      }
+    }
+    lk.unlock();
+    for (std::size_t j = 0; j < nj;) {
+      std::size_t k = j;
+      const std::uint8_t t = rs[at[j]].tier;
+      while (k < nj && rs[at[k]].tier == t) ++k;
+      read_lower(t, {jobs.data() + j, k - j});
+      j = k;
+    }
+    lk.lock();
+    for (std::size_t j = 0; j < nj; ++j) {
+      chunk_ref& r = rs[at[j]];
+      if (finish_promotion_locked(hslot[j], r.tier, r.slot, jobs[j].status)) {
+        r = {hslot[j], 0, 0};
+      } else {
+        r = {0, dropped_tier, 0};
+      }
+    }
+    lk.unlock();
+    if (nj > 0) state_cv_.notify_all();
+    if (nw == 0) return;
+    // Wait for the chunks other callers (or prefetch) are bringing in, now that this caller
+    // holds no writing entry of its own.
+    lk.lock();
+    for (std::size_t w = 0; w < nw; ++w) {
+      chunk_ref& r = rs[wait[w]];
+      index_entry* e;
+      while ((e = first.find(ks[wait[w]])) != nullptr && e->state == entry_state::writing) {
+        state_cv_.wait(lk);
+      }
+      if (e != nullptr) {
+        first.ref(*e);
+        drop_ref_locked(r);
+        r = {first.slot(*e), 0, 0};
+      } else {
+        drop_ref_locked(r);  // its loader failed: the prefix ends here
+      }
+    }
+  }
+
+  // Drops an operation's reference to a lower-tier chunk; the lease still counts the chunk, so
+  // it is marked for release.
+  void drop_ref_locked(chunk_ref& r) noexcept {
+    if (r.tier != dropped_tier && index_[r.tier] != nullptr) {
+      index_type& ix = *index_[r.tier];
+      ix.unref(ix.at(r.slot));
+    }
+    r = {0, dropped_tier, 0};
+  }
+
+  // ---- background work: one writer per lower tier, one prefetch reader ---------------------
+
+  void writer_loop(std::size_t t) {
+    write_ring& rg = rings_[t];
+    index_type& first = *index_[0];
+    index_type* ix = index_[t];
+    std::array<std::uint32_t, window> hs{};
+    std::array<tier::write_job, window> jobs;
+    std::array<std::uint32_t, window> job_of{};
     std::unique_lock lk(mu_);
     for (;;) {
-      work_cv_.wait(lk, [this] { return stop_ || queued_ > 0; });
-      if (queued_ == 0) break;  // stopping, and everything queued was written
-      const std::uint32_t hslot = ring_[ring_head_];
-      ring_head_ = (ring_head_ + 1) % ring_.size();
-      --queued_;
-      ++active_jobs_;
-      index_entry& he = index_[0]->at(hslot);
-      const chunk_key key = he.key;
-      const std::uint32_t ntok = he.tokens;
-      std::array<std::uint32_t, tier_count> dst{};
-      std::array<bool, tier_count> write{};
-      // A chunk cleared while queued is not written: clear must not be undone by a late write.
-      for (std::size_t t = 1; t < tier_count && he.state == entry_state::ready; ++t) {
-        index_type& ix = *index_[t];
-        if (index_entry* e = ix.find(key)) {
-          ix.touch(*e);
-          continue;
+      work_cv_.wait(lk, [&] { return stop_ || rg.count > 0; });
+      if (rg.count == 0) break;  // stopping, and everything queued was written
+      std::size_t n = 0, m = 0;
+      for (; rg.count > 0 && n < window; ++n) {
+        hs[n] = rg.slots[rg.head];
+        rg.head = (rg.head + 1) % rg.slots.size();
+        --rg.count;
+      }
+      rg.active += n;
+      for (std::size_t i = 0; i < n; ++i) {
+        index_entry& he = first.at(hs[i]);
+        // A chunk cleared while queued is not written: clear must not be undone by a late write.
+        if (he.state != entry_state::ready) continue;
+        std::uint32_t slot = 0;
+        if (ix != nullptr) {
+          if (index_entry* e = ix->find(he.key)) {
+            ix->touch(*e);
+            continue;
+          }
+          index_entry* e = ix->allocate(stats_.tiers[t].evictions);
+          if (e == nullptr) {
+            ++stats_.tiers[t].dropped_writes;
+            continue;
+          }
+          ix->insert_writing(*e, he.key, he.tokens);
+          slot = ix->slot(*e);
         }
-        index_entry* e = ix.allocate(stats_.tiers[t].evictions);
-        if (e == nullptr) {
-          ++stats_.tiers[t].dropped_writes;
-          continue;
-        }
-        ix.insert_writing(*e, key, ntok);
-        dst[t] = ix.slot(*e);
-        write[t] = true;
+        jobs[m] = {slot, he.key, he.tokens, first_->data(hs[i]), format_.bytes(he.tokens)};
+        job_of[m++] = static_cast<std::uint32_t>(i);
       }
       lk.unlock();
-      const std::size_t bytes = format_.bytes(ntok);
-      std::array<bool, tier_count> ok{};
-      for (std::size_t t = 1; t < tier_count; ++t) {
-        if (!write[t]) continue;
-        with_lower(t - 1, [&](auto& impl) {
-          ok[t] = impl.write(dst[t], key, ntok, first_->data(hslot), bytes);
-        });
-      }
+      if (m > 0) with_lower(t - 1, [&](auto& impl) { impl.write_batch({jobs.data(), m}); });
       lk.lock();
-      for (std::size_t t = 1; t < tier_count; ++t) {
-        if (!write[t]) continue;
-        index_type& ix = *index_[t];
-        index_entry& e = ix.at(dst[t]);
-        if (ok[t]) {
-          ix.publish(e);
+      for (std::size_t j = 0; j < m; ++j) {
+        const bool ok = jobs[j].ok;
+        if (ix != nullptr) {
+          index_entry& e = ix->at(jobs[j].slot);
+          if (ok) {
+            ix->publish(e);
+          } else {
+            ix->abort(e);
+          }
+          ix->unref(e);
+        }
+        if (ok) {
           ++stats_.tiers[t].writes;
-          stats_.tiers[t].bytes_written += bytes;
+          stats_.tiers[t].bytes_written += jobs[j].bytes;
+          if (first.at(hs[job_of[j]]).evict_after_write) ++stats_.tiers[t].write_backs;
         } else {
-          ix.abort(e);
           ++stats_.tiers[t].errors;
         }
-        ix.unref(e);
       }
-      index_[0]->unref(he);
-      --active_jobs_;
-      if (queued_ == 0 && active_jobs_ == 0) idle_cv_.notify_all();
+      for (std::size_t i = 0; i < n; ++i) {
+        index_entry& he = first.at(hs[i]);
+        first.unref(he);
+        // Write-back: the slot whose eviction waited for this write is freed now, unless a
+        // lookup took it again meanwhile (then it stays, most recently used).
+        if (he.evict_after_write && he.evictable() && first.remove(he)) {
+          ++stats_.tiers[0].evictions;
+        }
+      }
+      rg.active -= n;
+      if (writers_idle_locked()) idle_cv_.notify_all();
     }
     idle_cv_.notify_all();
   }
+
+  void reader_loop() {
+    index_type& first = *index_[0];
+    std::array<prefetch_job, window> pj;
+    std::array<tier::read_job, window> jobs;
+    std::unique_lock lk(mu_);
+    for (;;) {
+      prefetch_cv_.wait(lk, [&] { return stop_ || prefetch_count_ > 0; });
+      if (stop_) break;
+      // One batch from the queue's head, all from one tier.
+      std::size_t n = 0;
+      const std::uint8_t t = prefetch_ring_[prefetch_head_].tier;
+      while (prefetch_count_ > 0 && n < window && prefetch_ring_[prefetch_head_].tier == t) {
+        pj[n] = prefetch_ring_[prefetch_head_];
+        prefetch_head_ = (prefetch_head_ + 1) % prefetch_ring_.size();
+        --prefetch_count_;
+        const index_entry& e = first.at(pj[n].hslot);
+        jobs[n] = {pj[n].lslot, e.key, e.tokens, first_->data(pj[n].hslot),
+                   format_.bytes(e.tokens)};
+        ++n;
+      }
+      lk.unlock();
+      read_lower(t, {jobs.data(), n});
+      lk.lock();
+      for (std::size_t i = 0; i < n; ++i) {
+        if (finish_promotion_locked(pj[i].hslot, t, pj[i].lslot, jobs[i].status)) {
+          ++stats_.prefetched;
+          first.unref(first.at(pj[i].hslot));
+        }
+      }
+      lk.unlock();
+      state_cv_.notify_all();
+      lk.lock();
+    }
+  }
+
+  // ---- state --------------------------------------------------------------------------------
+
+  struct write_ring {
+    std::vector<std::uint32_t> slots;  // first-tier slots waiting to be written
+    std::size_t head = 0, count = 0;
+    std::size_t active = 0;  // taken by the writer, not finished
+    std::thread thread;
+  };
+  struct prefetch_job {
+    std::uint32_t hslot = 0;  // the first tier's writing entry
+    std::uint32_t lslot = 0;  // the lower tier's slot (indexed tiers)
+    std::uint8_t tier = 0;
+  };
 
   model_shape model_;
   cache_config cfg_;
@@ -747,24 +1137,26 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
 
   std::unique_ptr<first_impl> first_;
   std::tuple<std::unique_ptr<typename Lower::template impl<Eviction>>...> lower_;
-  std::array<index_type*, tier_count> index_{};
+  std::array<index_type*, tier_count> index_{};  // nullptr for a remote tier
+  std::array<std::uint32_t, tier_count> admit_{};
+  std::uint8_t lower_mask_ = 0;
 
   mutable std::mutex mu_;
-  std::condition_variable state_cv_;  // an entry left the writing state
-  std::condition_variable work_cv_;   // write-through work or stop
-  std::condition_variable idle_cv_;   // write-through queue drained
+  std::condition_variable state_cv_;     // an entry left the writing state
+  std::condition_variable work_cv_;      // write work or stop
+  std::condition_variable idle_cv_;      // writers drained
+  std::condition_variable prefetch_cv_;  // prefetch work or stop
   stats_type stats_{};
 
   std::unique_ptr<chunk_key[]> op_keys_;
   std::unique_ptr<chunk_ref[]> op_refs_;
   std::vector<std::uint32_t> free_ops_;
 
-  std::vector<std::uint32_t> ring_;
-  std::size_t ring_head_ = 0;
-  std::size_t queued_ = 0;
-  std::size_t active_jobs_ = 0;
+  std::array<write_ring, tier_count> rings_;
+  std::vector<prefetch_job> prefetch_ring_;
+  std::size_t prefetch_head_ = 0, prefetch_count_ = 0;
+  std::thread reader_;
   bool stop_ = false;
-  std::thread worker_;
 };
 
 }  // namespace detail

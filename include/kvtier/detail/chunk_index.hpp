@@ -69,22 +69,30 @@ class chunk_index {
   }
 
   /// Takes a free entry, evicting the policy's victim when none is free. Returns nullptr when
-  /// nothing is free or evictable. `evicted` is incremented for each eviction.
-  [[nodiscard]] index_entry* allocate(std::uint64_t& evicted) noexcept {
+  /// nothing is free or evictable. `evicted` is incremented for each eviction. `keep(victim)`
+  /// may keep a victim instead (write-back: its bytes are still owed to a lower tier); it must
+  /// then take a reference to it, which takes it off the eviction list.
+  template <class Keep>
+  [[nodiscard]] index_entry* allocate(std::uint64_t& evicted, Keep&& keep) noexcept {
     if (!free_.empty()) {
       index_entry& e = free_.front();
       free_.pop_front();
       return &e;
     }
-    index_entry* v = Eviction::victim(evictable_);
-    if (v == nullptr) return nullptr;
-    evictable_.erase(evictable_.iterator_to(*v));
-    set_.erase(set_.iterator_to(*v));
-    v->state = entry_state::free;
-    ++evicted;
-    return v;
+    for (;;) {
+      index_entry* v = Eviction::victim(evictable_);
+      if (v == nullptr) return nullptr;
+      if (keep(*v)) continue;
+      evictable_.erase(evictable_.iterator_to(*v));
+      set_.erase(set_.iterator_to(*v));
+      v->state = entry_state::free;
+      ++evicted;
+      return v;
+    }
   }
-
+  [[nodiscard]] index_entry* allocate(std::uint64_t& evicted) noexcept {
+    return allocate(evicted, [](index_entry&) { return false; });
+  }
   /// Takes the free entry of `slot` as a ready, unreferenced entry of `k` (rebuilding an index
   /// from storage). The slot must be free and `k` absent.
   void claim(std::uint32_t slot, const chunk_key& k, std::uint32_t tokens) noexcept {
@@ -101,6 +109,9 @@ class chunk_index {
     e.tokens = tokens;
     e.refs = 1;
     e.pins = 0;
+    e.hits = 0;
+    e.owed = 0;
+    e.evict_after_write = 0;
     e.state = entry_state::writing;
     set_.insert(e);
   }

@@ -29,11 +29,17 @@ struct index_entry : bi::unordered_set_base_hook<bi::link_mode<bi::normal_link>>
   std::uint32_t refs = 0;    ///< leases, transfers and queued writes using the bytes
   std::uint32_t pins = 0;    ///< pin() calls not yet unpinned
   entry_state state = entry_state::free;
+  // Tier-chain policy state, used in the first tier only:
+  std::uint8_t hits = 0;  ///< lookups that hit this chunk since it came in (saturates at 255)
+  std::uint8_t owed = 0;  ///< bit t: lower tier t has not been sent this chunk yet
+  std::uint8_t evict_after_write = 0;  ///< write-back: free the slot once its write completes
 
   [[nodiscard]] bool evictable() const noexcept {
     return state == entry_state::ready && refs == 0 && pins == 0;
   }
 };
+
+static_assert(sizeof(index_entry) <= 56, "index_entry grew: metadata budget is 64 B per chunk");
 
 struct entry_key_of {
   using type = chunk_key;

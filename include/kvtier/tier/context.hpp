@@ -1,8 +1,11 @@
 #pragma once
-// What every tier is told about the cache it serves.
+// What every tier is told about the cache it serves, and the jobs lower tiers run.
 
 #include "kvtier/key/chunk_key.hpp"
 #include "kvtier/layout/chunk_format.hpp"
+
+#include <cstddef>
+#include <cstdint>
 
 namespace kvtier::tier {
 
@@ -11,6 +14,33 @@ namespace kvtier::tier {
 struct context {
   layout::chunk_format format;
   chunk_key salt;
+};
+
+/// Outcome of reading a record back. `missing` is a remote tier's miss (no record under the
+/// key); `corrupt` a record that failed verification; `io_error` a failed or late transfer.
+enum class read_status { ok, io_error, corrupt, missing };
+
+/// Write `bytes` of chunk `key` (`tokens` tokens) from `src` into `slot` (indexed tiers; a
+/// remote tier ignores it). `src` is a first-tier slot: 4 KiB aligned, readable up to `bytes`
+/// rounded up to 4 KiB. The tier sets `ok`.
+struct write_job {
+  std::uint32_t slot = 0;
+  chunk_key key{};
+  std::uint32_t tokens = 0;
+  const std::byte* src = nullptr;
+  std::size_t bytes = 0;
+  bool ok = false;
+};
+
+/// Read chunk `key`'s record into `dst` and prove it is that chunk's; `dst` is a first-tier
+/// slot, writable up to `bytes` rounded up to 4 KiB. The tier sets `status`.
+struct read_job {
+  std::uint32_t slot = 0;
+  chunk_key key{};
+  std::uint32_t tokens = 0;
+  std::byte* dst = nullptr;
+  std::size_t bytes = 0;
+  read_status status = read_status::io_error;
 };
 
 }  // namespace kvtier::tier
