@@ -1046,8 +1046,13 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       lk.unlock();
       if (m > 0) with_lower(t - 1, [&](auto& impl) { impl.write_batch({jobs.data(), m}); });
       lk.lock();
+      std::array<chunk_key, window> undo;  // written, but cleared meanwhile (remote tiers)
+      std::size_t nundo = 0;
       for (std::size_t j = 0; j < m; ++j) {
-        const bool ok = jobs[j].ok;
+        // The writer's reference kept the chunk from eviction, so a chunk no longer ready was
+        // cleared while being written: it must not appear in this tier afterwards.
+        const bool cleared = first.at(hs[job_of[j]]).state != entry_state::ready;
+        const bool ok = jobs[j].ok && !cleared;
         if (ix != nullptr) {
           index_entry& e = ix->at(jobs[j].slot);
           if (ok) {
@@ -1056,14 +1061,23 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
             ix->abort(e);
           }
           ix->unref(e);
+        } else if (cleared && jobs[j].ok) {
+          undo[nundo++] = jobs[j].key;
         }
         if (ok) {
           ++stats_.tiers[t].writes;
           stats_.tiers[t].bytes_written += jobs[j].bytes;
           if (first.at(hs[job_of[j]]).evict_after_write) ++stats_.tiers[t].write_backs;
-        } else {
+        } else if (!cleared) {
           ++stats_.tiers[t].errors;
         }
+      }
+      if (nundo > 0) {
+        lk.unlock();
+        with_lower(t - 1, [&](auto& impl) {
+          if constexpr (!is_indexed<decltype(impl)>) (void)impl.remove({undo.data(), nundo});
+        });
+        lk.lock();
       }
       for (std::size_t i = 0; i < n; ++i) {
         index_entry& he = first.at(hs[i]);
