@@ -961,6 +961,8 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       read_lower(t, {jobs.data() + j, k - j});
       j = k;
     }
+    std::array<std::uint8_t, window> tier_of{};
+    for (std::size_t j = 0; j < nj; ++j) tier_of[j] = rs[at[j]].tier;
     lk.lock();
     for (std::size_t j = 0; j < nj; ++j) {
       chunk_ref& r = rs[at[j]];
@@ -972,6 +974,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     }
     lk.unlock();
     if (nj > 0) state_cv_.notify_all();
+    forget_corrupt_remote(jobs.data(), nj, [&](std::size_t j) { return tier_of[j]; });
     if (nw == 0) return;
     // Wait for the chunks other callers (or prefetch) are bringing in, now that this caller
     // holds no writing entry of its own.
@@ -989,6 +992,23 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       } else {
         drop_ref_locked(r);  // its loader failed: the prefix ends here
       }
+    }
+  }
+
+  // Deletes from remote tiers the records that failed verification, so lookups stop reporting
+  // them (an indexed tier discards its entry in finish_promotion_locked). Called unlocked.
+  template <class TierOf>
+  void forget_corrupt_remote(const tier::read_job* jobs, std::size_t n, TierOf tier_of) {
+    if constexpr (remote_count > 0) {
+      for (std::size_t j = 0; j < n; ++j) {
+        const std::size_t t = tier_of(j);
+        if (jobs[j].status != tier::read_status::corrupt || index_[t] != nullptr) continue;
+        with_lower(t - 1, [&](auto& impl) {
+          if constexpr (!is_indexed<decltype(impl)>) (void)impl.remove({&jobs[j].key, 1});
+        });
+      }
+    } else {
+      (void)jobs, (void)n, (void)tier_of;
     }
   }
 
@@ -1125,6 +1145,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       }
       lk.unlock();
       state_cv_.notify_all();
+      forget_corrupt_remote(jobs.data(), n, [&](std::size_t) { return t; });
       lk.lock();
     }
   }

@@ -13,7 +13,8 @@ namespace kvtier::detail {
 
 inline constexpr char record_magic[8] = {'K', 'V', 'T', 'I', 'E', 'R', 'R', '1'};
 inline constexpr std::uint32_t record_version = 1;
-/// Header space in front of each payload: one page, so the payload stays aligned for O_DIRECT.
+/// Header space in front of each payload on disk: one page, so the payload stays aligned for
+/// O_DIRECT. A remote record's header takes just sizeof(record_header).
 inline constexpr std::size_t record_header_bytes = 4096;
 
 /// Serialized little-endian at the start of the header page.
@@ -46,11 +47,13 @@ static_assert(sizeof(record_header) <= record_header_bytes);
 [[nodiscard]] inline record_header make_record_header(const chunk_key& key, const chunk_key& salt,
                                                       std::uint64_t fingerprint,
                                                       std::uint32_t tokens, const std::byte* p,
-                                                      std::size_t n) noexcept {
+                                                      std::size_t n,
+                                                      std::size_t header_bytes =
+                                                          record_header_bytes) noexcept {
   record_header h{};
   std::memcpy(h.magic, record_magic, sizeof h.magic);
   h.version = record_version;
-  h.header_bytes = static_cast<std::uint32_t>(record_header_bytes);
+  h.header_bytes = static_cast<std::uint32_t>(header_bytes);
   h.key = key;
   h.salt = salt;
   h.format_fingerprint = fingerprint;
@@ -64,9 +67,10 @@ static_assert(sizeof(record_header) <= record_header_bytes);
 /// True when `h` is an intact header of exactly this record (key, salt, format, length).
 [[nodiscard]] inline bool header_matches(const record_header& h, const chunk_key& key,
                                          const chunk_key& salt, std::uint64_t fingerprint,
-                                         std::uint32_t tokens, std::size_t n) noexcept {
+                                         std::uint32_t tokens, std::size_t n,
+                                         std::size_t header_bytes = record_header_bytes) noexcept {
   return std::memcmp(h.magic, record_magic, sizeof h.magic) == 0 && h.version == record_version &&
-         h.header_bytes == record_header_bytes && h.header_checksum == header_checksum(h) &&
+         h.header_bytes == header_bytes && h.header_checksum == header_checksum(h) &&
          h.key == key && h.salt == salt && h.format_fingerprint == fingerprint &&
          h.tokens == tokens && h.payload_bytes == n;
 }

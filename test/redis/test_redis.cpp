@@ -1,0 +1,263 @@
+// The Redis/Valkey tier against real servers started by ctest fixtures (servers.sh): write
+// and load exact bytes, verification of every value, TTL, clear, admission, a server restart
+// survived without restarting the cache, and Redis Cluster with ASK and MOVED redirections.
+#include "../host/support.hpp"
+
+#include "kvtier/tier/redis.hpp"
+
+#include <hiredis/hiredis.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+namespace o = kvtier::opt;
+using nhd = kvtier::layout::vllm_flash_nhd;
+using host = kvtier::tier::host;
+using remote = kvtier::tier::redis;
+using C = kvtier::cache<o::chunk_tokens<16>, o::tiers<host, remote>>;
+using namespace std::chrono_literals;
+
+namespace {
+
+constexpr std::size_t slot = 4096;
+
+std::string servers_dir() {
+  const char* d = std::getenv("KVTIER_REDIS_DIR");
+  REQUIRE(d != nullptr);
+  return d;
+}
+std::vector<int> read_ports(const std::string& file) {
+  std::ifstream in(servers_dir() + "/" + file);
+  std::vector<int> ports;
+  for (int p; in >> p;) ports.push_back(p);
+  REQUIRE(!ports.empty());
+  return ports;
+}
+int single_port() { return read_ports("single.port").front(); }
+std::string addr(int port) { return "127.0.0.1:" + std::to_string(port); }
+void servers(const std::string& cmd) {
+  const std::string line =
+      "bash '" KVTIER_REDIS_SCRIPT "' " + cmd + " '" + servers_dir() + "' >/dev/null";
+  REQUIRE(std::system(line.c_str()) == 0);
+}
+
+// A raw hiredis connection, for checking and tampering with what the tier wrote.
+struct raw {
+  redisContext* c;
+  explicit raw(int port) : c(redisConnect("127.0.0.1", port)) { REQUIRE((c && !c->err)); }
+  ~raw() { redisFree(c); }
+  kvtier::tier::detail_redis::reply_ptr cmd(const char* fmt, auto... a) {
+    return kvtier::tier::detail_redis::reply_ptr(
+        static_cast<redisReply*>(redisCommand(c, fmt, a...)));
+  }
+  long long integer(const char* fmt, auto... a) {
+    auto r = cmd(fmt, a...);
+    REQUIRE(r);
+    REQUIRE(r->type == REDIS_REPLY_INTEGER);
+    return r->integer;
+  }
+};
+
+remote::config single_config(std::string prefix) {
+  remote::config rc;
+  rc.nodes = {addr(single_port())};
+  rc.key_prefix = std::move(prefix);
+  rc.timeout = 500ms;
+  rc.backoff_min = 20ms;
+  rc.backoff_max = 100ms;
+  return rc;
+}
+
+struct engine_fixture {
+  test::engine<nhd> eng{test::small_model, 64, 1};
+  std::vector<std::int32_t> bt = test::shuffled_table(16, 64, 3);
+};
+
+}  // namespace
+
+TEST_CASE("chunks written to redis load back exact into a cache with an empty host tier") {
+  engine_fixture f;
+  const auto rc = single_config("exact");
+  const auto p = test::tokens(64, 1);
+  {
+    C writer(test::small_model, test::small_salt, {{16 * slot}, rc});
+    CHECK(writer.store(p, f.eng.kv(), f.bt) == 64);
+    writer.flush();
+    const auto s = writer.stats();
+    CHECK(s.tiers[1].writes == 4);
+    CHECK(s.tiers[1].bytes_written == 4 * writer.format().bytes(16));
+    CHECK(s.tiers[1].errors == 0);
+    std::array<kvtier::chunk_key, 4> ks;
+    writer.keys(p, ks);
+    raw r(single_port());
+    for (const auto& k : ks) CHECK(r.integer("EXISTS %s", writer.tier<1>().key_of(k).c_str()) == 1);
+  }
+  C reader(test::small_model, test::small_salt, {{16 * slot}, rc});
+  auto l = reader.lookup(p);
+  CHECK(l.tokens() == 64);
+  CHECK(l.hits_in(1) == 4);
+  test::engine<nhd> dst(test::small_model, 64, 2);
+  const auto bt2 = test::shuffled_table(16, 64, 4);
+  CHECK(reader.retrieve(l, dst.kv(), bt2) == 64);
+  CHECK(test::same_tokens(f.eng, f.bt, dst, bt2, 0, 64));
+  const auto s = reader.stats();
+  CHECK(s.tiers[1].promotions == 4);
+  CHECK(reader.lookup(p).hits_in(0) == 4);  // promoted into host memory
+  // A longer prompt: its cached prefix is found, the rest is a miss.
+  auto longer = p;
+  for (int i = 0; i < 32; ++i) longer.push_back(7000 + i);
+  C other(test::small_model, test::small_salt, {{16 * slot}, rc});
+  CHECK(other.lookup(longer).tokens() == 64);
+}
+
+TEST_CASE("a redis value that is not the chunk's record is a miss and a counted error") {
+  engine_fixture f;
+  const auto rc = single_config("tamper");
+  const auto p = test::tokens(32, 5);
+  C writer(test::small_model, test::small_salt, {{16 * slot}, rc});
+  REQUIRE(writer.store(p, f.eng.kv(), f.bt) == 32);
+  writer.flush();
+  std::array<kvtier::chunk_key, 2> ks;
+  writer.keys(p, ks);
+  const std::string k0 = writer.tier<1>().key_of(ks[0]), k1 = writer.tier<1>().key_of(ks[1]);
+  raw r(single_port());
+  SUBCASE("a flipped payload byte") {
+    auto v = r.cmd("GET %s", k0.c_str());
+    REQUIRE(v->type == REDIS_REPLY_STRING);
+    std::string bytes(v->str, v->len);
+    bytes[bytes.size() - 3] ^= 0x5a;
+    r.cmd("SET %s %b", k0.c_str(), bytes.data(), bytes.size());
+  }
+  SUBCASE("another chunk's record under this key") {
+    auto v = r.cmd("GET %s", k1.c_str());
+    REQUIRE(v->type == REDIS_REPLY_STRING);
+    r.cmd("SET %s %b", k0.c_str(), v->str, v->len);
+  }
+  SUBCASE("a truncated value") { r.cmd("SET %s %s", k0.c_str(), "short"); }
+  C reader(test::small_model, test::small_salt, {{16 * slot}, rc});
+  auto l = reader.lookup(p);
+  REQUIRE(l.hits_in(1) == 2);  // existence is all lookup checks
+  test::engine<nhd> dst(test::small_model, 64, 2);
+  dst.wipe();
+  CHECK(reader.retrieve(l, dst.kv(), f.bt) == 0);  // chunk 0 is bad: nothing is served
+  CHECK(reader.stats().tiers[1].errors == 1);
+  for (const auto& t : dst.storage) {
+    CHECK(std::all_of(t.begin(), t.end(), [](std::byte b) { return b == std::byte{0}; }));
+  }
+  // The bad value was deleted: lookups no longer report it.
+  CHECK(r.integer("EXISTS %s", k0.c_str()) == 0);
+  C again(test::small_model, test::small_salt, {{16 * slot}, rc});
+  CHECK(again.lookup(p).tokens() == 0);
+}
+
+TEST_CASE("redis keys carry the salt: another model's cache never sees them") {
+  engine_fixture f;
+  const auto rc = single_config("salted");
+  const auto p = test::tokens(32, 6);
+  C a(test::small_model, test::small_salt, {{16 * slot}, rc});
+  REQUIRE(a.store(p, f.eng.kv(), f.bt) == 32);
+  a.flush();
+  kvtier::salt other = test::small_salt;
+  other.model_id = "another-model";
+  C b(test::small_model, other, {{16 * slot}, rc});
+  CHECK(b.lookup(p).tokens() == 0);
+}
+
+TEST_CASE("a redis ttl expires written chunks") {
+  engine_fixture f;
+  auto rc = single_config("ttl");
+  rc.ttl = 60000ms;
+  C cache(test::small_model, test::small_salt, {{16 * slot}, rc});
+  const auto p = test::tokens(16, 7);
+  REQUIRE(cache.store(p, f.eng.kv(), f.bt) == 16);
+  cache.flush();
+  std::array<kvtier::chunk_key, 1> k;
+  cache.keys(p, k);
+  raw r(single_port());
+  const long long pttl = r.integer("PTTL %s", cache.tier<1>().key_of(k[0]).c_str());
+  CHECK(pttl > 50000);
+  CHECK(pttl <= 60000);
+}
+
+TEST_CASE("clear removes chunks from redis too") {
+  engine_fixture f;
+  const auto rc = single_config("clear");
+  C cache(test::small_model, test::small_salt, {{16 * slot}, rc});
+  const auto p = test::tokens(48, 8), q = test::tokens(32, 9);
+  REQUIRE(cache.store(p, f.eng.kv(), f.bt) == 48);
+  REQUIRE(cache.store(q, f.eng.kv(), f.bt) == 32);
+  cache.flush();
+  CHECK(cache.clear(p) == 48);
+  C fresh(test::small_model, test::small_salt, {{16 * slot}, rc});
+  CHECK(fresh.lookup(p).tokens() == 0);
+  CHECK(fresh.lookup(q).tokens() == 32);
+  CHECK(cache.clear() >= 2);  // q's two chunks in host and in redis
+  CHECK(fresh.lookup(q).hits_in(1) == 0);
+}
+
+TEST_CASE("admit_after_hits: redis takes a chunk only once it was hit that often") {
+  engine_fixture f;
+  auto rc = single_config("admit");
+  rc.admit_after_hits = 2;
+  C cache(test::small_model, test::small_salt, {{16 * slot}, rc});
+  const auto p = test::tokens(32, 10);
+  REQUIRE(cache.store(p, f.eng.kv(), f.bt) == 32);
+  cache.flush();
+  CHECK(cache.stats().tiers[1].writes == 0);
+  cache.lookup(p).reset();
+  cache.flush();
+  CHECK(cache.stats().tiers[1].writes == 0);  // one hit: not yet
+  cache.lookup(p).reset();
+  cache.flush();
+  CHECK(cache.stats().tiers[1].writes == 2);  // second hit: admitted
+  cache.lookup(p).reset();
+  cache.flush();
+  CHECK(cache.stats().tiers[1].writes == 2);  // written once
+}
+
+TEST_CASE("an unreachable redis at construction is a tier_error naming it") {
+  auto rc = single_config("down");
+  rc.nodes = {"127.0.0.1:1"};
+  CHECK_THROWS_WITH_AS(C(test::small_model, test::small_salt, {{16 * slot}, rc}),
+                       doctest::Contains("127.0.0.1:1"), kvtier::tier_error);
+  rc.nodes = {"localhost"};
+  CHECK_THROWS_WITH_AS(C(test::small_model, test::small_salt, {{16 * slot}, rc}),
+                       doctest::Contains("'localhost' is not host:port"), kvtier::invalid_argument);
+  rc.nodes = {addr(single_port())};
+  rc.timeout = 0ms;
+  CHECK_THROWS_WITH_AS(C(test::small_model, test::small_salt, {{16 * slot}, rc}),
+                       doctest::Contains("timeout 0"), kvtier::invalid_argument);
+}
+
+TEST_CASE("a redis restart: calls stay prompt while it is down, and it is used again after") {
+  engine_fixture f;
+  const auto rc = single_config("restart");
+  C cache(test::small_model, test::small_salt, {{64 * slot}, rc});
+  const auto before = test::tokens(32, 11);
+  REQUIRE(cache.store(before, f.eng.kv(), f.bt) == 32);
+  cache.flush();
+  REQUIRE(cache.stats().tiers[1].writes == 2);
+
+  servers("stop-single");
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto during = test::tokens(32, 12);
+  CHECK(cache.store(during, f.eng.kv(), f.bt) == 32);  // host takes it; redis write fails
+  cache.flush();
+  const auto elapsed = std::chrono::steady_clock::now() - t0;
+  CHECK(elapsed < 2s);
+  CHECK(cache.stats().tiers[1].errors >= 2);
+  CHECK(cache.lookup(test::tokens(48, 13)).tokens() == 0);  // remote miss, promptly
+  CHECK(cache.tier<1>().stats().failures >= 1);
+
+  servers("restart-single");
+  std::this_thread::sleep_for(150ms);  // past the longest backoff
+  const auto after = test::tokens(32, 14);
+  REQUIRE(cache.store(after, f.eng.kv(), f.bt) == 32);
+  cache.flush();
+  C fresh(test::small_model, test::small_salt, {{64 * slot}, rc});
+  CHECK(fresh.lookup(after).hits_in(1) == 2);  // written after the restart
+  CHECK(fresh.lookup(before).tokens() == 0);   // the server kept nothing (no persistence)
+}
