@@ -4,6 +4,8 @@
 #   servers.sh start-cluster DIR    a three-master Redis Cluster; ports in DIR/cluster.ports
 #   servers.sh stop-single DIR      stops the single server (keeps its port for a restart)
 #   servers.sh restart-single DIR   starts the single server again on the same port
+#   servers.sh pause-single DIR     freezes the single server (SIGSTOP): a hung server
+#   servers.sh resume-single DIR    thaws it (SIGCONT)
 #   servers.sh stop DIR             stops every server started in DIR
 set -euo pipefail
 cmd=$1
@@ -35,8 +37,14 @@ stop_pid() {
   [ -f "$f" ] || return 0
   local pid
   pid=$(cat "$f")
+  kill -CONT "$pid" 2>/dev/null || true
   kill "$pid" 2>/dev/null || true
-  for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+  # Gone, or a zombie (a daemon's parent may be a PID 1 that does not reap it).
+  for _ in $(seq 100); do
+    state=$(ps -o stat= -p "$pid" 2>/dev/null || true)
+    [ -z "$state" ] || [ "${state#Z}" != "$state" ] && break
+    sleep 0.05
+  done
   kill -9 "$pid" 2>/dev/null || true
   rm -f "$f"
 }
@@ -49,6 +57,12 @@ case "$cmd" in
     ;;
   stop-single)
     stop_pid "$dir/single.pid"
+    ;;
+  pause-single)
+    kill -STOP "$(cat "$dir/single.pid")"
+    ;;
+  resume-single)
+    kill -CONT "$(cat "$dir/single.pid")"
     ;;
   restart-single)
     launch "$(cat "$dir/single.port")" single

@@ -261,3 +261,38 @@ TEST_CASE("a redis restart: calls stay prompt while it is down, and it is used a
   CHECK(fresh.lookup(after).hits_in(1) == 2);  // written after the restart
   CHECK(fresh.lookup(before).tokens() == 0);   // the server kept nothing (no persistence)
 }
+
+TEST_CASE("a hung redis: lookups miss within the timeout, stores never wait, writes drop") {
+  engine_fixture f;
+  auto rc = single_config("hung");
+  rc.timeout = 200ms;
+  kvtier::cache_config cfg;
+  cfg.write_queue_depth = 2;
+  C cache(test::small_model, test::small_salt, {{64 * slot}, rc}, cfg);
+  const auto p = test::tokens(16, 40);
+  REQUIRE(cache.store(p, f.eng.kv(), f.bt) == 16);
+  cache.flush();
+  C reader(test::small_model, test::small_salt, {{64 * slot}, rc});
+  servers("pause-single");
+  struct resume {
+    ~resume() { servers("resume-single"); }
+  } guard;
+  // Stores: the host tier takes them at once; the writer is stuck on the server, its queue
+  // fills, and further writes are dropped and counted.
+  std::chrono::nanoseconds worst{0};
+  for (std::uint32_t i = 0; i < 8; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    CHECK(cache.store(test::tokens(16, 41 + i), f.eng.kv(), f.bt) == 16);
+    worst = std::max(worst, std::chrono::steady_clock::now() - t0);
+  }
+  CHECK(worst < 50ms);
+  CHECK(cache.stats().tiers[1].dropped_writes >= 1);
+  // A lookup that must ask the server: a miss, bounded by the timeout; then the server is
+  // marked down and the next lookups do not wait at all.
+  auto t0 = std::chrono::steady_clock::now();
+  CHECK(reader.lookup(p).tokens() == 0);
+  CHECK(std::chrono::steady_clock::now() - t0 < 1s);
+  t0 = std::chrono::steady_clock::now();
+  CHECK(reader.lookup(p).tokens() == 0);
+  CHECK(std::chrono::steady_clock::now() - t0 < 20ms);
+}
