@@ -3,6 +3,9 @@
 // gnuplot), a progress bar, and a heap-allocation counter.
 
 #include <kvtier/kvtier.hpp>
+#ifdef KVTIER_BENCH_REDIS
+#include <kvtier/tier/redis.hpp>
+#endif
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -360,29 +363,48 @@ inline double host_copy_limit(std::size_t piece, std::size_t pieces, int iters,
 }
 
 /// Raw O_DIRECT write and read of `count` records of `bytes` (a multiple of 4096) in a file in
-/// `dir`: the disk tier's limit on the same directory. GB/s {write, read}; {0, 0} when the
-/// file system refuses O_DIRECT.
+/// `dir`: the disk tier's limit on the same directory. Each pass is timed twice, with one
+/// synchronous pwrite/pread per record (queue depth 1) and with 8 threads each taking records
+/// (queue depth 8), and the better is the limit: GB/s {write, read}; {0, 0} when the file system
+/// refuses O_DIRECT. Writes end with fdatasync, as a full pass of the tier's writes would.
 inline std::pair<double, double> raw_direct_io(const std::filesystem::path& dir, std::size_t bytes,
                                                std::size_t count, int iters) {
   std::filesystem::create_directories(dir);
   const auto path = dir / ("kvtier-bench-raw-" + std::to_string(::getpid()));
   const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_DIRECT, 0644);
   if (fd < 0) return {0, 0};
-  aligned_buffer buf(bytes);
+  constexpr std::size_t depth = 8;
+  std::vector<std::unique_ptr<aligned_buffer>> bufs;
+  for (std::size_t i = 0; i < depth; ++i) {
+    bufs.push_back(std::make_unique<aligned_buffer>(bytes));
+    std::memset(bufs.back()->data, static_cast<int>(i + 1), bytes);
+  }
+  std::atomic<bool> ok{true};
+  // One pass over every record with `threads` threads; seconds.
+  auto pass = [&](bool write, std::size_t threads) {
+    std::atomic<std::size_t> next{0};
+    auto work = [&](std::size_t t) {
+      for (std::size_t c; (c = next++) < count && ok;) {
+        const auto off = static_cast<off_t>(c * bytes);
+        const ssize_t r = write ? ::pwrite(fd, bufs[t]->data, bytes, off)
+                                : ::pread(fd, bufs[t]->data, bytes, off);
+        if (r != static_cast<ssize_t>(bytes)) ok = false;
+      }
+    };
+    const auto t0 = clock_type::now();
+    std::vector<std::thread> th;
+    for (std::size_t t = 1; t < threads; ++t) th.emplace_back(work, t);
+    work(0);
+    for (auto& x : th) x.join();
+    if (write && ::fdatasync(fd) != 0) ok = false;
+    return seconds_since(t0);
+  };
   double best_w = 1e30, best_r = 1e30;
-  bool ok = true;
   for (int i = 0; i < iters && ok; ++i) {
-    auto t0 = clock_type::now();
-    for (std::size_t c = 0; c < count && ok; ++c)
-      ok = ::pwrite(fd, buf.data, bytes, static_cast<off_t>(c * bytes)) ==
-           static_cast<ssize_t>(bytes);
-    ok = ok && ::fdatasync(fd) == 0;
-    best_w = std::min(best_w, seconds_since(t0));
-    t0 = clock_type::now();
-    for (std::size_t c = 0; c < count && ok; ++c)
-      ok = ::pread(fd, buf.data, bytes, static_cast<off_t>(c * bytes)) ==
-           static_cast<ssize_t>(bytes);
-    best_r = std::min(best_r, seconds_since(t0));
+    for (std::size_t threads : {std::size_t{1}, depth}) {
+      best_w = std::min(best_w, pass(true, threads));
+      best_r = std::min(best_r, pass(false, threads));
+    }
   }
   ::close(fd);
   std::filesystem::remove(path);
@@ -390,6 +412,66 @@ inline std::pair<double, double> raw_direct_io(const std::filesystem::path& dir,
   const double total = static_cast<double>(bytes * count);
   return {total / best_w / 1e9, total / best_r / 1e9};
 }
+
+#ifdef KVTIER_BENCH_REDIS
+/// Raw pipelined hiredis SET and GET of `count` values of `bytes` on the server at `address`,
+/// `depth` commands per round trip: the redis tier's limit on the same server. GB/s of value
+/// bytes {write, read}; the keys are deleted afterwards.
+inline std::pair<double, double> raw_pipelined_redis(const std::string& address, std::size_t bytes,
+                                                     std::size_t count, std::size_t depth,
+                                                     int iters) {
+  const auto colon = address.rfind(':');
+  redisContext* c =
+      redisConnect(address.substr(0, colon).c_str(), std::stoi(address.substr(colon + 1)));
+  if (c == nullptr || c->err) throw std::runtime_error("cannot connect to redis at " + address);
+  std::vector<char> value(bytes);
+  for (std::size_t i = 0; i < bytes; ++i) value[i] = static_cast<char>(i * 31 + 7);
+  const std::string prefix = "kvtier-bench-raw-" + std::to_string(::getpid()) + ":";
+  auto key = [&](std::size_t i) { return prefix + std::to_string(i); };
+  bool ok = true;
+  auto round = [&](bool set) {
+    const auto t0 = clock_type::now();
+    for (std::size_t b = 0; b < count && ok; b += depth) {
+      const std::size_t n = std::min(depth, count - b);
+      for (std::size_t i = 0; i < n; ++i) {
+        const std::string k = key(b + i);
+        if (set) {
+          redisAppendCommand(c, "SET %b %b", k.data(), k.size(), value.data(), value.size());
+        } else {
+          redisAppendCommand(c, "GET %b", k.data(), k.size());
+        }
+      }
+      for (std::size_t i = 0; i < n; ++i) {
+        void* r = nullptr;
+        if (redisGetReply(c, &r) != REDIS_OK) {
+          ok = false;
+          break;
+        }
+        const auto* rep = static_cast<redisReply*>(r);
+        if (set ? rep->type != REDIS_REPLY_STATUS
+                : (rep->type != REDIS_REPLY_STRING || rep->len != bytes)) {
+          ok = false;
+        }
+        freeReplyObject(r);
+      }
+    }
+    return seconds_since(t0);
+  };
+  double best_w = 1e30, best_r = 1e30;
+  for (int i = 0; i < iters && ok; ++i) {
+    best_w = std::min(best_w, round(true));
+    best_r = std::min(best_r, round(false));
+  }
+  for (std::size_t i = 0; i < count; ++i) {
+    const std::string k = key(i);
+    freeReplyObject(redisCommand(c, "DEL %b", k.data(), k.size()));
+  }
+  redisFree(c);
+  if (!ok) throw std::runtime_error("raw redis SET/GET failed at " + address);
+  const double total = static_cast<double>(bytes * count);
+  return {total / best_w / 1e9, total / best_r / 1e9};
+}
+#endif
 
 /// Drops a file's pages from the page cache, so the next reads come from the device.
 inline void drop_page_cache(const std::filesystem::path& f) {

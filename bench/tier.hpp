@@ -14,7 +14,9 @@ namespace bench {
 struct tier_options {
   kvtier::model_shape model{8, 8, 128, 2, 16};
   std::string layout = "nhd";
-  std::string stack = "host";  ///< host, or disk (host + local_disk, loads from disk)
+  std::string stack = "host";            ///< host, disk (host + local_disk) or redis (host + redis)
+  std::string redis = "127.0.0.1:6379";  ///< server of the redis stack
+  std::string disk_io = "uring";         ///< the disk tier's backend: uring or threads
   std::filesystem::path dir = "/tmp/kvtier-bench";
   std::size_t keys = 32;     ///< distinct chunks per run
   std::size_t batch = 4;     ///< chunks per store / lookup / load call
@@ -54,11 +56,28 @@ struct bench_engine {
   }
 };
 
-template <class L, std::size_t N, bool Disk>
+enum class stack_kind { host, disk, redis };
+
+template <stack_kind S>
+struct stack_tiers {
+  using type = kvtier::opt::tiers<kvtier::tier::host>;
+};
+template <>
+struct stack_tiers<stack_kind::disk> {
+  using type = kvtier::opt::tiers<kvtier::tier::host, kvtier::tier::local_disk>;
+};
+#ifdef KVTIER_BENCH_REDIS
+template <>
+struct stack_tiers<stack_kind::redis> {
+  using type = kvtier::opt::tiers<kvtier::tier::host, kvtier::tier::redis>;
+};
+#endif
+
+template <class L, std::size_t N, stack_kind S>
 void run_tier(const tier_options& o, report& rep) {
-  using host = kvtier::tier::host;
-  using disk = kvtier::tier::local_disk;
-  using tiers = std::conditional_t<Disk, kvtier::opt::tiers<host, disk>, kvtier::opt::tiers<host>>;
+  constexpr bool Disk = S == stack_kind::disk;
+  constexpr bool Lower = S != stack_kind::host;  // loads come from the lower tier
+  using tiers = typename stack_tiers<S>::type;
   using cache_t = kvtier::cache<kvtier::opt::chunk_tokens<N>, kvtier::opt::layout<L>, tiers>;
   const auto& m = o.model;
   const std::size_t batch = std::max<std::size_t>(1, o.batch);
@@ -101,11 +120,19 @@ void run_tier(const tier_options& o, report& rep) {
     if constexpr (Disk) {
       std::get<1>(tc).path = dir;
       std::get<1>(tc).capacity_bytes = (chunks + 8) * (slot + 4096);
+      std::get<1>(tc).use_io_uring = o.disk_io == "uring";
     }
+#ifdef KVTIER_BENCH_REDIS
+    if constexpr (S == stack_kind::redis) {
+      std::get<1>(tc).nodes = {o.redis};
+      std::get<1>(tc).key_prefix = "kvtier-bench-" + std::to_string(::getpid());
+      std::get<1>(tc).timeout = std::chrono::milliseconds(10000);
+    }
+#endif
     return tc;
   };
   const auto store_tiers = configs(chunks + batch * o.inflight);
-  const auto load_tiers = configs(Disk ? 2 * batch * o.inflight : chunks + batch * o.inflight);
+  const auto load_tiers = configs(Lower ? 2 * batch * o.inflight : chunks + batch * o.inflight);
 
   // Runs fn(prompt) for every prompt across o.inflight threads; per-call latencies, and the wall
   // time from releasing the threads to the last call's end.
@@ -147,7 +174,7 @@ void run_tier(const tier_options& o, report& rep) {
   progress bar(std::string("tier ") + L::name, static_cast<std::size_t>(o.iters));
   std::optional<cache_t> cache;
   for (int it = 0; it < o.iters; ++it) {
-    if (Disk || !cache) {
+    if (Lower || !cache) {
       cache.reset();
       std::filesystem::remove_all(dir);
       cache.emplace(m, salt, store_tiers, cfg);
@@ -161,13 +188,16 @@ void run_tier(const tier_options& o, report& rep) {
           if (cache->store(toks[p], src.kv(), tables[p]) != ptoks) ++short_store;
         },
         lat_store);
-    if constexpr (Disk) {
+    if constexpr (Lower) {
       const auto t0 = clock_type::now();
       cache->flush();
       w += seconds_since(t0);
-      cache.reset();  // write-through finished; the next cache finds the records on disk
+      if (cache->stats().tiers[1].writes != chunks) {
+        throw std::runtime_error("the lower tier did not take every stored chunk");
+      }
+      cache.reset();  // writes finished; the next cache finds the records below
       cache.emplace(m, salt, load_tiers, cfg);
-      if (cache->stats().tiers[1].recovered != chunks) {
+      if (Disk && cache->stats().tiers[1].recovered != chunks) {
         throw std::runtime_error("the disk tier did not hold every stored chunk");
       }
     }
@@ -182,7 +212,7 @@ void run_tier(const tier_options& o, report& rep) {
     best_load = std::min(best_load, run(
                                         [&](std::size_t p) {
                                           auto l = cache->lookup(toks[p]);
-                                          if constexpr (Disk) disk_hits += l.hits_in(1);
+                                          if constexpr (Lower) disk_hits += l.hits_in(1);
                                           loaded += cache->retrieve(l, dst.kv(), tables[p]);
                                         },
                                         lat_load));
@@ -191,6 +221,9 @@ void run_tier(const tier_options& o, report& rep) {
     if (o.verify && (loaded != prompts * ptoks || !dst.same_as(src))) verified = false;
     bar.step();
   }
+  std::string backend;
+  if constexpr (Disk) backend = cache->template tier<1>().io_backend();
+  if constexpr (S == stack_kind::redis) cache->clear();  // leaves the server as it found it
   cache.reset();
   if constexpr (Disk) std::filesystem::remove_all(dir);
 
@@ -198,10 +231,21 @@ void run_tier(const tier_options& o, report& rep) {
   double limit_w = 0, limit_r = 0;
   if constexpr (Disk) {
     std::tie(limit_w, limit_r) = raw_direct_io(o.dir, slot + 4096, chunks, o.iters);
+  } else if constexpr (S == stack_kind::redis) {
+#ifdef KVTIER_BENCH_REDIS
+    // Raw pipelined SET/GET of values of the record's size, 16 per round trip as the tier.
+    std::tie(limit_w, limit_r) = raw_pipelined_redis(
+        o.redis, sizeof(kvtier::detail::record_header) + chunk_bytes, chunks, 16, o.iters);
+    // The limit counts value bytes; the tier's rate counts payload bytes: compare like bytes.
+    const double scale = static_cast<double>(chunk_bytes) /
+                         static_cast<double>(sizeof(kvtier::detail::record_header) + chunk_bytes);
+    limit_w *= scale;
+    limit_r *= scale;
+#endif
   } else {
     limit_w = limit_r = host_copy_limit(chunk_bytes, chunks, o.iters, o.inflight);
   }
-  const std::string stack = Disk ? "host+disk" : "host";
+  const std::string stack = Disk ? "host+disk" : (Lower ? "host+redis" : "host");
   auto add = [&](const char* op, double best, const std::vector<double>& lat, double limit) {
     if (!o.only.empty() && o.only != op) return;
     std::vector<std::pair<std::string, cell>> r{
@@ -229,10 +273,10 @@ void run_tier(const tier_options& o, report& rep) {
       "%s chunk %zu: %zu chunks of %.2f MiB, %zu per call, %zu in flight; loads %s%s", L::name, N,
       chunks, static_cast<double>(chunk_bytes) / 1048576.0, batch, o.inflight,
       o.verify ? (verified ? "verified byte-exact" : "FAILED verification") : "not verified",
-      Disk ? (", " + std::to_string(from_disk) + " of " + std::to_string(loaded_total / N) +
-              " chunks from disk")
-                 .c_str()
-           : "");
+      Lower ? (", " + std::to_string(from_disk) + " of " + std::to_string(loaded_total / N) +
+               " chunks from " + (Disk ? "disk (" + backend + ")" : std::string("redis")))
+                  .c_str()
+            : "");
   rep.note(buf);
   if (!verified) throw std::runtime_error("loaded bytes differ from stored bytes");
 }
@@ -246,6 +290,8 @@ inline void tier_command(args& a, bool json, const std::string& plot) {
              static_cast<std::uint32_t>(a.num("block", 16))};
   o.layout = a.str("layout", "nhd");
   o.stack = a.str("stack", "host");
+  o.redis = a.str("redis", "127.0.0.1:6379");
+  o.disk_io = a.str("disk-io", "uring");
   o.dir = a.str("dir", "/tmp/kvtier-bench");
   o.keys = a.num("keys", 32);
   o.batch = a.num("batch", 4);
@@ -258,19 +304,32 @@ inline void tier_command(args& a, bool json, const std::string& plot) {
   if (!o.only.empty() && o.only != "store" && o.only != "lookup" && o.only != "load") {
     throw std::invalid_argument("--only takes store, lookup or load, not '" + o.only + "'");
   }
-  if (o.stack != "host" && o.stack != "disk") {
-    throw std::invalid_argument("--stack takes host or disk, not '" + o.stack + "'");
+  if (o.stack != "host" && o.stack != "disk" && o.stack != "redis") {
+    throw std::invalid_argument("--stack takes host, disk or redis, not '" + o.stack + "'");
+  }
+#ifndef KVTIER_BENCH_REDIS
+  if (o.stack == "redis") {
+    throw std::invalid_argument("--stack redis: kvtier-bench was built without hiredis");
+  }
+#endif
+  if (o.disk_io != "uring" && o.disk_io != "threads") {
+    throw std::invalid_argument("--disk-io takes uring or threads, not '" + o.disk_io + "'");
   }
   report rep("kvtier-bench tier: " + o.stack +
              " stack, ratios to the limit measured in this run"
-             " (host: best contiguous copy, cold caches; disk: raw O_DIRECT on the same dir)");
+             " (host: best contiguous copy, cold caches; disk: raw O_DIRECT on the same dir,"
+             " best of queue depth 1 and 8 threads; redis: raw pipelined hiredis SET/GET)");
   for (std::size_t n : chunks) {
     with_chunk_size(n, [&]<std::size_t N>() {
       auto go = [&]<class L>() {
         if (o.stack == "disk") {
-          run_tier<L, N, true>(o, rep);
+          run_tier<L, N, stack_kind::disk>(o, rep);
+#ifdef KVTIER_BENCH_REDIS
+        } else if (o.stack == "redis") {
+          run_tier<L, N, stack_kind::redis>(o, rep);
+#endif
         } else {
-          run_tier<L, N, false>(o, rep);
+          run_tier<L, N, stack_kind::host>(o, rep);
         }
       };
       if (o.layout == "nhd") {
