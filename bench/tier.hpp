@@ -17,6 +17,8 @@ struct tier_options {
   std::string stack = "host";            ///< host, disk (host + local_disk) or redis (host + redis)
   std::string redis = "127.0.0.1:6379";  ///< server of the redis stack
   std::string disk_io = "uring";         ///< the disk tier's backend: uring or threads
+  std::size_t segment = 1u << 20;        ///< the disk tier's segment_bytes
+  unsigned queue_depth = 32;             ///< the disk tier's queue_depth
   std::filesystem::path dir = "/tmp/kvtier-bench";
   std::size_t keys = 32;     ///< distinct chunks per run
   std::size_t batch = 4;     ///< chunks per store / lookup / load call
@@ -121,6 +123,8 @@ void run_tier(const tier_options& o, report& rep) {
       std::get<1>(tc).path = dir;
       std::get<1>(tc).capacity_bytes = (chunks + 8) * (slot + 4096);
       std::get<1>(tc).use_io_uring = o.disk_io == "uring";
+      std::get<1>(tc).segment_bytes = o.segment;
+      std::get<1>(tc).queue_depth = o.queue_depth;
     }
 #ifdef KVTIER_BENCH_REDIS
     if constexpr (S == stack_kind::redis) {
@@ -292,6 +296,8 @@ inline void tier_command(args& a, bool json, const std::string& plot) {
   o.stack = a.str("stack", "host");
   o.redis = a.str("redis", "127.0.0.1:6379");
   o.disk_io = a.str("disk-io", "uring");
+  o.segment = a.num("segment", 1u << 20);
+  o.queue_depth = static_cast<unsigned>(a.num("queue-depth", 32));
   o.dir = a.str("dir", "/tmp/kvtier-bench");
   o.keys = a.num("keys", 32);
   o.batch = a.num("batch", 4);

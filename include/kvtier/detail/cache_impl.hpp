@@ -179,7 +179,9 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       prefetch_ring_.resize(cfg.prefetch_queue_depth);
       for (std::size_t t = 1; t < tier_count; ++t) {
         rings_[t].slots.resize(cfg.write_queue_depth);
-        rings_[t].thread = std::thread([this, t] { writer_loop(t); });
+        for (std::size_t w = 0; w < writers_[t]; ++w) {
+          rings_[t].threads.emplace_back([this, t] { writer_loop(t); });
+        }
       }
       reader_ = std::thread([this] { reader_loop(); });
     }
@@ -196,7 +198,9 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       }
       work_cv_.notify_all();
       prefetch_cv_.notify_all();
-      for (std::size_t t = 1; t < tier_count; ++t) rings_[t].thread.join();
+      for (std::size_t t = 1; t < tier_count; ++t) {
+        for (auto& th : rings_[t].threads) th.join();
+      }
       reader_.join();
     }
   }
@@ -643,7 +647,8 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   void make_lower(const tier_configs& tiers, const tier::context& ctx, std::index_sequence<I...>) {
     ((std::get<I>(lower_) =
           std::make_unique<typename Lower::template impl<Eviction>>(std::get<I + 1>(tiers), ctx),
-      admit_[I + 1] = admit_after(std::get<I + 1>(tiers)), lower_mask_ |= bit(I + 1)),
+      admit_[I + 1] = admit_after(std::get<I + 1>(tiers)),
+      writers_[I + 1] = writers_of(std::get<I + 1>(tiers)), lower_mask_ |= bit(I + 1)),
      ...);
     (set_index<I>(), ...);
   }
@@ -651,6 +656,20 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   void set_index() noexcept {
     if constexpr (is_indexed<decltype(*std::get<I>(lower_))>) {
       index_[I + 1] = &std::get<I>(lower_)->index();
+    }
+  }
+
+  // Threads writing into a lower tier: its config's `writers`, else 1.
+  template <class Config>
+  static std::size_t writers_of(const Config& c) {
+    if constexpr (requires { c.writers; }) {
+      if (c.writers == 0 || c.writers > 64) {
+        throw invalid_argument("kvtier: writers " + std::to_string(c.writers) +
+                               " is out of range 1..64");
+      }
+      return c.writers;
+    } else {
+      return 1;
     }
   }
 
@@ -1156,7 +1175,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     std::vector<std::uint32_t> slots;  // first-tier slots waiting to be written
     std::size_t head = 0, count = 0;
     std::size_t active = 0;  // taken by the writer, not finished
-    std::thread thread;
+    std::vector<std::thread> threads;
   };
   struct prefetch_job {
     std::uint32_t hslot = 0;  // the first tier's writing entry
@@ -1174,6 +1193,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   std::tuple<std::unique_ptr<typename Lower::template impl<Eviction>>...> lower_;
   std::array<index_type*, tier_count> index_{};  // nullptr for a remote tier
   std::array<std::uint32_t, tier_count> admit_{};
+  std::array<std::size_t, tier_count> writers_{};
   std::uint8_t lower_mask_ = 0;
 
   mutable std::mutex mu_;

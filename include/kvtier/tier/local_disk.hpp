@@ -64,6 +64,9 @@ struct local_disk {
     std::size_t segment_bytes = 1u << 20;  ///< I/O size of one segment (multiple of 4 KiB)
     unsigned lanes = 4;                    ///< batches in flight at once (callers, writer)
     std::uint32_t admit_after_hits = 0;    ///< take a chunk only once hit this often above
+    unsigned writers = 2;     ///< threads writing records (each with a batch in flight)
+    bool preallocate = true;  ///< reserve the file's blocks at open (fallocate): no block
+                              ///< allocation on the write path, no ENOSPC inside a record
   };
 
   /// Records per write_batch/read_batch call the tier handles in one submission.
@@ -102,6 +105,7 @@ struct local_disk {
       if (c.direct_io) direct_fd_ = ::open(file_.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
       try {
         recover();
+        preallocate(c);
       } catch (...) {
         close_all();
         throw;
@@ -263,6 +267,16 @@ struct local_disk {
           throw tier_error("kvtier: local_disk file '" + file_.string() +
                            "' cannot be truncated: " + std::strerror(errno));
         }
+      }
+    }
+
+    void preallocate(const config& c) {
+      if (!c.preallocate) return;
+      const auto size = static_cast<off_t>(index_.capacity() * slot_bytes_);
+      const int r = ::fallocate(fd_, FALLOC_FL_KEEP_SIZE, 0, size);
+      if (r != 0 && errno != EOPNOTSUPP && errno != ENOSYS) {
+        throw tier_error("kvtier: local_disk file '" + file_.string() + "' cannot reserve " +
+                         std::to_string(size) + " bytes: " + std::strerror(errno));
       }
     }
 

@@ -139,6 +139,7 @@ struct redis {
     std::chrono::milliseconds ttl{0};                     ///< expiry of written chunks; 0: none
     std::string key_prefix = "kvtier";
     std::uint32_t admit_after_hits = 0;  ///< take a chunk only once hit this often above
+    unsigned writers = 2;  ///< threads writing chunks (each with a pipelined batch in flight)
   };
 
   /// Counters of the tier's own events (the cache counts hits, writes and errors).
