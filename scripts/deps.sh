@@ -2,7 +2,8 @@
 # Installs what kvtier's build, tests and examples need, from Debian packages, when missing.
 set -euo pipefail
 need=()
-for pkg in cmake make g++ python3 doctest-dev libboost-dev libxxhash-dev gnuplot-nox; do
+for pkg in cmake make g++ python3 doctest-dev libboost-dev libxxhash-dev gnuplot-nox \
+    liburing-dev libhiredis-dev redis-server; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 # A toolchain already on PATH (e.g. a newer cmake or python3 from elsewhere) is fine too.

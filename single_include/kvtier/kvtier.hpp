@@ -79,11 +79,17 @@ struct index_entry : bi::unordered_set_base_hook<bi::link_mode<bi::normal_link>>
   std::uint32_t refs = 0;    ///< leases, transfers and queued writes using the bytes
   std::uint32_t pins = 0;    ///< pin() calls not yet unpinned
   entry_state state = entry_state::free;
+  // Tier-chain policy state, used in the first tier only:
+  std::uint8_t hits = 0;  ///< lookups that hit this chunk since it came in (saturates at 255)
+  std::uint8_t owed = 0;  ///< bit t: lower tier t has not been sent this chunk yet
+  std::uint8_t evict_after_write = 0;  ///< write-back: free the slot once its write completes
 
   [[nodiscard]] bool evictable() const noexcept {
     return state == entry_state::ready && refs == 0 && pins == 0;
   }
 };
+
+static_assert(sizeof(index_entry) <= 56, "index_entry grew: metadata budget is 64 B per chunk");
 
 struct entry_key_of {
   using type = chunk_key;
@@ -186,22 +192,30 @@ class chunk_index {
   }
 
   /// Takes a free entry, evicting the policy's victim when none is free. Returns nullptr when
-  /// nothing is free or evictable. `evicted` is incremented for each eviction.
-  [[nodiscard]] index_entry* allocate(std::uint64_t& evicted) noexcept {
+  /// nothing is free or evictable. `evicted` is incremented for each eviction. `keep(victim)`
+  /// may keep a victim instead (write-back: its bytes are still owed to a lower tier); it must
+  /// then take a reference to it, which takes it off the eviction list.
+  template <class Keep>
+  [[nodiscard]] index_entry* allocate(std::uint64_t& evicted, Keep&& keep) noexcept {
     if (!free_.empty()) {
       index_entry& e = free_.front();
       free_.pop_front();
       return &e;
     }
-    index_entry* v = Eviction::victim(evictable_);
-    if (v == nullptr) return nullptr;
-    evictable_.erase(evictable_.iterator_to(*v));
-    set_.erase(set_.iterator_to(*v));
-    v->state = entry_state::free;
-    ++evicted;
-    return v;
+    for (;;) {
+      index_entry* v = Eviction::victim(evictable_);
+      if (v == nullptr) return nullptr;
+      if (keep(*v)) continue;
+      evictable_.erase(evictable_.iterator_to(*v));
+      set_.erase(set_.iterator_to(*v));
+      v->state = entry_state::free;
+      ++evicted;
+      return v;
+    }
   }
-
+  [[nodiscard]] index_entry* allocate(std::uint64_t& evicted) noexcept {
+    return allocate(evicted, [](index_entry&) { return false; });
+  }
   /// Takes the free entry of `slot` as a ready, unreferenced entry of `k` (rebuilding an index
   /// from storage). The slot must be free and `k` absent.
   void claim(std::uint32_t slot, const chunk_key& k, std::uint32_t tokens) noexcept {
@@ -218,6 +232,9 @@ class chunk_index {
     e.tokens = tokens;
     e.refs = 1;
     e.pins = 0;
+    e.hits = 0;
+    e.owed = 0;
+    e.evict_after_write = 0;
     e.state = entry_state::writing;
     set_.insert(e);
   }
@@ -802,7 +819,8 @@ struct tier_stats {
   std::uint64_t bytes_read = 0;  ///< bytes read out of this tier (retrieve, promotion)
   std::uint64_t evictions = 0;
   std::uint64_t errors = 0;          ///< failed I/O and records that failed verification
-  std::uint64_t dropped_writes = 0;  ///< write-through jobs dropped (queue full, tier full)
+  std::uint64_t dropped_writes = 0;  ///< writes into this tier dropped (queue full, no room)
+  std::uint64_t write_backs = 0;     ///< writes made because the first tier evicted the chunk
   std::uint64_t promotions = 0;      ///< chunks copied from this tier into the first tier
   std::uint64_t recovered = 0;       ///< chunks found intact in storage at construction
   std::size_t used_chunks = 0;       ///< chunks visible to lookup now
@@ -821,13 +839,16 @@ struct cache_stats {
   std::uint64_t bytes_to_engine = 0;    ///< bytes scattered into engine blocks
   std::uint64_t store_partial = 0;      ///< stores that found no room for all their chunks
   std::uint64_t busy = 0;               ///< calls refused because max_inflight were in flight
+  std::uint64_t prefetched = 0;         ///< chunks prefetch() loaded into the first tier
+  std::uint64_t prefetch_dropped = 0;   ///< prefetch() calls that stopped early (queue, room)
   std::array<tier_stats, Tiers> tiers{};
 };
 
 }  // namespace kvtier
 // ---- end kvtier/stats.hpp
 // ---- begin kvtier/tier/context.hpp
-// What every tier is told about the cache it serves.
+// What every tier is told about the cache it serves, and the jobs lower tiers run.
+
 
 
 namespace kvtier::tier {
@@ -839,430 +860,41 @@ struct context {
   chunk_key salt;
 };
 
+/// Outcome of reading a record back. `missing` is a remote tier's miss (no record under the
+/// key); `corrupt` a record that failed verification; `io_error` a failed or late transfer.
+enum class read_status { ok, io_error, corrupt, missing };
+
+/// Write `bytes` of chunk `key` (`tokens` tokens) from `src` into `slot` (indexed tiers; a
+/// remote tier ignores it). `src` is a first-tier slot: 4 KiB aligned, readable up to `bytes`
+/// rounded up to 4 KiB. The tier sets `ok`.
+struct write_job {
+  std::uint32_t slot = 0;
+  chunk_key key{};
+  std::uint32_t tokens = 0;
+  const std::byte* src = nullptr;
+  std::size_t bytes = 0;
+  bool ok = false;
+};
+
+/// Read chunk `key`'s record into `dst` and prove it is that chunk's; `dst` is a first-tier
+/// slot, writable up to `bytes` rounded up to 4 KiB. The tier sets `status`.
+struct read_job {
+  std::uint32_t slot = 0;
+  chunk_key key{};
+  std::uint32_t tokens = 0;
+  std::byte* dst = nullptr;
+  std::size_t bytes = 0;
+  read_status status = read_status::io_error;
+};
+
 }  // namespace kvtier::tier
 // ---- end kvtier/tier/context.hpp
-// ---- begin kvtier/tier/local_disk.hpp
-// The local disk tier: one file of fixed-size record slots in a directory.
-
-// ---- begin kvtier/detail/record.hpp
-// The self-describing record a non-memory tier keeps per chunk: a fixed header that carries the
-// key, salt, format fingerprint, length and checksums, followed by the chunk's bytes.
-
-// ---- begin kvtier/detail/xxhash.hpp
-// xxHash, inlined (XXH_INLINE_ALL) so a header-only kvtier links nothing; safe next to an engine
-// that includes xxhash.h itself (the header supports both modes in one translation unit).
-
-#ifndef XXH_INLINE_ALL
-#define XXH_INLINE_ALL
-#define KVTIER_DEFINED_XXH_INLINE_ALL
-#endif
-#include <xxhash.h>
-#ifdef KVTIER_DEFINED_XXH_INLINE_ALL
-#undef XXH_INLINE_ALL
-#undef KVTIER_DEFINED_XXH_INLINE_ALL
-#endif
-// ---- end kvtier/detail/xxhash.hpp
-
-#include <cstring>
-
-namespace kvtier::detail {
-
-inline constexpr char record_magic[8] = {'K', 'V', 'T', 'I', 'E', 'R', 'R', '1'};
-inline constexpr std::uint32_t record_version = 1;
-/// Header space in front of each payload: one page, so the payload stays aligned for O_DIRECT.
-inline constexpr std::size_t record_header_bytes = 4096;
-
-/// Serialized little-endian at the start of the header page.
-struct record_header {
-  char magic[8];
-  std::uint32_t version;
-  std::uint32_t header_bytes;
-  chunk_key key;
-  chunk_key salt;
-  std::uint64_t format_fingerprint;
-  std::uint32_t tokens;
-  std::uint32_t reserved;
-  std::uint64_t payload_bytes;
-  std::uint64_t payload_checksum;
-  std::uint64_t header_checksum;  ///< XXH3-64 of every field above
-};
-static_assert(sizeof(record_header) == 88, "record_header must have no padding: it is hashed");
-static_assert(sizeof(record_header) <= record_header_bytes);
-
-/// Payload checksum, seeded by the key so bytes moved under another key fail the check too.
-[[nodiscard]] inline std::uint64_t payload_checksum(const chunk_key& k, const std::byte* p,
-                                                    std::size_t n) noexcept {
-  return XXH3_64bits_withSeed(p, n, k.lo ^ k.hi);
-}
-
-[[nodiscard]] inline std::uint64_t header_checksum(const record_header& h) noexcept {
-  return XXH3_64bits(&h, offsetof(record_header, header_checksum));
-}
-
-[[nodiscard]] inline record_header make_record_header(const chunk_key& key, const chunk_key& salt,
-                                                      std::uint64_t fingerprint,
-                                                      std::uint32_t tokens, const std::byte* p,
-                                                      std::size_t n) noexcept {
-  record_header h{};
-  std::memcpy(h.magic, record_magic, sizeof h.magic);
-  h.version = record_version;
-  h.header_bytes = static_cast<std::uint32_t>(record_header_bytes);
-  h.key = key;
-  h.salt = salt;
-  h.format_fingerprint = fingerprint;
-  h.tokens = tokens;
-  h.payload_bytes = n;
-  h.payload_checksum = payload_checksum(key, p, n);
-  h.header_checksum = header_checksum(h);
-  return h;
-}
-
-/// True when `h` is an intact header of exactly this record (key, salt, format, length).
-[[nodiscard]] inline bool header_matches(const record_header& h, const chunk_key& key,
-                                         const chunk_key& salt, std::uint64_t fingerprint,
-                                         std::uint32_t tokens, std::size_t n) noexcept {
-  return std::memcmp(h.magic, record_magic, sizeof h.magic) == 0 && h.version == record_version &&
-         h.header_bytes == record_header_bytes && h.header_checksum == header_checksum(h) &&
-         h.key == key && h.salt == salt && h.format_fingerprint == fingerprint &&
-         h.tokens == tokens && h.payload_bytes == n;
-}
-
-}  // namespace kvtier::detail
-// ---- end kvtier/detail/record.hpp
-// ---- begin kvtier/memory/slab.hpp
-// Fixed-size chunk slots over one region.
-
-// ---- begin kvtier/memory/region.hpp
-// One aligned host memory region, reserved by kvtier or handed in by the engine.
-
-
-#include <sys/mman.h>
-
-#include <cerrno>
-#include <cstdlib>
-#include <memory_resource>
-#include <utility>
-
-namespace kvtier::memory {
-
-/// Owns `bytes` of host memory aligned to `alignment` (a power of two, at least 64). With an
-/// upstream std::pmr::memory_resource the engine supplies the memory (its own pool, a
-/// huge-page arena); without one kvtier reserves it with aligned new. With `prefault`, every page
-/// is touched now, so the first store into it does not page-fault. With `lock`, the pages are
-/// mlock()ed (which faults them in); failure throws tier_error naming the size and the system's
-/// reason (usually RLIMIT_MEMLOCK).
-class region {
- public:
-  region() = default;
-  region(std::size_t bytes, std::size_t alignment, bool lock,
-         std::pmr::memory_resource* upstream = nullptr, bool prefault = false)
-      : bytes_(bytes), alignment_(alignment), upstream_(upstream) {
-    if (bytes == 0) throw invalid_argument("kvtier: memory region of 0 bytes");
-    try {
-      data_ = upstream ? upstream->allocate(bytes, alignment)
-                       : ::operator new (bytes, std::align_val_t{alignment});
-    } catch (const std::bad_alloc&) {
-      throw tier_error("kvtier: cannot allocate a host region of " + std::to_string(bytes) +
-                       " bytes");
-    }
-    if (prefault && !lock) std::memset(data_, 0, bytes);  // mlock faults the pages itself
-    if (lock) {
-      if (::mlock(data_, bytes) != 0) {
-        const int err = errno;
-        release();
-        throw tier_error("kvtier: mlock of " + std::to_string(bytes) + " bytes failed: " +
-                         std::strerror(err) + " (raise RLIMIT_MEMLOCK or set lock_memory = false)");
-      }
-      locked_ = true;
-    }
-  }
-  region(region&& o) noexcept { swap(o); }
-  region& operator=(region&& o) noexcept {
-    if (this != &o) {
-      release();
-      swap(o);
-    }
-    return *this;
-  }
-  region(const region&) = delete;
-  region& operator=(const region&) = delete;
-  ~region() { release(); }
-
-  [[nodiscard]] std::byte* data() const noexcept { return static_cast<std::byte*>(data_); }
-  [[nodiscard]] std::size_t size() const noexcept { return bytes_; }
-  [[nodiscard]] bool locked() const noexcept { return locked_; }
-
- private:
-  void swap(region& o) noexcept {
-    std::swap(data_, o.data_);
-    std::swap(bytes_, o.bytes_);
-    std::swap(alignment_, o.alignment_);
-    std::swap(upstream_, o.upstream_);
-    std::swap(locked_, o.locked_);
-  }
-  void release() noexcept {
-    if (!data_) return;
-    if (locked_) ::munlock(data_, bytes_);
-    if (upstream_) {
-      upstream_->deallocate(data_, bytes_, alignment_);
-    } else {
-      ::operator delete (data_, std::align_val_t{alignment_});
-    }
-    data_ = nullptr;
-    locked_ = false;
-  }
-
-  void* data_ = nullptr;
-  std::size_t bytes_ = 0;
-  std::size_t alignment_ = 64;
-  std::pmr::memory_resource* upstream_ = nullptr;
-  bool locked_ = false;
-};
-
-}  // namespace kvtier::memory
-// ---- end kvtier/memory/region.hpp
-
-
-namespace kvtier::memory {
-
-/// A region cut into `slots` slots of `slot_bytes` each (slot_bytes rounded up to the
-/// alignment). Every chunk of a cache has one size, so a slot never fragments; which slots are
-/// free is kept by the tier's index (entry i owns slot i), making allocate and free O(1).
-class slab {
- public:
-  slab() = default;
-  slab(std::size_t slots, std::size_t slot_bytes, std::size_t alignment, bool lock,
-       std::pmr::memory_resource* upstream = nullptr, bool prefault = false)
-      : slot_bytes_(round_up(slot_bytes, alignment)),
-        slots_(slots),
-        region_(checked_bytes(slots, round_up(slot_bytes, alignment)), alignment, lock, upstream,
-                prefault) {}
-
-  [[nodiscard]] std::byte* data(std::uint32_t slot) const noexcept {
-    return region_.data() + static_cast<std::size_t>(slot) * slot_bytes_;
-  }
-  [[nodiscard]] std::size_t slot_bytes() const noexcept { return slot_bytes_; }
-  [[nodiscard]] std::size_t slots() const noexcept { return slots_; }
-  [[nodiscard]] const region& memory() const noexcept { return region_; }
-
-  [[nodiscard]] static constexpr std::size_t round_up(std::size_t v, std::size_t a) noexcept {
-    return (v + a - 1) / a * a;
-  }
-
- private:
-  static std::size_t checked_bytes(std::size_t slots, std::size_t slot_bytes) {
-    if (slots == 0) throw invalid_argument("kvtier: slab of 0 slots");
-    if (slot_bytes != 0 && slots > SIZE_MAX / slot_bytes) {
-      throw invalid_argument("kvtier: slab of " + std::to_string(slots) + " slots of " +
-                             std::to_string(slot_bytes) + " bytes overflows");
-    }
-    return slots * slot_bytes;
-  }
-
-  std::size_t slot_bytes_ = 0;
-  std::size_t slots_ = 0;
-  region region_;
-};
-
-}  // namespace kvtier::memory
-// ---- end kvtier/memory/slab.hpp
-
-#include <fcntl.h>
-#include <sys/file.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
-#include <filesystem>
-#include <system_error>
-#include <type_traits>
-
-namespace kvtier::tier {
-
-/// Outcome of reading a record back.
-enum class read_status { ok, io_error, corrupt };
-
-/// Local disk tier. Records live in `<path>/kvtier-<salt>.kvt`, slot i at byte
-/// i * slot_bytes: a 4 KiB header (key, salt, format fingerprint, tokens, checksums) then the
-/// payload. Every read verifies the header and the payload checksum against the key asked
-/// for; a mismatch is a miss and a counted error, never data.
-///
-/// The file is locked (flock) against a second cache using it at the same time. When it already
-/// exists, the index is rebuilt from the headers of the records in it: a slot whose header is not
-/// intact for this salt and format, or repeats a key, is dropped and counted; payloads are
-/// verified when read. So a later process with the same salt, whatever its engine layout,
-/// finds what an earlier one stored.
-struct local_disk {
-  static constexpr const char* name = "local_disk";
-  static constexpr bool is_memory = false;
-
-  struct config {
-    std::filesystem::path path;                          ///< directory; created if missing
-    std::size_t capacity_bytes = std::size_t{16} << 30;  ///< file size limit
-  };
-
-  template <class Eviction>
-  class impl {
-   public:
-    impl(const config& c, const context& ctx)
-        : ctx_(ctx),
-          slot_bytes_(
-              memory::slab::round_up(detail::record_header_bytes + ctx.format.chunk_bytes(), 4096)),
-          index_(slots_for(c, slot_bytes_)) {
-      std::error_code ec;
-      std::filesystem::create_directories(c.path, ec);
-      if (ec) {
-        throw tier_error("kvtier: local_disk path '" + c.path.string() +
-                         "' cannot be created: " + ec.message());
-      }
-      file_ = c.path / ("kvtier-" + ctx.salt.hex() + ".kvt");
-      fd_ = ::open(file_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-      if (fd_ < 0) {
-        throw tier_error("kvtier: local_disk path '" + c.path.string() +
-                         "' is not writable: " + std::strerror(errno));
-      }
-      if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
-        const int err = errno;
-        ::close(fd_);
-        throw tier_error("kvtier: local_disk file '" + file_.string() +
-                         "' is in use by another cache: " + std::strerror(err));
-      }
-      recover();
-    }
-    ~impl() {
-      if (fd_ >= 0) ::close(fd_);
-    }
-    impl(const impl&) = delete;
-    impl& operator=(const impl&) = delete;
-
-    [[nodiscard]] detail::chunk_index<Eviction>& index() noexcept { return index_; }
-    [[nodiscard]] const std::filesystem::path& file() const noexcept { return file_; }
-    [[nodiscard]] std::size_t slot_bytes() const noexcept { return slot_bytes_; }
-
-    /// Writes the record of `key` into `slot`. No lock held; returns false on an I/O error.
-    [[nodiscard]] bool write(std::uint32_t slot, const chunk_key& key, std::uint32_t tokens,
-                             const std::byte* src, std::size_t bytes) noexcept {
-      alignas(64) std::byte page[detail::record_header_bytes] = {};
-      const off_t base = static_cast<off_t>(slot) * static_cast<off_t>(slot_bytes_);
-      // Old header cleared first (with the still-zero page), new header last: a torn write never
-      // leaves a valid header over bytes it does not describe (the payload checksum would catch
-      // it anyway).
-      if (!io_all(::pwrite, page, sizeof(detail::record_header), base) ||
-          !io_all(::pwrite, src, bytes, base + off_t(detail::record_header_bytes))) {
-        return false;
-      }
-      const detail::record_header h =
-          detail::make_record_header(key, ctx_.salt, ctx_.format.fingerprint(), tokens, src, bytes);
-      std::memcpy(page, &h, sizeof h);
-      return io_all(::pwrite, page, sizeof page, base);
-    }
-
-    /// Records found intact at construction, and slots dropped then (bad or repeated header).
-    [[nodiscard]] std::size_t recovered() const noexcept { return recovered_; }
-    [[nodiscard]] std::size_t dropped_at_open() const noexcept { return dropped_; }
-
-    /// Reads the record in `slot` into `dst` and proves it is `key`'s: intact header for this
-    /// key, salt, format and length, and a matching payload checksum. No lock held.
-    [[nodiscard]] read_status read(std::uint32_t slot, const chunk_key& key, std::uint32_t tokens,
-                                   std::byte* dst, std::size_t bytes) noexcept {
-      alignas(64) std::byte page[detail::record_header_bytes];
-      const off_t base = static_cast<off_t>(slot) * static_cast<off_t>(slot_bytes_);
-      if (!io_all(::pread, page, sizeof page, base)) return read_status::io_error;
-      detail::record_header h;
-      std::memcpy(&h, page, sizeof h);
-      if (!detail::header_matches(h, key, ctx_.salt, ctx_.format.fingerprint(), tokens, bytes)) {
-        return read_status::corrupt;
-      }
-      if (!io_all(::pread, dst, bytes, base + off_t(detail::record_header_bytes))) {
-        return read_status::io_error;
-      }
-      return detail::payload_checksum(key, dst, bytes) == h.payload_checksum ? read_status::ok
-                                                                             : read_status::corrupt;
-    }
-
-   private:
-    void recover() {
-      struct stat st {};
-      if (::fstat(fd_, &st) != 0) {
-        const int err = errno;
-        ::close(fd_);
-        throw tier_error("kvtier: local_disk file '" + file_.string() +
-                         "' cannot be read: " + std::strerror(err));
-      }
-      // The last record may end before its slot does: count a slot whose header is there.
-      const std::size_t present =
-          (static_cast<std::size_t>(st.st_size) + slot_bytes_ - 1) / slot_bytes_;
-      const std::size_t slots = std::min(present, index_.capacity());
-      alignas(64) std::byte page[sizeof(detail::record_header)];
-      const std::uint64_t fp = ctx_.format.fingerprint();
-      for (std::size_t i = 0; i < slots; ++i) {
-        const off_t base = static_cast<off_t>(i) * static_cast<off_t>(slot_bytes_);
-        if (!io_all(::pread, page, sizeof page, base)) break;
-        detail::record_header h;
-        std::memcpy(&h, page, sizeof h);
-        if (h.version == 0 && h.header_checksum == 0) continue;  // never written or cleared
-        const std::uint32_t slot = static_cast<std::uint32_t>(i);
-        const bool intact =
-            h.tokens > 0 && h.tokens <= ctx_.format.chunk_tokens &&
-            detail::header_matches(h, h.key, ctx_.salt, fp, h.tokens, ctx_.format.bytes(h.tokens));
-        if (!intact || index_.find(h.key) != nullptr) {
-          ++dropped_;
-          continue;
-        }
-        index_.claim(slot, h.key, h.tokens);
-        ++recovered_;
-      }
-      // A file from a larger capacity keeps only the slots this capacity can address.
-      if (present > index_.capacity()) {
-        if (::ftruncate(fd_, static_cast<off_t>(index_.capacity() * slot_bytes_)) != 0) {
-          const int err = errno;
-          ::close(fd_);
-          throw tier_error("kvtier: local_disk file '" + file_.string() +
-                           "' cannot be truncated: " + std::strerror(err));
-        }
-      }
-    }
-
-    static std::size_t slots_for(const config& c, std::size_t slot_bytes) {
-      if (c.capacity_bytes < slot_bytes) {
-        throw invalid_argument("kvtier: local_disk capacity_bytes " +
-                               std::to_string(c.capacity_bytes) + " holds no record of " +
-                               std::to_string(slot_bytes) + " bytes");
-      }
-      return c.capacity_bytes / slot_bytes;
-    }
-    // Loops over short transfers; false on error or end of file.
-    template <class Fn, class Ptr>
-    bool io_all(Fn fn, Ptr p, std::size_t n, off_t off) noexcept {
-      auto* b = reinterpret_cast<
-          std::conditional_t<std::is_const_v<std::remove_pointer_t<Ptr>>, const char*, char*>>(p);
-      while (n > 0) {
-        const ssize_t r = fn(fd_, b, n, off);
-        if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) return false;
-        b += r;
-        n -= static_cast<std::size_t>(r);
-        off += r;
-      }
-      return true;
-    }
-
-    context ctx_;
-    std::size_t slot_bytes_;
-    detail::chunk_index<Eviction> index_;
-    std::filesystem::path file_;
-    int fd_ = -1;
-    std::size_t recovered_ = 0;
-    std::size_t dropped_ = 0;
-  };
-};
-
-}  // namespace kvtier::tier
-// ---- end kvtier/tier/local_disk.hpp
 // ---- begin kvtier/transfer/host_copy.hpp
 // Host copy engine: gathers a chunk's tokens from engine blocks into the chunk format and
 // scatters them back, with memcpy over the largest contiguous runs the two layouts share.
 
 
+#include <cstring>
 
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -1407,11 +1039,21 @@ void scatter(const layout::view<L>& v, const layout::chunk_format& f, block_tabl
 
 #include <condition_variable>
 #include <mutex>
+#include <string_view>
+#include <type_traits>
 #include <thread>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace kvtier {
+
+/// When a lower tier receives a chunk stored in the first tier. Either way a lower tier with
+/// `admit_after_hits` N > 0 takes a chunk only once lookups hit it N times in the first tier.
+enum class write_mode {
+  write_through,  ///< as soon as it is stored (queued; the engine never waits for it)
+  write_back,     ///< when the first tier evicts it (and on flush()); its slot is freed then
+};
 
 /// Runtime settings of a cache that are not per tier.
 struct cache_config {
@@ -1426,6 +1068,10 @@ struct cache_config {
   /// Also store the last, partial chunk of a sequence (off by default: a partial chunk is a hit
   /// only for a lookup whose tail is exactly the same tokens).
   bool store_partial_tail = false;
+  /// When lower tiers receive a chunk (see write_mode).
+  write_mode mode = write_mode::write_through;
+  /// Chunks waiting to be loaded by prefetch(); when full, prefetch starts no more (counted).
+  std::size_t prefetch_queue_depth = 256;
 };
 
 namespace detail {
@@ -1448,6 +1094,15 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   using first_impl = typename First::template impl<Eviction>;
   static constexpr std::uint32_t no_op = UINT32_MAX;
   static constexpr std::uint8_t dropped_tier = 0xff;
+  template <class T>
+  static constexpr bool is_indexed = requires(std::remove_cvref_t<T>& x) {
+    x.index();
+  };
+  static constexpr bool has_lower = sizeof...(Lower) > 0;
+  static constexpr std::size_t remote_count =
+      (std::size_t{0} + ... + !is_indexed<typename Lower::template impl<Eviction>>);
+  static constexpr std::size_t window = 16;  // chunks promoted or written per batch
+  static_assert(sizeof...(Lower) < 8, "kvtier: a tier chain has at most 8 tiers");
 
  public:
   static constexpr std::size_t chunk_tokens = ChunkTokens;
@@ -1521,8 +1176,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
         salt_key_(make_salt_key(s, format_)),
         max_chunks_((cfg.max_tokens + ChunkTokens - 1) / ChunkTokens),
         op_keys_(std::make_unique<chunk_key[]>(max_chunks_ * cfg.max_inflight)),
-        op_refs_(std::make_unique<chunk_ref[]>(max_chunks_ * cfg.max_inflight)),
-        ring_(cfg.write_queue_depth) {
+        op_refs_(std::make_unique<chunk_ref[]>(max_chunks_ * cfg.max_inflight)) {
     const tier::context ctx{format_, salt_key_};
     first_ = std::make_unique<first_impl>(std::get<0>(tiers), ctx);
     make_lower(tiers, ctx, std::index_sequence_for<Lower...>{});
@@ -1541,18 +1195,33 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     }
     const char* names[] = {First::name, Lower::name...};
     for (std::size_t t = 0; t < tier_count; ++t) stats_.tiers[t].name = names[t];
-    if constexpr (sizeof...(Lower) > 0) worker_ = std::thread([this] { worker_loop(); });
+    if constexpr (has_lower) {
+      prefetch_ring_.resize(cfg.prefetch_queue_depth);
+      for (std::size_t t = 1; t < tier_count; ++t) {
+        rings_[t].slots.resize(cfg.write_queue_depth);
+        for (std::size_t w = 0; w < writers_[t]; ++w) {
+          rings_[t].threads.emplace_back([this, t] { writer_loop(t); });
+        }
+      }
+      reader_ = std::thread([this] { reader_loop(); });
+    }
   }
 
-  /// Finishes queued write-through (bounded by the queue depth), then frees everything.
+  /// Finishes queued writes to lower tiers (bounded by the queue depths) and stops; queued
+  /// prefetches are abandoned. Under write_back, chunks not yet written back are not written:
+  /// call flush() first to keep them.
   ~cache_impl() {
-    if constexpr (sizeof...(Lower) > 0) {
+    if constexpr (has_lower) {
       {
         std::lock_guard lk(mu_);
         stop_ = true;
       }
       work_cv_.notify_all();
-      worker_.join();
+      prefetch_cv_.notify_all();
+      for (std::size_t t = 1; t < tier_count; ++t) {
+        for (auto& th : rings_[t].threads) th.join();
+      }
+      reader_.join();
     }
   }
   cache_impl(const cache_impl&) = delete;
@@ -1609,14 +1278,44 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       std::size_t t = 0;
       index_entry* e = nullptr;
       for (; t < tier_count; ++t) {
+        if (index_[t] == nullptr) continue;  // remote tiers are asked below, for the rest at once
         if ((e = index_[t]->find_ready(ks[first_chunk + hit])) != nullptr) break;
         ++stats_.tiers[t].misses;
       }
       if (e == nullptr) break;
       index_[t]->ref(*e);
       ++stats_.tiers[t].hits;
+      if (t == 0) note_hit_locked(*e);
       rs[hit] = {index_[t]->slot(*e), static_cast<std::uint8_t>(t), 0};
       hit_tokens += e->tokens;
+    }
+    if constexpr (remote_count > 0) {
+      // The chunks no local tier holds: one pipelined existence check per remote tier, without
+      // the lock, bounded by the tier's timeout. A remote tier that is down answers at once.
+      if (first_chunk + hit < n) {
+        const std::span<const chunk_key> rest(ks + first_chunk + hit, n - first_chunk - hit);
+        lk.unlock();
+        std::size_t found = 0, tier = 0;
+        std::array<std::uint8_t, tier_count> asked{};
+        for (std::size_t t = 1; t < tier_count && found == 0; ++t) {
+          with_lower(t - 1, [&](auto& impl) {
+            if constexpr (!is_indexed<decltype(impl)>) {
+              found = impl.probe(rest);
+              asked[t] = 1;
+              tier = t;
+            }
+          });
+        }
+        lk.lock();
+        for (std::size_t t = 1; t < tier_count; ++t) {
+          if (asked[t] && (t != tier || found < rest.size())) ++stats_.tiers[t].misses;
+        }
+        if (found > 0) stats_.tiers[tier].hits += found;
+        for (std::size_t j = 0; j < found; ++j, ++hit) {
+          rs[hit] = {0, static_cast<std::uint8_t>(tier), 0};
+          hit_tokens += chunk_tokens_at(first_chunk + hit, tokens.size());
+        }
+      }
     }
     stats_.hit_tokens += hit_tokens;
     if (hit == 0) {
@@ -1651,14 +1350,21 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     }
     chunk_key* ks = op_keys(l.op_);
     chunk_ref* rs = op_refs(l.op_);
-    std::size_t loaded = 0, bytes = 0, i = 0;
-    for (; i < count; ++i) {
-      const std::size_t c = l.first_ + i;
-      const std::size_t ntok = chunk_tokens_at(c, abs_end);
-      if (rs[i].tier != 0 && !promote(ks[c], ntok, rs[i])) break;
-      transfer::scatter(v, format_, table, c * ChunkTokens, ntok, first_->data(rs[i].slot));
-      loaded += ntok;
-      bytes += format_.bytes(ntok);
+    std::size_t loaded = 0, bytes = 0;
+    // A window of chunks at a time: its lower-tier chunks are promoted in one batch per tier,
+    // then the window is scattered into the engine's blocks.
+    for (std::size_t w = 0; w < count; w += window) {
+      const std::size_t hi = std::min(count, w + window);
+      if constexpr (has_lower) promote_window(ks + l.first_, rs, w, hi, l.first_, abs_end);
+      std::size_t i = w;
+      for (; i < hi && rs[i].tier == 0; ++i) {
+        const std::size_t c = l.first_ + i;
+        const std::size_t ntok = chunk_tokens_at(c, abs_end);
+        transfer::scatter(v, format_, table, c * ChunkTokens, ntok, first_->data(rs[i].slot));
+        loaded += ntok;
+        bytes += format_.bytes(ntok);
+      }
+      if (i < hi) break;  // a chunk could not be brought in: the loaded prefix ends there
     }
     std::lock_guard lk(mu_);
     stats_.retrieved_tokens += loaded;
@@ -1698,7 +1404,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
         rs[placed] = {ix.slot(*e), 0, 0};
         continue;
       }
-      index_entry* e = ix.allocate(stats_.tiers[0].evictions);
+      index_entry* e = allocate_first_locked();
       if (e == nullptr) break;  // everything left is leased, pinned or being written
       ix.insert_writing(*e, ks[placed], chunk_tokens_at(placed, tokens.size()));
       rs[placed] = {ix.slot(*e), 0, 1};
@@ -1718,7 +1424,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       index_entry& e = ix.at(rs[i].slot);
       ix.publish(e);
       ++stats_.tiers[0].writes;
-      if constexpr (sizeof...(Lower) > 0) enqueue_locked(e);
+      if constexpr (has_lower) on_stored_locked(e);
       ix.unref(e);
     }
     const std::size_t stored = std::min(placed * ChunkTokens, tokens.size()) - first * ChunkTokens;
@@ -1728,8 +1434,60 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     free_ops_.push_back(op);
     lk.unlock();
     state_cv_.notify_all();
-    if constexpr (sizeof...(Lower) > 0) work_cv_.notify_one();
+    if constexpr (has_lower) work_cv_.notify_all();
     return stored;
+  }
+
+  /// Starts loading the lower-tier chunks of `tokens`' cached prefix into the first tier in the
+  /// background; returns the tokens whose loading started. lookup() reports a chunk in the
+  /// first tier once it is loaded (and in its lower tier until then).
+  std::size_t prefetch(std::span<const token_id> tokens) {
+    check_tokens("prefetch", tokens.size());
+    if constexpr (!has_lower) {
+      return 0;
+    } else {
+      const std::size_t n = chunk_count(tokens.size());
+      if (n == 0) return 0;
+      std::unique_lock lk(mu_);
+      const std::uint32_t op = acquire_op_locked();
+      if (op == no_op) return 0;
+      lk.unlock();
+      chunk_key* ks = op_keys(op);
+      keys(tokens, {ks, n});
+      lk.lock();
+      index_type& first = *index_[0];
+      std::size_t started = 0;
+      for (std::size_t i = 0; i < n; ++i) {
+        if (first.find(ks[i]) != nullptr) continue;  // held, or on its way in
+        std::size_t t = 1;
+        index_entry* low = nullptr;
+        for (; t < tier_count; ++t) {
+          if (index_[t] == nullptr) break;  // a remote tier: try it (a miss costs one GET)
+          if ((low = index_[t]->find_ready(ks[i])) != nullptr) break;
+        }
+        if (t == tier_count) break;  // no tier below can hold it: the cached prefix ends here
+        if (prefetch_count_ == prefetch_ring_.size()) {
+          ++stats_.prefetch_dropped;
+          break;
+        }
+        index_entry* e = allocate_first_locked();
+        if (e == nullptr) {
+          ++stats_.prefetch_dropped;
+          break;
+        }
+        first.insert_writing(*e, ks[i],
+                             static_cast<std::uint32_t>(chunk_tokens_at(i, tokens.size())));
+        if (low != nullptr) index_[t]->ref(*low);
+        prefetch_ring_[(prefetch_head_ + prefetch_count_) % prefetch_ring_.size()] = {
+            first.slot(*e), low ? index_[t]->slot(*low) : 0, static_cast<std::uint8_t>(t)};
+        ++prefetch_count_;
+        started += chunk_tokens_at(i, tokens.size());
+      }
+      free_ops_.push_back(op);
+      lk.unlock();
+      if (started > 0) prefetch_cv_.notify_one();
+      return started;
+    }
   }
 
   /// Throws what store or retrieve would throw for `kv` and the blocks of tokens [begin, end) of
@@ -1762,22 +1520,49 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   }
 
   std::size_t clear() {
-    std::lock_guard lk(mu_);
+    std::unique_lock lk(mu_);
     std::size_t removed = 0;
     for (std::size_t t = 0; t < tier_count; ++t) {
+      if (index_[t] == nullptr) continue;
       index_type& ix = *index_[t];
       for (std::uint32_t s = 0; s < ix.capacity(); ++s) {
         index_entry& e = ix.at(s);
         if (e.state == entry_state::ready && ix.remove(e)) ++removed;
       }
     }
+    lk.unlock();
+    if constexpr (remote_count > 0) {
+      for (std::size_t t = 1; t < tier_count; ++t) {
+        with_lower(t - 1, [&](auto& impl) {
+          if constexpr (!is_indexed<decltype(impl)>) removed += impl.remove_all();
+        });
+      }
+    }
     return removed;
   }
 
+  /// Waits until every queued write to a lower tier has completed. Under write_back it first
+  /// writes back every chunk the first tier still owes a lower tier (and has admitted).
   void flush() {
-    if constexpr (sizeof...(Lower) > 0) {
+    if constexpr (has_lower) {
       std::unique_lock lk(mu_);
-      idle_cv_.wait(lk, [this] { return queued_ == 0 && active_jobs_ == 0; });
+      for (bool more = true; more;) {
+        more = false;
+        if (cfg_.mode == write_mode::write_back) {
+          index_type& ix = *index_[0];
+          for (std::uint32_t s = 0; s < ix.capacity(); ++s) {
+            index_entry& e = ix.at(s);
+            if (e.state != entry_state::ready || e.owed == 0) continue;
+            for (std::size_t t = 1; t < tier_count; ++t) {
+              if ((e.owed & bit(t)) && admitted(e, t) && !try_enqueue_locked(e, t, false)) {
+                more = true;  // that queue is full: wait for it, then go on
+              }
+            }
+          }
+          work_cv_.notify_all();
+        }
+        idle_cv_.wait(lk, [this] { return writers_idle_locked(); });
+      }
     }
   }
 
@@ -1785,6 +1570,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     std::lock_guard lk(mu_);
     stats_type s = stats_;
     for (std::size_t t = 0; t < tier_count; ++t) {
+      if (index_[t] == nullptr) continue;  // a remote tier does not know what it holds
       s.tiers[t].used_chunks = index_[t]->size();
       s.tiers[t].capacity_chunks = index_[t]->capacity();
     }
@@ -1846,6 +1632,9 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     if (c.write_queue_depth == 0) {
       throw invalid_argument("kvtier: cache_config.write_queue_depth is 0");
     }
+    if (c.prefetch_queue_depth == 0) {
+      throw invalid_argument("kvtier: cache_config.prefetch_queue_depth is 0");
+    }
     return c;
   }
 
@@ -1878,8 +1667,43 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   void make_lower(const tier_configs& tiers, const tier::context& ctx, std::index_sequence<I...>) {
     ((std::get<I>(lower_) =
           std::make_unique<typename Lower::template impl<Eviction>>(std::get<I + 1>(tiers), ctx),
-      index_[I + 1] = &std::get<I>(lower_)->index()),
+      admit_[I + 1] = admit_after(std::get<I + 1>(tiers)),
+      writers_[I + 1] = writers_of(std::get<I + 1>(tiers)), lower_mask_ |= bit(I + 1)),
      ...);
+    (set_index<I>(), ...);
+  }
+  template <std::size_t I>
+  void set_index() noexcept {
+    if constexpr (is_indexed<decltype(*std::get<I>(lower_))>) {
+      index_[I + 1] = &std::get<I>(lower_)->index();
+    }
+  }
+
+  // Threads writing into a lower tier: its config's `writers`, else 1.
+  template <class Config>
+  static std::size_t writers_of(const Config& c) {
+    if constexpr (requires { c.writers; }) {
+      if (c.writers == 0 || c.writers > 64) {
+        throw invalid_argument("kvtier: writers " + std::to_string(c.writers) +
+                               " is out of range 1..64");
+      }
+      return c.writers;
+    } else {
+      return 1;
+    }
+  }
+
+  template <class Config>
+  static std::uint32_t admit_after(const Config& c) {
+    if constexpr (requires { c.admit_after_hits; }) {
+      if (c.admit_after_hits > 255) {
+        throw invalid_argument("kvtier: admit_after_hits " + std::to_string(c.admit_after_hits) +
+                               " is above 255");
+      }
+      return static_cast<std::uint32_t>(c.admit_after_hits);
+    } else {
+      return 0;
+    }
   }
 
   // ---- helpers ------------------------------------------------------------------------------
@@ -1910,6 +1734,9 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   static std::size_t chunk_tokens_at(std::size_t i, std::size_t total) noexcept {
     return std::min(ChunkTokens, total - i * ChunkTokens);
   }
+  static constexpr std::uint8_t bit(std::size_t t) noexcept {
+    return static_cast<std::uint8_t>(1u << t);
+  }
   chunk_key* op_keys(std::uint32_t op) const noexcept { return op_keys_.get() + op * max_chunks_; }
   chunk_ref* op_refs(std::uint32_t op) const noexcept { return op_refs_.get() + op * max_chunks_; }
 
@@ -1927,7 +1754,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     if (l.op_ != no_op) {
       const chunk_ref* rs = op_refs(l.op_);
       for (std::size_t i = 0; i < l.chunks_; ++i) {
-        if (rs[i].tier == dropped_tier) continue;
+        if (rs[i].tier == dropped_tier || index_[rs[i].tier] == nullptr) continue;
         index_type& ix = *index_[rs[i].tier];
         ix.unref(ix.at(rs[i].slot));
       }
@@ -1947,9 +1774,10 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     return n;
   }
 
-  // Under the lock, applies `op(index, entry) -> bool` to each chunk of `tokens` in every tier
-  // holding it ready; returns the tokens of the chunks it was true for in some tier (only the
-  // prefix up to the first chunk it was true for nowhere, when `prefix`).
+  // Under the lock, applies `op(index, entry) -> bool` to each chunk of `tokens` in every
+  // indexed tier holding it ready; returns the tokens of the chunks it was true for in some tier
+  // (only the prefix up to the first chunk it was true for nowhere, when `prefix`). clear also
+  // deletes the chunks from remote tiers, without the lock.
   template <class Op>
   std::size_t for_each_chunk(const char* what, std::span<const token_id> tokens, bool prefix,
                              Op op) {
@@ -1967,6 +1795,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     for (std::size_t i = 0; i < n; ++i) {
       bool any = false;
       for (std::size_t t = 0; t < tier_count; ++t) {
+        if (index_[t] == nullptr) continue;
         if (index_entry* e = index_[t]->find_ready(ks[i])) any = op(*index_[t], *e) || any;
       }
       if (any) {
@@ -1975,74 +1804,110 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
         break;
       }
     }
+    lk.unlock();
+    if constexpr (remote_count > 0) {
+      if (std::string_view(what) == "clear") {
+        std::size_t removed = 0;
+        for (std::size_t t = 1; t < tier_count; ++t) {
+          with_lower(t - 1, [&](auto& impl) {
+            if constexpr (!is_indexed<decltype(impl)>) {
+              removed = std::max(removed, impl.remove({ks, n}));
+            }
+          });
+        }
+        // A chunk only a remote tier held counts too (full chunks; the tail last).
+        done = std::max(done, std::min(removed * ChunkTokens, tokens.size()));
+      }
+    }
+    lk.lock();
     free_ops_.push_back(op_slot);
     return done;
   }
 
-  // Brings chunk `k` held in a lower tier (by `r`) into the first tier; on success `r` points at
-  // the first tier's entry (still referenced), on failure the lower reference is dropped and
-  // `r` no longer counts. Disk I/O runs without the lock.
-  bool promote(const chunk_key& k, std::size_t ntok, chunk_ref& r) {
-    index_type& first = *index_[0];
-    index_type& low = *index_[r.tier];
-    std::unique_lock lk(mu_);
-    index_entry* e;
-    // Another caller may be bringing the same chunk in: wait for its outcome, then re-check.
-    while ((e = first.find(k)) != nullptr && e->state == entry_state::writing) state_cv_.wait(lk);
-    if (e != nullptr) {
-      first.ref(*e);
-      low.unref(low.at(r.slot));
-      r = {first.slot(*e), 0, 0};
-      return true;
-    }
-    e = first.allocate(stats_.tiers[0].evictions);
-    if (e == nullptr) {
-      drop_ref_locked(r);
-      return false;
-    }
-    first.insert_writing(*e, k, static_cast<std::uint32_t>(ntok));
-    const std::uint32_t slot = first.slot(*e);
-    const std::size_t t = r.tier;
-    lk.unlock();
-    const tier::read_status st = read_lower(t, r.slot, k, ntok, first_->data(slot));
-    lk.lock();
-    const std::size_t bytes = format_.bytes(ntok);
-    if (st == tier::read_status::ok) {
-      first.publish(*e);
-      ++stats_.tiers[t].promotions;
-      stats_.tiers[t].bytes_read += bytes;
-      ++stats_.tiers[0].writes;
-      stats_.tiers[0].bytes_written += bytes;
-      low.unref(low.at(r.slot));
-      r = {slot, 0, 0};
-    } else {
-      first.abort(*e);
-      first.unref(*e);
-      ++stats_.tiers[t].errors;
-      // A record that failed verification is dropped, pinned or not, so it is never served.
-      if (st == tier::read_status::corrupt) low.discard(low.at(r.slot));
-      drop_ref_locked(r);
-    }
-    lk.unlock();
-    state_cv_.notify_all();
-    return st == tier::read_status::ok;
-  }
+  // ---- tier-chain policy --------------------------------------------------------------------
 
-  // Drops an operation's reference; the lease still counts the chunk, so mark it for release.
-  void drop_ref_locked(chunk_ref& r) noexcept {
-    index_type& ix = *index_[r.tier];
-    ix.unref(ix.at(r.slot));
-    r = {0, dropped_tier, 0};
-  }
-
-  tier::read_status read_lower(std::size_t t, std::uint32_t slot, const chunk_key& k,
-                               std::size_t ntok, std::byte* dst) {
-    tier::read_status st = tier::read_status::io_error;
-    with_lower(t - 1, [&](auto& impl) {
-      st = impl.read(slot, k, static_cast<std::uint32_t>(ntok), dst, format_.bytes(ntok));
+  // The first tier's allocation: under write_back, a victim that still owes a lower tier its
+  // bytes is queued for writing instead (its slot frees when the write completes) and the next
+  // victim is tried; when its queue is full it is evicted unwritten (a counted dropped write).
+  index_entry* allocate_first_locked() noexcept {
+    return index_[0]->allocate(stats_.tiers[0].evictions, [this](index_entry& v) {
+      if constexpr (has_lower) {
+        if (cfg_.mode != write_mode::write_back || v.owed == 0) return false;
+        bool kept = false;
+        for (std::size_t t = 1; t < tier_count; ++t) {
+          if (!(v.owed & bit(t)) || !admitted(v, t)) continue;
+          if (try_enqueue_locked(v, t, true)) {
+            kept = true;
+          } else {
+            ++stats_.tiers[t].dropped_writes;
+          }
+        }
+        return kept;
+      } else {
+        (void)v;
+        return false;
+      }
     });
-    return st;
   }
+
+  bool admitted(const index_entry& e, std::size_t t) const noexcept {
+    return admit_[t] == 0 || e.hits >= admit_[t];
+  }
+
+  // A chunk just stored in the first tier: every lower tier is owed it; under write-through,
+  // the tiers that admit it at once get it queued now.
+  void on_stored_locked(index_entry& e) noexcept {
+    e.owed = lower_mask_;
+    if (cfg_.mode != write_mode::write_through) return;
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      if (admit_[t] == 0 && !try_enqueue_locked(e, t, false)) {
+        ++stats_.tiers[t].dropped_writes;
+        e.owed &= static_cast<std::uint8_t>(~bit(t));
+      }
+    }
+  }
+
+  // A lookup hit in the first tier: counts toward admission into lower tiers.
+  void note_hit_locked(index_entry& e) noexcept {
+    if (e.hits < 255) ++e.hits;
+    if constexpr (has_lower) {
+      if (cfg_.mode != write_mode::write_through || e.owed == 0) return;
+      bool queued = false;
+      for (std::size_t t = 1; t < tier_count; ++t) {
+        if ((e.owed & bit(t)) && admit_[t] != 0 && e.hits >= admit_[t]) {
+          if (try_enqueue_locked(e, t, false)) {
+            queued = true;
+          } else {
+            ++stats_.tiers[t].dropped_writes;
+            e.owed &= static_cast<std::uint8_t>(~bit(t));
+          }
+        }
+      }
+      if (queued) work_cv_.notify_all();
+    }
+  }
+
+  // Queues the first tier's entry `e` for writing to tier t (referenced until written); false
+  // when that queue is full.
+  bool try_enqueue_locked(index_entry& e, std::size_t t, bool evict_after) noexcept {
+    write_ring& r = rings_[t];
+    if (r.count == r.slots.size()) return false;
+    index_[0]->ref(e);  // the writer reads the first tier's bytes in place
+    r.slots[(r.head + r.count) % r.slots.size()] = index_[0]->slot(e);
+    ++r.count;
+    e.owed &= static_cast<std::uint8_t>(~bit(t));
+    if (evict_after) e.evict_after_write = 1;
+    return true;
+  }
+
+  bool writers_idle_locked() const noexcept {
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      if (rings_[t].count != 0 || rings_[t].active != 0) return false;
+    }
+    return true;
+  }
+
+  // ---- lower tiers --------------------------------------------------------------------------
 
   template <class F>
   void with_lower(std::size_t j, F&& f) {
@@ -2053,78 +1918,290 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     ((j == I ? (f(*std::get<I>(lower_)), 0) : 0), ...);
   }
 
-  // ---- write-through ------------------------------------------------------------------------
-
-  void enqueue_locked(index_entry& e) noexcept {
-    if (queued_ == ring_.size()) {
-      for (std::size_t t = 1; t < tier_count; ++t) ++stats_.tiers[t].dropped_writes;
-      return;
-    }
-    index_[0]->ref(e);  // the worker reads the first tier's bytes in place
-    ring_[(ring_head_ + queued_) % ring_.size()] = index_[0]->slot(e);
-    ++queued_;
+  // Reads the jobs of lower tier t in one batch.
+  void read_lower(std::size_t t, std::span<tier::read_job> jobs) {
+    with_lower(t - 1, [&](auto& impl) { impl.read_batch(jobs); });
   }
 
-  void worker_loop() {
+  // The end of bringing a chunk from lower tier t (slot `lslot` there, when indexed) into the
+  // first tier's writing entry `hslot`. On success the entry is published and keeps the
+  // caller's reference; otherwise it is aborted and unreferenced. The lower reference (indexed
+  // tiers) is dropped either way; a record that failed verification is discarded, pinned or
+  // not, so it is never served.
+  bool finish_promotion_locked(std::uint32_t hslot, std::size_t t, std::uint32_t lslot,
+                               tier::read_status st) noexcept {
+    index_type& first = *index_[0];
+    index_entry& e = first.at(hslot);
+    const std::size_t bytes = format_.bytes(e.tokens);
+    const bool ok = st == tier::read_status::ok;
+    if (ok) {
+      first.publish(e);
+      ++stats_.tiers[t].promotions;
+      stats_.tiers[t].bytes_read += bytes;
+      ++stats_.tiers[0].writes;
+      stats_.tiers[0].bytes_written += bytes;
+    } else {
+      first.abort(e);
+      first.unref(e);
+      if (st != tier::read_status::missing) ++stats_.tiers[t].errors;
+    }
+    if (index_type* low = index_[t]) {
+      index_entry& le = low->at(lslot);
+      if (st == tier::read_status::corrupt) low->discard(le);
+      low->unref(le);
+    }
+    return ok;
+  }
+
+  // Brings the lower-tier chunks of a lease's window [lo, hi) into the first tier, one read
+  // batch per tier, without the lock during I/O. On return each chunk's ref is in the first
+  // tier (still referenced) or dropped.
+  void promote_window(const chunk_key* ks, chunk_ref* rs, std::size_t lo, std::size_t hi,
+                      std::size_t first_chunk, std::size_t abs_end) {
+    bool any = false;
+    for (std::size_t i = lo; i < hi; ++i) any = any || (rs[i].tier != 0);
+    if (!any) return;
+    index_type& first = *index_[0];
+    std::array<tier::read_job, window> jobs;
+    std::array<std::uint32_t, window> at{};     // chunk index of each job
+    std::array<std::uint32_t, window> hslot{};  // its first-tier entry
+    std::array<std::uint32_t, window> wait{};   // chunks another caller is bringing in
+    std::size_t nj = 0, nw = 0;
     std::unique_lock lk(mu_);
-    for (;;) {
-      work_cv_.wait(lk, [this] { return stop_ || queued_ > 0; });
-      if (queued_ == 0) break;  // stopping, and everything queued was written
-      const std::uint32_t hslot = ring_[ring_head_];
-      ring_head_ = (ring_head_ + 1) % ring_.size();
-      --queued_;
-      ++active_jobs_;
-      index_entry& he = index_[0]->at(hslot);
-      const chunk_key key = he.key;
-      const std::uint32_t ntok = he.tokens;
-      std::array<std::uint32_t, tier_count> dst{};
-      std::array<bool, tier_count> write{};
-      // A chunk cleared while queued is not written: clear must not be undone by a late write.
-      for (std::size_t t = 1; t < tier_count && he.state == entry_state::ready; ++t) {
-        index_type& ix = *index_[t];
-        if (index_entry* e = ix.find(key)) {
-          ix.touch(*e);
-          continue;
+    // Jobs are collected tier by tier, so each tier's jobs are contiguous: one batch each.
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      for (std::size_t i = lo; i < hi; ++i) {
+        chunk_ref& r = rs[i];
+        if (r.tier != t) continue;
+        index_entry* e = first.find(ks[i]);
+        if (e != nullptr && e->state == entry_state::ready) {
+          first.ref(*e);
+          drop_ref_locked(r);
+          r = {first.slot(*e), 0, 0};
+        } else if (e != nullptr) {
+          wait[nw++] = static_cast<std::uint32_t>(i);
+        } else if ((e = allocate_first_locked()) == nullptr) {
+          drop_ref_locked(r);
+        } else {
+          const std::size_t ntok = chunk_tokens_at(first_chunk + i, abs_end);
+          first.insert_writing(*e, ks[i], static_cast<std::uint32_t>(ntok));
+          hslot[nj] = first.slot(*e);
+          jobs[nj] = {r.slot, ks[i], static_cast<std::uint32_t>(ntok), first_->data(hslot[nj]),
+                      format_.bytes(ntok)};
+          at[nj++] = static_cast<std::uint32_t>(i);
         }
-        index_entry* e = ix.allocate(stats_.tiers[t].evictions);
-        if (e == nullptr) {
-          ++stats_.tiers[t].dropped_writes;
-          continue;
-        }
-        ix.insert_writing(*e, key, ntok);
-        dst[t] = ix.slot(*e);
-        write[t] = true;
       }
-      lk.unlock();
-      const std::size_t bytes = format_.bytes(ntok);
-      std::array<bool, tier_count> ok{};
-      for (std::size_t t = 1; t < tier_count; ++t) {
-        if (!write[t]) continue;
+    }
+    lk.unlock();
+    for (std::size_t j = 0; j < nj;) {
+      std::size_t k = j;
+      const std::uint8_t t = rs[at[j]].tier;
+      while (k < nj && rs[at[k]].tier == t) ++k;
+      read_lower(t, {jobs.data() + j, k - j});
+      j = k;
+    }
+    std::array<std::uint8_t, window> tier_of{};
+    for (std::size_t j = 0; j < nj; ++j) tier_of[j] = rs[at[j]].tier;
+    lk.lock();
+    for (std::size_t j = 0; j < nj; ++j) {
+      chunk_ref& r = rs[at[j]];
+      if (finish_promotion_locked(hslot[j], r.tier, r.slot, jobs[j].status)) {
+        r = {hslot[j], 0, 0};
+      } else {
+        r = {0, dropped_tier, 0};
+      }
+    }
+    lk.unlock();
+    if (nj > 0) state_cv_.notify_all();
+    forget_corrupt_remote(jobs.data(), nj, [&](std::size_t j) { return tier_of[j]; });
+    if (nw == 0) return;
+    // Wait for the chunks other callers (or prefetch) are bringing in, now that this caller
+    // holds no writing entry of its own.
+    lk.lock();
+    for (std::size_t w = 0; w < nw; ++w) {
+      chunk_ref& r = rs[wait[w]];
+      index_entry* e;
+      while ((e = first.find(ks[wait[w]])) != nullptr && e->state == entry_state::writing) {
+        state_cv_.wait(lk);
+      }
+      if (e != nullptr) {
+        first.ref(*e);
+        drop_ref_locked(r);
+        r = {first.slot(*e), 0, 0};
+      } else {
+        drop_ref_locked(r);  // its loader failed: the prefix ends here
+      }
+    }
+  }
+
+  // Deletes from remote tiers the records that failed verification, so lookups stop reporting
+  // them (an indexed tier discards its entry in finish_promotion_locked). Called unlocked.
+  template <class TierOf>
+  void forget_corrupt_remote(const tier::read_job* jobs, std::size_t n, TierOf tier_of) {
+    if constexpr (remote_count > 0) {
+      for (std::size_t j = 0; j < n; ++j) {
+        const std::size_t t = tier_of(j);
+        if (jobs[j].status != tier::read_status::corrupt || index_[t] != nullptr) continue;
         with_lower(t - 1, [&](auto& impl) {
-          ok[t] = impl.write(dst[t], key, ntok, first_->data(hslot), bytes);
+          if constexpr (!is_indexed<decltype(impl)>) (void)impl.remove({&jobs[j].key, 1});
         });
       }
+    } else {
+      (void)jobs, (void)n, (void)tier_of;
+    }
+  }
+
+  // Drops an operation's reference to a lower-tier chunk; the lease still counts the chunk, so
+  // it is marked for release.
+  void drop_ref_locked(chunk_ref& r) noexcept {
+    if (r.tier != dropped_tier && index_[r.tier] != nullptr) {
+      index_type& ix = *index_[r.tier];
+      ix.unref(ix.at(r.slot));
+    }
+    r = {0, dropped_tier, 0};
+  }
+
+  // ---- background work: one writer per lower tier, one prefetch reader ---------------------
+
+  void writer_loop(std::size_t t) {
+    write_ring& rg = rings_[t];
+    index_type& first = *index_[0];
+    index_type* ix = index_[t];
+    std::array<std::uint32_t, window> hs{};
+    std::array<tier::write_job, window> jobs;
+    std::array<std::uint32_t, window> job_of{};
+    std::unique_lock lk(mu_);
+    for (;;) {
+      work_cv_.wait(lk, [&] { return stop_ || rg.count > 0; });
+      if (rg.count == 0) break;  // stopping, and everything queued was written
+      std::size_t n = 0, m = 0;
+      for (; rg.count > 0 && n < window; ++n) {
+        hs[n] = rg.slots[rg.head];
+        rg.head = (rg.head + 1) % rg.slots.size();
+        --rg.count;
+      }
+      rg.active += n;
+      for (std::size_t i = 0; i < n; ++i) {
+        index_entry& he = first.at(hs[i]);
+        // A chunk cleared while queued is not written: clear must not be undone by a late write.
+        if (he.state != entry_state::ready) continue;
+        std::uint32_t slot = 0;
+        if (ix != nullptr) {
+          if (index_entry* e = ix->find(he.key)) {
+            ix->touch(*e);
+            continue;
+          }
+          index_entry* e = ix->allocate(stats_.tiers[t].evictions);
+          if (e == nullptr) {
+            ++stats_.tiers[t].dropped_writes;
+            continue;
+          }
+          ix->insert_writing(*e, he.key, he.tokens);
+          slot = ix->slot(*e);
+        }
+        jobs[m] = {slot, he.key, he.tokens, first_->data(hs[i]), format_.bytes(he.tokens)};
+        job_of[m++] = static_cast<std::uint32_t>(i);
+      }
+      lk.unlock();
+      if (m > 0) with_lower(t - 1, [&](auto& impl) { impl.write_batch({jobs.data(), m}); });
       lk.lock();
-      for (std::size_t t = 1; t < tier_count; ++t) {
-        if (!write[t]) continue;
-        index_type& ix = *index_[t];
-        index_entry& e = ix.at(dst[t]);
-        if (ok[t]) {
-          ix.publish(e);
+      std::array<chunk_key, window> undo;  // written, but cleared meanwhile (remote tiers)
+      std::size_t nundo = 0;
+      for (std::size_t j = 0; j < m; ++j) {
+        // The writer's reference kept the chunk from eviction, so a chunk no longer ready was
+        // cleared while being written: it must not appear in this tier afterwards.
+        const bool cleared = first.at(hs[job_of[j]]).state != entry_state::ready;
+        const bool ok = jobs[j].ok && !cleared;
+        if (ix != nullptr) {
+          index_entry& e = ix->at(jobs[j].slot);
+          if (ok) {
+            ix->publish(e);
+          } else {
+            ix->abort(e);
+          }
+          ix->unref(e);
+        } else if (cleared && jobs[j].ok) {
+          undo[nundo++] = jobs[j].key;
+        }
+        if (ok) {
           ++stats_.tiers[t].writes;
-          stats_.tiers[t].bytes_written += bytes;
-        } else {
-          ix.abort(e);
+          stats_.tiers[t].bytes_written += jobs[j].bytes;
+          if (first.at(hs[job_of[j]]).evict_after_write) ++stats_.tiers[t].write_backs;
+        } else if (!cleared) {
           ++stats_.tiers[t].errors;
         }
-        ix.unref(e);
       }
-      index_[0]->unref(he);
-      --active_jobs_;
-      if (queued_ == 0 && active_jobs_ == 0) idle_cv_.notify_all();
+      if (nundo > 0) {
+        lk.unlock();
+        with_lower(t - 1, [&](auto& impl) {
+          if constexpr (!is_indexed<decltype(impl)>) (void)impl.remove({undo.data(), nundo});
+        });
+        lk.lock();
+      }
+      for (std::size_t i = 0; i < n; ++i) {
+        index_entry& he = first.at(hs[i]);
+        first.unref(he);
+        // Write-back: the slot whose eviction waited for this write is freed now, unless a
+        // lookup took it again meanwhile (then it stays, most recently used).
+        if (he.evict_after_write && he.evictable() && first.remove(he)) {
+          ++stats_.tiers[0].evictions;
+        }
+      }
+      rg.active -= n;
+      if (writers_idle_locked()) idle_cv_.notify_all();
     }
     idle_cv_.notify_all();
   }
+
+  void reader_loop() {
+    index_type& first = *index_[0];
+    std::array<prefetch_job, window> pj;
+    std::array<tier::read_job, window> jobs;
+    std::unique_lock lk(mu_);
+    for (;;) {
+      prefetch_cv_.wait(lk, [&] { return stop_ || prefetch_count_ > 0; });
+      if (stop_) break;
+      // One batch from the queue's head, all from one tier.
+      std::size_t n = 0;
+      const std::uint8_t t = prefetch_ring_[prefetch_head_].tier;
+      while (prefetch_count_ > 0 && n < window && prefetch_ring_[prefetch_head_].tier == t) {
+        pj[n] = prefetch_ring_[prefetch_head_];
+        prefetch_head_ = (prefetch_head_ + 1) % prefetch_ring_.size();
+        --prefetch_count_;
+        const index_entry& e = first.at(pj[n].hslot);
+        jobs[n] = {pj[n].lslot, e.key, e.tokens, first_->data(pj[n].hslot),
+                   format_.bytes(e.tokens)};
+        ++n;
+      }
+      lk.unlock();
+      read_lower(t, {jobs.data(), n});
+      lk.lock();
+      for (std::size_t i = 0; i < n; ++i) {
+        if (finish_promotion_locked(pj[i].hslot, t, pj[i].lslot, jobs[i].status)) {
+          ++stats_.prefetched;
+          first.unref(first.at(pj[i].hslot));
+        }
+      }
+      lk.unlock();
+      state_cv_.notify_all();
+      forget_corrupt_remote(jobs.data(), n, [&](std::size_t) { return t; });
+      lk.lock();
+    }
+  }
+
+  // ---- state --------------------------------------------------------------------------------
+
+  struct write_ring {
+    std::vector<std::uint32_t> slots;  // first-tier slots waiting to be written
+    std::size_t head = 0, count = 0;
+    std::size_t active = 0;  // taken by the writer, not finished
+    std::vector<std::thread> threads;
+  };
+  struct prefetch_job {
+    std::uint32_t hslot = 0;  // the first tier's writing entry
+    std::uint32_t lslot = 0;  // the lower tier's slot (indexed tiers)
+    std::uint8_t tier = 0;
+  };
 
   model_shape model_;
   cache_config cfg_;
@@ -2134,24 +2211,27 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
 
   std::unique_ptr<first_impl> first_;
   std::tuple<std::unique_ptr<typename Lower::template impl<Eviction>>...> lower_;
-  std::array<index_type*, tier_count> index_{};
+  std::array<index_type*, tier_count> index_{};  // nullptr for a remote tier
+  std::array<std::uint32_t, tier_count> admit_{};
+  std::array<std::size_t, tier_count> writers_{};
+  std::uint8_t lower_mask_ = 0;
 
   mutable std::mutex mu_;
-  std::condition_variable state_cv_;  // an entry left the writing state
-  std::condition_variable work_cv_;   // write-through work or stop
-  std::condition_variable idle_cv_;   // write-through queue drained
+  std::condition_variable state_cv_;     // an entry left the writing state
+  std::condition_variable work_cv_;      // write work or stop
+  std::condition_variable idle_cv_;      // writers drained
+  std::condition_variable prefetch_cv_;  // prefetch work or stop
   stats_type stats_{};
 
   std::unique_ptr<chunk_key[]> op_keys_;
   std::unique_ptr<chunk_ref[]> op_refs_;
   std::vector<std::uint32_t> free_ops_;
 
-  std::vector<std::uint32_t> ring_;
-  std::size_t ring_head_ = 0;
-  std::size_t queued_ = 0;
-  std::size_t active_jobs_ = 0;
+  std::array<write_ring, tier_count> rings_;
+  std::vector<prefetch_job> prefetch_ring_;
+  std::size_t prefetch_head_ = 0, prefetch_count_ = 0;
+  std::thread reader_;
   bool stop_ = false;
-  std::thread worker_;
 };
 
 }  // namespace detail
@@ -2233,6 +2313,20 @@ struct lru {
 // ---- begin kvtier/key/xxh3_hasher.hpp
 // The default chunk hasher: XXH3-128 (Debian libxxhash-dev, inlined so nothing is linked).
 
+// ---- begin kvtier/detail/xxhash.hpp
+// xxHash, inlined (XXH_INLINE_ALL) so a header-only kvtier links nothing; safe next to an engine
+// that includes xxhash.h itself (the header supports both modes in one translation unit).
+
+#ifndef XXH_INLINE_ALL
+#define XXH_INLINE_ALL
+#define KVTIER_DEFINED_XXH_INLINE_ALL
+#endif
+#include <xxhash.h>
+#ifdef KVTIER_DEFINED_XXH_INLINE_ALL
+#undef XXH_INLINE_ALL
+#undef KVTIER_DEFINED_XXH_INLINE_ALL
+#endif
+// ---- end kvtier/detail/xxhash.hpp
 
 
 namespace kvtier::key {
@@ -2290,6 +2384,142 @@ struct vllm_flash_nhd {
 // ---- begin kvtier/tier/host.hpp
 // The host memory tier: the first tier of a chain, a slab of chunk slots in host memory.
 
+// ---- begin kvtier/memory/slab.hpp
+// Fixed-size chunk slots over one region.
+
+// ---- begin kvtier/memory/region.hpp
+// One aligned host memory region, reserved by kvtier or handed in by the engine.
+
+
+#include <sys/mman.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <memory_resource>
+
+namespace kvtier::memory {
+
+/// Owns `bytes` of host memory aligned to `alignment` (a power of two, at least 64). With an
+/// upstream std::pmr::memory_resource the engine supplies the memory (its own pool, a
+/// huge-page arena); without one kvtier reserves it with aligned new. With `prefault`, every page
+/// is touched now, so the first store into it does not page-fault. With `lock`, the pages are
+/// mlock()ed (which faults them in); failure throws tier_error naming the size and the system's
+/// reason (usually RLIMIT_MEMLOCK).
+class region {
+ public:
+  region() = default;
+  region(std::size_t bytes, std::size_t alignment, bool lock,
+         std::pmr::memory_resource* upstream = nullptr, bool prefault = false)
+      : bytes_(bytes), alignment_(alignment), upstream_(upstream) {
+    if (bytes == 0) throw invalid_argument("kvtier: memory region of 0 bytes");
+    try {
+      data_ = upstream ? upstream->allocate(bytes, alignment)
+                       : ::operator new (bytes, std::align_val_t{alignment});
+    } catch (const std::bad_alloc&) {
+      throw tier_error("kvtier: cannot allocate a host region of " + std::to_string(bytes) +
+                       " bytes");
+    }
+    if (prefault && !lock) std::memset(data_, 0, bytes);  // mlock faults the pages itself
+    if (lock) {
+      if (::mlock(data_, bytes) != 0) {
+        const int err = errno;
+        release();
+        throw tier_error("kvtier: mlock of " + std::to_string(bytes) + " bytes failed: " +
+                         std::strerror(err) + " (raise RLIMIT_MEMLOCK or set lock_memory = false)");
+      }
+      locked_ = true;
+    }
+  }
+  region(region&& o) noexcept { swap(o); }
+  region& operator=(region&& o) noexcept {
+    if (this != &o) {
+      release();
+      swap(o);
+    }
+    return *this;
+  }
+  region(const region&) = delete;
+  region& operator=(const region&) = delete;
+  ~region() { release(); }
+
+  [[nodiscard]] std::byte* data() const noexcept { return static_cast<std::byte*>(data_); }
+  [[nodiscard]] std::size_t size() const noexcept { return bytes_; }
+  [[nodiscard]] bool locked() const noexcept { return locked_; }
+
+ private:
+  void swap(region& o) noexcept {
+    std::swap(data_, o.data_);
+    std::swap(bytes_, o.bytes_);
+    std::swap(alignment_, o.alignment_);
+    std::swap(upstream_, o.upstream_);
+    std::swap(locked_, o.locked_);
+  }
+  void release() noexcept {
+    if (!data_) return;
+    if (locked_) ::munlock(data_, bytes_);
+    if (upstream_) {
+      upstream_->deallocate(data_, bytes_, alignment_);
+    } else {
+      ::operator delete (data_, std::align_val_t{alignment_});
+    }
+    data_ = nullptr;
+    locked_ = false;
+  }
+
+  void* data_ = nullptr;
+  std::size_t bytes_ = 0;
+  std::size_t alignment_ = 64;
+  std::pmr::memory_resource* upstream_ = nullptr;
+  bool locked_ = false;
+};
+
+}  // namespace kvtier::memory
+// ---- end kvtier/memory/region.hpp
+
+
+namespace kvtier::memory {
+
+/// A region cut into `slots` slots of `slot_bytes` each (slot_bytes rounded up to the
+/// alignment). Every chunk of a cache has one size, so a slot never fragments; which slots are
+/// free is kept by the tier's index (entry i owns slot i), making allocate and free O(1).
+class slab {
+ public:
+  slab() = default;
+  slab(std::size_t slots, std::size_t slot_bytes, std::size_t alignment, bool lock,
+       std::pmr::memory_resource* upstream = nullptr, bool prefault = false)
+      : slot_bytes_(round_up(slot_bytes, alignment)),
+        slots_(slots),
+        region_(checked_bytes(slots, round_up(slot_bytes, alignment)), alignment, lock, upstream,
+                prefault) {}
+
+  [[nodiscard]] std::byte* data(std::uint32_t slot) const noexcept {
+    return region_.data() + static_cast<std::size_t>(slot) * slot_bytes_;
+  }
+  [[nodiscard]] std::size_t slot_bytes() const noexcept { return slot_bytes_; }
+  [[nodiscard]] std::size_t slots() const noexcept { return slots_; }
+  [[nodiscard]] const region& memory() const noexcept { return region_; }
+
+  [[nodiscard]] static constexpr std::size_t round_up(std::size_t v, std::size_t a) noexcept {
+    return (v + a - 1) / a * a;
+  }
+
+ private:
+  static std::size_t checked_bytes(std::size_t slots, std::size_t slot_bytes) {
+    if (slots == 0) throw invalid_argument("kvtier: slab of 0 slots");
+    if (slot_bytes != 0 && slots > SIZE_MAX / slot_bytes) {
+      throw invalid_argument("kvtier: slab of " + std::to_string(slots) + " slots of " +
+                             std::to_string(slot_bytes) + " bytes overflows");
+    }
+    return slots * slot_bytes;
+  }
+
+  std::size_t slot_bytes_ = 0;
+  std::size_t slots_ = 0;
+  region region_;
+};
+
+}  // namespace kvtier::memory
+// ---- end kvtier/memory/slab.hpp
 
 
 namespace kvtier::tier {
@@ -2992,4 +3222,760 @@ struct vllm_flash_hnd {
 
 }  // namespace kvtier::layout
 // ---- end kvtier/layout/vllm_flash_hnd.hpp
+// ---- begin kvtier/tier/local_disk.hpp
+// The local disk tier: one file of fixed-size record slots in a directory, accessed with
+// aligned O_DIRECT I/O in batches (io_uring, or a thread pool where io_uring is unavailable).
+
+// ---- begin kvtier/detail/io_engine.hpp
+// Batched positional file I/O for the disk tier: io_uring where liburing is available and the
+// kernel allows it (KVTIER_USE_IO_URING, set by the CMake target when liburing is found), and a
+// pool of threads doing pread/pwrite otherwise. Each call runs a batch of operations with up to
+// `depth` segments in flight and returns when all completed. Nothing allocates after
+// construction.
+
+#include <sys/types.h>
+#include <unistd.h>
+
+
+#if defined(KVTIER_USE_IO_URING) && __has_include(<liburing.h>)
+#include <liburing.h>
+#define KVTIER_HAS_IO_URING 1
+#else
+#define KVTIER_HAS_IO_URING 0
+#endif
+
+namespace kvtier::detail {
+
+/// One read or write of `len` bytes at file offset `off`. `res` is set to `len` on success and
+/// to -errno on failure (-ENODATA for an end of file before `len` bytes).
+struct io_op {
+  int fd = -1;
+  bool write = false;
+  void* buf = nullptr;
+  std::size_t len = 0;
+  off_t off = 0;
+  long res = 0;
+};
+
+class io_engine {
+ public:
+  enum class backend { io_uring, threads };
+
+  /// `lanes` callers may run batches at the same time; each keeps `depth` segments of at most
+  /// `segment` bytes in flight. `prefer_uring` false, or an io_uring the kernel refuses, selects
+  /// the thread pool: min(32, lanes * depth) threads sharing one bounded queue of segments.
+  io_engine(unsigned lanes, unsigned depth, std::size_t segment, bool prefer_uring)
+      : depth_(std::max(1u, depth)), segment_(std::max<std::size_t>(4096, segment)) {
+    lanes = std::max(1u, lanes);
+#if KVTIER_HAS_IO_URING
+    if (prefer_uring) {
+      rings_ = std::make_unique<ring[]>(lanes);
+      unsigned made = 0;
+      for (; made < lanes; ++made) {
+        if (io_uring_queue_init(depth_, &rings_[made].r, 0) != 0) break;
+        rings_[made].inflight = std::make_unique<segment_state[]>(depth_);
+        rings_[made].ok = true;
+      }
+      if (made == lanes) {
+        backend_ = backend::io_uring;
+        free_rings_.reserve(lanes);
+        free_tags_ = std::make_unique<std::vector<std::uint32_t>[]>(lanes);
+        for (unsigned i = 0; i < lanes; ++i) {
+          free_rings_.push_back(i);
+          free_tags_[i].reserve(depth_);
+        }
+        lanes_ = lanes;
+        return;
+      }
+      close_rings(lanes);  // io_uring refused (seccomp, sysctl): fall back to threads
+    }
+#else
+    (void)prefer_uring;
+#endif
+    backend_ = backend::threads;
+    queue_.resize(std::size_t{lanes} * depth_);
+    const unsigned n = std::min(32u, lanes * depth_);
+    workers_.reserve(n);
+    for (unsigned i = 0; i < n; ++i) workers_.emplace_back([this] { worker(); });
+  }
+
+  ~io_engine() {
+    if (backend_ == backend::threads) {
+      {
+        std::lock_guard lk(mu_);
+        stop_ = true;
+      }
+      cv_.notify_all();
+      for (auto& t : workers_) t.join();
+    }
+#if KVTIER_HAS_IO_URING
+    close_rings(lanes_);
+#endif
+  }
+  io_engine(const io_engine&) = delete;
+  io_engine& operator=(const io_engine&) = delete;
+
+  [[nodiscard]] backend which() const noexcept { return backend_; }
+  [[nodiscard]] const char* name() const noexcept {
+    return backend_ == backend::io_uring ? "io_uring" : "threads";
+  }
+
+  /// Runs every op; true when all succeeded. Thread-safe.
+  bool run(std::span<io_op> ops) noexcept {
+    for (auto& op : ops) op.res = 0;
+#if KVTIER_HAS_IO_URING
+    if (backend_ == backend::io_uring) return run_uring(ops);
+#endif
+    return run_threads(ops);
+  }
+
+ private:
+  struct segment_state {
+    io_op* op = nullptr;
+    std::size_t done = 0;  // bytes of this segment already transferred
+    std::size_t off = 0;   // segment offset within op
+    std::size_t len = 0;
+  };
+
+  // Splits ops into segments in order: (op index, offset within op).
+  struct cursor {
+    std::span<io_op> ops;
+    std::size_t i = 0, off = 0;
+    bool next(std::size_t seg, segment_state& s) noexcept {
+      while (i < ops.size() && off >= ops[i].len) {
+        ++i;
+        off = 0;
+      }
+      if (i == ops.size()) return false;
+      s = {&ops[i], 0, off, std::min(seg, ops[i].len - off)};
+      off += s.len;
+      return true;
+    }
+  };
+
+  static void finish(segment_state& s, long r) noexcept {
+    if (r < 0) {
+      if (s.op->res >= 0) s.op->res = r;
+    } else if (s.op->res >= 0) {
+      s.op->res += r;
+    }
+  }
+
+  // Transfers what is left of `s` synchronously; used by the threads backend.
+  static void transfer(segment_state& s) noexcept {
+    char* b = static_cast<char*>(s.op->buf) + s.off;
+    std::size_t left = s.len;
+    off_t pos = s.op->off + static_cast<off_t>(s.off);
+    while (left > 0) {
+      const ssize_t r =
+          s.op->write ? ::pwrite(s.op->fd, b, left, pos) : ::pread(s.op->fd, b, left, pos);
+      if (r < 0 && errno == EINTR) continue;
+      if (r <= 0) {
+        std::lock_guard lk(err_mu());
+        finish(s, r < 0 ? -errno : -ENODATA);
+        return;
+      }
+      b += r;
+      pos += r;
+      left -= static_cast<std::size_t>(r);
+    }
+    std::lock_guard lk(err_mu());
+    finish(s, static_cast<long>(s.len));
+  }
+  static std::mutex& err_mu() noexcept {
+    static std::mutex m;
+    return m;
+  }
+
+  static bool all_ok(std::span<io_op> ops) noexcept {
+    bool ok = true;
+    for (auto& op : ops) {
+      if (op.res >= 0 && static_cast<std::size_t>(op.res) != op.len) op.res = -ENODATA;
+      ok = ok && op.res >= 0;
+    }
+    return ok;
+  }
+
+  // ---- threads backend: a bounded queue of segments; the caller works too ----------------
+
+  struct batch {
+    std::size_t pending = 0;  // segments queued or running; guarded by mu_
+    std::condition_variable done;
+  };
+  struct item {
+    segment_state s;
+    batch* b = nullptr;
+  };
+
+  bool run_threads(std::span<io_op> ops) noexcept {
+    batch b;
+    cursor c{ops};
+    segment_state s;
+    std::unique_lock lk(mu_);
+    while (c.next(segment_, s)) {
+      if (count_ == queue_.size()) {  // queue full: the caller does this segment itself
+        ++b.pending;
+        lk.unlock();
+        transfer(s);
+        lk.lock();
+        --b.pending;
+        continue;
+      }
+      queue_[(head_ + count_) % queue_.size()] = {s, &b};
+      ++count_;
+      ++b.pending;
+      cv_.notify_one();
+    }
+    // Help with what is queued, then wait for the rest.
+    while (b.pending > 0) {
+      if (count_ > 0) {
+        item it = pop_locked();
+        lk.unlock();
+        transfer(it.s);
+        lk.lock();
+        if (--it.b->pending == 0 && it.b != &b) it.b->done.notify_all();
+        continue;
+      }
+      b.done.wait(lk);
+    }
+    lk.unlock();
+    return all_ok(ops);
+  }
+
+  item pop_locked() noexcept {
+    item it = queue_[head_];
+    head_ = (head_ + 1) % queue_.size();
+    --count_;
+    return it;
+  }
+
+  void worker() {
+    std::unique_lock lk(mu_);
+    for (;;) {
+      cv_.wait(lk, [this] { return stop_ || count_ > 0; });
+      if (count_ == 0) return;
+      item it = pop_locked();
+      lk.unlock();
+      transfer(it.s);
+      lk.lock();
+      if (--it.b->pending == 0) it.b->done.notify_all();
+    }
+  }
+
+  // ---- io_uring backend: a pool of rings, one per concurrent caller -----------------------
+
+#if KVTIER_HAS_IO_URING
+  struct ring {
+    io_uring r{};
+    std::unique_ptr<segment_state[]> inflight;
+    bool ok = false;
+  };
+
+  void close_rings(unsigned n) noexcept {
+    if (!rings_) return;
+    for (unsigned i = 0; i < n; ++i) {
+      if (rings_[i].ok) io_uring_queue_exit(&rings_[i].r);
+      rings_[i].ok = false;
+    }
+  }
+
+  static void prep(io_uring_sqe* sqe, segment_state& s, std::uint64_t tag) noexcept {
+    char* b = static_cast<char*>(s.op->buf) + s.off + s.done;
+    const unsigned n = static_cast<unsigned>(s.len - s.done);
+    const off_t pos = s.op->off + static_cast<off_t>(s.off + s.done);
+    if (s.op->write) {
+      io_uring_prep_write(sqe, s.op->fd, b, n, static_cast<__u64>(pos));
+    } else {
+      io_uring_prep_read(sqe, s.op->fd, b, n, static_cast<__u64>(pos));
+    }
+    io_uring_sqe_set_data64(sqe, tag);
+  }
+
+  bool run_uring(std::span<io_op> ops) noexcept {
+    unsigned lane;
+    {
+      std::unique_lock lk(mu_);
+      cv_.wait(lk, [this] { return !free_rings_.empty(); });
+      lane = free_rings_.back();
+      free_rings_.pop_back();
+    }
+    ring& rg = rings_[lane];
+    // Segments are at most 2 GiB - 4 KiB: one SQE's length is 32 bits.
+    const std::size_t seg = std::min<std::size_t>(segment_, (std::size_t{1} << 31) - 4096);
+    cursor c{ops};
+    std::vector<std::uint32_t>& free_tags = free_tags_[lane];
+    free_tags.clear();
+    for (std::uint32_t t = depth_; t-- > 0;) free_tags.push_back(t);
+    unsigned inflight = 0;
+    bool more = true;
+    for (;;) {
+      while (more && !free_tags.empty()) {
+        segment_state& s = rg.inflight[free_tags.back()];
+        if (!c.next(seg, s)) {
+          more = false;
+          break;
+        }
+        io_uring_sqe* sqe = io_uring_get_sqe(&rg.r);
+        if (sqe == nullptr) break;
+        prep(sqe, s, free_tags.back());
+        free_tags.pop_back();
+        ++inflight;
+      }
+      if (inflight == 0) break;
+      int r;
+      do {
+        r = io_uring_submit_and_wait(&rg.r, 1);
+      } while (r == -EINTR);
+      if (r < 0) {  // cannot submit: finish the in-flight segments synchronously
+        for (std::uint32_t t = 0; t < depth_; ++t) {
+          if (std::find(free_tags.begin(), free_tags.end(), t) != free_tags.end()) continue;
+          transfer_rest(rg.inflight[t]);
+        }
+        break;
+      }
+      io_uring_cqe* cqe;
+      unsigned head, seen = 0;
+      io_uring_for_each_cqe(&rg.r, head, cqe) {
+        ++seen;
+        const auto tag = static_cast<std::uint32_t>(io_uring_cqe_get_data64(cqe));
+        segment_state& s = rg.inflight[tag];
+        const int res = cqe->res;
+        if (res == -EINTR || res == -EAGAIN || (res > 0 && s.done + std::size_t(res) < s.len)) {
+          if (res > 0) s.done += static_cast<std::size_t>(res);
+          io_uring_sqe* sqe = io_uring_get_sqe(&rg.r);
+          if (sqe != nullptr) {
+            prep(sqe, s, tag);  // short or interrupted transfer: resubmit the rest
+            continue;
+          }
+          transfer_rest(s);
+        } else {
+          finish(s, res < 0 ? res : (res == 0 ? -ENODATA : static_cast<long>(s.len)));
+        }
+        free_tags.push_back(tag);
+        --inflight;
+      }
+      io_uring_cq_advance(&rg.r, seen);
+    }
+    // Any segment not submitted (submission failure) is done synchronously.
+    segment_state s;
+    while (c.next(seg, s)) transfer(s);
+    {
+      std::lock_guard lk(mu_);
+      free_rings_.push_back(lane);
+    }
+    cv_.notify_one();
+    return all_ok(ops);
+  }
+
+  static void transfer_rest(segment_state& s) noexcept {
+    segment_state rest{s.op, 0, s.off + s.done, s.len - s.done};
+    if (s.done > 0) {
+      std::lock_guard lk(err_mu());
+      finish(s, static_cast<long>(s.done));
+    }
+    transfer(rest);
+  }
+
+  std::unique_ptr<ring[]> rings_;
+  std::vector<unsigned> free_rings_;
+  std::unique_ptr<std::vector<std::uint32_t>[]> free_tags_ = nullptr;
+  unsigned lanes_ = 0;
+#endif
+
+  unsigned depth_;
+  std::size_t segment_;
+  backend backend_ = backend::threads;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<item> queue_;
+  std::size_t head_ = 0, count_ = 0;
+  bool stop_ = false;
+  std::vector<std::thread> workers_;
+};
+
+}  // namespace kvtier::detail
+// ---- end kvtier/detail/io_engine.hpp
+// ---- begin kvtier/detail/record.hpp
+// The self-describing record a non-memory tier keeps per chunk: a fixed header that carries the
+// key, salt, format fingerprint, length and checksums, followed by the chunk's bytes.
+
+
+
+namespace kvtier::detail {
+
+inline constexpr char record_magic[8] = {'K', 'V', 'T', 'I', 'E', 'R', 'R', '1'};
+inline constexpr std::uint32_t record_version = 1;
+/// Header space in front of each payload on disk: one page, so the payload stays aligned for
+/// O_DIRECT. A remote record's header takes just sizeof(record_header).
+inline constexpr std::size_t record_header_bytes = 4096;
+
+/// Serialized little-endian at the start of the header page.
+struct record_header {
+  char magic[8];
+  std::uint32_t version;
+  std::uint32_t header_bytes;
+  chunk_key key;
+  chunk_key salt;
+  std::uint64_t format_fingerprint;
+  std::uint32_t tokens;
+  std::uint32_t reserved;
+  std::uint64_t payload_bytes;
+  std::uint64_t payload_checksum;
+  std::uint64_t header_checksum;  ///< XXH3-64 of every field above
+};
+static_assert(sizeof(record_header) == 88, "record_header must have no padding: it is hashed");
+static_assert(sizeof(record_header) <= record_header_bytes);
+
+/// Payload checksum, seeded by the key so bytes moved under another key fail the check too.
+[[nodiscard]] inline std::uint64_t payload_checksum(const chunk_key& k, const std::byte* p,
+                                                    std::size_t n) noexcept {
+  return XXH3_64bits_withSeed(p, n, k.lo ^ k.hi);
+}
+
+[[nodiscard]] inline std::uint64_t header_checksum(const record_header& h) noexcept {
+  return XXH3_64bits(&h, offsetof(record_header, header_checksum));
+}
+
+[[nodiscard]] inline record_header make_record_header(const chunk_key& key, const chunk_key& salt,
+                                                      std::uint64_t fingerprint,
+                                                      std::uint32_t tokens, const std::byte* p,
+                                                      std::size_t n,
+                                                      std::size_t header_bytes =
+                                                          record_header_bytes) noexcept {
+  record_header h{};
+  std::memcpy(h.magic, record_magic, sizeof h.magic);
+  h.version = record_version;
+  h.header_bytes = static_cast<std::uint32_t>(header_bytes);
+  h.key = key;
+  h.salt = salt;
+  h.format_fingerprint = fingerprint;
+  h.tokens = tokens;
+  h.payload_bytes = n;
+  h.payload_checksum = payload_checksum(key, p, n);
+  h.header_checksum = header_checksum(h);
+  return h;
+}
+
+/// True when `h` is an intact header of exactly this record (key, salt, format, length).
+[[nodiscard]] inline bool header_matches(const record_header& h, const chunk_key& key,
+                                         const chunk_key& salt, std::uint64_t fingerprint,
+                                         std::uint32_t tokens, std::size_t n,
+                                         std::size_t header_bytes = record_header_bytes) noexcept {
+  return std::memcmp(h.magic, record_magic, sizeof h.magic) == 0 && h.version == record_version &&
+         h.header_bytes == header_bytes && h.header_checksum == header_checksum(h) &&
+         h.key == key && h.salt == salt && h.format_fingerprint == fingerprint &&
+         h.tokens == tokens && h.payload_bytes == n;
+}
+
+}  // namespace kvtier::detail
+// ---- end kvtier/detail/record.hpp
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+
+#include <filesystem>
+#include <system_error>
+
+namespace kvtier::tier {
+
+/// When written records reach stable storage.
+enum class durability {
+  none,        ///< the device's own pace: a power loss may lose (never corrupt) recent records
+  each_batch,  ///< fdatasync after each batch of writes, before its chunks become visible
+};
+
+/// Local disk tier. Records live in `<path>/kvtier-<salt>.kvt`, slot i at byte
+/// i * slot_bytes: a 4 KiB header (key, salt, format fingerprint, tokens, checksums) then the
+/// payload, padded to 4 KiB. Every read verifies the header and the payload checksum against
+/// the key asked for; a mismatch is a miss and a counted error, never data.
+///
+/// I/O is O_DIRECT (the page cache would hold a second copy of what the host tier holds) in
+/// segments of `segment_bytes`, `queue_depth` in flight per batch, through io_uring when the
+/// build has liburing (KVTIER_USE_IO_URING) and the kernel allows it, else through a pool of
+/// threads doing pread/pwrite. A filesystem without O_DIRECT (tmpfs) gets buffered I/O.
+///
+/// The file is locked (flock) against a second cache using it at the same time. When it already
+/// exists, the index is rebuilt from the headers of the records in it: a slot whose header is not
+/// intact for this salt and format, or repeats a key, is dropped and counted; payloads are
+/// verified when read. So a later process with the same salt, whatever its engine layout,
+/// finds what an earlier one stored.
+struct local_disk {
+  static constexpr const char* name = "local_disk";
+  static constexpr bool is_memory = false;
+  static constexpr bool indexed = true;
+
+  struct config {
+    std::filesystem::path path;                          ///< directory; created if missing
+    std::size_t capacity_bytes = std::size_t{16} << 30;  ///< file size limit
+    durability sync = durability::none;                  ///< when records reach stable storage
+    bool direct_io = true;                 ///< O_DIRECT where the filesystem supports it
+    bool use_io_uring = true;              ///< false: always the thread-pool backend
+    unsigned queue_depth = 32;             ///< segments in flight per batch
+    std::size_t segment_bytes = 1u << 20;  ///< I/O size of one segment (multiple of 4 KiB)
+    unsigned lanes = 4;                    ///< batches in flight at once (callers, writer)
+    std::uint32_t admit_after_hits = 0;    ///< take a chunk only once hit this often above
+    unsigned writers = 2;     ///< threads writing records (each with a batch in flight)
+    bool preallocate = true;  ///< reserve the file's blocks at open (fallocate): no block
+                              ///< allocation on the write path, no ENOSPC inside a record
+  };
+
+  /// Records per write_batch/read_batch call the tier handles in one submission.
+  static constexpr std::size_t max_batch = 8;
+
+  template <class Eviction>
+  class impl {
+   public:
+    impl(const config& c, const context& ctx)
+        : ctx_(ctx),
+          cfg_(checked(c)),
+          slot_bytes_(
+              memory::slab::round_up(detail::record_header_bytes + ctx.format.chunk_bytes(), 4096)),
+          index_(slots_for(c, slot_bytes_)),
+          io_(c.lanes, c.queue_depth, c.segment_bytes, c.use_io_uring) {
+      std::error_code ec;
+      std::filesystem::create_directories(c.path, ec);
+      if (ec) {
+        throw tier_error("kvtier: local_disk path '" + c.path.string() +
+                         "' cannot be created: " + ec.message());
+      }
+      file_ = c.path / ("kvtier-" + ctx.salt.hex() + ".kvt");
+      fd_ = ::open(file_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+      if (fd_ < 0) {
+        throw tier_error("kvtier: local_disk path '" + c.path.string() +
+                         "' is not writable: " + std::strerror(errno));
+      }
+      if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+        const int err = errno;
+        ::close(fd_);
+        throw tier_error("kvtier: local_disk file '" + file_.string() +
+                         "' is in use by another cache: " + std::strerror(err));
+      }
+      // A second descriptor for O_DIRECT; the buffered one serves unaligned buffers and
+      // filesystems without O_DIRECT.
+      if (c.direct_io) direct_fd_ = ::open(file_.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
+      try {
+        recover();
+        preallocate(c);
+      } catch (...) {
+        close_all();
+        throw;
+      }
+    }
+    ~impl() { close_all(); }
+    impl(const impl&) = delete;
+    impl& operator=(const impl&) = delete;
+
+    [[nodiscard]] detail::chunk_index<Eviction>& index() noexcept { return index_; }
+    [[nodiscard]] const std::filesystem::path& file() const noexcept { return file_; }
+    [[nodiscard]] std::size_t slot_bytes() const noexcept { return slot_bytes_; }
+    [[nodiscard]] const config& settings() const noexcept { return cfg_; }
+    /// True when I/O bypasses the page cache (O_DIRECT accepted by the filesystem).
+    [[nodiscard]] bool direct() const noexcept { return direct_fd_ >= 0; }
+    /// "io_uring" or "threads".
+    [[nodiscard]] const char* io_backend() const noexcept { return io_.name(); }
+
+    /// Records found intact at construction, and slots dropped then (bad or repeated header).
+    [[nodiscard]] std::size_t recovered() const noexcept { return recovered_; }
+    [[nodiscard]] std::size_t dropped_at_open() const noexcept { return dropped_; }
+
+    /// Writes each job's record (header and payload in one submission); sets each job's `ok`.
+    /// With durability::each_batch, `ok` means the record is on stable storage. No lock held.
+    void write_batch(std::span<write_job> jobs) noexcept {
+      for (std::size_t b = 0; b < jobs.size(); b += max_batch) {
+        write_some(jobs.subspan(b, std::min(max_batch, jobs.size() - b)));
+      }
+    }
+
+    /// Reads each job's record into its `dst` and proves it is the job key's: intact header for
+    /// this key, salt, format and length, and a matching payload checksum. No lock held.
+    void read_batch(std::span<read_job> jobs) noexcept {
+      for (std::size_t b = 0; b < jobs.size(); b += max_batch) {
+        read_some(jobs.subspan(b, std::min(max_batch, jobs.size() - b)));
+      }
+    }
+
+   private:
+    using page = std::array<std::byte, detail::record_header_bytes>;
+
+    off_t base(std::uint32_t slot) const noexcept {
+      return static_cast<off_t>(slot) * static_cast<off_t>(slot_bytes_);
+    }
+    // The descriptor for a transfer: O_DIRECT when buffer and length allow it.
+    int fd_for(const void* buf, std::size_t len) const noexcept {
+      const bool aligned = reinterpret_cast<std::uintptr_t>(buf) % 4096 == 0 && len % 4096 == 0;
+      return aligned && direct_fd_ >= 0 ? direct_fd_ : fd_;
+    }
+    static std::size_t padded(std::size_t n) noexcept { return memory::slab::round_up(n, 4096); }
+
+    void write_some(std::span<write_job> jobs) noexcept {
+      alignas(4096) std::array<page, max_batch> pages{};
+      std::array<detail::io_op, 2 * max_batch> ops;
+      std::size_t n = 0;
+      for (std::size_t i = 0; i < jobs.size(); ++i) {
+        write_job& j = jobs[i];
+        const detail::record_header h = detail::make_record_header(
+            j.key, ctx_.salt, ctx_.format.fingerprint(), j.tokens, j.src, j.bytes);
+        std::memcpy(pages[i].data(), &h, sizeof h);
+        ops[n++] = {fd_for(pages[i].data(), 4096), true, pages[i].data(), 4096, base(j.slot)};
+        // The payload goes out padded to 4 KiB from the first-tier slot (which has the room);
+        // a slot's record never reaches the next slot. Header and payload are written together:
+        // a torn record fails its payload checksum whichever part landed.
+        const std::size_t len = padded(j.bytes);
+        void* src = const_cast<std::byte*>(j.src);
+        ops[n++] = {fd_for(src, len), true, src, len,
+                    base(j.slot) + off_t(detail::record_header_bytes)};
+      }
+      io_.run({ops.data(), n});
+      bool synced = true;
+      if (cfg_.sync == durability::each_batch) synced = ::fdatasync(fd_) == 0;
+      for (std::size_t i = 0; i < jobs.size(); ++i) {
+        jobs[i].ok = synced && ops[2 * i].res >= 0 && ops[2 * i + 1].res >= 0;
+      }
+    }
+
+    void read_some(std::span<read_job> jobs) noexcept {
+      alignas(4096) std::array<page, max_batch> pages;
+      std::array<detail::io_op, 2 * max_batch> ops;
+      std::size_t n = 0;
+      for (std::size_t i = 0; i < jobs.size(); ++i) {
+        read_job& j = jobs[i];
+        ops[n++] = {fd_for(pages[i].data(), 4096), false, pages[i].data(), 4096, base(j.slot)};
+        const std::size_t len = padded(j.bytes);
+        ops[n++] = {fd_for(j.dst, len), false, j.dst, len,
+                    base(j.slot) + off_t(detail::record_header_bytes)};
+      }
+      io_.run({ops.data(), n});
+      for (std::size_t i = 0; i < jobs.size(); ++i) {
+        read_job& j = jobs[i];
+        const long hr = ops[2 * i].res, pr = ops[2 * i + 1].res;
+        if (hr == -ENODATA || pr == -ENODATA) {
+          j.status = read_status::corrupt;  // the file ends inside this record: torn
+          continue;
+        }
+        if (hr < 0 || pr < 0) {
+          j.status = read_status::io_error;
+          continue;
+        }
+        detail::record_header h;
+        std::memcpy(&h, pages[i].data(), sizeof h);
+        const bool good = detail::header_matches(h, j.key, ctx_.salt, ctx_.format.fingerprint(),
+                                                 j.tokens, j.bytes) &&
+                          detail::payload_checksum(j.key, j.dst, j.bytes) == h.payload_checksum;
+        j.status = good ? read_status::ok : read_status::corrupt;
+      }
+    }
+
+    void recover() {
+      struct stat st {};
+      if (::fstat(fd_, &st) != 0) {
+        throw tier_error("kvtier: local_disk file '" + file_.string() +
+                         "' cannot be read: " + std::strerror(errno));
+      }
+      // The last record may end before its slot does: count a slot whose header is there.
+      const std::size_t present =
+          (static_cast<std::size_t>(st.st_size) + slot_bytes_ - 1) / slot_bytes_;
+      const std::size_t slots = std::min(present, index_.capacity());
+      const std::uint64_t fp = ctx_.format.fingerprint();
+      // Headers are read a window at a time, all in flight together.
+      constexpr std::size_t window = 64;
+      struct aligned_free {
+        void operator()(void* p) const noexcept { std::free(p); }
+      };
+      std::unique_ptr<page[], aligned_free> pages(
+          static_cast<page*>(std::aligned_alloc(4096, window * sizeof(page))));
+      if (!pages) throw std::bad_alloc();
+      std::array<detail::io_op, window> ops;
+      for (std::size_t w = 0; w < slots; w += window) {
+        const std::size_t n = std::min(window, slots - w);
+        for (std::size_t k = 0; k < n; ++k) {
+          ops[k] = {fd_for(pages[k].data(), 4096), false, pages[k].data(), 4096,
+                    base(static_cast<std::uint32_t>(w + k))};
+        }
+        io_.run({ops.data(), n});
+        for (std::size_t k = 0; k < n; ++k) {
+          if (ops[k].res < 0) {  // a short last slot or an unreadable one
+            ++dropped_;
+            continue;
+          }
+          detail::record_header h;
+          std::memcpy(&h, pages[k].data(), sizeof h);
+          if (h.version == 0 && h.header_checksum == 0) continue;  // never written or cleared
+          const bool intact = h.tokens > 0 && h.tokens <= ctx_.format.chunk_tokens &&
+                              detail::header_matches(h, h.key, ctx_.salt, fp, h.tokens,
+                                                     ctx_.format.bytes(h.tokens));
+          if (!intact || index_.find(h.key) != nullptr) {
+            ++dropped_;
+            continue;
+          }
+          index_.claim(static_cast<std::uint32_t>(w + k), h.key, h.tokens);
+          ++recovered_;
+        }
+      }
+      // A file from a larger capacity keeps only the slots this capacity can address.
+      if (present > index_.capacity()) {
+        if (::ftruncate(fd_, static_cast<off_t>(index_.capacity() * slot_bytes_)) != 0) {
+          throw tier_error("kvtier: local_disk file '" + file_.string() +
+                           "' cannot be truncated: " + std::strerror(errno));
+        }
+      }
+    }
+
+    void preallocate(const config& c) {
+      if (!c.preallocate) return;
+      const auto size = static_cast<off_t>(index_.capacity() * slot_bytes_);
+      const int r = ::fallocate(fd_, FALLOC_FL_KEEP_SIZE, 0, size);
+      if (r != 0 && errno != EOPNOTSUPP && errno != ENOSYS) {
+        throw tier_error("kvtier: local_disk file '" + file_.string() + "' cannot reserve " +
+                         std::to_string(size) + " bytes: " + std::strerror(errno));
+      }
+    }
+
+    void close_all() noexcept {
+      if (direct_fd_ >= 0) ::close(direct_fd_);
+      if (fd_ >= 0) ::close(fd_);
+      direct_fd_ = fd_ = -1;
+    }
+
+    static config checked(const config& c) {
+      if (c.queue_depth == 0 || c.queue_depth > 4096) {
+        throw invalid_argument("kvtier: local_disk queue_depth " + std::to_string(c.queue_depth) +
+                               " is out of range 1..4096");
+      }
+      if (c.segment_bytes == 0 || c.segment_bytes % 4096 != 0) {
+        throw invalid_argument("kvtier: local_disk segment_bytes " +
+                               std::to_string(c.segment_bytes) +
+                               " is not a positive multiple of 4096");
+      }
+      if (c.lanes == 0 || c.lanes > 256) {
+        throw invalid_argument("kvtier: local_disk lanes " + std::to_string(c.lanes) +
+                               " is out of range 1..256");
+      }
+      return c;
+    }
+    static std::size_t slots_for(const config& c, std::size_t slot_bytes) {
+      if (c.capacity_bytes < slot_bytes) {
+        throw invalid_argument("kvtier: local_disk capacity_bytes " +
+                               std::to_string(c.capacity_bytes) + " holds no record of " +
+                               std::to_string(slot_bytes) + " bytes");
+      }
+      return c.capacity_bytes / slot_bytes;
+    }
+
+    context ctx_;
+    config cfg_;
+    std::size_t slot_bytes_;
+    detail::chunk_index<Eviction> index_;
+    detail::io_engine io_;
+    std::filesystem::path file_;
+    int fd_ = -1;
+    int direct_fd_ = -1;
+    std::size_t recovered_ = 0;
+    std::size_t dropped_ = 0;
+  };
+};
+
+}  // namespace kvtier::tier
+// ---- end kvtier/tier/local_disk.hpp
 // ---- end kvtier/kvtier.hpp

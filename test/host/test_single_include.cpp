@@ -27,3 +27,12 @@ TEST_CASE("single header: store and retrieve round-trip") {
   CHECK(l0 == a);
   CHECK(l1 == b);
 }
+
+#if __has_include(<hiredis/hiredis.h>)
+#include <kvtier/kvtier_redis.hpp>
+
+TEST_CASE("single header: the Redis tier's header compiles on top of the core one") {
+  static_assert(kvtier::tier_policy<kvtier::tier::redis>);
+  CHECK(kvtier::tier::detail_redis::key_slot("123456789") == (0x31C3 & 16383));
+}
+#endif

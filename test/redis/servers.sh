@@ -41,7 +41,7 @@ stop_pid() {
   kill "$pid" 2>/dev/null || true
   # Gone, or a zombie (a daemon's parent may be a PID 1 that does not reap it).
   for _ in $(seq 100); do
-    state=$(ps -o stat= -p "$pid" 2>/dev/null || true)
+    state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || true)
     [ -z "$state" ] || [ "${state#Z}" != "$state" ] && break
     sleep 0.05
   done
