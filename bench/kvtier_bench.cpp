@@ -1,7 +1,9 @@
 // kvtier-bench: tier throughput, control-path cost and workload simulation, always as ratios to
 // the physical limit measured in the same run.
 //
-//   kvtier-bench tier     [--stack host|disk] [--layout nhd|trt|sglang] [--chunk 64,128,256,512]
+//   kvtier-bench tier     [--stack host|disk|redis] [--layout nhd|trt|sglang] [--chunk 64,...,512]
+//                         [--redis 127.0.0.1:6379] [--disk-io uring|threads] [--segment 1048576]
+//                         [--queue-depth 32]
 //                         [--layers 8 --heads 8 --head-size 128 --dtype-size 2 --block 16]
 //                         [--keys 32] [--batch 4] [--inflight 1] [--only store|lookup|load]
 //                         [--no-verify] [--iters 3] [--dir /tmp/kvtier-bench]
@@ -49,7 +51,8 @@ namespace {
 const char* usage =
     "usage: kvtier-bench tier|lookup|workload [options] [--json] [--plot out.png]\n"
     "  tier      store, lookup and load throughput and latency of a tier stack, against the\n"
-    "            stack's limit (host: best contiguous copy; disk: raw O_DIRECT) in the same run\n"
+    "            stack's limit (host: best contiguous copy; disk: raw O_DIRECT; redis: raw\n"
+    "            pipelined hiredis SET/GET) in the same run\n"
     "  lookup    hashing and lookup latency for 1k-128k-token prompts, 0/50/100 % cached;\n"
     "            per-chunk overhead, heap allocations per operation, metadata per chunk\n"
     "  workload  trace-driven simulation (chat, chat-truncated, docqa, or a JSONL trace of\n"

@@ -1,11 +1,7 @@
 // The Redis/Valkey tier against real servers started by ctest fixtures (servers.sh): write
 // and load exact bytes, verification of every value, TTL, clear, admission, a server restart
 // survived without restarting the cache, and Redis Cluster with ASK and MOVED redirections.
-#include "../host/support.hpp"
-
-#include "kvtier/tier/redis.hpp"
-
-#include <hiredis/hiredis.h>
+#include "support.hpp"
 
 #include <chrono>
 #include <cstdlib>
@@ -22,44 +18,17 @@ using namespace std::chrono_literals;
 
 namespace {
 
+using test::raw;
+
 constexpr std::size_t slot = 4096;
 
-std::string servers_dir() {
-  const char* d = std::getenv("KVTIER_REDIS_DIR");
-  REQUIRE(d != nullptr);
-  return d;
-}
-std::vector<int> read_ports(const std::string& file) {
-  std::ifstream in(servers_dir() + "/" + file);
-  std::vector<int> ports;
-  for (int p; in >> p;) ports.push_back(p);
-  REQUIRE(!ports.empty());
-  return ports;
-}
-int single_port() { return read_ports("single.port").front(); }
+int single_port() { return test::read_ports("single.port").front(); }
 std::string addr(int port) { return "127.0.0.1:" + std::to_string(port); }
 void servers(const std::string& cmd) {
   const std::string line =
-      "bash '" KVTIER_REDIS_SCRIPT "' " + cmd + " '" + servers_dir() + "' >/dev/null";
+      "bash '" KVTIER_REDIS_SCRIPT "' " + cmd + " '" + test::servers_dir() + "' >/dev/null";
   REQUIRE(std::system(line.c_str()) == 0);
 }
-
-// A raw hiredis connection, for checking and tampering with what the tier wrote.
-struct raw {
-  redisContext* c;
-  explicit raw(int port) : c(redisConnect("127.0.0.1", port)) { REQUIRE((c && !c->err)); }
-  ~raw() { redisFree(c); }
-  kvtier::tier::detail_redis::reply_ptr cmd(const char* fmt, auto... a) {
-    return kvtier::tier::detail_redis::reply_ptr(
-        static_cast<redisReply*>(redisCommand(c, fmt, a...)));
-  }
-  long long integer(const char* fmt, auto... a) {
-    auto r = cmd(fmt, a...);
-    REQUIRE(r);
-    REQUIRE(r->type == REDIS_REPLY_INTEGER);
-    return r->integer;
-  }
-};
 
 remote::config single_config(std::string prefix) {
   remote::config rc;

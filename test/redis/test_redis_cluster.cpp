@@ -1,11 +1,7 @@
 // The Redis tier on a three-master Redis Cluster started by a ctest fixture: keys spread over
 // the masters by hash slot, and ASK and MOVED redirections during a slot migration are followed
 // without serving a wrong byte.
-#include "../host/support.hpp"
-
-#include "kvtier/tier/redis.hpp"
-
-#include <hiredis/hiredis.h>
+#include "support.hpp"
 
 #include <chrono>
 #include <cstdlib>
@@ -16,43 +12,19 @@ using nhd = kvtier::layout::vllm_flash_nhd;
 using host = kvtier::tier::host;
 using remote = kvtier::tier::redis;
 using C = kvtier::cache<o::chunk_tokens<16>, o::tiers<host, remote>>;
-using kvtier::tier::detail_redis::reply_ptr;
 using namespace std::chrono_literals;
 
 namespace {
 
+using test::raw;
+
 constexpr std::size_t slot = 4096;
 
 std::vector<int> cluster_ports() {
-  const char* d = std::getenv("KVTIER_REDIS_DIR");
-  REQUIRE(d != nullptr);
-  std::ifstream in(std::string(d) + "/cluster.ports");
-  std::vector<int> ports;
-  for (int p; in >> p;) ports.push_back(p);
+  auto ports = test::read_ports("cluster.ports");
   REQUIRE(ports.size() == 3);
   return ports;
 }
-
-struct raw {
-  redisContext* c;
-  explicit raw(int port) : c(redisConnect("127.0.0.1", port)) { REQUIRE((c && !c->err)); }
-  ~raw() { redisFree(c); }
-  reply_ptr cmd(const char* fmt, auto... a) {
-    return reply_ptr(static_cast<redisReply*>(redisCommand(c, fmt, a...)));
-  }
-  std::string str(const char* fmt, auto... a) {
-    auto r = cmd(fmt, a...);
-    REQUIRE(r);
-    REQUIRE((r->type == REDIS_REPLY_STRING || r->type == REDIS_REPLY_STATUS));
-    return std::string(r->str, r->len);
-  }
-  long long integer(const char* fmt, auto... a) {
-    auto r = cmd(fmt, a...);
-    REQUIRE(r);
-    REQUIRE(r->type == REDIS_REPLY_INTEGER);
-    return r->integer;
-  }
-};
 
 remote::config cluster_config(const std::vector<int>& ports, std::string prefix) {
   remote::config rc;

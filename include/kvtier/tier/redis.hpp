@@ -485,34 +485,33 @@ struct redis {
       n.backoff = std::min(cfg_.backoff_max, n.backoff * 2);
     }
 
-    bool ping(node& n, std::string& why) {
+    // One command on one server, outside any batch: its reply, or nullptr with `why` set.
+    detail_redis::reply_ptr command(node& n, const char* cmd, std::string& why) {
       redisContext* c = acquire(n);
       if (c == nullptr) {
         why = "cannot connect to " + n.host + ":" + std::to_string(n.port);
-        return false;
+        return nullptr;
       }
       detail_redis::sigpipe_guard guard;
-      detail_redis::reply_ptr r(static_cast<redisReply*>(redisCommand(c, "PING")));
-      const bool ok = r && r->type == REDIS_REPLY_STATUS;
-      if (!ok) why = r ? std::string(r->str ? r->str : "bad reply") : std::string(c->errstr);
+      detail_redis::reply_ptr r(static_cast<redisReply*>(redisCommand(c, cmd)));
+      if (!r) why = c->errstr;
       release(n, c, r != nullptr);
-      return ok;
+      return r;
+    }
+
+    bool ping(node& n, std::string& why) {
+      const auto r = command(n, "PING", why);
+      if (r && r->type != REDIS_REPLY_STATUS) why = r->str ? r->str : "bad reply";
+      return r && r->type == REDIS_REPLY_STATUS;
     }
 
     // Loads the slot map from `n` with CLUSTER SLOTS.
     bool load_slots(node& n, std::string& why) {
-      redisContext* c = acquire(n);
-      if (c == nullptr) {
-        why = "cannot connect to " + n.host + ":" + std::to_string(n.port);
-        return false;
-      }
-      detail_redis::sigpipe_guard guard;
-      detail_redis::reply_ptr r(static_cast<redisReply*>(redisCommand(c, "CLUSTER SLOTS")));
+      const auto r = command(n, "CLUSTER SLOTS", why);
       const std::string host = n.host;
-      release(n, c, r != nullptr);
-      if (!r || r->type != REDIS_REPLY_ARRAY || r->elements == 0) {
-        why = r ? (r->type == REDIS_REPLY_ERROR ? std::string(r->str) : "no slots assigned")
-                : "connection lost";
+      if (!r) return false;
+      if (r->type != REDIS_REPLY_ARRAY || r->elements == 0) {
+        why = r->type == REDIS_REPLY_ERROR ? std::string(r->str) : "no slots assigned";
         return false;
       }
       std::unique_lock lk(topo_mu_);
