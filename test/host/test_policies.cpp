@@ -222,9 +222,10 @@ TEST_CASE("io_engine: segmented batches, errors and short files") {
     CHECK(io.run(r));
     CHECK(std::memcmp(a.data(), b.data(), 40000) == 0);
     // Past the end of the file: -ENODATA; a bad descriptor: -EBADF; the other op still runs.
+    std::vector<unsigned char> c(300);  // each op its own buffer: they run concurrently
     std::array<kvtier::detail::io_op, 3> bad{{{fd, false, b.data(), 20000, 50000},
-                                              {-1, false, b.data(), 100, 0},
-                                              {fd, false, b.data(), 100, 0}}};
+                                              {-1, false, c.data(), 100, 0},
+                                              {fd, false, c.data() + 100, 100, 0}}};
     CHECK_FALSE(io.run(bad));
     CHECK(bad[0].res == -ENODATA);
     CHECK(bad[1].res == -EBADF);
