@@ -7,6 +7,8 @@
 //                         [--layers 8 --heads 8 --head-size 128 --dtype-size 2 --block 16]
 //                         [--keys 32] [--batch 4] [--inflight 1] [--only store|lookup|load]
 //                         [--no-verify] [--iters 3] [--dir /tmp/kvtier-bench]
+//   kvtier-bench disk     [--record-kib 8192] [--records 16] [--queue-depth 32] [--segment 1048576]
+//                         [--threads 8] [--iters 5] [--dir /tmp/kvtier-bench]
 //   kvtier-bench lookup   [--tokens 1024,...,131072] [--chunk 256] [--iters 100]
 //   kvtier-bench workload [--trace all|chat|chat-truncated|docqa|FILE.jsonl] [--host-chunks
 //   256,...]
@@ -14,6 +16,7 @@
 //                         [--sessions 8 --rounds 6 --docs 12 --doc-tokens 6000 ...] [--seed 1]
 //   every subcommand:     [--json] [--plot out.png]
 #include "common.hpp"
+#include "disk_cmd.hpp"
 #include "lookup_cmd.hpp"
 #include "tier.hpp"
 #include "workload.hpp"
@@ -49,10 +52,12 @@ void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::f
 
 namespace {
 const char* usage =
-    "usage: kvtier-bench tier|lookup|workload [options] [--json] [--plot out.png]\n"
+    "usage: kvtier-bench tier|disk|lookup|workload [options] [--json] [--plot out.png]\n"
     "  tier      store, lookup and load throughput and latency of a tier stack, against the\n"
     "            stack's limit (host: best contiguous copy; disk: raw O_DIRECT; redis: raw\n"
     "            pipelined hiredis SET/GET) in the same run\n"
+    "  disk      the disk tier's I/O engine (io_uring, threads) against raw O_DIRECT on the\n"
+    "            same file, interleaved\n"
     "  lookup    hashing and lookup latency for 1k-128k-token prompts, 0/50/100 % cached;\n"
     "            per-chunk overhead, heap allocations per operation, metadata per chunk\n"
     "  workload  trace-driven simulation (chat, chat-truncated, docqa, or a JSONL trace of\n"
@@ -72,6 +77,8 @@ int main(int argc, char** argv) {
     const std::string plot = a.str("plot", "");
     if (cmd == "tier") {
       bench::tier_command(a, json, plot);
+    } else if (cmd == "disk") {
+      bench::disk_command(a, json, plot);
     } else if (cmd == "lookup") {
       bench::lookup_command(a, json, plot);
     } else if (cmd == "workload") {
