@@ -265,3 +265,32 @@ TEST_CASE("a hung redis: lookups miss within the timeout, stores never wait, wri
   CHECK(reader.lookup(p).tokens() == 0);
   CHECK(std::chrono::steady_clock::now() - t0 < 20ms);
 }
+
+TEST_CASE("prefetch from redis loads chunks into the host tier; a missing chunk ends it") {
+  engine_fixture f;
+  const auto rc = single_config("prefetch");
+  const auto p = test::tokens(48, 60);
+  {
+    C writer(test::small_model, test::small_salt, {{16 * slot}, rc});
+    REQUIRE(writer.store(p, f.eng.kv(), f.bt) == 48);
+    writer.flush();
+  }
+  C reader(test::small_model, test::small_salt, {{16 * slot}, rc});
+  auto longer = p;
+  for (int i = 0; i < 16; ++i) longer.push_back(9000 + i);  // a fourth chunk nobody stored
+  CHECK(reader.prefetch(longer) == 64);  // a remote tier is tried for every chunk
+  bool in_host = false;
+  for (int i = 0; i < 400 && !in_host; ++i) {
+    in_host = reader.lookup(p).hits_in(0) == 3;
+    if (!in_host) std::this_thread::sleep_for(5ms);
+  }
+  CHECK(in_host);
+  CHECK(reader.stats().prefetched == 3);
+  CHECK(reader.stats().tiers[1].errors == 0);  // the missing chunk is a miss, not an error
+  auto l = reader.lookup(longer);
+  CHECK(l.tokens() == 48);
+  test::engine<nhd> dst(test::small_model, 64, 2);
+  const auto bt2 = test::shuffled_table(16, 64, 4);
+  CHECK(reader.retrieve(l, dst.kv(), bt2) == 48);
+  CHECK(test::same_tokens(f.eng, f.bt, dst, bt2, 0, 48));
+}

@@ -439,12 +439,17 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       std::size_t started = 0;
       for (std::size_t i = 0; i < n; ++i) {
         if (first.find(ks[i]) != nullptr) continue;  // held, or on its way in
-        std::size_t t = 1;
+        // The first indexed tier holding it; else the first remote tier (a miss costs a GET).
+        std::size_t t = tier_count, remote = tier_count;
         index_entry* low = nullptr;
-        for (; t < tier_count; ++t) {
-          if (index_[t] == nullptr) break;  // a remote tier: try it (a miss costs one GET)
-          if ((low = index_[t]->find_ready(ks[i])) != nullptr) break;
+        for (std::size_t u = 1; u < tier_count && low == nullptr; ++u) {
+          if (index_[u] == nullptr) {
+            remote = std::min(remote, u);
+          } else if ((low = index_[u]->find_ready(ks[i])) != nullptr) {
+            t = u;
+          }
         }
+        if (low == nullptr) t = remote;
         if (t == tier_count) break;  // no tier below can hold it: the cached prefix ends here
         if (prefetch_count_ == prefetch_ring_.size()) {
           ++stats_.prefetch_dropped;
