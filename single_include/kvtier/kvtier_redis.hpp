@@ -241,20 +241,20 @@ struct redis {
             [&](std::size_t i, redisReply* r) {
               if (r != nullptr && r->type == REDIS_REPLY_INTEGER) state[i] = r->integer ? 1 : 2;
             });
-        std::array<std::size_t, batch> todo{};
+        std::array<std::size_t, batch> absent{};
         std::size_t m = 0;
         for (std::size_t i = 0; i < js.size(); ++i) {
           js[i].ok = state[i] == 1;
-          if (state[i] == 2) todo[m++] = i;
+          if (state[i] == 2) absent[m++] = i;
         }
         if (m == 0) continue;
         run(
-            m, [&](std::size_t i) { return key_text(js[todo[i]].key); },
+            m, [&](std::size_t i) { return key_text(js[absent[i]].key); },
             [&](redisContext* c, std::size_t i, const key_buf& k) {
-              append_set(c, k, js[todo[i]]);
+              append_set(c, k, js[absent[i]]);
             },
             [&](std::size_t i, redisReply* r) {
-              js[todo[i]].ok = r != nullptr && r->type == REDIS_REPLY_STATUS;
+              js[absent[i]].ok = r != nullptr && r->type == REDIS_REPLY_STATUS;
             });
       }
     }

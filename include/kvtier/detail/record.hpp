@@ -44,12 +44,9 @@ static_assert(sizeof(record_header) <= record_header_bytes);
   return XXH3_64bits(&h, offsetof(record_header, header_checksum));
 }
 
-[[nodiscard]] inline record_header make_record_header(const chunk_key& key, const chunk_key& salt,
-                                                      std::uint64_t fingerprint,
-                                                      std::uint32_t tokens, const std::byte* p,
-                                                      std::size_t n,
-                                                      std::size_t header_bytes =
-                                                          record_header_bytes) noexcept {
+[[nodiscard]] inline record_header make_record_header(
+    const chunk_key& key, const chunk_key& salt, std::uint64_t fingerprint, std::uint32_t tokens,
+    const std::byte* p, std::size_t n, std::size_t header_bytes = record_header_bytes) noexcept {
   record_header h{};
   std::memcpy(h.magic, record_magic, sizeof h.magic);
   h.version = record_version;
