@@ -1039,7 +1039,6 @@ void scatter(const layout::view<L>& v, const layout::chunk_format& f, block_tabl
 
 #include <condition_variable>
 #include <mutex>
-#include <string_view>
 #include <type_traits>
 #include <thread>
 #include <tuple>
@@ -1266,13 +1265,10 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     ++stats_.lookups;
     stats_.lookup_tokens += tokens.size();
     if (first_chunk == n) return l;
-    const std::uint32_t op = acquire_op_locked();
+    const std::uint32_t op = begin_op(lk, tokens, n);
     if (op == no_op) return l;
-    lk.unlock();
-    chunk_key* ks = op_keys(op);
-    keys(tokens, {ks, n});
+    const chunk_key* ks = op_keys(op);
     chunk_ref* rs = op_refs(op);
-    lk.lock();
     std::size_t hit = 0, hit_tokens = 0;
     for (; first_chunk + hit < n; ++hit) {
       std::size_t t = 0;
@@ -1389,14 +1385,11 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     v.check_block_table(table, std::min(first * ChunkTokens, end), end);
     if (first >= n) return 0;
     std::unique_lock lk(mu_);
-    const std::uint32_t op = acquire_op_locked();
+    const std::uint32_t op = begin_op(lk, tokens, n);
     if (op == no_op) return 0;
-    lk.unlock();
-    chunk_key* ks = op_keys(op);
-    keys(tokens, {ks, n});
+    const chunk_key* ks = op_keys(op);
     chunk_ref* rs = op_refs(op);
     index_type& ix = *index_[0];
-    lk.lock();
     std::size_t placed = first;
     for (; placed < n; ++placed) {
       if (index_entry* e = ix.find(ks[placed])) {
@@ -1449,12 +1442,9 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       const std::size_t n = chunk_count(tokens.size());
       if (n == 0) return 0;
       std::unique_lock lk(mu_);
-      const std::uint32_t op = acquire_op_locked();
+      const std::uint32_t op = begin_op(lk, tokens, n);
       if (op == no_op) return 0;
-      lk.unlock();
-      chunk_key* ks = op_keys(op);
-      keys(tokens, {ks, n});
-      lk.lock();
+      const chunk_key* ks = op_keys(op);
       index_type& first = *index_[0];
       std::size_t started = 0;
       for (std::size_t i = 0; i < n; ++i) {
@@ -1520,8 +1510,20 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   }
 
   std::size_t clear(std::span<const token_id> tokens) {
-    return for_each_chunk("clear", tokens, false,
-                          [](index_type& ix, index_entry& e) { return ix.remove(e); });
+    return for_each_chunk(
+        "clear", tokens, false, [](index_type& ix, index_entry& e) { return ix.remove(e); },
+        [&](std::span<const chunk_key> ks, std::size_t done) {
+          // Remote tiers have no local index: their chunks are deleted by key. A chunk only a
+          // remote tier held counts too (full chunks; the tail last).
+          std::size_t removed = 0;
+          for (std::size_t t = 1; t < tier_count; ++t) {
+            with_lower(t - 1, [&](auto& impl) {
+              if constexpr (!is_indexed<decltype(impl)>)
+                removed = std::max(removed, impl.remove(ks));
+            });
+          }
+          return std::max(done, std::min(removed * ChunkTokens, tokens.size()));
+        });
   }
 
   std::size_t clear() {
@@ -1755,6 +1757,18 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     return op;
   }
 
+  // Takes an operation slot and fills its keys for `tokens` (n chunks) without the lock; `lk`
+  // is held on entry and on return. no_op when every slot is taken (counted in busy).
+  std::uint32_t begin_op(std::unique_lock<std::mutex>& lk, std::span<const token_id> tokens,
+                         std::size_t n) {
+    const std::uint32_t op = acquire_op_locked();
+    if (op == no_op) return no_op;
+    lk.unlock();
+    keys(tokens, {op_keys(op), n});
+    lk.lock();
+    return op;
+  }
+
   void release_locked(lease& l) noexcept {
     if (l.op_ != no_op) {
       const chunk_ref* rs = op_refs(l.op_);
@@ -1781,21 +1795,18 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
 
   // Under the lock, applies `op(index, entry) -> bool` to each chunk of `tokens` in every
   // indexed tier holding it ready; returns the tokens of the chunks it was true for in some tier
-  // (only the prefix up to the first chunk it was true for nowhere, when `prefix`). clear also
-  // deletes the chunks from remote tiers, without the lock.
-  template <class Op>
-  std::size_t for_each_chunk(const char* what, std::span<const token_id> tokens, bool prefix,
-                             Op op) {
+  // (only the prefix up to the first chunk it was true for nowhere, when `prefix`). Then, without
+  // the lock, `after(keys, done)` may act on the chunk keys and returns the final count.
+  template <class Op, class After>
+  std::size_t for_each_chunk(const char* what, std::span<const token_id> tokens, bool prefix, Op op,
+                             After after) {
     check_tokens(what, tokens.size());
     const std::size_t n = chunk_count(tokens.size());
     if (n == 0) return 0;
     std::unique_lock lk(mu_);
-    const std::uint32_t op_slot = acquire_op_locked();
+    const std::uint32_t op_slot = begin_op(lk, tokens, n);
     if (op_slot == no_op) return 0;
-    lk.unlock();
-    chunk_key* ks = op_keys(op_slot);
-    keys(tokens, {ks, n});
-    lk.lock();
+    const chunk_key* ks = op_keys(op_slot);
     std::size_t done = 0;
     for (std::size_t i = 0; i < n; ++i) {
       bool any = false;
@@ -1810,23 +1821,16 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       }
     }
     lk.unlock();
-    if constexpr (remote_count > 0) {
-      if (std::string_view(what) == "clear") {
-        std::size_t removed = 0;
-        for (std::size_t t = 1; t < tier_count; ++t) {
-          with_lower(t - 1, [&](auto& impl) {
-            if constexpr (!is_indexed<decltype(impl)>) {
-              removed = std::max(removed, impl.remove({ks, n}));
-            }
-          });
-        }
-        // A chunk only a remote tier held counts too (full chunks; the tail last).
-        done = std::max(done, std::min(removed * ChunkTokens, tokens.size()));
-      }
-    }
+    done = after(std::span<const chunk_key>(ks, n), done);
     lk.lock();
     free_ops_.push_back(op_slot);
     return done;
+  }
+  template <class Op>
+  std::size_t for_each_chunk(const char* what, std::span<const token_id> tokens, bool prefix,
+                             Op op) {
+    return for_each_chunk(what, tokens, prefix, op,
+                          [](std::span<const chunk_key>, std::size_t done) { return done; });
   }
 
   // ---- tier-chain policy --------------------------------------------------------------------
@@ -3241,6 +3245,7 @@ struct vllm_flash_hnd {
 #include <sys/types.h>
 #include <unistd.h>
 
+#include <atomic>
 
 #if defined(KVTIER_USE_IO_URING) && __has_include(<liburing.h>)
 #include <liburing.h>
@@ -3358,11 +3363,13 @@ class io_engine {
     }
   };
 
+  // Adds a segment's outcome to its op: bytes add up; the first error sticks. Atomic, since
+  // the threads backend finishes the segments of one op on several threads.
   static void finish(segment_state& s, long r) noexcept {
-    if (r < 0) {
-      if (s.op->res >= 0) s.op->res = r;
-    } else if (s.op->res >= 0) {
-      s.op->res += r;
+    std::atomic_ref<long> res(s.op->res);
+    long cur = res.load(std::memory_order_relaxed);
+    while (cur >= 0 &&
+           !res.compare_exchange_weak(cur, r < 0 ? r : cur + r, std::memory_order_relaxed)) {
     }
   }
 
@@ -3376,7 +3383,6 @@ class io_engine {
           s.op->write ? ::pwrite(s.op->fd, b, left, pos) : ::pread(s.op->fd, b, left, pos);
       if (r < 0 && errno == EINTR) continue;
       if (r <= 0) {
-        std::lock_guard lk(err_mu());
         finish(s, r < 0 ? -errno : -ENODATA);
         return;
       }
@@ -3384,12 +3390,7 @@ class io_engine {
       pos += r;
       left -= static_cast<std::size_t>(r);
     }
-    std::lock_guard lk(err_mu());
     finish(s, static_cast<long>(s.len));
-  }
-  static std::mutex& err_mu() noexcept {
-    static std::mutex m;
-    return m;
   }
 
   static bool all_ok(std::span<io_op> ops) noexcept {
@@ -3575,7 +3576,6 @@ class io_engine {
   static void transfer_rest(segment_state& s) noexcept {
     segment_state rest{s.op, 0, s.off + s.done, s.len - s.done};
     if (s.done > 0) {
-      std::lock_guard lk(err_mu());
       finish(s, static_cast<long>(s.done));
     }
     transfer(rest);

@@ -7,14 +7,25 @@
 
 #include <hiredis/hiredis.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <fstream>
 #include <string>
 #include <vector>
 
+namespace o = kvtier::opt;
+using nhd = kvtier::layout::vllm_flash_nhd;
+using host = kvtier::tier::host;
+using remote = kvtier::tier::redis;
+/// The cache every Redis test uses: 16-token chunks of the small model, host + redis.
+using C = kvtier::cache<o::chunk_tokens<16>, o::tiers<host, remote>>;
+using namespace std::chrono_literals;
+
 namespace test {
 
 using kvtier::tier::detail_redis::reply_ptr;
+/// One host-tier slot of the small model's 16-token chunk.
+inline constexpr std::size_t slot = 4096;
 
 inline std::string servers_dir() {
   const char* d = std::getenv("KVTIER_REDIS_DIR");

@@ -3,24 +3,12 @@
 // survived without restarting the cache, and Redis Cluster with ASK and MOVED redirections.
 #include "support.hpp"
 
-#include <chrono>
-#include <cstdlib>
-#include <fstream>
-#include <sstream>
 #include <thread>
-
-namespace o = kvtier::opt;
-using nhd = kvtier::layout::vllm_flash_nhd;
-using host = kvtier::tier::host;
-using remote = kvtier::tier::redis;
-using C = kvtier::cache<o::chunk_tokens<16>, o::tiers<host, remote>>;
-using namespace std::chrono_literals;
 
 namespace {
 
 using test::raw;
-
-constexpr std::size_t slot = 4096;
+using test::slot;
 
 int single_port() { return test::read_ports("single.port").front(); }
 std::string addr(int port) { return "127.0.0.1:" + std::to_string(port); }

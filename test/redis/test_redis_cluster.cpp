@@ -3,22 +3,10 @@
 // without serving a wrong byte.
 #include "support.hpp"
 
-#include <chrono>
-#include <cstdlib>
-#include <fstream>
-
-namespace o = kvtier::opt;
-using nhd = kvtier::layout::vllm_flash_nhd;
-using host = kvtier::tier::host;
-using remote = kvtier::tier::redis;
-using C = kvtier::cache<o::chunk_tokens<16>, o::tiers<host, remote>>;
-using namespace std::chrono_literals;
-
 namespace {
 
 using test::raw;
-
-constexpr std::size_t slot = 4096;
+using test::slot;
 
 std::vector<int> cluster_ports() {
   auto ports = test::read_ports("cluster.ports");

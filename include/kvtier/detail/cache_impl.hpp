@@ -19,7 +19,6 @@
 #include <mutex>
 #include <span>
 #include <string>
-#include <string_view>
 #include <type_traits>
 #include <thread>
 #include <tuple>
@@ -246,13 +245,10 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     ++stats_.lookups;
     stats_.lookup_tokens += tokens.size();
     if (first_chunk == n) return l;
-    const std::uint32_t op = acquire_op_locked();
+    const std::uint32_t op = begin_op(lk, tokens, n);
     if (op == no_op) return l;
-    lk.unlock();
-    chunk_key* ks = op_keys(op);
-    keys(tokens, {ks, n});
+    const chunk_key* ks = op_keys(op);
     chunk_ref* rs = op_refs(op);
-    lk.lock();
     std::size_t hit = 0, hit_tokens = 0;
     for (; first_chunk + hit < n; ++hit) {
       std::size_t t = 0;
@@ -369,14 +365,11 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     v.check_block_table(table, std::min(first * ChunkTokens, end), end);
     if (first >= n) return 0;
     std::unique_lock lk(mu_);
-    const std::uint32_t op = acquire_op_locked();
+    const std::uint32_t op = begin_op(lk, tokens, n);
     if (op == no_op) return 0;
-    lk.unlock();
-    chunk_key* ks = op_keys(op);
-    keys(tokens, {ks, n});
+    const chunk_key* ks = op_keys(op);
     chunk_ref* rs = op_refs(op);
     index_type& ix = *index_[0];
-    lk.lock();
     std::size_t placed = first;
     for (; placed < n; ++placed) {
       if (index_entry* e = ix.find(ks[placed])) {
@@ -429,12 +422,9 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       const std::size_t n = chunk_count(tokens.size());
       if (n == 0) return 0;
       std::unique_lock lk(mu_);
-      const std::uint32_t op = acquire_op_locked();
+      const std::uint32_t op = begin_op(lk, tokens, n);
       if (op == no_op) return 0;
-      lk.unlock();
-      chunk_key* ks = op_keys(op);
-      keys(tokens, {ks, n});
-      lk.lock();
+      const chunk_key* ks = op_keys(op);
       index_type& first = *index_[0];
       std::size_t started = 0;
       for (std::size_t i = 0; i < n; ++i) {
@@ -500,8 +490,20 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   }
 
   std::size_t clear(std::span<const token_id> tokens) {
-    return for_each_chunk("clear", tokens, false,
-                          [](index_type& ix, index_entry& e) { return ix.remove(e); });
+    return for_each_chunk(
+        "clear", tokens, false, [](index_type& ix, index_entry& e) { return ix.remove(e); },
+        [&](std::span<const chunk_key> ks, std::size_t done) {
+          // Remote tiers have no local index: their chunks are deleted by key. A chunk only a
+          // remote tier held counts too (full chunks; the tail last).
+          std::size_t removed = 0;
+          for (std::size_t t = 1; t < tier_count; ++t) {
+            with_lower(t - 1, [&](auto& impl) {
+              if constexpr (!is_indexed<decltype(impl)>)
+                removed = std::max(removed, impl.remove(ks));
+            });
+          }
+          return std::max(done, std::min(removed * ChunkTokens, tokens.size()));
+        });
   }
 
   std::size_t clear() {
@@ -735,6 +737,18 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     return op;
   }
 
+  // Takes an operation slot and fills its keys for `tokens` (n chunks) without the lock; `lk`
+  // is held on entry and on return. no_op when every slot is taken (counted in busy).
+  std::uint32_t begin_op(std::unique_lock<std::mutex>& lk, std::span<const token_id> tokens,
+                         std::size_t n) {
+    const std::uint32_t op = acquire_op_locked();
+    if (op == no_op) return no_op;
+    lk.unlock();
+    keys(tokens, {op_keys(op), n});
+    lk.lock();
+    return op;
+  }
+
   void release_locked(lease& l) noexcept {
     if (l.op_ != no_op) {
       const chunk_ref* rs = op_refs(l.op_);
@@ -761,21 +775,18 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
 
   // Under the lock, applies `op(index, entry) -> bool` to each chunk of `tokens` in every
   // indexed tier holding it ready; returns the tokens of the chunks it was true for in some tier
-  // (only the prefix up to the first chunk it was true for nowhere, when `prefix`). clear also
-  // deletes the chunks from remote tiers, without the lock.
-  template <class Op>
-  std::size_t for_each_chunk(const char* what, std::span<const token_id> tokens, bool prefix,
-                             Op op) {
+  // (only the prefix up to the first chunk it was true for nowhere, when `prefix`). Then, without
+  // the lock, `after(keys, done)` may act on the chunk keys and returns the final count.
+  template <class Op, class After>
+  std::size_t for_each_chunk(const char* what, std::span<const token_id> tokens, bool prefix, Op op,
+                             After after) {
     check_tokens(what, tokens.size());
     const std::size_t n = chunk_count(tokens.size());
     if (n == 0) return 0;
     std::unique_lock lk(mu_);
-    const std::uint32_t op_slot = acquire_op_locked();
+    const std::uint32_t op_slot = begin_op(lk, tokens, n);
     if (op_slot == no_op) return 0;
-    lk.unlock();
-    chunk_key* ks = op_keys(op_slot);
-    keys(tokens, {ks, n});
-    lk.lock();
+    const chunk_key* ks = op_keys(op_slot);
     std::size_t done = 0;
     for (std::size_t i = 0; i < n; ++i) {
       bool any = false;
@@ -790,23 +801,16 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       }
     }
     lk.unlock();
-    if constexpr (remote_count > 0) {
-      if (std::string_view(what) == "clear") {
-        std::size_t removed = 0;
-        for (std::size_t t = 1; t < tier_count; ++t) {
-          with_lower(t - 1, [&](auto& impl) {
-            if constexpr (!is_indexed<decltype(impl)>) {
-              removed = std::max(removed, impl.remove({ks, n}));
-            }
-          });
-        }
-        // A chunk only a remote tier held counts too (full chunks; the tail last).
-        done = std::max(done, std::min(removed * ChunkTokens, tokens.size()));
-      }
-    }
+    done = after(std::span<const chunk_key>(ks, n), done);
     lk.lock();
     free_ops_.push_back(op_slot);
     return done;
+  }
+  template <class Op>
+  std::size_t for_each_chunk(const char* what, std::span<const token_id> tokens, bool prefix,
+                             Op op) {
+    return for_each_chunk(what, tokens, prefix, op,
+                          [](std::span<const chunk_key>, std::size_t done) { return done; });
   }
 
   // ---- tier-chain policy --------------------------------------------------------------------

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <condition_variable>
 #include <cstddef>
@@ -135,11 +136,13 @@ class io_engine {
     }
   };
 
+  // Adds a segment's outcome to its op: bytes add up; the first error sticks. Atomic, since
+  // the threads backend finishes the segments of one op on several threads.
   static void finish(segment_state& s, long r) noexcept {
-    if (r < 0) {
-      if (s.op->res >= 0) s.op->res = r;
-    } else if (s.op->res >= 0) {
-      s.op->res += r;
+    std::atomic_ref<long> res(s.op->res);
+    long cur = res.load(std::memory_order_relaxed);
+    while (cur >= 0 &&
+           !res.compare_exchange_weak(cur, r < 0 ? r : cur + r, std::memory_order_relaxed)) {
     }
   }
 
@@ -153,7 +156,6 @@ class io_engine {
           s.op->write ? ::pwrite(s.op->fd, b, left, pos) : ::pread(s.op->fd, b, left, pos);
       if (r < 0 && errno == EINTR) continue;
       if (r <= 0) {
-        std::lock_guard lk(err_mu());
         finish(s, r < 0 ? -errno : -ENODATA);
         return;
       }
@@ -161,12 +163,7 @@ class io_engine {
       pos += r;
       left -= static_cast<std::size_t>(r);
     }
-    std::lock_guard lk(err_mu());
     finish(s, static_cast<long>(s.len));
-  }
-  static std::mutex& err_mu() noexcept {
-    static std::mutex m;
-    return m;
   }
 
   static bool all_ok(std::span<io_op> ops) noexcept {
@@ -352,7 +349,6 @@ class io_engine {
   static void transfer_rest(segment_state& s) noexcept {
     segment_state rest{s.op, 0, s.off + s.done, s.len - s.done};
     if (s.done > 0) {
-      std::lock_guard lk(err_mu());
       finish(s, static_cast<long>(s.done));
     }
     transfer(rest);

@@ -202,12 +202,7 @@ struct redis {
         const std::size_t n = std::min(batch, keys.size() - b);
         std::array<std::uint8_t, batch> hit{};
         run(
-            n, [&](std::size_t i) { return key_text(keys[b + i]); },
-            [&](redisContext* c, std::size_t, const key_buf& k) {
-              const char* argv[] = {"EXISTS", k.s};
-              const std::size_t len[] = {6, k.n};
-              redisAppendCommandArgv(c, 2, argv, len);
-            },
+            n, [&](std::size_t i) { return key_text(keys[b + i]); }, keyed("EXISTS"),
             [&](std::size_t i, redisReply* r) {
               hit[i] = r != nullptr && r->type == REDIS_REPLY_INTEGER && r->integer == 1;
             });
@@ -225,12 +220,7 @@ struct redis {
         std::span<read_job> js = jobs.subspan(b, std::min(batch, jobs.size() - b));
         for (auto& j : js) j.status = read_status::io_error;
         run_with(
-            js.size(), [&](std::size_t i) { return key_text(js[i].key); },
-            [&](redisContext* c, std::size_t, const key_buf& k) {
-              const char* argv[] = {"GET", k.s};
-              const std::size_t len[] = {3, k.n};
-              redisAppendCommandArgv(c, 2, argv, len);
-            },
+            js.size(), [&](std::size_t i) { return key_text(js[i].key); }, keyed("GET"),
             [&](redisContext*, wire& w, std::size_t i, bool asking, std::string& err) {
               return read_get(w, js[i], asking, err);
             },
@@ -244,12 +234,7 @@ struct redis {
         std::span<write_job> js = jobs.subspan(b, std::min(batch, jobs.size() - b));
         std::array<std::uint8_t, batch> state{};  // 0 unknown/failed, 1 held, 2 absent
         run(
-            js.size(), [&](std::size_t i) { return key_text(js[i].key); },
-            [&](redisContext* c, std::size_t, const key_buf& k) {
-              const char* argv[] = {"EXISTS", k.s};
-              const std::size_t len[] = {6, k.n};
-              redisAppendCommandArgv(c, 2, argv, len);
-            },
+            js.size(), [&](std::size_t i) { return key_text(js[i].key); }, keyed("EXISTS"),
             [&](std::size_t i, redisReply* r) {
               if (r != nullptr && r->type == REDIS_REPLY_INTEGER) state[i] = r->integer ? 1 : 2;
             });
@@ -277,12 +262,7 @@ struct redis {
       for (std::size_t b = 0; b < keys.size(); b += batch) {
         const std::size_t n = std::min(batch, keys.size() - b);
         run(
-            n, [&](std::size_t i) { return key_text(keys[b + i]); },
-            [&](redisContext* c, std::size_t, const key_buf& k) {
-              const char* argv[] = {"DEL", k.s};
-              const std::size_t len[] = {3, k.n};
-              redisAppendCommandArgv(c, 2, argv, len);
-            },
+            n, [&](std::size_t i) { return key_text(keys[b + i]); }, keyed("DEL"),
             [&](std::size_t, redisReply* r) {
               if (r != nullptr && r->type == REDIS_REPLY_INTEGER) removed += r->integer > 0;
             });
@@ -322,9 +302,7 @@ struct redis {
           cursor.assign(r->element[0]->str, r->element[0]->len);
           const redisReply* ks = r->element[1];
           for (std::size_t i = 0; i < ks->elements; ++i) {
-            const char* argv[] = {"DEL", ks->element[i]->str};
-            const std::size_t len[] = {3, ks->element[i]->len};
-            redisAppendCommandArgv(c, 2, argv, len);
+            append_keyed(c, "DEL", ks->element[i]->str, ks->element[i]->len);
           }
           for (std::size_t i = 0; i < ks->elements && healthy; ++i) {
             void* p = nullptr;
@@ -413,6 +391,18 @@ struct redis {
       n->backoff = cfg_.backoff_min;
       nodes_.push_back(std::move(n));
       return static_cast<std::uint16_t>(nodes_.size() - 1);
+    }
+
+    // Appends `cmd key` (a one-key command) to a connection's pipeline.
+    static void append_keyed(redisContext* c, const char* cmd, const char* key, std::size_t n) {
+      const char* argv[] = {cmd, key};
+      const std::size_t len[] = {std::strlen(cmd), n};
+      redisAppendCommandArgv(c, 2, argv, len);
+    }
+    // The append step of run() for a one-key command.
+    static auto keyed(const char* cmd) {
+      return
+          [cmd](redisContext* c, std::size_t, const key_buf& k) { append_keyed(c, cmd, k.s, k.n); };
     }
 
     key_buf key_text(const chunk_key& k) const noexcept {
