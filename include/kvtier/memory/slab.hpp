@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 namespace kvtier::memory {
 
@@ -30,6 +31,19 @@ class slab {
 
   [[nodiscard]] static constexpr std::size_t round_up(std::size_t v, std::size_t a) noexcept {
     return (v + a - 1) / a * a;
+  }
+
+  /// Slots of `chunk_bytes` (rounded up to `alignment`) that `capacity_bytes` holds; throws
+  /// invalid_argument naming `tier` when it holds none.
+  [[nodiscard]] static std::size_t slots_in(std::size_t capacity_bytes, std::size_t chunk_bytes,
+                                            std::size_t alignment, const char* tier) {
+    const std::size_t slot = round_up(chunk_bytes, alignment);
+    if (capacity_bytes < slot) {
+      throw invalid_argument(std::string("kvtier: ") + tier + " capacity_bytes " +
+                             std::to_string(capacity_bytes) + " holds no chunk of " +
+                             std::to_string(slot) + " bytes");
+    }
+    return capacity_bytes / slot;
   }
 
  private:

@@ -14,6 +14,9 @@ namespace kvtier::tier {
 struct context {
   layout::chunk_format format;
   chunk_key salt;
+  std::uint32_t block_size = 1;  ///< the engine's tokens per block
+  std::size_t max_chunks = 1;    ///< chunks one operation can name (cache_config.max_tokens)
+  std::size_t max_ops = 1;       ///< operations in flight at once (cache_config.max_inflight)
 };
 
 /// Outcome of reading a record back. `missing` is a remote tier's miss (no record under the

@@ -42,12 +42,7 @@ struct host {
 
    private:
     static std::size_t slots_for(const config& c, const context& ctx) {
-      const std::size_t slot = memory::slab::round_up(ctx.format.chunk_bytes(), alignment);
-      if (c.capacity_bytes < slot) {
-        throw invalid_argument("kvtier: host capacity_bytes " + std::to_string(c.capacity_bytes) +
-                               " holds no chunk of " + std::to_string(slot) + " bytes");
-      }
-      return c.capacity_bytes / slot;
+      return memory::slab::slots_in(c.capacity_bytes, ctx.format.chunk_bytes(), alignment, "host");
     }
 
     detail::chunk_index<Eviction> index_;
