@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Generates single_include/kvtier/kvtier.hpp from include/kvtier/kvtier.hpp, and
-single_include/kvtier/kvtier_redis.hpp (the Redis tier, needs hiredis) on top of it.
+"""Generates single_include/kvtier/kvtier.hpp from include/kvtier/kvtier.hpp, and on top of it
+single_include/kvtier/kvtier_redis.hpp (the Redis tier, needs hiredis) and
+single_include/kvtier/kvtier_cuda.cuh (the GPU path, needs nvcc and the CUDA runtime).
 
 Every `#include "kvtier/..."` is replaced by that header's text, once, in dependency order;
 system includes are kept (deduplicated). Standard library only.
@@ -17,6 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 INCLUDE = ROOT / "include"
 OUTPUT = ROOT / "single_include" / "kvtier" / "kvtier.hpp"
 OUTPUT_REDIS = ROOT / "single_include" / "kvtier" / "kvtier_redis.hpp"
+OUTPUT_CUDA = ROOT / "single_include" / "kvtier" / "kvtier_cuda.cuh"
 LOCAL = re.compile(r'^\s*#\s*include\s+["<](kvtier/[^">]+)[">]')
 SYSTEM = re.compile(r'^\s*#\s*include\s+<([^>]+)>')
 PRAGMA_ONCE = re.compile(r'^\s*#\s*pragma\s+once\s*$')
@@ -63,9 +65,12 @@ def generate():
     seen, system_seen = set(), set()
     core = header("single header")
     expand("kvtier/kvtier.hpp", seen, core, system_seen)
+    cuda_seen, cuda_system_seen = set(seen), set(system_seen)
     redis = header("the Redis/Valkey tier; link hiredis") + ['#include "kvtier.hpp"\n']
     expand("kvtier/tier/redis.hpp", seen, redis, system_seen)
-    return {OUTPUT: "".join(core), OUTPUT_REDIS: "".join(redis)}
+    cuda = header("the GPU path; compile with nvcc, link cudart") + ['#include "kvtier.hpp"\n']
+    expand("kvtier/cuda.cuh", cuda_seen, cuda, cuda_system_seen)
+    return {OUTPUT: "".join(core), OUTPUT_REDIS: "".join(redis), OUTPUT_CUDA: "".join(cuda)}
 
 
 def main():

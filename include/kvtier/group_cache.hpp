@@ -64,7 +64,8 @@ inline constexpr std::size_t chunk_tokens_for = [] {
 template <class... Caches>
 class group_cache {
   static_assert(sizeof...(Caches) >= 1, "kvtier::group_cache: at least one group");
-  static constexpr std::size_t N = std::get<0>(std::tuple{Caches::chunk_tokens...});
+  static constexpr std::size_t N =
+      std::array<std::size_t, sizeof...(Caches)>{Caches::chunk_tokens...}[0];
   static_assert(((Caches::chunk_tokens == N) && ...),
                 "kvtier::group_cache: every group must use one chunk size (a multiple of every "
                 "group's block size: kvtier::chunk_tokens_for<block sizes...>)");

@@ -119,7 +119,7 @@ struct resolve_options {
       find_option<chunk_tokens_kind, opt::chunk_tokens<256>, Opts...>::type::value;
   static constexpr std::size_t block_tokens =
       find_option<block_tokens_kind, opt::block_tokens<0>, Opts...>::type::value;
-  static_assert(block_tokens == 0 || chunk_tokens % block_tokens == 0,
+  static_assert(block_tokens == 0 || chunk_tokens % (block_tokens ? block_tokens : 1) == 0,
                 "kvtier::cache: chunk_tokens must be a multiple of block_tokens");
   using layout =
       typename find_option<layout_kind, opt::layout<layout::vllm_flash_nhd>, Opts...>::type::type;

@@ -858,6 +858,9 @@ namespace kvtier::tier {
 struct context {
   layout::chunk_format format;
   chunk_key salt;
+  std::uint32_t block_size = 1;  ///< the engine's tokens per block
+  std::size_t max_chunks = 1;    ///< chunks one operation can name (cache_config.max_tokens)
+  std::size_t max_ops = 1;       ///< operations in flight at once (cache_config.max_inflight)
 };
 
 /// Outcome of reading a record back. `missing` is a remote tier's miss (no record under the
@@ -889,6 +892,197 @@ struct read_job {
 
 }  // namespace kvtier::tier
 // ---- end kvtier/tier/context.hpp
+// ---- begin kvtier/transfer/batch_plan.hpp
+// The index arithmetic of a batched transfer between an engine's blocks and chunk slots, shared
+// by the CUDA kernels, the DMA batch builders and the host tests (no CUDA header needed).
+//
+// A batch moves layers [layer_begin, layer_end) of many chunks in one launch. Its unit is the
+// segment: one (chunk, layer, K/V plane, engine block) of the chunk. On the chunk side a
+// segment is contiguous (tokens x heads x row bytes, chunk format); on the engine side it is
+// the block's rows at token_stride / head_stride. Segment i is decoded from its index alone,
+// block fastest, so consecutive thread blocks walk the chunk forward.
+
+
+
+namespace kvtier::transfer {
+
+/// Which way a batch moves bytes.
+enum class way : std::uint8_t {
+  to_chunk,   ///< gather: engine blocks -> chunk slots (store)
+  to_engine,  ///< scatter: chunk slots -> engine blocks (retrieve)
+};
+
+/// One chunk of a batch: its slot (chunk format packed with `tokens` tokens) and where its
+/// block ids start in the batch's block-id array.
+struct batch_chunk {
+  std::byte* data = nullptr;
+  std::uint32_t tokens = 0;
+  std::uint32_t block0 = 0;
+};
+
+/// One chunk of an operation as the cache names it: first-tier slot, tokens, first token.
+struct staged_chunk {
+  std::uint32_t slot = 0;
+  std::uint32_t tokens = 0;
+  std::size_t first_token = 0;
+};
+
+/// One segment resolved: `tokens` tokens of `heads` rows; 0 tokens for a block past the end
+/// of a partial chunk (nothing to move).
+struct segment {
+  std::byte* engine = nullptr;  ///< slot 0, head 0 of the block
+  std::byte* chunk = nullptr;   ///< first byte in the chunk; tokens * heads * row contiguous
+  std::uint32_t tokens = 0;
+};
+
+/// Everything a launch needs, trivially copyable (passed to kernels by value). The three
+/// pointers must be readable where the batch is resolved (device memory for a kernel).
+struct batch_plan {
+  layout::ref eng{};
+  void* const* tensors = nullptr;
+  const batch_chunk* chunks = nullptr;
+  const std::int32_t* block_ids = nullptr;
+  std::uint32_t chunk_count = 0;
+  std::uint32_t planes = 2;
+  std::uint32_t blocks_per_chunk = 0;  ///< chunk_tokens / block_size
+  std::uint32_t layer_begin = 0;
+  std::uint32_t layer_end = 0;
+
+  KVTIER_HOST_DEVICE [[nodiscard]] constexpr std::size_t row_bytes() const noexcept {
+    return eng.row_bytes;
+  }
+  /// Bytes of one token of one (layer, plane) in the chunk format.
+  KVTIER_HOST_DEVICE [[nodiscard]] constexpr std::size_t token_bytes() const noexcept {
+    return std::size_t{eng.heads} * eng.row_bytes;
+  }
+  KVTIER_HOST_DEVICE [[nodiscard]] constexpr std::uint64_t segments() const noexcept {
+    return std::uint64_t{chunk_count} * (layer_end - layer_begin) * planes * blocks_per_chunk;
+  }
+  /// True when a block's rows are one contiguous run in the engine too (NHD-like): a segment is
+  /// then a single memcpy.
+  KVTIER_HOST_DEVICE [[nodiscard]] constexpr bool engine_dense() const noexcept {
+    return (eng.heads == 1 || eng.head_stride == eng.row_bytes) &&
+           (eng.block_size == 1 || eng.token_stride == token_bytes());
+  }
+  /// True when one token's heads are contiguous in the engine (a token is one memcpy).
+  KVTIER_HOST_DEVICE [[nodiscard]] constexpr bool engine_token_dense() const noexcept {
+    return eng.heads == 1 || eng.head_stride == eng.row_bytes;
+  }
+
+  KVTIER_HOST_DEVICE [[nodiscard]] constexpr segment at(std::uint64_t i) const noexcept {
+    const std::uint32_t j = static_cast<std::uint32_t>(i % blocks_per_chunk);
+    i /= blocks_per_chunk;
+    const std::uint32_t plane = static_cast<std::uint32_t>(i % planes);
+    i /= planes;
+    const std::uint32_t nl = layer_end - layer_begin;
+    const std::uint32_t layer = layer_begin + static_cast<std::uint32_t>(i % nl);
+    const batch_chunk& c = chunks[i / nl];
+    const std::uint32_t first = j * eng.block_size;
+    segment s;
+    if (first >= c.tokens) return s;
+    s.tokens = c.tokens - first < eng.block_size ? c.tokens - first : eng.block_size;
+    const layout::block_span b =
+        eng.span(layer, plane, static_cast<std::size_t>(block_ids[c.block0 + j]));
+    s.engine = static_cast<std::byte*>(tensors[b.tensor]) + b.offset;
+    s.chunk = c.data + ((std::size_t{layer} * planes + plane) * c.tokens + first) * token_bytes();
+    return s;
+  }
+
+  /// Byte offset of row (token t, head h) from a segment's engine base.
+  KVTIER_HOST_DEVICE [[nodiscard]] constexpr std::size_t engine_row(std::size_t t,
+                                                                    std::size_t h) const noexcept {
+    return t * eng.token_stride + h * eng.head_stride;
+  }
+
+  /// DMA granularity: copies per segment (1 when engine_dense, one per token when a token's
+  /// heads are contiguous, else one per row), and their bytes.
+  KVTIER_HOST_DEVICE [[nodiscard]] constexpr std::uint32_t copies_per_segment() const noexcept {
+    return engine_dense() ? 1u : engine_token_dense() ? eng.block_size : eng.block_size * eng.heads;
+  }
+  /// Copy k of segment s: engine and chunk address and bytes (0 bytes past a partial tail).
+  KVTIER_HOST_DEVICE constexpr std::size_t copy_at(const segment& s, std::uint32_t k,
+                                                   std::byte*& engine,
+                                                   std::byte*& chunk) const noexcept {
+    if (engine_dense()) {
+      engine = s.engine;
+      chunk = s.chunk;
+      return s.tokens * token_bytes();
+    }
+    if (engine_token_dense()) {
+      engine = s.engine + engine_row(k, 0);
+      chunk = s.chunk + k * token_bytes();
+      return k < s.tokens ? token_bytes() : 0;
+    }
+    const std::uint32_t t = k / eng.heads, h = k % eng.heads;
+    engine = s.engine + engine_row(t, h);
+    chunk = s.chunk + t * token_bytes() + std::size_t{h} * eng.row_bytes;
+    return t < s.tokens ? std::size_t{eng.row_bytes} : 0;
+  }
+};
+
+#if defined(__CUDA_ARCH__)
+#define KVTIER_UNROLL _Pragma("unroll")
+#else
+#define KVTIER_UNROLL
+#endif
+
+/// What one thread (`lane` of `lanes`) of the block moving segment `s` copies: vectors of
+/// sizeof(V) bytes in chunk order, `Unroll` loads in flight before their stores. `Dense` says the
+/// engine side is contiguous too (plan.engine_dense()). The kernel runs exactly this; the host
+/// tests run it for every lane to prove the index arithmetic.
+template <class V, way W, bool Dense, unsigned Unroll = 4>
+KVTIER_HOST_DEVICE inline void move_segment(const batch_plan& p, const segment& s,
+                                            std::uint32_t lane, std::uint32_t lanes) noexcept {
+  constexpr std::uint32_t vb = sizeof(V);
+  const std::uint32_t per_row = p.eng.row_bytes / vb;
+  const std::uint32_t n = s.tokens * p.eng.heads * per_row;
+  const auto engine_at = [&](std::uint32_t v) -> std::byte* {
+    if constexpr (Dense) {
+      return s.engine + std::size_t{v} * vb;
+    } else {
+      const std::uint32_t row = v / per_row;
+      return s.engine + p.engine_row(row / p.eng.heads, row % p.eng.heads) +
+             std::size_t{v % per_row} * vb;
+    }
+  };
+  for (std::uint32_t base = lane; base < n; base += lanes * Unroll) {
+    V r[Unroll];
+    KVTIER_UNROLL
+    for (unsigned u = 0; u < Unroll; ++u) {
+      const std::uint32_t v = base + u * lanes;
+      if (v < n) {
+        const std::byte* src = W == way::to_chunk ? engine_at(v) : s.chunk + std::size_t{v} * vb;
+        r[u] = *reinterpret_cast<const V*>(src);
+      }
+    }
+    KVTIER_UNROLL
+    for (unsigned u = 0; u < Unroll; ++u) {
+      const std::uint32_t v = base + u * lanes;
+      if (v < n) {
+        std::byte* dst = W == way::to_chunk ? s.chunk + std::size_t{v} * vb : engine_at(v);
+        *reinterpret_cast<V*>(dst) = r[u];
+      }
+    }
+  }
+}
+
+/// The widest access (16, 8, 4, 2 or 1 bytes) every address of a batch is aligned to, given the
+/// engine's strides, its tensor bases and the chunk slots' alignment.
+[[nodiscard]] inline std::uint32_t vector_bytes(const layout::ref& e, void* const* tensors,
+                                                std::size_t tensor_count,
+                                                std::size_t slot_alignment) noexcept {
+  std::uint64_t bits = e.row_bytes | e.token_stride | e.head_stride | e.block_stride |
+                       e.layer_stride | e.kv_stride | slot_alignment;
+  for (std::size_t i = 0; i < tensor_count; ++i) {
+    bits |= static_cast<std::uint64_t>(reinterpret_cast<std::uintptr_t>(tensors[i]));
+  }
+  std::uint32_t v = 16;
+  while (v > 1 && (bits & (v - 1)) != 0) v /= 2;
+  return v;
+}
+
+}  // namespace kvtier::transfer
+// ---- end kvtier/transfer/batch_plan.hpp
 // ---- begin kvtier/transfer/host_copy.hpp
 // Host copy engine: gathers a chunk's tokens from engine blocks into the chunk format and
 // scatters them back, with memcpy over the largest contiguous runs the two layouts share.
@@ -1037,6 +1231,7 @@ void scatter(const layout::view<L>& v, const layout::chunk_format& f, block_tabl
 }  // namespace kvtier::transfer
 // ---- end kvtier/transfer/host_copy.hpp
 
+#include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <type_traits>
@@ -1082,6 +1277,27 @@ struct chunk_ref {
   std::uint8_t wrote = 0;  ///< store: this call allocated the entry and must fill it
 };
 
+/// The ordering argument and event type of a first tier with asynchronous copies (the GPU
+/// tiers); an empty tag for the others.
+template <class F>
+struct async_types {
+  struct type {};
+  using event = void*;
+};
+template <class F>
+requires requires { typename F::transfers_type; }
+struct async_types<F> {
+  using type = typename F::transfers_type::order_type;
+  using event = typename F::transfers_type::event_type;
+};
+
+/// Whether lower tiers can read a tier's slots (a tier without the member: yes).
+template <class T>
+inline constexpr bool host_visible_v = true;
+template <class T>
+requires requires { T::host_visible; }
+inline constexpr bool host_visible_v<T> = T::host_visible;
+
 template <std::size_t ChunkTokens, std::size_t BlockTokens, class Layout, class Eviction,
           class Hasher, class TierTuple>
 class cache_impl;
@@ -1102,6 +1318,9 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       (std::size_t{0} + ... + !is_indexed<typename Lower::template impl<Eviction>>);
   static constexpr std::size_t window = 16;  // chunks promoted or written per batch
   static_assert(sizeof...(Lower) < 8, "kvtier: a tier chain has at most 8 tiers");
+  static_assert(host_visible_v<First> || sizeof...(Lower) == 0,
+                "kvtier::opt::tiers<tier::device, ...>: lower tiers need a host-visible first "
+                "tier; use tier::pinned_host first");
 
  public:
   static constexpr std::size_t chunk_tokens = ChunkTokens;
@@ -1113,6 +1332,12 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   using tier_list = std::tuple<First, Lower...>;
   using tier_configs = std::tuple<typename First::config, typename Lower::config...>;
   using stats_type = cache_stats<tier_count>;
+  /// True when the first tier copies asynchronously on the GPU (tier::device, tier::pinned_host).
+  static constexpr bool async_copies = requires { first_impl::async_copies; };
+  /// How GPU copies are ordered with the engine's stream (gpu::stream_order for the GPU tiers).
+  using order_type = typename async_types<first_impl>::type;
+  /// The event a layer pipeline step returns (cudaEvent_t for the GPU tiers).
+  using event_type = typename async_types<first_impl>::event;
 
   /// The result of lookup: the cached prefix, its chunks protected from eviction until
   /// retrieve() or release() (or destruction). Move-only; must not outlive its cache.
@@ -1176,7 +1401,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
         max_chunks_((cfg.max_tokens + ChunkTokens - 1) / ChunkTokens),
         op_keys_(std::make_unique<chunk_key[]>(max_chunks_ * cfg.max_inflight)),
         op_refs_(std::make_unique<chunk_ref[]>(max_chunks_ * cfg.max_inflight)) {
-    const tier::context ctx{format_, salt_key_};
+    const tier::context ctx{format_, salt_key_, model_.block_size, max_chunks_, cfg_.max_inflight};
     first_ = std::make_unique<first_impl>(std::get<0>(tiers), ctx);
     make_lower(tiers, ctx, std::index_sequence_for<Lower...>{});
     index_[0] = &first_->index();
@@ -1189,6 +1414,10 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       });
     }
     free_ops_.reserve(cfg.max_inflight);
+    if constexpr (async_copies) {
+      async_.resize(cfg.max_inflight);
+      pending_.reserve(cfg.max_inflight);
+    }
     for (std::size_t i = cfg.max_inflight; i-- > 0;) {
       free_ops_.push_back(static_cast<std::uint32_t>(i));
     }
@@ -1210,6 +1439,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   /// prefetches are abandoned. Under write_back, chunks not yet written back are not written:
   /// call flush() first to keep them.
   ~cache_impl() {
+    if constexpr (async_copies) synchronize();
     if constexpr (has_lower) {
       {
         std::lock_guard lk(mu_);
@@ -1262,6 +1492,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     l.cache_ = this;
     l.first_ = first_chunk;
     std::unique_lock lk(mu_);
+    poll_pending_locked();
     ++stats_.lookups;
     stats_.lookup_tokens += tokens.size();
     if (first_chunk == n) return l;
@@ -1326,20 +1557,13 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
 
   std::size_t retrieve(lease& l, const engine_kv& kv, block_table table,
                        std::size_t end_token = SIZE_MAX) {
+    if constexpr (async_copies) {
+      return retrieve(l, kv, table, order_type{}, end_token);
+    }
     check_lease("retrieve", l);
     const layout::view<Layout> v(model_, kv);
-    // Load the lease's chunks that end at or before end_token.
     const std::size_t abs_end = l.end_token();
-    std::size_t count = l.chunks_;
-    while (count > 0 &&
-           (l.first_ + count - 1) * ChunkTokens + chunk_tokens_at(l.first_ + count - 1, abs_end) >
-               end_token) {
-      --count;
-    }
-    const std::size_t load_end = count == 0 ? l.first_token()
-                                            : (l.first_ + count - 1) * ChunkTokens +
-                                                  chunk_tokens_at(l.first_ + count - 1, abs_end);
-    v.check_block_table(table, l.first_token(), load_end);
+    const std::size_t count = chunks_to_load(l, v, table, end_token);
     if (count == 0) {
       release(l);
       return 0;
@@ -1372,6 +1596,9 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
 
   std::size_t store(std::span<const token_id> tokens, const engine_kv& kv, block_table table,
                     std::size_t first_token = 0) {
+    if constexpr (async_copies) {
+      return store(tokens, kv, table, order_type{}, first_token);
+    }
     check_tokens("store", tokens.size());
     if (first_token > tokens.size()) {
       throw invalid_argument("kvtier: store first_token " + std::to_string(first_token) +
@@ -1390,19 +1617,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     const chunk_key* ks = op_keys(op);
     chunk_ref* rs = op_refs(op);
     index_type& ix = *index_[0];
-    std::size_t placed = first;
-    for (; placed < n; ++placed) {
-      if (index_entry* e = ix.find(ks[placed])) {
-        ix.touch(*e);  // already held (or being written by another caller)
-        rs[placed] = {ix.slot(*e), 0, 0};
-        continue;
-      }
-      index_entry* e = allocate_first_locked();
-      if (e == nullptr) break;  // everything left is leased, pinned or being written
-      ix.insert_writing(*e, ks[placed], chunk_tokens_at(placed, tokens.size()));
-      rs[placed] = {ix.slot(*e), 0, 1};
-    }
-    if (placed < n) ++stats_.store_partial;
+    const std::size_t placed = place_locked(ks, rs, first, n, tokens.size());
     lk.unlock();
     std::size_t bytes = 0;
     for (std::size_t i = first; i < placed; ++i) {
@@ -1431,6 +1646,336 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     return stored;
   }
 
+  // ---- the GPU path: asynchronous copies and layer pipelines --------------------------------
+
+  class store_pipeline;
+  class retrieve_pipeline;
+
+  /// GPU tiers: store as above, the copy enqueued (all layers of all chunks in one batch) and
+  /// ordered by `o`. Returns before the copy completes; the chunks become visible to lookup once
+  /// it has (the next call that finds it complete publishes them, or synchronize()).
+  std::size_t store(std::span<const token_id> tokens, const engine_kv& kv, block_table table,
+                    const order_type& o, std::size_t first_token = 0) requires async_copies {
+    store_pipeline p = begin_store(tokens, kv, table, o, first_token);
+    p.store_all();
+    return p.finish();
+  }
+
+  /// GPU tiers: retrieve as above, the copy into the engine's blocks enqueued in one batch and
+  /// ordered by `o` (with run_on_stream false, o.stream waits for it). Returns the tokens whose
+  /// copy was enqueued; the lease's chunks stay protected until it completes.
+  std::size_t retrieve(lease& l, const engine_kv& kv, block_table table, const order_type& o,
+                       std::size_t end_token = SIZE_MAX) requires async_copies {
+    retrieve_pipeline p = begin_retrieve(l, kv, table, o, end_token);
+    p.retrieve_all();
+    return p.finish();
+  }
+
+  /// Starts a layer-wise store of `tokens` (as store()): entries are reserved and descriptors
+  /// staged now; store_layer(l) then copies layer l once the engine's stream has computed it.
+  store_pipeline begin_store(std::span<const token_id> tokens, const engine_kv& kv,
+                             block_table table, const order_type& o,
+                             std::size_t first_token = 0) requires async_copies {
+    check_tokens("store", tokens.size());
+    if (first_token > tokens.size()) {
+      throw invalid_argument("kvtier: store first_token " + std::to_string(first_token) +
+                             " is past the " + std::to_string(tokens.size()) + " tokens");
+    }
+    const layout::view<Layout> v(model_, kv);
+    const std::size_t n = chunk_count(tokens.size());
+    const std::size_t first = (first_token + ChunkTokens - 1) / ChunkTokens;
+    const std::size_t end = n == 0 ? 0 : std::min(n * ChunkTokens, tokens.size());
+    v.check_block_table(table, std::min(first * ChunkTokens, end), end);
+    first_->transfers().validate(kv.tensors);
+    store_pipeline p;
+    p.c_ = this;
+    if (first >= n) return p;
+    std::unique_lock lk(mu_);
+    poll_pending_locked();
+    const std::uint32_t op = begin_op(lk, tokens, n);
+    if (op == no_op) return p;
+    chunk_ref* rs = op_refs(op);
+    const std::size_t placed = place_locked(op_keys(op), rs, first, n, tokens.size());
+    async_[op] = {false, first, placed, true};
+    lk.unlock();
+    std::size_t wrote = 0;
+    for (std::size_t i = first; i < placed; ++i) {
+      if (rs[i].wrote) {
+        ++wrote;
+        p.bytes_ += format_.bytes(chunk_tokens_at(i, tokens.size()));
+      }
+    }
+    p.op_ = op;
+    p.tokens_ = std::min(placed * ChunkTokens, tokens.size()) - first * ChunkTokens;
+    auto& x = first_->transfers();
+    try {
+      x.begin(op, transfer::way::to_chunk, o);
+      x.stage(op, v.resolved(), kv.tensors, table, wrote, [&, i = first](std::size_t) mutable {
+        while (!rs[i].wrote) ++i;
+        const transfer::staged_chunk c{
+            rs[i].slot, static_cast<std::uint32_t>(chunk_tokens_at(i, tokens.size())),
+            i * ChunkTokens};
+        ++i;
+        return c;
+      });
+    } catch (...) {
+      p.fail();
+      throw;
+    }
+    return p;
+  }
+
+  /// Starts a layer-wise retrieve of the lease (as retrieve(); it consumes the lease): lower-tier
+  /// chunks are promoted into the first tier now, then retrieve_layer(l) copies layer l.
+  retrieve_pipeline begin_retrieve(lease& l, const engine_kv& kv, block_table table,
+                                   const order_type& o,
+                                   std::size_t end_token = SIZE_MAX) requires async_copies {
+    check_lease("retrieve", l);
+    const layout::view<Layout> v(model_, kv);
+    const std::size_t abs_end = l.end_token();
+    std::size_t count = chunks_to_load(l, v, table, end_token);
+    first_->transfers().validate(kv.tensors);
+    retrieve_pipeline p;
+    p.c_ = this;
+    if (count == 0) {
+      release(l);
+      return p;
+    }
+    chunk_ref* rs = op_refs(l.op_);
+    if constexpr (has_lower) {
+      for (std::size_t w = 0; w < count; w += window) {
+        promote_window(op_keys(l.op_) + l.first_, rs, w, std::min(count, w + window), l.first_,
+                       abs_end);
+      }
+    }
+    std::size_t loaded = 0;
+    while (loaded < count && rs[loaded].tier == 0) ++loaded;  // a failed promotion ends it
+    // The pipeline takes the lease's operation; its chunks are released once the copy is done.
+    {
+      std::lock_guard lk(mu_);
+      poll_pending_locked();
+      async_[l.op_] = {true, 0, l.chunks_, true};
+    }
+    p.op_ = std::exchange(l.op_, no_op);
+    l.cache_ = nullptr;
+    l.chunks_ = l.tokens_ = 0;
+    const std::size_t first = l.first_;
+    for (std::size_t i = 0; i < loaded; ++i) {
+      const std::size_t ntok = chunk_tokens_at(first + i, abs_end);
+      p.tokens_ += ntok;
+      p.bytes_ += format_.bytes(ntok);
+    }
+    auto& x = first_->transfers();
+    try {
+      x.begin(p.op_, transfer::way::to_engine, o);
+      x.stage(p.op_, v.resolved(), kv.tensors, table, loaded, [&](std::size_t i) {
+        return transfer::staged_chunk{
+            rs[i].slot, static_cast<std::uint32_t>(chunk_tokens_at(first + i, abs_end)),
+            (first + i) * ChunkTokens};
+      });
+    } catch (...) {
+      p.fail();
+      throw;
+    }
+    return p;
+  }
+
+  /// Waits until every GPU copy started so far has completed, and publishes the stored chunks.
+  void synchronize() requires async_copies {
+    std::unique_lock lk(mu_);
+    while (!pending_.empty()) {
+      const std::uint32_t op = pending_.front();
+      lk.unlock();
+      first_->transfers().wait(op);
+      lk.lock();
+      poll_pending_locked();
+    }
+  }
+
+  /// A layer-wise store (from begin_store). Call store_layer(l) for l = 0, 1, ... in order once
+  /// the engine has enqueued layer l's KV computation on its stream, then finish() (or let it
+  /// go out of scope). Chunks are published only if every layer was stored. Move-only.
+  class store_pipeline {
+   public:
+    store_pipeline() = default;
+    store_pipeline(store_pipeline&& o) noexcept { take(o); }
+    store_pipeline& operator=(store_pipeline&& o) noexcept {
+      if (this != &o) {
+        finish_noexcept();
+        take(o);
+      }
+      return *this;
+    }
+    ~store_pipeline() { finish_noexcept(); }
+
+    /// Tokens this store covers (stored or already held), as store() returns.
+    [[nodiscard]] std::size_t tokens() const noexcept { return tokens_; }
+
+    /// Copies layer `l` of every chunk after the work now on the engine's stream; returns the
+    /// event marking its copy done (after it, the engine may reuse those blocks), or a null
+    /// event when this pipeline moves nothing.
+    event_type store_layer(std::size_t l) {
+      if (op_ == no_op) return event_type{};
+      c_->check_layer_count("store_layer", l);
+      c_->check_layer("store_layer", l, next_);
+      auto& x = c_->first_->transfers();
+      x.join(op_);
+      x.copy(op_, static_cast<std::uint32_t>(l), static_cast<std::uint32_t>(l + 1));
+      ++next_;
+      return x.layer_signal(op_, static_cast<std::uint32_t>(l));
+    }
+    /// Copies every layer at once (what store() does).
+    void store_all() {
+      if (op_ == no_op) return;
+      if (next_ != 0) c_->check_layer("store_all", 0, next_);
+      auto& x = c_->first_->transfers();
+      x.join(op_);
+      x.copy(op_, 0, static_cast<std::uint32_t>(c_->model_.layers));
+      next_ = c_->model_.layers;
+    }
+    /// Ends the store: returns tokens() if every layer was stored (the chunks are published once
+    /// the copies complete), else 0 and nothing is published.
+    std::size_t finish() {
+      if (c_ == nullptr) return 0;
+      if (op_ == no_op) {
+        c_ = nullptr;
+        return 0;
+      }
+      cache_impl* c = std::exchange(c_, nullptr);
+      const std::uint32_t op = std::exchange(op_, no_op);
+      const bool whole = next_ == c->model_.layers;
+      try {
+        c->first_->transfers().end(op);
+      } catch (...) {
+        c->first_->transfers().cancel(op);
+        c->complete(op, false);
+        throw;
+      }
+      std::lock_guard lk(c->mu_);
+      c->async_[op].ok = whole;
+      c->pending_.push_back(op);
+      if (!whole) return 0;
+      c->stats_.stored_tokens += tokens_;
+      c->stats_.bytes_from_engine += bytes_;
+      c->stats_.tiers[0].bytes_written += bytes_;
+      return tokens_;
+    }
+
+   private:
+    friend class cache_impl;
+    void take(store_pipeline& o) noexcept {
+      c_ = std::exchange(o.c_, nullptr);
+      op_ = std::exchange(o.op_, no_op);
+      next_ = std::exchange(o.next_, 0);
+      tokens_ = std::exchange(o.tokens_, 0);
+      bytes_ = std::exchange(o.bytes_, 0);
+    }
+    void fail() noexcept {
+      c_->first_->transfers().cancel(op_);
+      c_->complete(std::exchange(op_, no_op), false);
+      c_ = nullptr;
+    }
+    void finish_noexcept() noexcept {
+      try {
+        finish();
+      } catch (...) {  // a destructor cannot report it; nothing was published
+      }
+    }
+    cache_impl* c_ = nullptr;
+    std::uint32_t op_ = no_op;
+    std::size_t next_ = 0;  ///< the next layer to store
+    std::size_t tokens_ = 0, bytes_ = 0;
+  };
+
+  /// A layer-wise retrieve (from begin_retrieve). Call retrieve_layer(l) for l = 0, 1, ... in
+  /// order before the engine enqueues layer l's attention: the engine's stream (with
+  /// run_on_stream false) waits for that layer only, so loading layer l+1 overlaps computing
+  /// layer l. Then finish() (or let it go out of scope). Move-only.
+  class retrieve_pipeline {
+   public:
+    retrieve_pipeline() = default;
+    retrieve_pipeline(retrieve_pipeline&& o) noexcept { take(o); }
+    retrieve_pipeline& operator=(retrieve_pipeline&& o) noexcept {
+      if (this != &o) {
+        finish_noexcept();
+        take(o);
+      }
+      return *this;
+    }
+    ~retrieve_pipeline() { finish_noexcept(); }
+
+    /// Tokens this retrieve loads (a prefix of the lease), as retrieve() returns.
+    [[nodiscard]] std::size_t tokens() const noexcept { return tokens_; }
+
+    /// Copies layer `l` of every chunk into the engine's blocks; returns the event marking it
+    /// loaded (the engine's stream already waits for it unless run_on_stream), or a null event
+    /// when this pipeline moves nothing.
+    event_type retrieve_layer(std::size_t l) {
+      if (op_ == no_op) return event_type{};
+      c_->check_layer_count("retrieve_layer", l);
+      c_->check_layer("retrieve_layer", l, next_);
+      auto& x = c_->first_->transfers();
+      x.copy(op_, static_cast<std::uint32_t>(l), static_cast<std::uint32_t>(l + 1));
+      ++next_;
+      return x.layer_signal(op_, static_cast<std::uint32_t>(l));
+    }
+    /// Copies every layer at once (what retrieve() does).
+    void retrieve_all() {
+      if (op_ == no_op) return;
+      if (next_ != 0) c_->check_layer("retrieve_all", 0, next_);
+      c_->first_->transfers().copy(op_, 0, static_cast<std::uint32_t>(c_->model_.layers));
+      next_ = c_->model_.layers;
+    }
+    /// Ends the retrieve: returns tokens() if every layer was loaded, else 0 (the layers loaded
+    /// are in the engine's blocks, but the prefix is not whole). The chunks stay protected until
+    /// the copies complete.
+    std::size_t finish() {
+      if (c_ == nullptr) return 0;
+      cache_impl* c = std::exchange(c_, nullptr);
+      if (op_ == no_op) return 0;
+      const std::uint32_t op = std::exchange(op_, no_op);
+      try {
+        c->first_->transfers().end(op);
+      } catch (...) {
+        c->first_->transfers().cancel(op);
+        c->complete(op, false);
+        throw;
+      }
+      std::lock_guard lk(c->mu_);
+      c->pending_.push_back(op);
+      if (next_ != c->model_.layers) return 0;
+      c->stats_.retrieved_tokens += tokens_;
+      c->stats_.bytes_to_engine += bytes_;
+      c->stats_.tiers[0].bytes_read += bytes_;
+      return tokens_;
+    }
+
+   private:
+    friend class cache_impl;
+    void take(retrieve_pipeline& o) noexcept {
+      c_ = std::exchange(o.c_, nullptr);
+      op_ = std::exchange(o.op_, no_op);
+      next_ = std::exchange(o.next_, 0);
+      tokens_ = std::exchange(o.tokens_, 0);
+      bytes_ = std::exchange(o.bytes_, 0);
+    }
+    void fail() noexcept {
+      c_->first_->transfers().cancel(op_);
+      c_->complete(std::exchange(op_, no_op), false);
+      c_ = nullptr;
+    }
+    void finish_noexcept() noexcept {
+      try {
+        finish();
+      } catch (...) {  // a destructor cannot report it
+      }
+    }
+    cache_impl* c_ = nullptr;
+    std::uint32_t op_ = no_op;
+    std::size_t next_ = 0;
+    std::size_t tokens_ = 0, bytes_ = 0;
+  };
+
   /// Starts loading the lower-tier chunks of `tokens`' cached prefix into the first tier in the
   /// background; returns the tokens whose loading started. lookup() reports a chunk in the
   /// first tier once it is loaded (and in its lower tier until then).
@@ -1442,6 +1987,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       const std::size_t n = chunk_count(tokens.size());
       if (n == 0) return 0;
       std::unique_lock lk(mu_);
+      poll_pending_locked();
       const std::uint32_t op = begin_op(lk, tokens, n);
       if (op == no_op) return 0;
       const chunk_key* ks = op_keys(op);
@@ -1528,6 +2074,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
 
   std::size_t clear() {
     std::unique_lock lk(mu_);
+    poll_pending_locked();
     std::size_t removed = 0;
     for (std::size_t t = 0; t < tier_count; ++t) {
       if (index_[t] == nullptr) continue;
@@ -1551,6 +2098,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   /// Waits until every queued write to a lower tier has completed. Under write_back it first
   /// writes back every chunk the first tier still owes a lower tier (and has admitted).
   void flush() {
+    if constexpr (async_copies) synchronize();
     if constexpr (has_lower) {
       std::unique_lock lk(mu_);
       for (bool more = true; more;) {
@@ -1747,6 +2295,132 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   chunk_key* op_keys(std::uint32_t op) const noexcept { return op_keys_.get() + op * max_chunks_; }
   chunk_ref* op_refs(std::uint32_t op) const noexcept { return op_refs_.get() + op * max_chunks_; }
 
+  // Store: finds or allocates first-tier entries for chunks [first, n) (of a sequence of
+  // `total` tokens); an allocated one is `writing` and marked `wrote`. Returns one past the last
+  // chunk placed (fewer than n when nothing more is evictable).
+  std::size_t place_locked(const chunk_key* ks, chunk_ref* rs, std::size_t first, std::size_t n,
+                           std::size_t total) noexcept {
+    index_type& ix = *index_[0];
+    std::size_t placed = first;
+    for (; placed < n; ++placed) {
+      if (index_entry* e = ix.find(ks[placed])) {
+        ix.touch(*e);  // already held (or being written by another caller)
+        rs[placed] = {ix.slot(*e), 0, 0};
+        continue;
+      }
+      index_entry* e = allocate_first_locked();
+      if (e == nullptr) break;  // everything left is leased, pinned or being written
+      ix.insert_writing(*e, ks[placed], static_cast<std::uint32_t>(chunk_tokens_at(placed, total)));
+      rs[placed] = {ix.slot(*e), 0, 1};
+    }
+    if (placed < n) ++stats_.store_partial;
+    return placed;
+  }
+
+  // Retrieve: the lease's chunks that end at or before end_token, after checking the table.
+  std::size_t chunks_to_load(const lease& l, const layout::view<Layout>& v, block_table table,
+                             std::size_t end_token) const {
+    const std::size_t abs_end = l.end_token();
+    std::size_t count = l.chunks_;
+    while (count > 0 &&
+           (l.first_ + count - 1) * ChunkTokens + chunk_tokens_at(l.first_ + count - 1, abs_end) >
+               end_token) {
+      --count;
+    }
+    const std::size_t load_end = count == 0 ? l.first_token()
+                                            : (l.first_ + count - 1) * ChunkTokens +
+                                                  chunk_tokens_at(l.first_ + count - 1, abs_end);
+    v.check_block_table(table, l.first_token(), load_end);
+    return count;
+  }
+
+  // ---- asynchronous copies (GPU tiers) ------------------------------------------------------
+
+  static void check_layer(const char* what, std::size_t l, std::size_t next) {
+    if (l != next) {
+      throw invalid_argument(std::string("kvtier: ") + what + "(" + std::to_string(l) +
+                             ") out of order: layer " + std::to_string(next) +
+                             " is next (layers are copied once each, in order)");
+    }
+  }
+  void check_layer_count(const char* what, std::size_t l) const {
+    if (l >= model_.layers) {
+      throw invalid_argument(std::string("kvtier: ") + what + "(" + std::to_string(l) +
+                             ") is past the model's " + std::to_string(model_.layers) + " layers");
+    }
+  }
+
+  // Operation `op`'s copies finished (ok) or failed: a store publishes its chunks (or drops
+  // them: a failed or incomplete store is never visible), a retrieve releases its lease's chunks.
+  void complete_locked(std::uint32_t op, bool ok) noexcept {
+    const async_op& a = async_[op];
+    chunk_ref* rs = op_refs(op);
+    if (!a.retrieve) {
+      index_type& ix = *index_[0];
+      for (std::size_t i = a.first; i < a.count; ++i) {
+        if (!rs[i].wrote) continue;
+        index_entry& e = ix.at(rs[i].slot);
+        if (ok && a.ok) {
+          ix.publish(e);
+          ++stats_.tiers[0].writes;
+          if constexpr (has_lower) on_stored_locked(e);
+        } else {
+          ix.abort(e);
+          if (!ok) ++stats_.tiers[0].errors;
+        }
+        ix.unref(e);
+      }
+    } else {
+      for (std::size_t i = 0; i < a.count; ++i) {
+        if (rs[i].tier == dropped_tier || index_[rs[i].tier] == nullptr) continue;
+        index_type& ix = *index_[rs[i].tier];
+        ix.unref(ix.at(rs[i].slot));
+      }
+    }
+    free_ops_.push_back(op);
+  }
+  void complete(std::uint32_t op, bool ok) noexcept {
+    {
+      std::lock_guard lk(mu_);
+      complete_locked(op, ok);
+    }
+    state_cv_.notify_all();
+  }
+
+  // Completes every pending operation whose copies have finished.
+  void poll_pending_locked() noexcept {
+    if constexpr (async_copies) {
+      bool any = false;
+      for (std::size_t k = 0; k < pending_.size();) {
+        const std::uint32_t op = pending_[k];
+        const auto st = first_->transfers().poll(op);
+        if (st == decltype(st)::pending) {
+          ++k;
+          continue;
+        }
+        complete_locked(op, st == decltype(st)::done);
+        pending_[k] = pending_.back();
+        pending_.pop_back();
+        any = true;
+      }
+      if (any) {
+        state_cv_.notify_all();
+        if constexpr (has_lower) work_cv_.notify_all();
+      }
+    }
+  }
+
+  // Waits for an entry to leave the writing state. With asynchronous copies nothing signals
+  // that by itself: the copies are polled every 100 us meanwhile.
+  void wait_state_locked(std::unique_lock<std::mutex>& lk) {
+    if constexpr (async_copies) {
+      poll_pending_locked();
+      state_cv_.wait_for(lk, std::chrono::microseconds(100));
+    } else {
+      state_cv_.wait(lk);
+    }
+  }
+
   std::uint32_t acquire_op_locked() noexcept {
     if (free_ops_.empty()) {
       ++stats_.busy;
@@ -1804,6 +2478,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     const std::size_t n = chunk_count(tokens.size());
     if (n == 0) return 0;
     std::unique_lock lk(mu_);
+    poll_pending_locked();
     const std::uint32_t op_slot = begin_op(lk, tokens, n);
     if (op_slot == no_op) return 0;
     const chunk_key* ks = op_keys(op_slot);
@@ -2031,7 +2706,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       chunk_ref& r = rs[wait[w]];
       index_entry* e;
       while ((e = first.find(ks[wait[w]])) != nullptr && e->state == entry_state::writing) {
-        state_cv_.wait(lk);
+        wait_state_locked(lk);
       }
       if (e != nullptr) {
         first.ref(*e);
@@ -2235,6 +2910,15 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   std::unique_ptr<chunk_key[]> op_keys_;
   std::unique_ptr<chunk_ref[]> op_refs_;
   std::vector<std::uint32_t> free_ops_;
+
+  struct async_op {
+    bool retrieve = false;
+    std::size_t first = 0;  ///< store: first chunk; retrieve: 0
+    std::size_t count = 0;  ///< store: one past the last chunk placed; retrieve: lease chunks
+    bool ok = true;         ///< store: every layer was copied
+  };
+  std::vector<async_op> async_;         // per operation slot (GPU tiers)
+  std::vector<std::uint32_t> pending_;  // operations whose copies may still run
 
   std::array<write_ring, tier_count> rings_;
   std::vector<prefetch_job> prefetch_ring_;
@@ -2512,6 +3196,19 @@ class slab {
     return (v + a - 1) / a * a;
   }
 
+  /// Slots of `chunk_bytes` (rounded up to `alignment`) that `capacity_bytes` holds; throws
+  /// invalid_argument naming `tier` when it holds none.
+  [[nodiscard]] static std::size_t slots_in(std::size_t capacity_bytes, std::size_t chunk_bytes,
+                                            std::size_t alignment, const char* tier) {
+    const std::size_t slot = round_up(chunk_bytes, alignment);
+    if (capacity_bytes < slot) {
+      throw invalid_argument(std::string("kvtier: ") + tier + " capacity_bytes " +
+                             std::to_string(capacity_bytes) + " holds no chunk of " +
+                             std::to_string(slot) + " bytes");
+    }
+    return capacity_bytes / slot;
+  }
+
  private:
   static std::size_t checked_bytes(std::size_t slots, std::size_t slot_bytes) {
     if (slots == 0) throw invalid_argument("kvtier: slab of 0 slots");
@@ -2563,12 +3260,7 @@ struct host {
 
    private:
     static std::size_t slots_for(const config& c, const context& ctx) {
-      const std::size_t slot = memory::slab::round_up(ctx.format.chunk_bytes(), alignment);
-      if (c.capacity_bytes < slot) {
-        throw invalid_argument("kvtier: host capacity_bytes " + std::to_string(c.capacity_bytes) +
-                               " holds no chunk of " + std::to_string(slot) + " bytes");
-      }
-      return c.capacity_bytes / slot;
+      return memory::slab::slots_in(c.capacity_bytes, ctx.format.chunk_bytes(), alignment, "host");
     }
 
     detail::chunk_index<Eviction> index_;
@@ -2688,7 +3380,7 @@ struct resolve_options {
       find_option<chunk_tokens_kind, opt::chunk_tokens<256>, Opts...>::type::value;
   static constexpr std::size_t block_tokens =
       find_option<block_tokens_kind, opt::block_tokens<0>, Opts...>::type::value;
-  static_assert(block_tokens == 0 || chunk_tokens % block_tokens == 0,
+  static_assert(block_tokens == 0 || chunk_tokens % (block_tokens ? block_tokens : 1) == 0,
                 "kvtier::cache: chunk_tokens must be a multiple of block_tokens");
   using layout =
       typename find_option<layout_kind, opt::layout<layout::vllm_flash_nhd>, Opts...>::type::type;
@@ -2820,7 +3512,8 @@ inline constexpr std::size_t chunk_tokens_for = [] {
 template <class... Caches>
 class group_cache {
   static_assert(sizeof...(Caches) >= 1, "kvtier::group_cache: at least one group");
-  static constexpr std::size_t N = std::get<0>(std::tuple{Caches::chunk_tokens...});
+  static constexpr std::size_t N =
+      std::array<std::size_t, sizeof...(Caches)>{Caches::chunk_tokens...}[0];
   static_assert(((Caches::chunk_tokens == N) && ...),
                 "kvtier::group_cache: every group must use one chunk size (a multiple of every "
                 "group's block size: kvtier::chunk_tokens_for<block sizes...>)");
@@ -3539,10 +4232,12 @@ class io_engine {
         }
         break;
       }
-      io_uring_cqe* cqe;
-      unsigned head, seen = 0;
-      io_uring_for_each_cqe(&rg.r, head, cqe) {
-        ++seen;
+      // (peek_batch rather than the io_uring_for_each_cqe macro, whose assignment-as-condition
+      // nvcc's host compilation warns about)
+      std::array<io_uring_cqe*, 64> cqes;
+      const unsigned seen = io_uring_peek_batch_cqe(&rg.r, cqes.data(), cqes.size());
+      for (unsigned k = 0; k < seen; ++k) {
+        io_uring_cqe* cqe = cqes[k];
         const auto tag = static_cast<std::uint32_t>(io_uring_cqe_get_data64(cqe));
         segment_state& s = rg.inflight[tag];
         const int res = cqe->res;

@@ -16,7 +16,6 @@
 #include <sys/time.h>
 
 #include <charconv>
-#include <chrono>
 #include <shared_mutex>
 #include <string_view>
 

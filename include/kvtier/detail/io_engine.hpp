@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cerrno>
 #include <condition_variable>
@@ -312,10 +313,12 @@ class io_engine {
         }
         break;
       }
-      io_uring_cqe* cqe;
-      unsigned head, seen = 0;
-      io_uring_for_each_cqe(&rg.r, head, cqe) {
-        ++seen;
+      // (peek_batch rather than the io_uring_for_each_cqe macro, whose assignment-as-condition
+      // nvcc's host compilation warns about)
+      std::array<io_uring_cqe*, 64> cqes;
+      const unsigned seen = io_uring_peek_batch_cqe(&rg.r, cqes.data(), cqes.size());
+      for (unsigned k = 0; k < seen; ++k) {
+        io_uring_cqe* cqe = cqes[k];
         const auto tag = static_cast<std::uint32_t>(io_uring_cqe_get_data64(cqe));
         segment_state& s = rg.inflight[tag];
         const int res = cqe->res;

@@ -130,7 +130,7 @@ struct batch_plan {
   }
 };
 
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)
 #define KVTIER_UNROLL _Pragma("unroll")
 #else
 #define KVTIER_UNROLL
