@@ -118,23 +118,31 @@ struct engine_tensors {
     for (void* p : ptrs) cudaFree(p);
   }
   kvtier::engine_kv kv() const { return {ptrs, shape}; }
-  // Bytes of the rows of `table`'s blocks, layer by layer, on the host (for the byte check).
+  // Bytes of the rows of `table`'s blocks, layer by layer (for the byte check): the tensors
+  // are downloaded once and addressed on the host through the layout view.
   std::vector<unsigned char> rows(const kvtier::model_shape& m,
                                   const std::vector<std::int32_t>& table) const {
-    const ly::view<L> v(m, kv());
+    std::vector<std::vector<std::byte>> host(ptrs.size(), std::vector<std::byte>(bytes));
+    std::vector<void*> hp;
+    for (std::size_t t = 0; t < ptrs.size(); ++t) {
+      ok(cudaMemcpy(host[t].data(), ptrs[t], bytes, cudaMemcpyDeviceToHost), "check copy");
+      hp.push_back(host[t].data());
+    }
+    const ly::view<L> v(m, {hp, shape});
     const std::size_t row = m.head_size * m.dtype_size;
     std::vector<unsigned char> out;
+    out.reserve(m.layers * ly::traits<L>::kv_planes * table.size() * m.block_size * m.kv_heads *
+                row);
     for (std::size_t l = 0; l < m.layers; ++l)
       for (std::size_t p = 0; p < ly::traits<L>::kv_planes; ++p)
         for (std::int32_t b : table)
           for (std::size_t s = 0; s < m.block_size; ++s)
             for (std::size_t h = 0; h < m.kv_heads; ++h) {
               ly::block_span sp;
-              const std::byte* a = v.base(l, p, static_cast<std::size_t>(b), sp) +
-                                   s * sp.token_stride + h * sp.head_stride;
-              const std::size_t at = out.size();
-              out.resize(at + row);
-              ok(cudaMemcpy(out.data() + at, a, row, cudaMemcpyDeviceToHost), "check copy");
+              const auto* a = reinterpret_cast<const unsigned char*>(
+                  v.base(l, p, static_cast<std::size_t>(b), sp) + s * sp.token_stride +
+                  h * sp.head_stride);
+              out.insert(out.end(), a, a + row);
             }
     return out;
   }

@@ -111,7 +111,7 @@ struct emulated_gpu {
     }
 
     // -- the interface the cache uses
-    void validate(std::span<void* const> tensors) const {
+    void validate(std::span<void* const> tensors, const emu_order&) const {
       for (std::size_t i = 0; i < tensors.size(); ++i) {
         if (tensors[i] == reject) throw kvtier::invalid_argument("emulated: rejected tensor");
       }

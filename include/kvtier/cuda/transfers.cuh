@@ -16,6 +16,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace kvtier::gpu {
@@ -141,15 +142,8 @@ class transfers {
   }
 
  public:
-  /// Starts operation `op` in direction `w`, ordered by `o`.
+  /// Starts operation `op` in direction `w`, ordered by `o` (checked by validate()).
   void begin(std::uint32_t op, transfer::way w, const stream_order& o) {
-    if constexpr (requires { Engine::window; }) {
-      if (o.run_on_stream && (o.stream == nullptr || o.stream == cudaStreamLegacy)) {
-        throw invalid_argument(std::string("kvtier: copy engine ") + Engine::name +
-                               " cannot run on the legacy default stream (stream_order.stream "
-                               "is null with run_on_stream)");
-      }
-    }
     op_state& s = ops_[op];
     s.order = o;
     s.way = w;
@@ -195,8 +189,15 @@ class transfers {
           "cudaMemcpyAsync (descriptors)");
   }
 
-  /// Throws invalid_argument unless every tensor is device memory of this tier's device.
-  void validate(std::span<void* const> tensors) const {
+  /// Throws invalid_argument unless every tensor is device memory of this tier's device and the
+  /// copy engine can run on the stream `o` names.
+  void validate(std::span<void* const> tensors, const stream_order& o) const {
+    if (std::is_same_v<Engine, copy_engine::memcpy_batch> && o.run_on_stream &&
+        (o.stream == nullptr || o.stream == cudaStreamLegacy)) {
+      throw invalid_argument(
+          "kvtier: copy engine memcpy_batch cannot run on the legacy default stream "
+          "(stream_order.stream is null with run_on_stream)");
+    }
     device_guard g(device_);
     for (std::size_t i = 0; i < tensors.size(); ++i) check_device_pointer(tensors[i], i);
   }

@@ -473,7 +473,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     const std::size_t first = (first_token + ChunkTokens - 1) / ChunkTokens;
     const std::size_t end = n == 0 ? 0 : std::min(n * ChunkTokens, tokens.size());
     v.check_block_table(table, std::min(first * ChunkTokens, end), end);
-    first_->transfers().validate(kv.tensors);
+    first_->transfers().validate(kv.tensors, o);
     store_pipeline p;
     p.c_ = this;
     if (first >= n) return p;
@@ -521,7 +521,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     const layout::view<Layout> v(model_, kv);
     const std::size_t abs_end = l.end_token();
     std::size_t count = chunks_to_load(l, v, table, end_token);
-    first_->transfers().validate(kv.tensors);
+    first_->transfers().validate(kv.tensors, o);
     retrieve_pipeline p;
     p.c_ = this;
     if (count == 0) {
