@@ -1651,6 +1651,97 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   class store_pipeline;
   class retrieve_pipeline;
 
+ private:
+  // What a store or retrieve pipeline holds, and the steps both take: the cache, its operation
+  // slot, the next layer to copy, and the tokens and bytes the operation moves.
+  struct pipeline_state {
+    cache_impl* c = nullptr;
+    std::uint32_t op = no_op;
+    std::size_t next = 0, tokens = 0, bytes = 0;
+
+    pipeline_state() = default;
+    pipeline_state(pipeline_state&& o) noexcept
+        : c(std::exchange(o.c, nullptr)),
+          op(std::exchange(o.op, no_op)),
+          next(std::exchange(o.next, 0)),
+          tokens(std::exchange(o.tokens, 0)),
+          bytes(std::exchange(o.bytes, 0)) {}
+    pipeline_state& operator=(pipeline_state&&) = delete;
+    void assign(pipeline_state&& o, bool store) noexcept {
+      if (this == &o) return;
+      finish_noexcept(store);
+      c = std::exchange(o.c, nullptr);
+      op = std::exchange(o.op, no_op);
+      next = std::exchange(o.next, 0);
+      tokens = std::exchange(o.tokens, 0);
+      bytes = std::exchange(o.bytes, 0);
+    }
+
+    // Copies layer `l` (the next one), after the engine stream's work for a store; returns the
+    // layer's event.
+    event_type layer(const char* what, std::size_t l, bool join) {
+      if (op == no_op) return event_type{};
+      c->check_layer_count(what, l);
+      c->check_layer(what, l, next);
+      auto& x = c->first_->transfers();
+      if (join) x.join(op);
+      x.copy(op, static_cast<std::uint32_t>(l), static_cast<std::uint32_t>(l + 1));
+      ++next;
+      return x.layer_signal(op, static_cast<std::uint32_t>(l));
+    }
+    void all(const char* what, bool join) {
+      if (op == no_op) return;
+      if (next != 0) c->check_layer(what, 0, next);
+      auto& x = c->first_->transfers();
+      if (join) x.join(op);
+      x.copy(op, 0, static_cast<std::uint32_t>(c->model_.layers));
+      next = c->model_.layers;
+    }
+    // Ends the operation: it completes (publishing a store's chunks if every layer was copied,
+    // releasing a retrieve's) once its copies have. Returns the tokens moved, or 0.
+    std::size_t finish(bool store) {
+      if (c == nullptr) return 0;
+      cache_impl* cc = std::exchange(c, nullptr);
+      if (op == no_op) return 0;
+      const std::uint32_t o = std::exchange(op, no_op);
+      const bool whole = next == cc->model_.layers;
+      try {
+        cc->first_->transfers().end(o);
+      } catch (...) {
+        cc->first_->transfers().cancel(o);
+        cc->complete(o, false);
+        throw;
+      }
+      std::lock_guard lk(cc->mu_);
+      if (store) cc->async_[o].ok = whole;
+      cc->pending_.push_back(o);
+      if (!whole) return 0;
+      if (store) {
+        cc->stats_.stored_tokens += tokens;
+        cc->stats_.bytes_from_engine += bytes;
+        cc->stats_.tiers[0].bytes_written += bytes;
+      } else {
+        cc->stats_.retrieved_tokens += tokens;
+        cc->stats_.bytes_to_engine += bytes;
+        cc->stats_.tiers[0].bytes_read += bytes;
+      }
+      return tokens;
+    }
+    void finish_noexcept(bool store) noexcept {
+      try {
+        finish(store);
+      } catch (...) {  // a destructor cannot report it; a store publishes nothing then
+      }
+    }
+    // Staging failed: whatever was enqueued is waited for, and the operation ends as failed.
+    void fail() noexcept {
+      c->first_->transfers().cancel(op);
+      c->complete(std::exchange(op, no_op), false);
+      c = nullptr;
+    }
+  };
+
+ public:
   /// GPU tiers: store as above, the copy enqueued (all layers of all chunks in one batch) and
   /// ordered by `o`. Returns before the copy completes; the chunks become visible to lookup once
   /// it has (the next call that finds it complete publishes them, or synchronize()).
@@ -1688,7 +1779,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     v.check_block_table(table, std::min(first * ChunkTokens, end), end);
     first_->transfers().validate(kv.tensors, o);
     store_pipeline p;
-    p.c_ = this;
+    p.st_.c = this;
     if (first >= n) return p;
     std::unique_lock lk(mu_);
     poll_pending_locked();
@@ -1702,11 +1793,11 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     for (std::size_t i = first; i < placed; ++i) {
       if (rs[i].wrote) {
         ++wrote;
-        p.bytes_ += format_.bytes(chunk_tokens_at(i, tokens.size()));
+        p.st_.bytes += format_.bytes(chunk_tokens_at(i, tokens.size()));
       }
     }
-    p.op_ = op;
-    p.tokens_ = std::min(placed * ChunkTokens, tokens.size()) - first * ChunkTokens;
+    p.st_.op = op;
+    p.st_.tokens = std::min(placed * ChunkTokens, tokens.size()) - first * ChunkTokens;
     auto& x = first_->transfers();
     try {
       x.begin(op, transfer::way::to_chunk, o);
@@ -1719,7 +1810,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
         return c;
       });
     } catch (...) {
-      p.fail();
+      p.st_.fail();
       throw;
     }
     return p;
@@ -1736,7 +1827,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     std::size_t count = chunks_to_load(l, v, table, end_token);
     first_->transfers().validate(kv.tensors, o);
     retrieve_pipeline p;
-    p.c_ = this;
+    p.st_.c = this;
     if (count == 0) {
       release(l);
       return p;
@@ -1756,25 +1847,25 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       poll_pending_locked();
       async_[l.op_] = {true, 0, l.chunks_, true};
     }
-    p.op_ = std::exchange(l.op_, no_op);
+    p.st_.op = std::exchange(l.op_, no_op);
     l.cache_ = nullptr;
     l.chunks_ = l.tokens_ = 0;
     const std::size_t first = l.first_;
     for (std::size_t i = 0; i < loaded; ++i) {
       const std::size_t ntok = chunk_tokens_at(first + i, abs_end);
-      p.tokens_ += ntok;
-      p.bytes_ += format_.bytes(ntok);
+      p.st_.tokens += ntok;
+      p.st_.bytes += format_.bytes(ntok);
     }
     auto& x = first_->transfers();
     try {
-      x.begin(p.op_, transfer::way::to_engine, o);
-      x.stage(p.op_, v.resolved(), kv.tensors, table, loaded, [&](std::size_t i) {
+      x.begin(p.st_.op, transfer::way::to_engine, o);
+      x.stage(p.st_.op, v.resolved(), kv.tensors, table, loaded, [&](std::size_t i) {
         return transfer::staged_chunk{
             rs[i].slot, static_cast<std::uint32_t>(chunk_tokens_at(first + i, abs_end)),
             (first + i) * ChunkTokens};
       });
     } catch (...) {
-      p.fail();
+      p.st_.fail();
       throw;
     }
     return p;
@@ -1798,93 +1889,28 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   class store_pipeline {
    public:
     store_pipeline() = default;
-    store_pipeline(store_pipeline&& o) noexcept { take(o); }
+    store_pipeline(store_pipeline&&) noexcept = default;
     store_pipeline& operator=(store_pipeline&& o) noexcept {
-      if (this != &o) {
-        finish_noexcept();
-        take(o);
-      }
+      st_.assign(std::move(o.st_), true);
       return *this;
     }
-    ~store_pipeline() { finish_noexcept(); }
+    ~store_pipeline() { st_.finish_noexcept(true); }
 
     /// Tokens this store covers (stored or already held), as store() returns.
-    [[nodiscard]] std::size_t tokens() const noexcept { return tokens_; }
-
+    [[nodiscard]] std::size_t tokens() const noexcept { return st_.tokens; }
     /// Copies layer `l` of every chunk after the work now on the engine's stream; returns the
     /// event marking its copy done (after it, the engine may reuse those blocks), or a null
     /// event when this pipeline moves nothing.
-    event_type store_layer(std::size_t l) {
-      if (op_ == no_op) return event_type{};
-      c_->check_layer_count("store_layer", l);
-      c_->check_layer("store_layer", l, next_);
-      auto& x = c_->first_->transfers();
-      x.join(op_);
-      x.copy(op_, static_cast<std::uint32_t>(l), static_cast<std::uint32_t>(l + 1));
-      ++next_;
-      return x.layer_signal(op_, static_cast<std::uint32_t>(l));
-    }
+    event_type store_layer(std::size_t l) { return st_.layer("store_layer", l, true); }
     /// Copies every layer at once (what store() does).
-    void store_all() {
-      if (op_ == no_op) return;
-      if (next_ != 0) c_->check_layer("store_all", 0, next_);
-      auto& x = c_->first_->transfers();
-      x.join(op_);
-      x.copy(op_, 0, static_cast<std::uint32_t>(c_->model_.layers));
-      next_ = c_->model_.layers;
-    }
+    void store_all() { st_.all("store_all", true); }
     /// Ends the store: returns tokens() if every layer was stored (the chunks are published once
     /// the copies complete), else 0 and nothing is published.
-    std::size_t finish() {
-      if (c_ == nullptr) return 0;
-      if (op_ == no_op) {
-        c_ = nullptr;
-        return 0;
-      }
-      cache_impl* c = std::exchange(c_, nullptr);
-      const std::uint32_t op = std::exchange(op_, no_op);
-      const bool whole = next_ == c->model_.layers;
-      try {
-        c->first_->transfers().end(op);
-      } catch (...) {
-        c->first_->transfers().cancel(op);
-        c->complete(op, false);
-        throw;
-      }
-      std::lock_guard lk(c->mu_);
-      c->async_[op].ok = whole;
-      c->pending_.push_back(op);
-      if (!whole) return 0;
-      c->stats_.stored_tokens += tokens_;
-      c->stats_.bytes_from_engine += bytes_;
-      c->stats_.tiers[0].bytes_written += bytes_;
-      return tokens_;
-    }
+    std::size_t finish() { return st_.finish(true); }
 
    private:
     friend class cache_impl;
-    void take(store_pipeline& o) noexcept {
-      c_ = std::exchange(o.c_, nullptr);
-      op_ = std::exchange(o.op_, no_op);
-      next_ = std::exchange(o.next_, 0);
-      tokens_ = std::exchange(o.tokens_, 0);
-      bytes_ = std::exchange(o.bytes_, 0);
-    }
-    void fail() noexcept {
-      c_->first_->transfers().cancel(op_);
-      c_->complete(std::exchange(op_, no_op), false);
-      c_ = nullptr;
-    }
-    void finish_noexcept() noexcept {
-      try {
-        finish();
-      } catch (...) {  // a destructor cannot report it; nothing was published
-      }
-    }
-    cache_impl* c_ = nullptr;
-    std::uint32_t op_ = no_op;
-    std::size_t next_ = 0;  ///< the next layer to store
-    std::size_t tokens_ = 0, bytes_ = 0;
+    pipeline_state st_;
   };
 
   /// A layer-wise retrieve (from begin_retrieve). Call retrieve_layer(l) for l = 0, 1, ... in
@@ -1894,86 +1920,29 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   class retrieve_pipeline {
    public:
     retrieve_pipeline() = default;
-    retrieve_pipeline(retrieve_pipeline&& o) noexcept { take(o); }
+    retrieve_pipeline(retrieve_pipeline&&) noexcept = default;
     retrieve_pipeline& operator=(retrieve_pipeline&& o) noexcept {
-      if (this != &o) {
-        finish_noexcept();
-        take(o);
-      }
+      st_.assign(std::move(o.st_), false);
       return *this;
     }
-    ~retrieve_pipeline() { finish_noexcept(); }
+    ~retrieve_pipeline() { st_.finish_noexcept(false); }
 
     /// Tokens this retrieve loads (a prefix of the lease), as retrieve() returns.
-    [[nodiscard]] std::size_t tokens() const noexcept { return tokens_; }
-
+    [[nodiscard]] std::size_t tokens() const noexcept { return st_.tokens; }
     /// Copies layer `l` of every chunk into the engine's blocks; returns the event marking it
     /// loaded (the engine's stream already waits for it unless run_on_stream), or a null event
     /// when this pipeline moves nothing.
-    event_type retrieve_layer(std::size_t l) {
-      if (op_ == no_op) return event_type{};
-      c_->check_layer_count("retrieve_layer", l);
-      c_->check_layer("retrieve_layer", l, next_);
-      auto& x = c_->first_->transfers();
-      x.copy(op_, static_cast<std::uint32_t>(l), static_cast<std::uint32_t>(l + 1));
-      ++next_;
-      return x.layer_signal(op_, static_cast<std::uint32_t>(l));
-    }
+    event_type retrieve_layer(std::size_t l) { return st_.layer("retrieve_layer", l, false); }
     /// Copies every layer at once (what retrieve() does).
-    void retrieve_all() {
-      if (op_ == no_op) return;
-      if (next_ != 0) c_->check_layer("retrieve_all", 0, next_);
-      c_->first_->transfers().copy(op_, 0, static_cast<std::uint32_t>(c_->model_.layers));
-      next_ = c_->model_.layers;
-    }
+    void retrieve_all() { st_.all("retrieve_all", false); }
     /// Ends the retrieve: returns tokens() if every layer was loaded, else 0 (the layers loaded
     /// are in the engine's blocks, but the prefix is not whole). The chunks stay protected until
     /// the copies complete.
-    std::size_t finish() {
-      if (c_ == nullptr) return 0;
-      cache_impl* c = std::exchange(c_, nullptr);
-      if (op_ == no_op) return 0;
-      const std::uint32_t op = std::exchange(op_, no_op);
-      try {
-        c->first_->transfers().end(op);
-      } catch (...) {
-        c->first_->transfers().cancel(op);
-        c->complete(op, false);
-        throw;
-      }
-      std::lock_guard lk(c->mu_);
-      c->pending_.push_back(op);
-      if (next_ != c->model_.layers) return 0;
-      c->stats_.retrieved_tokens += tokens_;
-      c->stats_.bytes_to_engine += bytes_;
-      c->stats_.tiers[0].bytes_read += bytes_;
-      return tokens_;
-    }
+    std::size_t finish() { return st_.finish(false); }
 
    private:
     friend class cache_impl;
-    void take(retrieve_pipeline& o) noexcept {
-      c_ = std::exchange(o.c_, nullptr);
-      op_ = std::exchange(o.op_, no_op);
-      next_ = std::exchange(o.next_, 0);
-      tokens_ = std::exchange(o.tokens_, 0);
-      bytes_ = std::exchange(o.bytes_, 0);
-    }
-    void fail() noexcept {
-      c_->first_->transfers().cancel(op_);
-      c_->complete(std::exchange(op_, no_op), false);
-      c_ = nullptr;
-    }
-    void finish_noexcept() noexcept {
-      try {
-        finish();
-      } catch (...) {  // a destructor cannot report it
-      }
-    }
-    cache_impl* c_ = nullptr;
-    std::uint32_t op_ = no_op;
-    std::size_t next_ = 0;
-    std::size_t tokens_ = 0, bytes_ = 0;
+    pipeline_state st_;
   };
 
   /// Starts loading the lower-tier chunks of `tokens`' cached prefix into the first tier in the
