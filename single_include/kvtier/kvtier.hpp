@@ -1066,6 +1066,20 @@ KVTIER_HOST_DEVICE inline void move_segment(const batch_plan& p, const segment& 
   }
 }
 
+/// Thread blocks per segment for a kernel on `sms` multiprocessors: enough for 4 blocks per
+/// multiprocessor when a batch has few segments (one layer of one chunk), at most one per 1024
+/// vectors of `vb` bytes. Block `part` of a segment then runs move_segment with
+/// lane = part * threads + thread and lanes = parts * threads.
+[[nodiscard]] inline std::uint32_t parts_for(const batch_plan& p, std::uint32_t vb,
+                                             std::uint32_t sms) noexcept {
+  const std::uint64_t segs = p.segments();
+  if (segs == 0) return 1;
+  const std::uint64_t vectors = std::uint64_t{p.eng.block_size} * p.token_bytes() / vb;
+  const std::uint64_t want = (4ull * sms + segs - 1) / segs;
+  const std::uint64_t most = (vectors + 1023) / 1024;
+  return static_cast<std::uint32_t>(want < most ? want : most > 0 ? most : 1);
+}
+
 /// The widest access (16, 8, 4, 2 or 1 bytes) every address of a batch is aligned to, given the
 /// engine's strides, its tensor bases and the chunk slots' alignment.
 [[nodiscard]] inline std::uint32_t vector_bytes(const layout::ref& e, void* const* tensors,

@@ -46,10 +46,16 @@ inline void run_batch(const kvtier::transfer::batch_plan& p, kvtier::transfer::w
       }
       continue;
     }
+    // As the kernel with 3 thread blocks of 256 threads per segment (more parts than the
+    // kernel picks for these small segments, so every lane mapping is exercised).
     auto lanes = [&](auto vec, auto way_tag, auto dense_tag) {
       using V = decltype(vec);
-      for (std::uint32_t lane = 0; lane < 256; ++lane) {
-        tr::move_segment<V, decltype(way_tag)::value, decltype(dense_tag)::value>(p, s, lane, 256);
+      constexpr std::uint32_t parts = 3, threads = 256;
+      for (std::uint32_t part = 0; part < parts; ++part) {
+        for (std::uint32_t t = 0; t < threads; ++t) {
+          tr::move_segment<V, decltype(way_tag)::value, decltype(dense_tag)::value>(
+              p, s, part * threads + t, parts * threads);
+        }
       }
     };
     auto by_way = [&](auto vec, auto dense_tag) {

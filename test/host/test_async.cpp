@@ -131,6 +131,21 @@ TEST_CASE("batch plan: segment order, dense detection, copy granularity, vector 
   p.layer_begin = 1;  // one layer: segments of layer 1 only
   CHECK(p.segments() == 8);
   CHECK(p.at(0).engine == nhd.row(1, 0, 5, 0, 0));
+  // Thread blocks per segment on 132 multiprocessors: one layer of one Llama-3-8B chunk (32
+  // segments of 2048 16-byte vectors) gets 2 per segment (the cap: one per 1024 vectors).
+  tr::batch_plan big = p;
+  big.eng.block_size = 16;
+  big.eng.heads = 8;
+  big.eng.row_bytes = 256;
+  big.chunk_count = 1;
+  big.blocks_per_chunk = 16;
+  big.layer_begin = 0;
+  big.layer_end = 1;  // 32 segments of 2048 vectors
+  CHECK(tr::parts_for(big, 16, 132) == 2);
+  big.eng.row_bytes = 2048;  // 16384 vectors: up to 16 parts, 17 wanted
+  CHECK(tr::parts_for(big, 16, 132) == 16);
+  big.layer_end = 32;  // 1024 segments: one part each
+  CHECK(tr::parts_for(big, 16, 132) == 1);
   // The widest aligned access.
   std::vector<void*> t = {reinterpret_cast<void*>(0x1000), reinterpret_cast<void*>(0x2008)};
   CHECK(tr::vector_bytes(vn.resolved(), t.data(), 1, 4096) == 16);

@@ -42,39 +42,46 @@ struct engine_setup {
   std::size_t max_chunks = 0;          ///< chunks per batch
   std::size_t segments_per_chunk = 0;  ///< layers x planes x blocks per chunk (all layers)
   std::uint32_t copies_per_segment = 1;
+  int device = 0;         ///< the CUDA device
+  std::uint32_t sms = 1;  ///< its multiprocessors
 };
 
 namespace detail_gpu {
 
+// Thread block i moves part (i % parts) of segment (i / parts); `parts` > 1 spreads a batch of
+// few segments (one layer of one chunk) over more multiprocessors.
 template <class V, transfer::way W, bool Dense>
-__global__ void __launch_bounds__(256) batch_kernel(transfer::batch_plan p) {
-  const std::uint64_t n = p.segments();
+__global__ void __launch_bounds__(256) batch_kernel(transfer::batch_plan p, std::uint32_t parts) {
+  const std::uint64_t n = p.segments() * parts;
   for (std::uint64_t i = blockIdx.x; i < n; i += gridDim.x) {
-    const transfer::segment s = p.at(i);
-    transfer::move_segment<V, W, Dense>(p, s, threadIdx.x, blockDim.x);
+    const transfer::segment s = p.at(i / parts);
+    const auto part = static_cast<std::uint32_t>(i % parts);
+    transfer::move_segment<V, W, Dense>(p, s, part * blockDim.x + threadIdx.x, parts * blockDim.x);
   }
 }
 
 template <class V, transfer::way W>
-void launch(const transfer::batch_plan& p, cudaStream_t s) {
+void launch(const transfer::batch_plan& p, std::uint32_t sms, cudaStream_t s) {
   const std::uint64_t n = p.segments();
   if (n == 0) return;
-  const unsigned grid = static_cast<unsigned>(std::min<std::uint64_t>(n, 1u << 16));
+  const std::uint32_t parts = transfer::parts_for(p, sizeof(V), sms);
+  const unsigned grid = static_cast<unsigned>(std::min<std::uint64_t>(n * parts, 1u << 16));
   if (p.engine_dense()) {
-    batch_kernel<V, W, true><<<grid, 256, 0, s>>>(p);
+    batch_kernel<V, W, true><<<grid, 256, 0, s>>>(p, parts);
   } else {
-    batch_kernel<V, W, false><<<grid, 256, 0, s>>>(p);
+    batch_kernel<V, W, false><<<grid, 256, 0, s>>>(p, parts);
   }
 }
 
 template <transfer::way W>
-void launch_width(const transfer::batch_plan& p, std::uint32_t vb, cudaStream_t s) {
+void launch_width(const transfer::batch_plan& p, std::uint32_t vb, std::uint32_t sms,
+                  cudaStream_t s) {
   if (vb >= 16) {
-    launch<uint4, W>(p, s);
+    launch<uint4, W>(p, sms, s);
   } else if (vb >= 4) {
-    launch<unsigned, W>(p, s);
+    launch<unsigned, W>(p, sms, s);
   } else {
-    launch<unsigned char, W>(p, s);
+    launch<unsigned char, W>(p, sms, s);
   }
 }
 
@@ -120,16 +127,19 @@ struct sm_kernel {
   static constexpr const char* name = "sm_kernel";
   class state {
    public:
-    explicit state(const engine_setup&) {}
+    explicit state(const engine_setup& s) : sms_(s.sms) {}
     void enqueue(const transfer::batch_plan& dev, const transfer::batch_plan& /*host*/,
                  transfer::way w, std::uint32_t vb, cudaStream_t s) {
       if (w == transfer::way::to_chunk) {
-        detail_gpu::launch_width<transfer::way::to_chunk>(dev, vb, s);
+        detail_gpu::launch_width<transfer::way::to_chunk>(dev, vb, sms_, s);
       } else {
-        detail_gpu::launch_width<transfer::way::to_engine>(dev, vb, s);
+        detail_gpu::launch_width<transfer::way::to_engine>(dev, vb, sms_, s);
       }
       check(cudaGetLastError(), "sm_kernel launch");
     }
+
+   private:
+    std::uint32_t sms_;
   };
 };
 
@@ -144,7 +154,8 @@ struct memcpy_batch {
   class state {
    public:
     explicit state(const engine_setup& s)
-        : cap_(std::min(s.max_chunks, window) * s.segments_per_chunk * s.copies_per_segment) {
+        : cap_(std::min(s.max_chunks, window) * s.segments_per_chunk * s.copies_per_segment),
+          device_(s.device) {
       dst_.resize(cap_);
       src_.resize(cap_);
       size_.resize(cap_);
@@ -178,6 +189,9 @@ struct memcpy_batch {
         if (n == 0) return;
         cudaMemcpyAttributes attr{};
         attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+        attr.srcLocHint = {cudaMemLocationTypeDevice, device_};  // hints; unused unless managed
+        attr.dstLocHint = {cudaMemLocationTypeDevice, device_};
+        attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
         std::size_t first = 0;
         check(cudaMemcpyBatchAsync(dst_.data(), src_.data(), size_.data(), n, &attr, &first, 1, s),
               "cudaMemcpyBatchAsync");
@@ -186,6 +200,7 @@ struct memcpy_batch {
 
    private:
     std::size_t cap_;
+    int device_;
     std::mutex mu_;
     std::vector<void*> dst_;
     std::vector<const void*> src_;

@@ -91,7 +91,8 @@ class transfers {
         engine_(engine_setup{
             ctx.max_chunks,
             ctx.format.layers * ctx.format.kv_planes * (ctx.format.chunk_tokens / ctx.block_size),
-            ctx.block_size * static_cast<std::uint32_t>(ctx.format.heads)}),
+            ctx.block_size * static_cast<std::uint32_t>(ctx.format.heads), device,
+            multiprocessors(device)}),
         slots_(slots),
         slot_bytes_(slot_bytes) {
     device_guard g(device_);
@@ -277,6 +278,12 @@ class transfers {
     std::uint32_t vector_bytes = 1;
   };
 
+  static std::uint32_t multiprocessors(int device) {
+    int n = 1;
+    check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device),
+          "cudaDeviceGetAttribute (multiprocessors)");
+    return static_cast<std::uint32_t>(n);
+  }
   static std::size_t align16(std::size_t v) noexcept { return (v + 15) / 16 * 16; }
   std::size_t tensors_bytes() const noexcept { return align16(max_tensors_ * sizeof(void*)); }
   std::size_t chunks_bytes() const noexcept {
