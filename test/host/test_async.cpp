@@ -231,6 +231,7 @@ TEST_CASE("a retrieve keeps its chunks from eviction until its copy has complete
   x.run();
   CHECK(test::same_tokens(eng, bt, dst, bt2, 0, 32));
   CHECK(cache.store(b, eng.kv(), bt) == 32);  // released once the copy completed
+  cache.synchronize();  // the engine's tensors must outlive the copies that read them
 }
 
 TEST_CASE_TEMPLATE("layer-wise pipelines copy layer by layer, in order, whole or not at all", L,
