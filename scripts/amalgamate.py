@@ -68,7 +68,7 @@ def generate():
     cuda_seen, cuda_system_seen = set(seen), set(system_seen)
     redis = header("the Redis/Valkey tier; link hiredis") + ['#include "kvtier.hpp"\n']
     expand("kvtier/tier/redis.hpp", seen, redis, system_seen)
-    cuda = header("the GPU path; compile with nvcc, link cudart") + ['#include "kvtier.hpp"\n']
+    cuda = header("the GPU path; nvcc and cudart") + ['#include "kvtier.hpp"\n']
     expand("kvtier/cuda.cuh", cuda_seen, cuda, cuda_system_seen)
     return {OUTPUT: "".join(core), OUTPUT_REDIS: "".join(redis), OUTPUT_CUDA: "".join(cuda)}
 
