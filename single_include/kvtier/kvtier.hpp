@@ -3420,6 +3420,13 @@ namespace kvtier {
 ///  - `flush()`: waits until queued write-through has finished.
 ///  - `stats()`: a snapshot of the counters (per tier hits, misses, bytes, evictions, errors).
 ///
+/// With a GPU first tier (tier::device, tier::pinned_host from <kvtier/cuda.cuh>; then
+/// `async_copies` is true) the engine's tensors are GPU memory and copies are asynchronous:
+/// `store` / `retrieve` also take a gpu::stream_order, return once the batched copy is enqueued,
+/// and stored chunks are published when it has completed; `begin_store` / `begin_retrieve` give
+/// layer-wise pipelines (`store_layer(l)`, `retrieve_layer(l)`); `synchronize()` waits for every
+/// copy. See docs/gpu.md.
+///
 /// Bad input (wrong tensor count or extent, block id out of range, a block table shorter than
 /// the tokens, too many tokens, a lease of another cache) throws kvtier::invalid_argument naming
 /// the value, before anything is changed.
