@@ -30,10 +30,12 @@
 
 namespace kvtier::gpu {
 
-/// Throws kvtier::tier_error naming the CUDA call and the error when `e` is not cudaSuccess.
-inline void check(cudaError_t e, const char* what) {
+/// Throws kvtier::tier_error naming the CUDA call and the error when `e` is not cudaSuccess
+/// (and clears a non-sticky error, so the next call does not report it again).
+inline void check(cudaError_t e, const std::string& what) {
   if (e != cudaSuccess) {
-    throw tier_error(std::string("kvtier: ") + what + " failed: " + cudaGetErrorName(e) + " (" +
+    (void)cudaGetLastError();
+    throw tier_error("kvtier: " + what + " failed: " + cudaGetErrorName(e) + " (" +
                      cudaGetErrorString(e) + ")");
   }
 }
@@ -45,6 +47,11 @@ struct engine_setup {
   std::uint32_t copies_per_segment = 1;
   int device = 0;         ///< the CUDA device
   std::uint32_t sms = 1;  ///< its multiprocessors
+
+  /// Copies in one window of at most `window` chunks (the DMA engines' unit of work).
+  [[nodiscard]] std::size_t window_copies(std::size_t window) const noexcept {
+    return std::min(max_chunks, window) * segments_per_chunk * copies_per_segment;
+  }
 };
 
 namespace detail_gpu {
@@ -154,9 +161,7 @@ struct memcpy_batch {
   static constexpr std::size_t window = 16;
   class state {
    public:
-    explicit state(const engine_setup& s)
-        : cap_(std::min(s.max_chunks, window) * s.segments_per_chunk * s.copies_per_segment),
-          device_(s.device) {
+    explicit state(const engine_setup& s) : cap_(s.window_copies(window)), device_(s.device) {
       dst_.resize(cap_);
       src_.resize(cap_);
       size_.resize(cap_);
@@ -218,8 +223,7 @@ struct cub_batched {
   static constexpr std::size_t window = 16;
   class state {
    public:
-    explicit state(const engine_setup& s)
-        : cap_(std::min(s.max_chunks, window) * s.segments_per_chunk * s.copies_per_segment) {
+    explicit state(const engine_setup& s) : cap_(s.window_copies(window)) {
       using detail_gpu::copy_part;
       const thrust::counting_iterator<std::uint64_t> k(0);
       const transfer::batch_plan none{};
@@ -346,8 +350,9 @@ inline int resolve_device(int device, const char* tier) {
   check(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
   if (device < 0) check(cudaGetDevice(&device), "cudaGetDevice");
   if (device >= count) {
-    throw invalid_argument(std::string("kvtier: ") + tier + " device " + std::to_string(device) +
-                           " does not exist (" + std::to_string(count) + " CUDA devices)");
+    throw invalid_argument(std::string("kvtier: ") + tier + " tier: device " +
+                           std::to_string(device) + " does not exist (" + std::to_string(count) +
+                           " CUDA devices)");
   }
   return device;
 }
@@ -390,6 +395,7 @@ class transfers {
       host_stage_ = static_cast<std::byte*>(p);
       check(cudaMalloc(&p, staging_bytes_ * ops_.size()), "cudaMalloc (descriptor staging)");
       dev_stage_ = static_cast<std::byte*>(p);
+      validated_.resize(max_tensors_);
       for (op_state& o : ops_) {
         o.layer_events.resize(format_.layers);
         for (cudaEvent_t* e : {&o.done, &o.joined}) {
@@ -444,10 +450,10 @@ class transfers {
              block_table table, std::size_t count, ChunkAt&& chunk_at) {
     device_guard g(device_);
     op_state& s = ops_[op];
-    if (tensors.size() > max_tensors_ || count > max_chunks_) {
-      throw invalid_argument("kvtier: GPU batch of " + std::to_string(count) + " chunks and " +
-                             std::to_string(tensors.size()) + " tensors exceeds the " +
-                             std::to_string(max_chunks_) + " chunks staged per operation");
+    if (count > max_chunks_) {
+      throw invalid_argument("kvtier: GPU batch of " + std::to_string(count) +
+                             " chunks exceeds the " + std::to_string(max_chunks_) +
+                             " chunks staged per operation");
     }
     std::byte* host = host_stage_ + op * staging_bytes_;
     std::byte* dev = dev_stage_ + op * staging_bytes_;
@@ -476,7 +482,8 @@ class transfers {
   }
 
   /// Throws invalid_argument unless every tensor is device memory of this tier's device and the
-  /// copy engine can run on the stream `o` names.
+  /// copy engine can run on the stream `o` names. The last tensor table that passed is
+  /// remembered: an engine passing the same tensors every call pays the pointer queries once.
   void validate(std::span<void* const> tensors, const stream_order& o) const {
     if (std::is_same_v<Engine, copy_engine::memcpy_batch> && o.run_on_stream &&
         (o.stream == nullptr || o.stream == cudaStreamLegacy)) {
@@ -484,8 +491,23 @@ class transfers {
           "kvtier: copy engine memcpy_batch cannot run on the legacy default stream "
           "(stream_order.stream is null with run_on_stream)");
     }
+    if (tensors.size() > max_tensors_) {
+      throw invalid_argument("kvtier: engine_kv has " + std::to_string(tensors.size()) +
+                             " tensors, more than the " + std::to_string(max_tensors_) +
+                             " a GPU tier stages");
+    }
+    {
+      std::lock_guard lk(validated_mu_);
+      if (std::equal(tensors.begin(), tensors.end(), validated_.begin(),
+                     validated_.begin() + static_cast<std::ptrdiff_t>(validated_count_))) {
+        return;
+      }
+    }
     device_guard g(device_);
     for (std::size_t i = 0; i < tensors.size(); ++i) check_device_pointer(tensors[i], i);
+    std::lock_guard lk(validated_mu_);
+    std::copy(tensors.begin(), tensors.end(), validated_.begin());
+    validated_count_ = tensors.size();
   }
 
   /// Op's stream waits for the work the engine's stream holds now (no-op on the engine stream).
@@ -616,6 +638,9 @@ class transfers {
   std::size_t slot_alignment_;
   std::size_t max_tensors_;
   std::vector<op_state> ops_;
+  mutable std::mutex validated_mu_;
+  mutable std::vector<void*> validated_;  ///< the tensor table last validated (max_tensors_)
+  mutable std::size_t validated_count_ = 0;
   typename Engine::state engine_;
   std::byte* slots_;
   std::size_t slot_bytes_;
@@ -631,6 +656,47 @@ class transfers {
 
 
 namespace kvtier::tier {
+
+namespace detail_gpu {
+
+/// What both GPU tiers are: an index of fixed-size chunk slots, their memory (the derived tier
+/// allocates it), and the transfers between the engine's blocks and the slots' device addresses.
+template <class Eviction, class Engine>
+class slot_tier {
+ public:
+  static constexpr std::size_t alignment = 4096;  // page-aligned: O_DIRECT and DMA
+  static constexpr bool async_copies = true;
+  using transfers_type = gpu::transfers<Engine>;
+
+  slot_tier(const slot_tier&) = delete;
+  slot_tier& operator=(const slot_tier&) = delete;
+
+  [[nodiscard]] kvtier::detail::chunk_index<Eviction>& index() noexcept { return index_; }
+  [[nodiscard]] transfers_type& transfers() noexcept { return *xfer_; }
+  [[nodiscard]] int device() const noexcept { return device_; }
+
+ protected:
+  slot_tier(int device, std::size_t capacity_bytes, const context& ctx, const char* name)
+      : device_(gpu::resolve_device(device, name)),
+        index_(memory::slab::slots_in(capacity_bytes, ctx.format.chunk_bytes(), alignment, name)),
+        slot_bytes_(memory::slab::round_up(ctx.format.chunk_bytes(), alignment)) {}
+  ~slot_tier() = default;
+
+  [[nodiscard]] std::size_t bytes() const noexcept { return index_.capacity() * slot_bytes_; }
+  // Starts the transfers over slots at `device_slots` (as the device addresses them).
+  void start(const context& ctx, std::byte* device_slots) {
+    xfer_ = std::make_unique<transfers_type>(device_, ctx, device_slots, slot_bytes_, alignment);
+  }
+  // Stops them: waits for the transfer stream, frees events and staging.
+  void stop() noexcept { xfer_.reset(); }
+
+  int device_;
+  kvtier::detail::chunk_index<Eviction> index_;
+  std::size_t slot_bytes_;
+  std::unique_ptr<transfers_type> xfer_;
+};
+
+}  // namespace detail_gpu
 
 /// Device memory tier: one cudaMalloc'd pool of chunk slots on one GPU. Copies between the
 /// engine's blocks and the slots run on the GPU (Engine: copy_engine::sm_kernel by default).
@@ -648,57 +714,36 @@ struct basic_device {
   };
 
   template <class Eviction>
-  class impl {
-   public:
-    static constexpr std::size_t alignment = 4096;
-    static constexpr bool async_copies = true;
-    using transfers_type = gpu::transfers<Engine>;
+  class impl : public detail_gpu::slot_tier<Eviction, Engine> {
+    using base = detail_gpu::slot_tier<Eviction, Engine>;
 
-    impl(const config& c, const context& ctx)
-        : device_(gpu::resolve_device(c.device, "device tier")),
-          index_(memory::slab::slots_in(c.capacity_bytes, ctx.format.chunk_bytes(), alignment,
-                                        "device")),
-          slot_bytes_(memory::slab::round_up(ctx.format.chunk_bytes(), alignment)) {
-      gpu::device_guard g(device_);
+   public:
+    impl(const config& c, const context& ctx) : base(c.device, c.capacity_bytes, ctx, "device") {
+      gpu::device_guard g(this->device_);
       void* p = nullptr;
-      const std::size_t bytes = index_.capacity() * slot_bytes_;
-      const cudaError_t e = cudaMalloc(&p, bytes);
-      if (e != cudaSuccess) {
-        (void)cudaGetLastError();
-        throw tier_error("kvtier: device tier cannot allocate " + std::to_string(bytes) +
-                         " bytes on device " + std::to_string(device_) + ": " +
-                         cudaGetErrorString(e));
-      }
+      gpu::check(cudaMalloc(&p, this->bytes()),
+                 "device tier: cudaMalloc of " + std::to_string(this->bytes()) + " bytes");
       pool_ = static_cast<std::byte*>(p);
       try {
-        xfer_ = std::make_unique<transfers_type>(device_, ctx, pool_, slot_bytes_, alignment);
+        this->start(ctx, pool_);
       } catch (...) {
         cudaFree(pool_);
         throw;
       }
     }
-    impl(const impl&) = delete;
-    impl& operator=(const impl&) = delete;
     ~impl() {
-      xfer_.reset();  // waits for its stream
-      cudaSetDevice(device_);
+      this->stop();
+      cudaSetDevice(this->device_);
       cudaFree(pool_);
     }
 
-    [[nodiscard]] detail::chunk_index<Eviction>& index() noexcept { return index_; }
     /// Slot `slot`'s device address.
     [[nodiscard]] std::byte* data(std::uint32_t slot) const noexcept {
-      return pool_ + std::size_t{slot} * slot_bytes_;
+      return pool_ + std::size_t{slot} * this->slot_bytes_;
     }
-    [[nodiscard]] transfers_type& transfers() noexcept { return *xfer_; }
-    [[nodiscard]] int device() const noexcept { return device_; }
 
    private:
-    int device_;
-    detail::chunk_index<Eviction> index_;
-    std::size_t slot_bytes_;
     std::byte* pool_ = nullptr;
-    std::unique_ptr<transfers_type> xfer_;
   };
 };
 
@@ -725,83 +770,61 @@ struct basic_pinned_host {
   };
 
   template <class Eviction>
-  class impl {
-   public:
-    static constexpr std::size_t alignment = 4096;  // page-aligned: O_DIRECT and DMA
-    static constexpr bool async_copies = true;
-    using transfers_type = gpu::transfers<Engine>;
+  class impl : public detail_gpu::slot_tier<Eviction, Engine> {
+    using base = detail_gpu::slot_tier<Eviction, Engine>;
 
+   public:
     impl(const config& c, const context& ctx)
-        : device_(gpu::resolve_device(c.device, "pinned_host tier")),
-          index_(memory::slab::slots_in(c.capacity_bytes, ctx.format.chunk_bytes(), alignment,
-                                        "pinned_host")),
-          slot_bytes_(memory::slab::round_up(ctx.format.chunk_bytes(), alignment)),
-          how_(c.how) {
-      gpu::device_guard g(device_);
-      const std::size_t bytes = index_.capacity() * slot_bytes_;
+        : base(c.device, c.capacity_bytes, ctx, "pinned_host"), how_(c.how) {
+      gpu::device_guard g(this->device_);
+      const std::size_t bytes = this->bytes();
+      const std::string what =
+          "pinned_host tier: pinning " + std::to_string(bytes) + " bytes with ";
       if (how_ == pinning::host_alloc) {
         void* p = nullptr;
-        const cudaError_t e = cudaHostAlloc(&p, bytes, cudaHostAllocPortable | cudaHostAllocMapped);
-        if (e != cudaSuccess) {
-          (void)cudaGetLastError();
-          throw tier_error("kvtier: pinned_host tier cannot cudaHostAlloc " +
-                           std::to_string(bytes) + " bytes: " + cudaGetErrorString(e));
-        }
+        gpu::check(cudaHostAlloc(&p, bytes, cudaHostAllocPortable | cudaHostAllocMapped),
+                   what + "cudaHostAlloc");
         host_ = static_cast<std::byte*>(p);
       } else {
-        region_ = memory::region(bytes, alignment, false, nullptr, true);
-        const cudaError_t e = cudaHostRegister(region_.data(), bytes,
-                                               cudaHostRegisterPortable | cudaHostRegisterMapped);
-        if (e != cudaSuccess) {
-          (void)cudaGetLastError();
-          throw tier_error("kvtier: pinned_host tier cannot cudaHostRegister " +
-                           std::to_string(bytes) + " bytes: " + cudaGetErrorString(e));
-        }
+        region_ = memory::region(bytes, base::alignment, false, nullptr, true);
+        gpu::check(cudaHostRegister(region_.data(), bytes,
+                                    cudaHostRegisterPortable | cudaHostRegisterMapped),
+                   what + "cudaHostRegister");
         host_ = region_.data();
       }
       try {
         void* dev = nullptr;
         gpu::check(cudaHostGetDevicePointer(&dev, host_, 0), "cudaHostGetDevicePointer");
-        xfer_ = std::make_unique<transfers_type>(device_, ctx, static_cast<std::byte*>(dev),
-                                                 slot_bytes_, alignment);
+        this->start(ctx, static_cast<std::byte*>(dev));
       } catch (...) {
         unpin();
         throw;
       }
     }
-    impl(const impl&) = delete;
-    impl& operator=(const impl&) = delete;
     ~impl() {
-      xfer_.reset();
+      this->stop();
       unpin();
     }
 
-    [[nodiscard]] detail::chunk_index<Eviction>& index() noexcept { return index_; }
     /// Slot `slot`'s host address (lower tiers read and write it).
     [[nodiscard]] std::byte* data(std::uint32_t slot) const noexcept {
-      return host_ + std::size_t{slot} * slot_bytes_;
+      return host_ + std::size_t{slot} * this->slot_bytes_;
     }
-    [[nodiscard]] transfers_type& transfers() noexcept { return *xfer_; }
-    [[nodiscard]] int device() const noexcept { return device_; }
 
    private:
     void unpin() noexcept {
-      cudaSetDevice(device_);
-      if (how_ == pinning::host_alloc) {
-        if (host_) cudaFreeHost(host_);
+      cudaSetDevice(this->device_);
+      if (host_ && how_ == pinning::host_alloc) {
+        cudaFreeHost(host_);
       } else if (host_) {
         cudaHostUnregister(host_);
       }
       host_ = nullptr;
     }
 
-    int device_;
-    detail::chunk_index<Eviction> index_;
-    std::size_t slot_bytes_;
     pinning how_;
     memory::region region_;
     std::byte* host_ = nullptr;
-    std::unique_ptr<transfers_type> xfer_;
   };
 };
 

@@ -29,10 +29,12 @@
 
 namespace kvtier::gpu {
 
-/// Throws kvtier::tier_error naming the CUDA call and the error when `e` is not cudaSuccess.
-inline void check(cudaError_t e, const char* what) {
+/// Throws kvtier::tier_error naming the CUDA call and the error when `e` is not cudaSuccess
+/// (and clears a non-sticky error, so the next call does not report it again).
+inline void check(cudaError_t e, const std::string& what) {
   if (e != cudaSuccess) {
-    throw tier_error(std::string("kvtier: ") + what + " failed: " + cudaGetErrorName(e) + " (" +
+    (void)cudaGetLastError();
+    throw tier_error("kvtier: " + what + " failed: " + cudaGetErrorName(e) + " (" +
                      cudaGetErrorString(e) + ")");
   }
 }
@@ -44,6 +46,11 @@ struct engine_setup {
   std::uint32_t copies_per_segment = 1;
   int device = 0;         ///< the CUDA device
   std::uint32_t sms = 1;  ///< its multiprocessors
+
+  /// Copies in one window of at most `window` chunks (the DMA engines' unit of work).
+  [[nodiscard]] std::size_t window_copies(std::size_t window) const noexcept {
+    return std::min(max_chunks, window) * segments_per_chunk * copies_per_segment;
+  }
 };
 
 namespace detail_gpu {
@@ -153,9 +160,7 @@ struct memcpy_batch {
   static constexpr std::size_t window = 16;
   class state {
    public:
-    explicit state(const engine_setup& s)
-        : cap_(std::min(s.max_chunks, window) * s.segments_per_chunk * s.copies_per_segment),
-          device_(s.device) {
+    explicit state(const engine_setup& s) : cap_(s.window_copies(window)), device_(s.device) {
       dst_.resize(cap_);
       src_.resize(cap_);
       size_.resize(cap_);
@@ -217,8 +222,7 @@ struct cub_batched {
   static constexpr std::size_t window = 16;
   class state {
    public:
-    explicit state(const engine_setup& s)
-        : cap_(std::min(s.max_chunks, window) * s.segments_per_chunk * s.copies_per_segment) {
+    explicit state(const engine_setup& s) : cap_(s.window_copies(window)) {
       using detail_gpu::copy_part;
       const thrust::counting_iterator<std::uint64_t> k(0);
       const transfer::batch_plan none{};

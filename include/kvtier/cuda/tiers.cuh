@@ -20,6 +20,47 @@
 
 namespace kvtier::tier {
 
+namespace detail_gpu {
+
+/// What both GPU tiers are: an index of fixed-size chunk slots, their memory (the derived tier
+/// allocates it), and the transfers between the engine's blocks and the slots' device addresses.
+template <class Eviction, class Engine>
+class slot_tier {
+ public:
+  static constexpr std::size_t alignment = 4096;  // page-aligned: O_DIRECT and DMA
+  static constexpr bool async_copies = true;
+  using transfers_type = gpu::transfers<Engine>;
+
+  slot_tier(const slot_tier&) = delete;
+  slot_tier& operator=(const slot_tier&) = delete;
+
+  [[nodiscard]] kvtier::detail::chunk_index<Eviction>& index() noexcept { return index_; }
+  [[nodiscard]] transfers_type& transfers() noexcept { return *xfer_; }
+  [[nodiscard]] int device() const noexcept { return device_; }
+
+ protected:
+  slot_tier(int device, std::size_t capacity_bytes, const context& ctx, const char* name)
+      : device_(gpu::resolve_device(device, name)),
+        index_(memory::slab::slots_in(capacity_bytes, ctx.format.chunk_bytes(), alignment, name)),
+        slot_bytes_(memory::slab::round_up(ctx.format.chunk_bytes(), alignment)) {}
+  ~slot_tier() = default;
+
+  [[nodiscard]] std::size_t bytes() const noexcept { return index_.capacity() * slot_bytes_; }
+  // Starts the transfers over slots at `device_slots` (as the device addresses them).
+  void start(const context& ctx, std::byte* device_slots) {
+    xfer_ = std::make_unique<transfers_type>(device_, ctx, device_slots, slot_bytes_, alignment);
+  }
+  // Stops them: waits for the transfer stream, frees events and staging.
+  void stop() noexcept { xfer_.reset(); }
+
+  int device_;
+  kvtier::detail::chunk_index<Eviction> index_;
+  std::size_t slot_bytes_;
+  std::unique_ptr<transfers_type> xfer_;
+};
+
+}  // namespace detail_gpu
+
 /// Device memory tier: one cudaMalloc'd pool of chunk slots on one GPU. Copies between the
 /// engine's blocks and the slots run on the GPU (Engine: copy_engine::sm_kernel by default).
 /// Chunks stay on the GPU, so lower tiers cannot take them: it is a chain of its own.
@@ -36,57 +77,36 @@ struct basic_device {
   };
 
   template <class Eviction>
-  class impl {
-   public:
-    static constexpr std::size_t alignment = 4096;
-    static constexpr bool async_copies = true;
-    using transfers_type = gpu::transfers<Engine>;
+  class impl : public detail_gpu::slot_tier<Eviction, Engine> {
+    using base = detail_gpu::slot_tier<Eviction, Engine>;
 
-    impl(const config& c, const context& ctx)
-        : device_(gpu::resolve_device(c.device, "device tier")),
-          index_(memory::slab::slots_in(c.capacity_bytes, ctx.format.chunk_bytes(), alignment,
-                                        "device")),
-          slot_bytes_(memory::slab::round_up(ctx.format.chunk_bytes(), alignment)) {
-      gpu::device_guard g(device_);
+   public:
+    impl(const config& c, const context& ctx) : base(c.device, c.capacity_bytes, ctx, "device") {
+      gpu::device_guard g(this->device_);
       void* p = nullptr;
-      const std::size_t bytes = index_.capacity() * slot_bytes_;
-      const cudaError_t e = cudaMalloc(&p, bytes);
-      if (e != cudaSuccess) {
-        (void)cudaGetLastError();
-        throw tier_error("kvtier: device tier cannot allocate " + std::to_string(bytes) +
-                         " bytes on device " + std::to_string(device_) + ": " +
-                         cudaGetErrorString(e));
-      }
+      gpu::check(cudaMalloc(&p, this->bytes()),
+                 "device tier: cudaMalloc of " + std::to_string(this->bytes()) + " bytes");
       pool_ = static_cast<std::byte*>(p);
       try {
-        xfer_ = std::make_unique<transfers_type>(device_, ctx, pool_, slot_bytes_, alignment);
+        this->start(ctx, pool_);
       } catch (...) {
         cudaFree(pool_);
         throw;
       }
     }
-    impl(const impl&) = delete;
-    impl& operator=(const impl&) = delete;
     ~impl() {
-      xfer_.reset();  // waits for its stream
-      cudaSetDevice(device_);
+      this->stop();
+      cudaSetDevice(this->device_);
       cudaFree(pool_);
     }
 
-    [[nodiscard]] detail::chunk_index<Eviction>& index() noexcept { return index_; }
     /// Slot `slot`'s device address.
     [[nodiscard]] std::byte* data(std::uint32_t slot) const noexcept {
-      return pool_ + std::size_t{slot} * slot_bytes_;
+      return pool_ + std::size_t{slot} * this->slot_bytes_;
     }
-    [[nodiscard]] transfers_type& transfers() noexcept { return *xfer_; }
-    [[nodiscard]] int device() const noexcept { return device_; }
 
    private:
-    int device_;
-    detail::chunk_index<Eviction> index_;
-    std::size_t slot_bytes_;
     std::byte* pool_ = nullptr;
-    std::unique_ptr<transfers_type> xfer_;
   };
 };
 
@@ -113,83 +133,61 @@ struct basic_pinned_host {
   };
 
   template <class Eviction>
-  class impl {
-   public:
-    static constexpr std::size_t alignment = 4096;  // page-aligned: O_DIRECT and DMA
-    static constexpr bool async_copies = true;
-    using transfers_type = gpu::transfers<Engine>;
+  class impl : public detail_gpu::slot_tier<Eviction, Engine> {
+    using base = detail_gpu::slot_tier<Eviction, Engine>;
 
+   public:
     impl(const config& c, const context& ctx)
-        : device_(gpu::resolve_device(c.device, "pinned_host tier")),
-          index_(memory::slab::slots_in(c.capacity_bytes, ctx.format.chunk_bytes(), alignment,
-                                        "pinned_host")),
-          slot_bytes_(memory::slab::round_up(ctx.format.chunk_bytes(), alignment)),
-          how_(c.how) {
-      gpu::device_guard g(device_);
-      const std::size_t bytes = index_.capacity() * slot_bytes_;
+        : base(c.device, c.capacity_bytes, ctx, "pinned_host"), how_(c.how) {
+      gpu::device_guard g(this->device_);
+      const std::size_t bytes = this->bytes();
+      const std::string what =
+          "pinned_host tier: pinning " + std::to_string(bytes) + " bytes with ";
       if (how_ == pinning::host_alloc) {
         void* p = nullptr;
-        const cudaError_t e = cudaHostAlloc(&p, bytes, cudaHostAllocPortable | cudaHostAllocMapped);
-        if (e != cudaSuccess) {
-          (void)cudaGetLastError();
-          throw tier_error("kvtier: pinned_host tier cannot cudaHostAlloc " +
-                           std::to_string(bytes) + " bytes: " + cudaGetErrorString(e));
-        }
+        gpu::check(cudaHostAlloc(&p, bytes, cudaHostAllocPortable | cudaHostAllocMapped),
+                   what + "cudaHostAlloc");
         host_ = static_cast<std::byte*>(p);
       } else {
-        region_ = memory::region(bytes, alignment, false, nullptr, true);
-        const cudaError_t e = cudaHostRegister(region_.data(), bytes,
-                                               cudaHostRegisterPortable | cudaHostRegisterMapped);
-        if (e != cudaSuccess) {
-          (void)cudaGetLastError();
-          throw tier_error("kvtier: pinned_host tier cannot cudaHostRegister " +
-                           std::to_string(bytes) + " bytes: " + cudaGetErrorString(e));
-        }
+        region_ = memory::region(bytes, base::alignment, false, nullptr, true);
+        gpu::check(cudaHostRegister(region_.data(), bytes,
+                                    cudaHostRegisterPortable | cudaHostRegisterMapped),
+                   what + "cudaHostRegister");
         host_ = region_.data();
       }
       try {
         void* dev = nullptr;
         gpu::check(cudaHostGetDevicePointer(&dev, host_, 0), "cudaHostGetDevicePointer");
-        xfer_ = std::make_unique<transfers_type>(device_, ctx, static_cast<std::byte*>(dev),
-                                                 slot_bytes_, alignment);
+        this->start(ctx, static_cast<std::byte*>(dev));
       } catch (...) {
         unpin();
         throw;
       }
     }
-    impl(const impl&) = delete;
-    impl& operator=(const impl&) = delete;
     ~impl() {
-      xfer_.reset();
+      this->stop();
       unpin();
     }
 
-    [[nodiscard]] detail::chunk_index<Eviction>& index() noexcept { return index_; }
     /// Slot `slot`'s host address (lower tiers read and write it).
     [[nodiscard]] std::byte* data(std::uint32_t slot) const noexcept {
-      return host_ + std::size_t{slot} * slot_bytes_;
+      return host_ + std::size_t{slot} * this->slot_bytes_;
     }
-    [[nodiscard]] transfers_type& transfers() noexcept { return *xfer_; }
-    [[nodiscard]] int device() const noexcept { return device_; }
 
    private:
     void unpin() noexcept {
-      cudaSetDevice(device_);
-      if (how_ == pinning::host_alloc) {
-        if (host_) cudaFreeHost(host_);
+      cudaSetDevice(this->device_);
+      if (host_ && how_ == pinning::host_alloc) {
+        cudaFreeHost(host_);
       } else if (host_) {
         cudaHostUnregister(host_);
       }
       host_ = nullptr;
     }
 
-    int device_;
-    detail::chunk_index<Eviction> index_;
-    std::size_t slot_bytes_;
     pinning how_;
     memory::region region_;
     std::byte* host_ = nullptr;
-    std::unique_ptr<transfers_type> xfer_;
   };
 };
 

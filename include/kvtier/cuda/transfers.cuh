@@ -11,6 +11,8 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <mutex>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -61,8 +63,9 @@ inline int resolve_device(int device, const char* tier) {
   check(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
   if (device < 0) check(cudaGetDevice(&device), "cudaGetDevice");
   if (device >= count) {
-    throw invalid_argument(std::string("kvtier: ") + tier + " device " + std::to_string(device) +
-                           " does not exist (" + std::to_string(count) + " CUDA devices)");
+    throw invalid_argument(std::string("kvtier: ") + tier + " tier: device " +
+                           std::to_string(device) + " does not exist (" + std::to_string(count) +
+                           " CUDA devices)");
   }
   return device;
 }
@@ -105,6 +108,7 @@ class transfers {
       host_stage_ = static_cast<std::byte*>(p);
       check(cudaMalloc(&p, staging_bytes_ * ops_.size()), "cudaMalloc (descriptor staging)");
       dev_stage_ = static_cast<std::byte*>(p);
+      validated_.resize(max_tensors_);
       for (op_state& o : ops_) {
         o.layer_events.resize(format_.layers);
         for (cudaEvent_t* e : {&o.done, &o.joined}) {
@@ -159,10 +163,10 @@ class transfers {
              block_table table, std::size_t count, ChunkAt&& chunk_at) {
     device_guard g(device_);
     op_state& s = ops_[op];
-    if (tensors.size() > max_tensors_ || count > max_chunks_) {
-      throw invalid_argument("kvtier: GPU batch of " + std::to_string(count) + " chunks and " +
-                             std::to_string(tensors.size()) + " tensors exceeds the " +
-                             std::to_string(max_chunks_) + " chunks staged per operation");
+    if (count > max_chunks_) {
+      throw invalid_argument("kvtier: GPU batch of " + std::to_string(count) +
+                             " chunks exceeds the " + std::to_string(max_chunks_) +
+                             " chunks staged per operation");
     }
     std::byte* host = host_stage_ + op * staging_bytes_;
     std::byte* dev = dev_stage_ + op * staging_bytes_;
@@ -191,7 +195,8 @@ class transfers {
   }
 
   /// Throws invalid_argument unless every tensor is device memory of this tier's device and the
-  /// copy engine can run on the stream `o` names.
+  /// copy engine can run on the stream `o` names. The last tensor table that passed is
+  /// remembered: an engine passing the same tensors every call pays the pointer queries once.
   void validate(std::span<void* const> tensors, const stream_order& o) const {
     if (std::is_same_v<Engine, copy_engine::memcpy_batch> && o.run_on_stream &&
         (o.stream == nullptr || o.stream == cudaStreamLegacy)) {
@@ -199,8 +204,23 @@ class transfers {
           "kvtier: copy engine memcpy_batch cannot run on the legacy default stream "
           "(stream_order.stream is null with run_on_stream)");
     }
+    if (tensors.size() > max_tensors_) {
+      throw invalid_argument("kvtier: engine_kv has " + std::to_string(tensors.size()) +
+                             " tensors, more than the " + std::to_string(max_tensors_) +
+                             " a GPU tier stages");
+    }
+    {
+      std::lock_guard lk(validated_mu_);
+      if (std::equal(tensors.begin(), tensors.end(), validated_.begin(),
+                     validated_.begin() + static_cast<std::ptrdiff_t>(validated_count_))) {
+        return;
+      }
+    }
     device_guard g(device_);
     for (std::size_t i = 0; i < tensors.size(); ++i) check_device_pointer(tensors[i], i);
+    std::lock_guard lk(validated_mu_);
+    std::copy(tensors.begin(), tensors.end(), validated_.begin());
+    validated_count_ = tensors.size();
   }
 
   /// Op's stream waits for the work the engine's stream holds now (no-op on the engine stream).
@@ -331,6 +351,9 @@ class transfers {
   std::size_t slot_alignment_;
   std::size_t max_tensors_;
   std::vector<op_state> ops_;
+  mutable std::mutex validated_mu_;
+  mutable std::vector<void*> validated_;  ///< the tensor table last validated (max_tensors_)
+  mutable std::size_t validated_count_ = 0;
   typename Engine::state engine_;
   std::byte* slots_;
   std::size_t slot_bytes_;

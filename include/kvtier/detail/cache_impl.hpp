@@ -488,17 +488,19 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     // releasing a retrieve's) once its copies have. Returns the tokens moved, or 0.
     std::size_t finish(bool store) {
       if (c == nullptr) return 0;
-      cache_impl* cc = std::exchange(c, nullptr);
-      if (op == no_op) return 0;
-      const std::uint32_t o = std::exchange(op, no_op);
-      const bool whole = next == cc->model_.layers;
+      if (op == no_op) {
+        c = nullptr;
+        return 0;
+      }
       try {
-        cc->first_->transfers().end(o);
+        c->first_->transfers().end(op);
       } catch (...) {
-        cc->first_->transfers().cancel(o);
-        cc->complete(o, false);
+        fail();
         throw;
       }
+      cache_impl* cc = std::exchange(c, nullptr);
+      const std::uint32_t o = std::exchange(op, no_op);
+      const bool whole = next == cc->model_.layers;
       std::lock_guard lk(cc->mu_);
       if (store) cc->async_[o].ok = whole;
       cc->pending_.push_back(o);
@@ -520,7 +522,8 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       } catch (...) {  // a destructor cannot report it; a store publishes nothing then
       }
     }
-    // Staging failed: whatever was enqueued is waited for, and the operation ends as failed.
+    // Staging or ending failed: whatever was enqueued is waited for, and the operation ends as
+    // failed (a store publishes nothing).
     void fail() noexcept {
       c->first_->transfers().cancel(op);
       c->complete(std::exchange(op, no_op), false);
