@@ -31,4 +31,5 @@
 #include "kvtier/stats.hpp"
 #include "kvtier/tier/host.hpp"
 #include "kvtier/tier/local_disk.hpp"
+#include "kvtier/tier/record.hpp"
 #include "kvtier/transfer/host_copy.hpp"
