@@ -1,7 +1,7 @@
 #pragma once
 // kvtier::cache<Options...>: the composed KV cache an engine instantiates.
 
-#include "kvtier/detail/cache_impl.hpp"
+#include "kvtier/cache/cache_impl.hpp"
 #include "kvtier/options.hpp"
 
 namespace kvtier {

@@ -8,22 +8,66 @@
 // ---- begin kvtier/cache.hpp
 // kvtier::cache<Options...>: the composed KV cache an engine instantiates.
 
-// ---- begin kvtier/detail/cache_impl.hpp
-// The cache's machinery behind kvtier::cache (see cache.hpp for the documented API).
+// ---- begin kvtier/cache/cache_impl.hpp
+// The cache behind kvtier::cache (see cache.hpp for the documented API): the engine's calls, each
+// composed from the parts in this folder. Top to bottom: the parts, construction, keys, the
+// engine's calls (lookup, retrieve, store), the GPU path, prefetch, pins and clears, flush and
+// stats. One lock (state) guards every index and counter; it is never held across a copy or I/O.
+//
+//   chunker       chunk counts and keys           op_table      operation slots (keys, refs)
+//   tier_chain    the tiers and their settings    lease         a lookup's run
+//   writers       background lower-tier writes    write_policy  write-through/back, admission
+//   promoter      lower tier -> first tier        prefetcher    background promotion
+//   async_path    GPU copies and layer pipelines
 
-// ---- begin kvtier/detail/chunk_index.hpp
-// A tier's index: a preallocated entry pool in an intrusive hash set, eviction list and free
-// list. Not thread-safe: the cache calls it under its lock. Allocates only in the constructor.
+// ---- begin kvtier/cache/async_path.hpp
+// The asynchronous first tier (the GPU tiers): a store or retrieve enqueues its copies and
+// returns; its operation stays pending until the copies complete, then a store publishes its
+// chunks (or drops them, if a copy failed or not every layer was copied) and a retrieve releases
+// its lease's chunks. Pending operations are polled by the cache's calls and by synchronize().
+// Layer pipelines (store_pipeline, retrieve_pipeline) copy one layer at a time. For a first
+// tier with synchronous copies (tier::host) this part is empty: nothing is ever pending.
 
-// ---- begin kvtier/detail/index_entry.hpp
-// One chunk's record in a tier's index, linked by Boost.Intrusive hooks (no allocation).
+// ---- begin kvtier/cache/op_table.hpp
+// The cache's operation slots: every call that names chunks (lookup, store, pin, clear,
+// prefetch, a live lease, a GPU copy in flight) holds one slot, whose preallocated arrays carry
+// the call's chunk keys and the chunks it holds. Not thread-safe: the cache calls acquire and
+// release under its lock; a slot's arrays belong to its holder alone.
 
+// ---- begin kvtier/error.hpp
+// The kvtier::error family. Expected outcomes (a miss, a full tier) are return values; these are
+// for programmer errors (bad input) and environment errors (an unwritable directory).
+
+#include <stdexcept>
+#include <string>
+
+namespace kvtier {
+
+/// Base of every exception kvtier throws. The message names the offending value.
+class error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// An argument is out of range or contradicts the cache's model shape or layout.
+class invalid_argument : public error {
+ public:
+  using error::error;
+};
+
+/// A tier could not be set up or used (a directory that cannot be written, mlock refused).
+class tier_error : public error {
+ public:
+  using error::error;
+};
+
+}  // namespace kvtier
+// ---- end kvtier/error.hpp
 // ---- begin kvtier/key/chunk_key.hpp
 // The 128-bit chunk key and its hash for in-memory indexes.
 
 #include <cstdint>
 #include <cstdio>
-#include <string>
 
 namespace kvtier {
 
@@ -53,6 +97,166 @@ struct chunk_key_hash {
 
 }  // namespace kvtier
 // ---- end kvtier/key/chunk_key.hpp
+
+#include <cstddef>
+#include <limits>
+#include <memory>
+#include <new>
+#include <vector>
+
+namespace kvtier::detail {
+
+/// One chunk held by an operation: which tier and slot.
+struct chunk_ref {
+  std::uint32_t slot = 0;
+  std::uint8_t tier = 0;
+  std::uint8_t wrote = 0;  ///< store: this call allocated the entry and must fill it
+};
+
+/// A chunk_ref's tier after its operation dropped it (a failed promotion): it holds nothing.
+inline constexpr std::uint8_t dropped_tier = 0xff;
+
+/// `max_ops` slots of `max_chunks` keys and refs each, reserved at construction.
+class op_table {
+ public:
+  static constexpr std::uint32_t no_op = UINT32_MAX;
+
+  op_table(std::size_t max_chunks, std::size_t max_ops)
+      : max_chunks_(max_chunks), max_ops_(max_ops) {
+    if (max_ops == 0 || max_ops >= no_op) {
+      throw invalid_argument("kvtier: cache_config.max_inflight " + std::to_string(max_ops) +
+                             " is out of range 1..2^32-2");
+    }
+    if (max_chunks == 0 || max_chunks > std::numeric_limits<std::size_t>::max() / max_ops /
+                                            (sizeof(chunk_key) + sizeof(chunk_ref))) {
+      throw invalid_argument("kvtier: cache_config.max_tokens makes " + std::to_string(max_chunks) +
+                             " chunks per operation, times " + std::to_string(max_ops) +
+                             " operations (max_inflight): too many to reserve");
+    }
+    try {
+      keys_ = std::make_unique<chunk_key[]>(max_chunks * max_ops);
+      refs_ = std::make_unique<chunk_ref[]>(max_chunks * max_ops);
+      free_.reserve(max_ops);
+    } catch (const std::bad_alloc&) {
+      throw error("kvtier: cannot reserve " +
+                  std::to_string(max_chunks * max_ops * (sizeof(chunk_key) + sizeof(chunk_ref))) +
+                  " bytes of operation slots (max_tokens x max_inflight)");
+    }
+    for (std::size_t i = max_ops; i-- > 0;) free_.push_back(static_cast<std::uint32_t>(i));
+  }
+
+  /// Chunks one operation can name, and slots in all.
+  [[nodiscard]] std::size_t max_chunks() const noexcept { return max_chunks_; }
+  [[nodiscard]] std::size_t capacity() const noexcept { return max_ops_; }
+  /// Slots free now.
+  [[nodiscard]] std::size_t available() const noexcept { return free_.size(); }
+
+  /// A free slot, or no_op when every slot is taken. O(1), allocates nothing.
+  [[nodiscard]] std::uint32_t acquire() noexcept {
+    if (free_.empty()) return no_op;
+    const std::uint32_t op = free_.back();
+    free_.pop_back();
+    return op;
+  }
+  /// Gives slot `op` back (its holder no longer reads its arrays).
+  void release(std::uint32_t op) noexcept { free_.push_back(op); }
+
+  [[nodiscard]] chunk_key* keys(std::uint32_t op) const noexcept {
+    return keys_.get() + op * max_chunks_;
+  }
+  [[nodiscard]] chunk_ref* refs(std::uint32_t op) const noexcept {
+    return refs_.get() + op * max_chunks_;
+  }
+
+ private:
+  std::size_t max_chunks_;
+  std::size_t max_ops_;
+  std::unique_ptr<chunk_key[]> keys_;
+  std::unique_ptr<chunk_ref[]> refs_;
+  std::vector<std::uint32_t> free_;
+};
+
+}  // namespace kvtier::detail
+// ---- end kvtier/cache/op_table.hpp
+// ---- begin kvtier/cache/state.hpp
+// The cache's one lock and what it guards besides the tier indexes: the counters, and the
+// condition an operation waits on for a chunk another caller is still writing.
+
+// ---- begin kvtier/stats.hpp
+// Counters a cache reports.
+
+#include <array>
+
+namespace kvtier {
+
+/// One tier's counters. Chunk counts unless named bytes.
+struct tier_stats {
+  const char* name = "";
+  std::uint64_t hits = 0;    ///< chunks a lookup found in this tier
+  std::uint64_t misses = 0;  ///< chunks a lookup asked this tier for and did not find
+  std::uint64_t writes = 0;  ///< chunks written into this tier
+  std::uint64_t bytes_written = 0;
+  std::uint64_t bytes_read = 0;  ///< bytes read out of this tier (retrieve, promotion)
+  std::uint64_t evictions = 0;
+  std::uint64_t errors = 0;          ///< failed I/O and records that failed verification
+  std::uint64_t dropped_writes = 0;  ///< writes into this tier dropped (queue full, no room)
+  std::uint64_t write_backs = 0;     ///< writes made because the first tier evicted the chunk
+  std::uint64_t promotions = 0;      ///< chunks copied from this tier into the first tier
+  std::uint64_t recovered = 0;       ///< chunks found intact in storage at construction
+  std::size_t used_chunks = 0;       ///< chunks visible to lookup now
+  std::size_t capacity_chunks = 0;
+};
+
+/// A snapshot of a cache's counters.
+template <std::size_t Tiers>
+struct cache_stats {
+  std::uint64_t lookups = 0;
+  std::uint64_t lookup_tokens = 0;      ///< tokens asked for by lookups
+  std::uint64_t hit_tokens = 0;         ///< tokens lookups found cached
+  std::uint64_t stored_tokens = 0;      ///< tokens store() reported stored
+  std::uint64_t retrieved_tokens = 0;   ///< tokens retrieve() loaded into the engine
+  std::uint64_t bytes_from_engine = 0;  ///< bytes gathered from engine blocks
+  std::uint64_t bytes_to_engine = 0;    ///< bytes scattered into engine blocks
+  std::uint64_t store_partial = 0;      ///< stores that found no room for all their chunks
+  std::uint64_t busy = 0;               ///< calls refused because max_inflight were in flight
+  std::uint64_t prefetched = 0;         ///< chunks prefetch() loaded into the first tier
+  std::uint64_t prefetch_dropped = 0;   ///< prefetch() calls that stopped early (queue, room)
+  std::array<tier_stats, Tiers> tiers{};
+};
+
+}  // namespace kvtier
+// ---- end kvtier/stats.hpp
+
+#include <condition_variable>
+#include <mutex>
+
+namespace kvtier::detail {
+
+template <std::size_t Tiers>
+struct cache_state {
+  mutable std::mutex mu;
+  std::condition_variable state_cv;  ///< an entry left the writing state
+  cache_stats<Tiers> stats{};
+};
+
+}  // namespace kvtier::detail
+// ---- end kvtier/cache/state.hpp
+// ---- begin kvtier/cache/write_policy.hpp
+// The tier chain's write policy: when a chunk stored in the first tier goes to each lower tier.
+// Write-through queues it once stored; write-back queues it when the first tier evicts it (its
+// slot is freed once written). Either way a lower tier with admit_after_hits N takes a chunk only
+// once lookups hit it N times in the first tier. A full queue drops the write (counted) rather
+// than blocking the engine. Every call is under the cache's lock.
+
+// ---- begin kvtier/cache/writers.hpp
+// Background writers: per lower tier, a bounded queue of first-tier chunks waiting to be written
+// there, and `writers` threads that take up to a window of them at a time and write them with
+// one write_batch call, without the lock. A queued chunk is referenced in the first tier (the
+// writer reads its slot in place) until its write is done.
+
+// ---- begin kvtier/detail/index_entry.hpp
+// One chunk's record in a tier's index, linked by Boost.Intrusive hooks (no allocation).
+
 
 #include <boost/intrusive/list.hpp>
 #include <boost/intrusive/unordered_set.hpp>
@@ -101,219 +305,6 @@ using eviction_list = bi::list<index_entry, bi::constant_time_size<true>>;
 
 }  // namespace kvtier::detail
 // ---- end kvtier/detail/index_entry.hpp
-// ---- begin kvtier/error.hpp
-// The kvtier::error family. Expected outcomes (a miss, a full tier) are return values; these are
-// for programmer errors (bad input) and environment errors (an unwritable directory).
-
-#include <stdexcept>
-
-namespace kvtier {
-
-/// Base of every exception kvtier throws. The message names the offending value.
-class error : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
-
-/// An argument is out of range or contradicts the cache's model shape or layout.
-class invalid_argument : public error {
- public:
-  using error::error;
-};
-
-/// A tier could not be set up or used (a directory that cannot be written, mlock refused).
-class tier_error : public error {
- public:
-  using error::error;
-};
-
-}  // namespace kvtier
-// ---- end kvtier/error.hpp
-
-#include <bit>
-#include <cstddef>
-#include <memory>
-
-namespace kvtier::detail {
-
-template <class Eviction>
-class chunk_index {
-  using set_type =
-      bi::unordered_set<index_entry, bi::key_of_value<entry_key_of>, bi::hash<chunk_key_hash>,
-                        bi::constant_time_size<true>, bi::power_2_buckets<true>>;
-
- public:
-  using bucket_type = typename set_type::bucket_type;
-
-  explicit chunk_index(std::size_t capacity)
-      : capacity_(capacity),
-        entries_(std::make_unique<index_entry[]>(capacity)),
-        // One bucket per 1-2 entries: chains stay short and index metadata stays within 64 bytes
-        // per chunk (56-byte entry + at most 8 bytes of buckets).
-        bucket_count_(std::bit_floor(capacity < 8 ? std::size_t{8} : capacity)),
-        buckets_(std::make_unique<bucket_type[]>(bucket_count_)),
-        set_(typename set_type::bucket_traits(buckets_.get(), bucket_count_)) {
-    if (capacity == 0 || capacity > UINT32_MAX) {
-      throw invalid_argument("kvtier: tier capacity of " + std::to_string(capacity) +
-                             " chunks is out of range 1.." + std::to_string(UINT32_MAX));
-    }
-    for (std::size_t i = 0; i < capacity; ++i) free_.push_back(entries_[i]);
-  }
-  ~chunk_index() {
-    set_.clear();
-    free_.clear();
-    evictable_.clear();
-  }
-  chunk_index(const chunk_index&) = delete;
-  chunk_index& operator=(const chunk_index&) = delete;
-
-  [[nodiscard]] std::size_t capacity() const noexcept { return capacity_; }
-  /// Entries in the hash set (writing or ready).
-  [[nodiscard]] std::size_t size() const noexcept { return set_.size(); }
-  [[nodiscard]] std::size_t free_count() const noexcept { return free_.size(); }
-  /// Bytes of index metadata in all (entries and hash buckets), fixed at construction.
-  [[nodiscard]] std::size_t metadata_bytes() const noexcept {
-    return capacity_ * sizeof(index_entry) + bucket_count_ * sizeof(bucket_type);
-  }
-  [[nodiscard]] std::uint32_t slot(const index_entry& e) const noexcept {
-    return static_cast<std::uint32_t>(&e - entries_.get());
-  }
-  [[nodiscard]] index_entry& at(std::uint32_t slot) noexcept { return entries_[slot]; }
-
-  /// The entry for `k` in the hash set (writing or ready), or nullptr.
-  [[nodiscard]] index_entry* find(const chunk_key& k) noexcept {
-    auto it = set_.find(k);
-    return it == set_.end() ? nullptr : &*it;
-  }
-  /// The ready entry for `k`, or nullptr.
-  [[nodiscard]] index_entry* find_ready(const chunk_key& k) noexcept {
-    index_entry* e = find(k);
-    return e && e->state == entry_state::ready ? e : nullptr;
-  }
-
-  /// Takes a free entry, evicting the policy's victim when none is free. Returns nullptr when
-  /// nothing is free or evictable. `evicted` is incremented for each eviction. `keep(victim)`
-  /// may keep a victim instead (write-back: its bytes are still owed to a lower tier); it must
-  /// then take a reference to it, which takes it off the eviction list.
-  template <class Keep>
-  [[nodiscard]] index_entry* allocate(std::uint64_t& evicted, Keep&& keep) noexcept {
-    if (!free_.empty()) {
-      index_entry& e = free_.front();
-      free_.pop_front();
-      return &e;
-    }
-    for (;;) {
-      index_entry* v = Eviction::victim(evictable_);
-      if (v == nullptr) return nullptr;
-      if (keep(*v)) continue;
-      evictable_.erase(evictable_.iterator_to(*v));
-      set_.erase(set_.iterator_to(*v));
-      v->state = entry_state::free;
-      ++evicted;
-      return v;
-    }
-  }
-  [[nodiscard]] index_entry* allocate(std::uint64_t& evicted) noexcept {
-    return allocate(evicted, [](index_entry&) { return false; });
-  }
-  /// Takes the free entry of `slot` as a ready, unreferenced entry of `k` (rebuilding an index
-  /// from storage). The slot must be free and `k` absent.
-  void claim(std::uint32_t slot, const chunk_key& k, std::uint32_t tokens) noexcept {
-    index_entry& e = entries_[slot];
-    free_.erase(free_.iterator_to(e));
-    insert_writing(e, k, tokens);
-    publish(e);
-    unref(e);
-  }
-
-  /// Publishes an allocated entry as `writing` under `k`, referenced once by the writer.
-  void insert_writing(index_entry& e, const chunk_key& k, std::uint32_t tokens) noexcept {
-    e.key = k;
-    e.tokens = tokens;
-    e.refs = 1;
-    e.pins = 0;
-    e.hits = 0;
-    e.owed = 0;
-    e.evict_after_write = 0;
-    e.state = entry_state::writing;
-    set_.insert(e);
-  }
-  /// The writer's bytes are whole: the entry becomes visible. The writer's reference remains.
-  void publish(index_entry& e) noexcept { e.state = entry_state::ready; }
-  /// The writer failed: the entry leaves the hash set and is freed by the writer's unref.
-  void abort(index_entry& e) noexcept { make_zombie(e); }
-
-  void ref(index_entry& e) noexcept {
-    if (e.evictable()) evictable_.erase(evictable_.iterator_to(e));
-    ++e.refs;
-  }
-  void unref(index_entry& e) noexcept {
-    --e.refs;
-    settle(e);
-  }
-  /// Marks a use of an unreferenced entry (a store of bytes already held): moves it in the order.
-  void touch(index_entry& e) noexcept {
-    if (e.evictable()) {
-      evictable_.erase(evictable_.iterator_to(e));
-      Eviction::on_evictable(evictable_, e);
-    }
-  }
-  void pin(index_entry& e) noexcept {
-    if (e.evictable()) evictable_.erase(evictable_.iterator_to(e));
-    ++e.pins;
-  }
-  /// Returns false when the entry was not pinned.
-  bool unpin(index_entry& e) noexcept {
-    if (e.pins == 0) return false;
-    --e.pins;
-    settle(e);
-    return true;
-  }
-  /// Removes a ready, unpinned entry from lookup; its slot is freed once no reference remains.
-  /// Returns false (and changes nothing) for a pinned or writing entry.
-  bool remove(index_entry& e) noexcept {
-    if (e.pins != 0 || e.state != entry_state::ready) return false;
-    if (e.evictable()) evictable_.erase(evictable_.iterator_to(e));
-    make_zombie(e);
-    settle(e);
-    return true;
-  }
-  /// Removes a ready entry from lookup even if pinned (its bytes failed verification).
-  void discard(index_entry& e) noexcept {
-    if (e.state != entry_state::ready) return;
-    if (e.evictable()) evictable_.erase(evictable_.iterator_to(e));
-    e.pins = 0;
-    make_zombie(e);
-    settle(e);
-  }
-
- private:
-  void make_zombie(index_entry& e) noexcept {
-    set_.erase(set_.iterator_to(e));
-    e.state = entry_state::zombie;
-  }
-  // Puts an entry whose refs or pins just dropped where it now belongs.
-  void settle(index_entry& e) noexcept {
-    if (e.refs != 0) return;
-    if (e.state == entry_state::zombie) {
-      e.state = entry_state::free;
-      free_.push_back(e);
-    } else if (e.evictable()) {
-      Eviction::on_evictable(evictable_, e);
-    }
-  }
-
-  std::size_t capacity_;
-  std::unique_ptr<index_entry[]> entries_;
-  std::size_t bucket_count_;
-  std::unique_ptr<bucket_type[]> buckets_;
-  set_type set_;
-  eviction_list evictable_;
-  eviction_list free_;
-};
-
-}  // namespace kvtier::detail
-// ---- end kvtier/detail/chunk_index.hpp
 // ---- begin kvtier/layout/chunk_format.hpp
 // The canonical byte format of one chunk inside kvtier's tiers.
 
@@ -449,8 +440,407 @@ struct chunk_format {
 
 }  // namespace kvtier::layout
 // ---- end kvtier/layout/chunk_format.hpp
-// ---- begin kvtier/layout/view.hpp
-// A validated view of the engine's KV tensors through a layout policy.
+// ---- begin kvtier/tier/context.hpp
+// What every tier is told about the cache it serves, and the jobs lower tiers run.
+
+
+
+namespace kvtier::tier {
+
+/// The cache's identity, given to each tier at construction: the chunk format (sizes every slot
+/// and record) and the salt key (namespaces files and records, and is checked on every read).
+struct context {
+  layout::chunk_format format;
+  chunk_key salt;
+  std::uint32_t block_size = 1;  ///< the engine's tokens per block
+  std::size_t max_chunks = 1;    ///< chunks one operation can name (cache_config.max_tokens)
+  std::size_t max_ops = 1;       ///< operations in flight at once (cache_config.max_inflight)
+};
+
+/// Outcome of reading a record back. `missing` is a remote tier's miss (no record under the
+/// key); `corrupt` a record that failed verification; `io_error` a failed or late transfer.
+enum class read_status { ok, io_error, corrupt, missing };
+
+/// Write `bytes` of chunk `key` (`tokens` tokens) from `src` into `slot` (indexed tiers; a
+/// remote tier ignores it). `src` is a first-tier slot: 4 KiB aligned, readable up to `bytes`
+/// rounded up to 4 KiB. The tier sets `ok`.
+struct write_job {
+  std::uint32_t slot = 0;
+  chunk_key key{};
+  std::uint32_t tokens = 0;
+  const std::byte* src = nullptr;
+  std::size_t bytes = 0;
+  bool ok = false;
+};
+
+/// Read chunk `key`'s record into `dst` and prove it is that chunk's; `dst` is a first-tier
+/// slot, writable up to `bytes` rounded up to 4 KiB. The tier sets `status`.
+struct read_job {
+  std::uint32_t slot = 0;
+  chunk_key key{};
+  std::uint32_t tokens = 0;
+  std::byte* dst = nullptr;
+  std::size_t bytes = 0;
+  read_status status = read_status::io_error;
+};
+
+}  // namespace kvtier::tier
+// ---- end kvtier/tier/context.hpp
+
+#include <thread>
+
+namespace kvtier::detail {
+
+template <class Chain>
+class writers {
+  static constexpr std::size_t tier_count = Chain::tier_count;
+  using index_type = typename Chain::index_type;
+  using state_type = cache_state<tier_count>;
+
+ public:
+  static constexpr std::size_t window = 16;  ///< chunks one write_batch call takes at most
+
+  /// Starts each lower tier's threads; each queue holds `depth` chunks.
+  writers(Chain& chain, state_type& st, const layout::chunk_format& f, std::size_t depth)
+      : chain_(chain), st_(st), format_(f) {
+    try {
+      for (std::size_t t = 1; t < tier_count; ++t) {
+        rings_[t].slots.resize(depth);
+        for (std::size_t w = 0; w < chain.writers(t); ++w) {
+          rings_[t].threads.emplace_back([this, t] { loop(t); });
+        }
+      }
+    } catch (...) {
+      stop();
+      throw;
+    }
+  }
+  /// Writes what is queued (bounded by the queue depths), then stops.
+  ~writers() { stop(); }
+  writers(const writers&) = delete;
+  writers& operator=(const writers&) = delete;
+
+  /// Queues the first tier's entry `e` for writing to tier t, referenced until written; clears
+  /// its owed bit for t. false when that queue is full. Under the lock; call notify() after.
+  bool try_enqueue_locked(index_entry& e, std::size_t t, bool evict_after) noexcept {
+    ring& r = rings_[t];
+    if (r.count == r.slots.size()) return false;
+    chain_.first_index().ref(e);
+    r.slots[(r.head + r.count) % r.slots.size()] = chain_.first_index().slot(e);
+    ++r.count;
+    e.owed &= static_cast<std::uint8_t>(~(1u << t));
+    if (evict_after) e.evict_after_write = 1;
+    return true;
+  }
+  /// Wakes the writers for what was queued.
+  void notify() noexcept { work_cv_.notify_all(); }
+  /// True when no chunk is queued or being written. Under the lock.
+  [[nodiscard]] bool idle_locked() const noexcept {
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      if (rings_[t].count != 0 || rings_[t].active != 0) return false;
+    }
+    return true;
+  }
+  /// Waits, with `lk` on the cache's lock, until idle_locked().
+  void wait_idle(std::unique_lock<std::mutex>& lk) {
+    idle_cv_.wait(lk, [this] { return idle_locked(); });
+  }
+  /// Chunks queued for tier t now (for tests and diagnostics). Under the lock.
+  [[nodiscard]] std::size_t queued_locked(std::size_t t) const noexcept { return rings_[t].count; }
+
+ private:
+  struct ring {
+    std::vector<std::uint32_t> slots;  // first-tier slots waiting to be written
+    std::size_t head = 0, count = 0;
+    std::size_t active = 0;  // taken by a writer, not finished
+    std::vector<std::thread> threads;
+  };
+
+  void stop() noexcept {
+    {
+      std::lock_guard lk(st_.mu);
+      stop_ = true;
+    }
+    work_cv_.notify_all();
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      for (auto& th : rings_[t].threads) th.join();
+      rings_[t].threads.clear();
+    }
+  }
+
+  void loop(std::size_t t) {
+    ring& rg = rings_[t];
+    index_type& first = chain_.first_index();
+    index_type* ix = chain_.index(t);
+    auto& stats = st_.stats;
+    std::array<std::uint32_t, window> hs{};
+    std::array<tier::write_job, window> jobs;
+    std::array<std::uint32_t, window> job_of{};
+    std::unique_lock lk(st_.mu);
+    for (;;) {
+      work_cv_.wait(lk, [&] { return stop_ || rg.count > 0; });
+      if (rg.count == 0) break;  // stopping, and everything queued was written
+      std::size_t n = 0, m = 0;
+      for (; rg.count > 0 && n < window; ++n) {
+        hs[n] = rg.slots[rg.head];
+        rg.head = (rg.head + 1) % rg.slots.size();
+        --rg.count;
+      }
+      rg.active += n;
+      for (std::size_t i = 0; i < n; ++i) {
+        index_entry& he = first.at(hs[i]);
+        // A chunk cleared while queued is not written: clear must not be undone by a late write.
+        if (he.state != entry_state::ready) continue;
+        std::uint32_t slot = 0;
+        if (ix != nullptr) {
+          if (index_entry* e = ix->find(he.key)) {
+            ix->touch(*e);
+            continue;
+          }
+          index_entry* e = ix->allocate(stats.tiers[t].evictions);
+          if (e == nullptr) {
+            ++stats.tiers[t].dropped_writes;
+            continue;
+          }
+          ix->insert_writing(*e, he.key, he.tokens);
+          slot = ix->slot(*e);
+        }
+        jobs[m] = {slot, he.key, he.tokens, chain_.first().data(hs[i]), format_.bytes(he.tokens)};
+        job_of[m++] = static_cast<std::uint32_t>(i);
+      }
+      lk.unlock();
+      if (m > 0) chain_.write(t, {jobs.data(), m});
+      lk.lock();
+      std::array<chunk_key, window> undo;  // written, but cleared meanwhile (remote tiers)
+      std::size_t nundo = 0;
+      for (std::size_t j = 0; j < m; ++j) {
+        // The writer's reference kept the chunk from eviction, so a chunk no longer ready was
+        // cleared while being written: it must not appear in this tier afterwards.
+        const bool cleared = first.at(hs[job_of[j]]).state != entry_state::ready;
+        const bool ok = jobs[j].ok && !cleared;
+        if (ix != nullptr) {
+          index_entry& e = ix->at(jobs[j].slot);
+          if (ok) {
+            ix->publish(e);
+          } else {
+            ix->abort(e);
+          }
+          ix->unref(e);
+        } else if (cleared && jobs[j].ok) {
+          undo[nundo++] = jobs[j].key;
+        }
+        if (ok) {
+          ++stats.tiers[t].writes;
+          stats.tiers[t].bytes_written += jobs[j].bytes;
+          if (first.at(hs[job_of[j]]).evict_after_write) ++stats.tiers[t].write_backs;
+        } else if (!cleared) {
+          ++stats.tiers[t].errors;
+        }
+      }
+      if (nundo > 0) {
+        lk.unlock();
+        chain_.remove_from(t, {undo.data(), nundo});
+        lk.lock();
+      }
+      for (std::size_t i = 0; i < n; ++i) {
+        index_entry& he = first.at(hs[i]);
+        first.unref(he);
+        // Write-back: the slot whose eviction waited for this write is freed now, unless a
+        // lookup took it again meanwhile (then it stays, most recently used).
+        if (he.evict_after_write && he.evictable() && first.remove(he)) {
+          ++stats.tiers[0].evictions;
+        }
+      }
+      rg.active -= n;
+      if (idle_locked()) idle_cv_.notify_all();
+    }
+    idle_cv_.notify_all();
+  }
+
+  Chain& chain_;
+  state_type& st_;
+  const layout::chunk_format format_;
+  std::array<ring, tier_count> rings_;
+  std::condition_variable work_cv_;  // write work or stop
+  std::condition_variable idle_cv_;  // writers drained
+  bool stop_ = false;
+};
+
+}  // namespace kvtier::detail
+// ---- end kvtier/cache/writers.hpp
+
+
+namespace kvtier {
+
+/// When a lower tier receives a chunk stored in the first tier. Either way a lower tier with
+/// `admit_after_hits` N > 0 takes a chunk only once lookups hit it N times in the first tier.
+enum class write_mode {
+  write_through,  ///< as soon as it is stored (queued; the engine never waits for it)
+  write_back,     ///< when the first tier evicts it (and on flush()); its slot is freed then
+};
+
+}  // namespace kvtier
+
+namespace kvtier::detail {
+
+template <class Chain>
+class write_policy {
+  static constexpr std::size_t tier_count = Chain::tier_count;
+  static constexpr bool has_lower = Chain::has_lower;
+  using state_type = cache_state<tier_count>;
+
+ public:
+  write_policy(Chain& chain, state_type& st, writers<Chain>& w, write_mode mode) noexcept
+      : chain_(chain), st_(st), writers_(w), mode_(mode) {}
+
+  [[nodiscard]] write_mode mode() const noexcept { return mode_; }
+
+  /// A first-tier entry for a new chunk, evicting the eviction policy's victim when none is
+  /// free; nullptr when everything is leased, pinned or being written. Under write_back, a
+  /// victim that still owes a lower tier its bytes is queued for writing instead (its slot frees
+  /// when the write completes) and the next victim is tried; when its queue is full it is evicted
+  /// unwritten (a counted dropped write).
+  index_entry* allocate_first_locked() noexcept {
+    return chain_.first_index().allocate(st_.stats.tiers[0].evictions, [this](index_entry& v) {
+      if constexpr (has_lower) {
+        if (mode_ != write_mode::write_back || v.owed == 0) return false;
+        bool kept = false;
+        for (std::size_t t = 1; t < tier_count; ++t) {
+          if (!(v.owed & bit(t)) || !admitted(v, t)) continue;
+          if (writers_.try_enqueue_locked(v, t, true)) {
+            kept = true;
+          } else {
+            ++st_.stats.tiers[t].dropped_writes;
+          }
+        }
+        return kept;
+      } else {
+        (void)v;
+        return false;
+      }
+    });
+  }
+
+  /// Store: finds or allocates first-tier entries for chunks [first, n) of keys `ks` (chunk i
+  /// holds tokens_at(i) tokens); an allocated one is `writing` and marked `wrote` in `rs`.
+  /// Returns one past the last chunk placed (fewer than n when nothing more is evictable,
+  /// counted in store_partial).
+  template <class TokensAt>
+  std::size_t place_locked(const chunk_key* ks, chunk_ref* rs, std::size_t first, std::size_t n,
+                           TokensAt tokens_at) noexcept {
+    auto& ix = chain_.first_index();
+    std::size_t placed = first;
+    for (; placed < n; ++placed) {
+      if (index_entry* e = ix.find(ks[placed])) {
+        ix.touch(*e);  // already held (or being written by another caller)
+        rs[placed] = {ix.slot(*e), 0, 0};
+        continue;
+      }
+      index_entry* e = allocate_first_locked();
+      if (e == nullptr) break;  // everything left is leased, pinned or being written
+      ix.insert_writing(*e, ks[placed], static_cast<std::uint32_t>(tokens_at(placed)));
+      rs[placed] = {ix.slot(*e), 0, 1};
+    }
+    if (placed < n) ++st_.stats.store_partial;
+    return placed;
+  }
+
+  /// Whether lower tier t takes `e` now (its admission count is reached).
+  [[nodiscard]] bool admitted(const index_entry& e, std::size_t t) const noexcept {
+    return chain_.admit_after(t) == 0 || e.hits >= chain_.admit_after(t);
+  }
+
+  /// A chunk just published in the first tier: every lower tier is owed it; under
+  /// write-through the tiers that admit it at once get it queued now. Call notify() after.
+  void on_stored_locked(index_entry& e) noexcept {
+    if constexpr (has_lower) {
+      e.owed = chain_.lower_mask();
+      if (mode_ != write_mode::write_through) return;
+      for (std::size_t t = 1; t < tier_count; ++t) {
+        if (chain_.admit_after(t) == 0) enqueue_or_drop(e, t);
+      }
+    } else {
+      (void)e;
+    }
+  }
+
+  /// A lookup hit in the first tier: counts toward admission into lower tiers, and under
+  /// write-through queues the chunk for each tier whose admission count it reaches.
+  void note_hit_locked(index_entry& e) noexcept {
+    if (e.hits < 255) ++e.hits;
+    if constexpr (has_lower) {
+      if (mode_ != write_mode::write_through || e.owed == 0) return;
+      bool queued = false;
+      for (std::size_t t = 1; t < tier_count; ++t) {
+        if ((e.owed & bit(t)) && chain_.admit_after(t) != 0 && e.hits >= chain_.admit_after(t)) {
+          queued = enqueue_or_drop(e, t) || queued;
+        }
+      }
+      if (queued) writers_.notify();
+    }
+  }
+
+  /// Waits until every queued write has completed; under write_back, first queues every chunk
+  /// the first tier still owes an admitting lower tier (waiting for room as queues fill).
+  void flush(std::unique_lock<std::mutex>& lk) {
+    if constexpr (has_lower) {
+      for (bool more = true; more;) {
+        more = false;
+        if (mode_ == write_mode::write_back) {
+          auto& ix = chain_.first_index();
+          for (std::uint32_t s = 0; s < ix.capacity(); ++s) {
+            index_entry& e = ix.at(s);
+            if (e.state != entry_state::ready || e.owed == 0) continue;
+            for (std::size_t t = 1; t < tier_count; ++t) {
+              if ((e.owed & bit(t)) && admitted(e, t) &&
+                  !writers_.try_enqueue_locked(e, t, false)) {
+                more = true;  // that queue is full: wait for it, then go on
+              }
+            }
+          }
+          writers_.notify();
+        }
+        writers_.wait_idle(lk);
+      }
+    } else {
+      (void)lk;
+    }
+  }
+
+  void notify() noexcept {
+    if constexpr (has_lower) writers_.notify();
+  }
+
+ private:
+  static constexpr std::uint8_t bit(std::size_t t) noexcept {
+    return static_cast<std::uint8_t>(1u << t);
+  }
+  // Queues `e` for tier t; when the queue is full the write is dropped, counted, and no longer
+  // owed. Returns whether it was queued.
+  bool enqueue_or_drop(index_entry& e, std::size_t t) noexcept {
+    if (writers_.try_enqueue_locked(e, t, false)) return true;
+    ++st_.stats.tiers[t].dropped_writes;
+    e.owed &= static_cast<std::uint8_t>(~bit(t));
+    return false;
+  }
+
+  Chain& chain_;
+  state_type& st_;
+  writers<Chain>& writers_;
+  write_mode mode_;
+};
+
+}  // namespace kvtier::detail
+// ---- end kvtier/cache/write_policy.hpp
+// ---- begin kvtier/transfer/batch_plan.hpp
+// The index arithmetic of a batched transfer between an engine's blocks and chunk slots, shared
+// by the CUDA kernels, the DMA batch builders and the host tests (no CUDA header needed).
+//
+// A batch moves layers [layer_begin, layer_end) of many chunks in one launch. Its unit is the
+// segment: one (chunk, layer, K/V plane, engine block) of the chunk. On the chunk side a
+// segment is contiguous (tokens x heads x row bytes, chunk format); on the engine side it is
+// the block's rows at token_stride / head_stride. Segment i is decoded from its index alone,
+// block fastest, so consecutive thread blocks walk the chunk forward.
 
 // ---- begin kvtier/layout/block_span.hpp
 // Where one (layer, K-or-V, block) of an engine's KV lives, and the resolved strides that say so.
@@ -459,7 +849,6 @@ struct chunk_format {
 // The vocabulary layouts are written in: what each dimension of an engine's KV tensor means.
 
 
-#include <array>
 
 namespace kvtier::layout {
 
@@ -631,277 +1020,6 @@ struct ref {
 
 }  // namespace kvtier::layout
 // ---- end kvtier/layout/block_span.hpp
-
-#include <algorithm>
-
-namespace kvtier::layout {
-
-/// The engine's tensors checked against layout L and the model: tensor count, null pointers,
-/// rank, every extent, and (when the engine gives them) strides. Throws
-/// kvtier::invalid_argument naming the first offending value and what the layout expects.
-/// Cheap to build (no allocation); valid while the engine_kv's memory is.
-template <class L>
-class view {
-  using tr = traits<L>;
-
- public:
-  view(const model_shape& m, const engine_kv& kv) {
-    const std::string lname = L::name;
-    const std::size_t want_tensors = tensor_count(L::scope, m);
-    if (kv.tensors.size() != want_tensors) {
-      throw invalid_argument("kvtier: engine_kv has " + std::to_string(kv.tensors.size()) +
-                             " tensors, layout " + lname + " expects " +
-                             std::to_string(want_tensors) + scope_text());
-    }
-    for (std::size_t i = 0; i < kv.tensors.size(); ++i) {
-      if (kv.tensors[i] == nullptr) {
-        throw invalid_argument("kvtier: engine_kv tensor " + std::to_string(i) + " is null");
-      }
-    }
-    if (tr::kv_planes == 1 && m.kv_heads != 1) {
-      throw invalid_argument("kvtier: model_shape.kv_heads is " + std::to_string(m.kv_heads) +
-                             ", layout " + lname +
-                             " holds one latent row per token (no K/V split) and expects 1");
-    }
-    if (kv.shape.size() != tr::rank) {
-      throw invalid_argument("kvtier: engine_kv shape has rank " + std::to_string(kv.shape.size()) +
-                             ", layout " + lname + " expects rank " + std::to_string(tr::rank));
-    }
-    // The block count comes from the dim that grows with it (in tokens for a token pool).
-    const std::size_t bd = tr::blocks_dim;
-    const std::int64_t unit = extent(L::dims[bd], m, 1);
-    const std::int64_t grown = kv.shape[bd];
-    if (grown <= 0 || grown % unit != 0) {
-      throw invalid_argument("kvtier: engine_kv shape[" + std::to_string(bd) + "] (" +
-                             dim_name(L::dims[bd]) + ") is " + std::to_string(grown) + ", layout " +
-                             lname + " expects a positive multiple of " + std::to_string(unit));
-    }
-    const std::int64_t blocks = grown / unit;
-    const auto want = shape_of<L>(m, blocks);
-    for (std::size_t d = 0; d < tr::rank; ++d) {
-      if (kv.shape[d] != want[d]) {
-        throw invalid_argument("kvtier: engine_kv shape[" + std::to_string(d) + "] (" +
-                               dim_name(L::dims[d]) + ") is " + std::to_string(kv.shape[d]) +
-                               ", layout " + lname + " expects " + std::to_string(want[d]));
-      }
-    }
-    const std::array<std::int64_t, tr::rank> st = strides(kv, want, lname);
-    const auto s = [&](dim d) -> std::size_t {
-      return tr::has(d) ? static_cast<std::size_t>(st[tr::index(d)]) * m.dtype_size : 0;
-    };
-    r_.scope = L::scope;
-    r_.layers = m.layers;
-    r_.heads = m.kv_heads;
-    r_.block_size = m.block_size;
-    r_.row_bytes = m.head_size * m.dtype_size;
-    r_.blocks = static_cast<std::uint64_t>(blocks);
-    r_.layer_stride = s(dim::layer);
-    r_.head_stride = s(dim::head);
-    if (tr::has(dim::token)) {
-      r_.token_stride = s(dim::token);
-      r_.block_stride = r_.token_stride * m.block_size;
-    } else {
-      r_.token_stride = s(dim::slot);
-      r_.block_stride = s(dim::block);
-    }
-    r_.kv_stride = tr::has(dim::kv_elem) ? std::size_t{m.head_size} * m.dtype_size : s(dim::kv);
-    tensors_ = kv.tensors.data();
-  }
-
-  [[nodiscard]] const ref& resolved() const noexcept { return r_; }
-
-  /// Base address of (layer, kv, block) and its strides. `block` must be < blocks().
-  [[nodiscard]] std::byte* base(std::size_t layer, std::size_t kv, std::size_t block,
-                                block_span& s) const noexcept {
-    s = r_.span(layer, kv, block);
-    return static_cast<std::byte*>(tensors_[s.tensor]) + s.offset;
-  }
-
-  /// Checks the blocks of tokens [begin, end): the table reaches them and every id is in range.
-  /// Blocks before `begin` are not looked at (the engine may have freed them).
-  void check_block_table(block_table table, std::size_t begin, std::size_t end) const {
-    if (end <= begin) return;
-    const std::size_t need = (end + r_.block_size - 1) / r_.block_size;
-    if (table.size() < need) {
-      throw invalid_argument("kvtier: block table has " + std::to_string(table.size()) +
-                             " blocks, " + std::to_string(end) + " tokens need " +
-                             std::to_string(need) + " (block size " +
-                             std::to_string(r_.block_size) + ")");
-    }
-    for (std::size_t i = begin / r_.block_size; i < need; ++i) {
-      if (table[i] < 0 || static_cast<std::uint64_t>(table[i]) >= r_.blocks) {
-        throw invalid_argument("kvtier: block table[" + std::to_string(i) + "] is block id " +
-                               std::to_string(table[i]) + ", engine has blocks 0.." +
-                               std::to_string(r_.blocks - 1));
-      }
-    }
-  }
-
- private:
-  static std::string scope_text() {
-    switch (L::scope) {
-      case tensors::one:
-        return " (one for all layers)";
-      case tensors::per_layer:
-        return " (one per layer)";
-      case tensors::per_layer_kv:
-        return " (one per layer for K, then one per layer for V)";
-    }
-    return "";
-  }
-
-  // The engine's strides (elements), checked, or the dense row-major strides of `shape`.
-  static std::array<std::int64_t, tr::rank> strides(const engine_kv& kv,
-                                                    const std::array<std::int64_t, tr::rank>& shape,
-                                                    const std::string& lname) {
-    std::array<std::int64_t, tr::rank> st{};
-    std::int64_t dense = 1;
-    for (std::size_t d = tr::rank; d-- > 0;) {
-      st[d] = dense;
-      dense *= shape[d];
-    }
-    if (kv.strides.empty()) return st;
-    if (kv.strides.size() != tr::rank) {
-      throw invalid_argument("kvtier: engine_kv strides have rank " +
-                             std::to_string(kv.strides.size()) + ", shape has rank " +
-                             std::to_string(tr::rank));
-    }
-    const std::size_t last = tr::rank - 1;
-    if (kv.strides[last] != 1) {
-      throw invalid_argument("kvtier: engine_kv strides[" + std::to_string(last) + "] (" +
-                             dim_name(L::dims[last]) + ") is " + std::to_string(kv.strides[last]) +
-                             ", layout " + lname + " needs 1 (contiguous rows)");
-    }
-    // No two elements may share an address: ordered by stride, each dim must step over the
-    // whole extent of the next smaller one.
-    std::array<std::size_t, tr::rank> order{};
-    for (std::size_t d = 0; d < tr::rank; ++d) order[d] = d;
-    std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
-      return kv.strides[a] != kv.strides[b] ? kv.strides[a] < kv.strides[b] : a > b;
-    });
-    std::int64_t span = 1;  // elements covered by the dims checked so far
-    for (std::size_t i = 0; i < tr::rank; ++i) {
-      const std::size_t d = order[i];
-      if (kv.strides[d] < 0 || (shape[d] > 1 && kv.strides[d] < span)) {
-        throw invalid_argument("kvtier: engine_kv strides[" + std::to_string(d) + "] (" +
-                               dim_name(L::dims[d]) + ") is " + std::to_string(kv.strides[d]) +
-                               ", which overlaps the dims inside it (" + std::to_string(span) +
-                               " elements); layout " + lname +
-                               " needs non-overlapping "
-                               "strides, dense ones are " +
-                               std::to_string(st[d]));
-      }
-      if (shape[d] > 1) span = kv.strides[d] * shape[d];
-    }
-    for (std::size_t d = 0; d < tr::rank; ++d) st[d] = kv.strides[d];
-    return st;
-  }
-
-  void* const* tensors_ = nullptr;
-  ref r_{};
-};
-
-}  // namespace kvtier::layout
-// ---- end kvtier/layout/view.hpp
-// ---- begin kvtier/stats.hpp
-// Counters a cache reports.
-
-
-namespace kvtier {
-
-/// One tier's counters. Chunk counts unless named bytes.
-struct tier_stats {
-  const char* name = "";
-  std::uint64_t hits = 0;    ///< chunks a lookup found in this tier
-  std::uint64_t misses = 0;  ///< chunks a lookup asked this tier for and did not find
-  std::uint64_t writes = 0;  ///< chunks written into this tier
-  std::uint64_t bytes_written = 0;
-  std::uint64_t bytes_read = 0;  ///< bytes read out of this tier (retrieve, promotion)
-  std::uint64_t evictions = 0;
-  std::uint64_t errors = 0;          ///< failed I/O and records that failed verification
-  std::uint64_t dropped_writes = 0;  ///< writes into this tier dropped (queue full, no room)
-  std::uint64_t write_backs = 0;     ///< writes made because the first tier evicted the chunk
-  std::uint64_t promotions = 0;      ///< chunks copied from this tier into the first tier
-  std::uint64_t recovered = 0;       ///< chunks found intact in storage at construction
-  std::size_t used_chunks = 0;       ///< chunks visible to lookup now
-  std::size_t capacity_chunks = 0;
-};
-
-/// A snapshot of a cache's counters.
-template <std::size_t Tiers>
-struct cache_stats {
-  std::uint64_t lookups = 0;
-  std::uint64_t lookup_tokens = 0;      ///< tokens asked for by lookups
-  std::uint64_t hit_tokens = 0;         ///< tokens lookups found cached
-  std::uint64_t stored_tokens = 0;      ///< tokens store() reported stored
-  std::uint64_t retrieved_tokens = 0;   ///< tokens retrieve() loaded into the engine
-  std::uint64_t bytes_from_engine = 0;  ///< bytes gathered from engine blocks
-  std::uint64_t bytes_to_engine = 0;    ///< bytes scattered into engine blocks
-  std::uint64_t store_partial = 0;      ///< stores that found no room for all their chunks
-  std::uint64_t busy = 0;               ///< calls refused because max_inflight were in flight
-  std::uint64_t prefetched = 0;         ///< chunks prefetch() loaded into the first tier
-  std::uint64_t prefetch_dropped = 0;   ///< prefetch() calls that stopped early (queue, room)
-  std::array<tier_stats, Tiers> tiers{};
-};
-
-}  // namespace kvtier
-// ---- end kvtier/stats.hpp
-// ---- begin kvtier/tier/context.hpp
-// What every tier is told about the cache it serves, and the jobs lower tiers run.
-
-
-
-namespace kvtier::tier {
-
-/// The cache's identity, given to each tier at construction: the chunk format (sizes every slot
-/// and record) and the salt key (namespaces files and records, and is checked on every read).
-struct context {
-  layout::chunk_format format;
-  chunk_key salt;
-  std::uint32_t block_size = 1;  ///< the engine's tokens per block
-  std::size_t max_chunks = 1;    ///< chunks one operation can name (cache_config.max_tokens)
-  std::size_t max_ops = 1;       ///< operations in flight at once (cache_config.max_inflight)
-};
-
-/// Outcome of reading a record back. `missing` is a remote tier's miss (no record under the
-/// key); `corrupt` a record that failed verification; `io_error` a failed or late transfer.
-enum class read_status { ok, io_error, corrupt, missing };
-
-/// Write `bytes` of chunk `key` (`tokens` tokens) from `src` into `slot` (indexed tiers; a
-/// remote tier ignores it). `src` is a first-tier slot: 4 KiB aligned, readable up to `bytes`
-/// rounded up to 4 KiB. The tier sets `ok`.
-struct write_job {
-  std::uint32_t slot = 0;
-  chunk_key key{};
-  std::uint32_t tokens = 0;
-  const std::byte* src = nullptr;
-  std::size_t bytes = 0;
-  bool ok = false;
-};
-
-/// Read chunk `key`'s record into `dst` and prove it is that chunk's; `dst` is a first-tier
-/// slot, writable up to `bytes` rounded up to 4 KiB. The tier sets `status`.
-struct read_job {
-  std::uint32_t slot = 0;
-  chunk_key key{};
-  std::uint32_t tokens = 0;
-  std::byte* dst = nullptr;
-  std::size_t bytes = 0;
-  read_status status = read_status::io_error;
-};
-
-}  // namespace kvtier::tier
-// ---- end kvtier/tier/context.hpp
-// ---- begin kvtier/transfer/batch_plan.hpp
-// The index arithmetic of a batched transfer between an engine's blocks and chunk slots, shared
-// by the CUDA kernels, the DMA batch builders and the host tests (no CUDA header needed).
-//
-// A batch moves layers [layer_begin, layer_end) of many chunks in one launch. Its unit is the
-// segment: one (chunk, layer, K/V plane, engine block) of the chunk. On the chunk side a
-// segment is contiguous (tokens x heads x row bytes, chunk format); on the engine side it is
-// the block's rows at token_stride / head_stride. Segment i is decoded from its index alone,
-// block fastest, so consecutive thread blocks walk the chunk forward.
-
 
 
 namespace kvtier::transfer {
@@ -1097,6 +1215,1636 @@ KVTIER_HOST_DEVICE inline void move_segment(const batch_plan& p, const segment& 
 
 }  // namespace kvtier::transfer
 // ---- end kvtier/transfer/batch_plan.hpp
+
+#include <chrono>
+#include <utility>
+
+namespace kvtier::detail {
+
+/// The ordering argument and event type of a first tier with asynchronous copies (the GPU
+/// tiers); an empty tag for the others.
+template <class F>
+struct async_types {
+  struct type {};
+  using event = void*;
+};
+template <class F>
+requires requires { typename F::transfers_type; }
+struct async_types<F> {
+  using type = typename F::transfers_type::order_type;
+  using event = typename F::transfers_type::event_type;
+};
+
+template <class Chain>
+class async_path {
+  static constexpr std::size_t tier_count = Chain::tier_count;
+  using index_type = typename Chain::index_type;
+  using first_impl = typename Chain::first_impl;
+  using state_type = cache_state<tier_count>;
+  static constexpr std::uint32_t no_op = op_table::no_op;
+
+ public:
+  /// True when the first tier copies asynchronously on the GPU (tier::device, tier::pinned_host).
+  static constexpr bool enabled = requires { first_impl::async_copies; };
+  using order_type = typename async_types<first_impl>::type;
+  using event_type = typename async_types<first_impl>::event;
+
+  /// What a pending operation does when its copies complete.
+  struct async_op {
+    bool retrieve = false;
+    std::size_t first = 0;  ///< store: first chunk; retrieve: 0
+    std::size_t count = 0;  ///< store: one past the last chunk placed; retrieve: lease chunks
+    bool ok = true;         ///< store: every layer was copied
+  };
+
+  async_path(Chain& chain, state_type& st, op_table& ops, write_policy<Chain>& policy,
+             std::size_t layers)
+      : chain_(chain), st_(st), ops_(ops), policy_(policy), layers_(layers) {
+    if constexpr (enabled) {
+      async_.resize(ops.capacity());
+      pending_.reserve(ops.capacity());
+    }
+  }
+  ~async_path() {
+    if constexpr (enabled) synchronize();
+  }
+  async_path(const async_path&) = delete;
+  async_path& operator=(const async_path&) = delete;
+
+  /// Sets what operation `op` does on completion. Under the lock.
+  void set_locked(std::uint32_t op, const async_op& a) noexcept { async_[op] = a; }
+
+  /// Completes every pending operation whose copies have finished. Under the lock.
+  void poll_locked() noexcept {
+    if constexpr (enabled) {
+      bool any = false;
+      for (std::size_t k = 0; k < pending_.size();) {
+        const std::uint32_t op = pending_[k];
+        const auto s = chain_.first().transfers().poll(op);
+        if (s == decltype(s)::pending) {
+          ++k;
+          continue;
+        }
+        complete_locked(op, s == decltype(s)::done);
+        pending_[k] = pending_.back();
+        pending_.pop_back();
+        any = true;
+      }
+      if (any) {
+        st_.state_cv.notify_all();
+        policy_.notify();
+      }
+    }
+  }
+
+  /// Waits for an entry to leave the writing state. With asynchronous copies nothing signals
+  /// that by itself: the copies are polled every 100 us meanwhile.
+  void wait_state_locked(std::unique_lock<std::mutex>& lk) {
+    if constexpr (enabled) {
+      poll_locked();
+      st_.state_cv.wait_for(lk, std::chrono::microseconds(100));
+    } else {
+      st_.state_cv.wait(lk);
+    }
+  }
+
+  /// Waits until every copy started so far has completed, and completes its operation.
+  void synchronize() {
+    if constexpr (enabled) {
+      std::unique_lock lk(st_.mu);
+      while (!pending_.empty()) {
+        const std::uint32_t op = pending_.front();
+        lk.unlock();
+        chain_.first().transfers().wait(op);
+        lk.lock();
+        poll_locked();
+      }
+    }
+  }
+
+  /// Operation `op`'s copies finished (ok) or failed: a store publishes its chunks (or drops
+  /// them: a failed or incomplete store is never visible), a retrieve releases its chunks; the
+  /// slot is freed. Under the lock.
+  void complete_locked(std::uint32_t op, bool ok) noexcept {
+    const async_op& a = async_[op];
+    chunk_ref* rs = ops_.refs(op);
+    if (!a.retrieve) {
+      index_type& ix = chain_.first_index();
+      for (std::size_t i = a.first; i < a.count; ++i) {
+        if (!rs[i].wrote) continue;
+        index_entry& e = ix.at(rs[i].slot);
+        if (ok && a.ok) {
+          ix.publish(e);
+          ++st_.stats.tiers[0].writes;
+          policy_.on_stored_locked(e);
+        } else {
+          ix.abort(e);
+          if (!ok) ++st_.stats.tiers[0].errors;
+        }
+        ix.unref(e);
+      }
+    } else {
+      for (std::size_t i = 0; i < a.count; ++i) chain_.unref_locked(rs[i]);
+    }
+    ops_.release(op);
+  }
+  void complete(std::uint32_t op, bool ok) noexcept {
+    {
+      std::lock_guard lk(st_.mu);
+      complete_locked(op, ok);
+    }
+    st_.state_cv.notify_all();
+  }
+
+  class store_pipeline;
+  class retrieve_pipeline;
+
+  /// What a store or retrieve pipeline holds, and the steps both take: the path, its operation
+  /// slot, the next layer to copy, and the tokens and bytes the operation moves.
+  struct pipeline_state {
+    async_path* a = nullptr;
+    std::uint32_t op = no_op;
+    std::size_t next = 0, tokens = 0, bytes = 0;
+
+    pipeline_state() = default;
+    pipeline_state(pipeline_state&& o) noexcept
+        : a(std::exchange(o.a, nullptr)),
+          op(std::exchange(o.op, no_op)),
+          next(std::exchange(o.next, 0)),
+          tokens(std::exchange(o.tokens, 0)),
+          bytes(std::exchange(o.bytes, 0)) {}
+    pipeline_state& operator=(pipeline_state&&) = delete;
+    void assign(pipeline_state&& o, bool store) noexcept {
+      if (this == &o) return;
+      finish_noexcept(store);
+      a = std::exchange(o.a, nullptr);
+      op = std::exchange(o.op, no_op);
+      next = std::exchange(o.next, 0);
+      tokens = std::exchange(o.tokens, 0);
+      bytes = std::exchange(o.bytes, 0);
+    }
+
+    // Copies layer `l` (the next one), after the engine stream's work for a store; returns the
+    // layer's event.
+    event_type layer(const char* what, std::size_t l, bool join) {
+      if (op == no_op) return event_type{};
+      a->check_layer_count(what, l);
+      check_layer(what, l, next);
+      auto& x = a->chain_.first().transfers();
+      if (join) x.join(op);
+      x.copy(op, static_cast<std::uint32_t>(l), static_cast<std::uint32_t>(l + 1));
+      ++next;
+      return x.layer_signal(op, static_cast<std::uint32_t>(l));
+    }
+    void all(const char* what, bool join) {
+      if (op == no_op) return;
+      if (next != 0) check_layer(what, 0, next);
+      auto& x = a->chain_.first().transfers();
+      if (join) x.join(op);
+      x.copy(op, 0, static_cast<std::uint32_t>(a->layers_));
+      next = a->layers_;
+    }
+    // Ends the operation: it completes (publishing a store's chunks if every layer was copied,
+    // releasing a retrieve's) once its copies have. Returns the tokens moved, or 0.
+    std::size_t finish(bool store) {
+      if (a == nullptr) return 0;
+      if (op == no_op) {
+        a = nullptr;
+        return 0;
+      }
+      try {
+        a->chain_.first().transfers().end(op);
+      } catch (...) {
+        fail();
+        throw;
+      }
+      async_path* p = std::exchange(a, nullptr);
+      const std::uint32_t o = std::exchange(op, no_op);
+      const bool whole = next == p->layers_;
+      std::lock_guard lk(p->st_.mu);
+      if (store) p->async_[o].ok = whole;
+      p->pending_.push_back(o);
+      if (!whole) return 0;
+      auto& s = p->st_.stats;
+      if (store) {
+        s.stored_tokens += tokens;
+        s.bytes_from_engine += bytes;
+        s.tiers[0].bytes_written += bytes;
+      } else {
+        s.retrieved_tokens += tokens;
+        s.bytes_to_engine += bytes;
+        s.tiers[0].bytes_read += bytes;
+      }
+      return tokens;
+    }
+    void finish_noexcept(bool store) noexcept {
+      try {
+        finish(store);
+      } catch (...) {  // a destructor cannot report it; a store publishes nothing then
+      }
+    }
+    // Staging or ending failed: whatever was enqueued is waited for, and the operation ends as
+    // failed (a store publishes nothing).
+    void fail() noexcept {
+      a->chain_.first().transfers().cancel(op);
+      a->complete(std::exchange(op, no_op), false);
+      a = nullptr;
+    }
+  };
+
+  /// A layer-wise store (from begin_store). Call store_layer(l) for l = 0, 1, ... in order once
+  /// the engine has enqueued layer l's KV computation on its stream, then finish() (or let it
+  /// go out of scope). Chunks are published only if every layer was stored. Move-only.
+  class store_pipeline {
+   public:
+    store_pipeline() = default;
+    /// Takes a staged operation (the cache makes pipelines; engines receive them).
+    explicit store_pipeline(pipeline_state&& s) noexcept : st_(std::move(s)) {}
+    store_pipeline(store_pipeline&&) noexcept = default;
+    store_pipeline& operator=(store_pipeline&& o) noexcept {
+      st_.assign(std::move(o.st_), true);
+      return *this;
+    }
+    ~store_pipeline() { st_.finish_noexcept(true); }
+
+    /// Tokens this store covers (stored or already held), as store() returns.
+    [[nodiscard]] std::size_t tokens() const noexcept { return st_.tokens; }
+    /// Copies layer `l` of every chunk after the work now on the engine's stream; returns the
+    /// event marking its copy done (after it, the engine may reuse those blocks), or a null
+    /// event when this pipeline moves nothing.
+    event_type store_layer(std::size_t l) { return st_.layer("store_layer", l, true); }
+    /// Copies every layer at once (what store() does).
+    void store_all() { st_.all("store_all", true); }
+    /// Ends the store: returns tokens() if every layer was stored (the chunks are published once
+    /// the copies complete), else 0 and nothing is published.
+    std::size_t finish() { return st_.finish(true); }
+
+   private:
+    pipeline_state st_;
+  };
+
+  /// A layer-wise retrieve (from begin_retrieve). Call retrieve_layer(l) for l = 0, 1, ... in
+  /// order before the engine enqueues layer l's attention: the engine's stream (with
+  /// run_on_stream false) waits for that layer only, so loading layer l+1 overlaps computing
+  /// layer l. Then finish() (or let it go out of scope). Move-only.
+  class retrieve_pipeline {
+   public:
+    retrieve_pipeline() = default;
+    /// Takes a staged operation (the cache makes pipelines; engines receive them).
+    explicit retrieve_pipeline(pipeline_state&& s) noexcept : st_(std::move(s)) {}
+    retrieve_pipeline(retrieve_pipeline&&) noexcept = default;
+    retrieve_pipeline& operator=(retrieve_pipeline&& o) noexcept {
+      st_.assign(std::move(o.st_), false);
+      return *this;
+    }
+    ~retrieve_pipeline() { st_.finish_noexcept(false); }
+
+    /// Tokens this retrieve loads (a prefix of the lease), as retrieve() returns.
+    [[nodiscard]] std::size_t tokens() const noexcept { return st_.tokens; }
+    /// Copies layer `l` of every chunk into the engine's blocks; returns the event marking it
+    /// loaded (the engine's stream already waits for it unless run_on_stream), or a null event
+    /// when this pipeline moves nothing.
+    event_type retrieve_layer(std::size_t l) { return st_.layer("retrieve_layer", l, false); }
+    /// Copies every layer at once (what retrieve() does).
+    void retrieve_all() { st_.all("retrieve_all", false); }
+    /// Ends the retrieve: returns tokens() if every layer was loaded, else 0 (the layers loaded
+    /// are in the engine's blocks, but the prefix is not whole). The chunks stay protected until
+    /// the copies complete.
+    std::size_t finish() { return st_.finish(false); }
+
+   private:
+    pipeline_state st_;
+  };
+
+  /// Starts operation `op`'s batch in direction `w` ordered by `o`, staging `n` chunks
+  /// (`chunk(i)` gives the i-th one's staged_chunk). On failure the operation ends as failed and
+  /// the error propagates.
+  template <class View, class Tensors, class Table, class Chunk>
+  void stage(pipeline_state& p, transfer::way w, const order_type& o, const View& v,
+             const Tensors& tensors, Table table, std::size_t n, Chunk&& chunk) {
+    auto& x = chain_.first().transfers();
+    try {
+      x.begin(p.op, w, o);
+      x.stage(p.op, v.resolved(), tensors, table, n, chunk);
+    } catch (...) {
+      p.fail();
+      throw;
+    }
+  }
+
+ private:
+  static void check_layer(const char* what, std::size_t l, std::size_t next) {
+    if (l != next) {
+      throw invalid_argument(std::string("kvtier: ") + what + "(" + std::to_string(l) +
+                             ") out of order: layer " + std::to_string(next) +
+                             " is next (layers are copied once each, in order)");
+    }
+  }
+  void check_layer_count(const char* what, std::size_t l) const {
+    if (l >= layers_) {
+      throw invalid_argument(std::string("kvtier: ") + what + "(" + std::to_string(l) +
+                             ") is past the model's " + std::to_string(layers_) + " layers");
+    }
+  }
+
+  Chain& chain_;
+  state_type& st_;
+  op_table& ops_;
+  write_policy<Chain>& policy_;
+  std::size_t layers_;
+  std::vector<async_op> async_;         // per operation slot
+  std::vector<std::uint32_t> pending_;  // operations whose copies may still run
+};
+
+}  // namespace kvtier::detail
+// ---- end kvtier/cache/async_path.hpp
+// ---- begin kvtier/cache/chunker.hpp
+// Cutting a token sequence into chunks and naming them: the salt key (everything that makes KV
+// bytes interchangeable, hashed once per cache) and each chunk's key, chained over the prefix.
+// Thread-safe, allocates nothing (except the salt's bytes, at construction).
+
+
+#include <algorithm>
+
+namespace kvtier::detail {
+
+template <std::size_t ChunkTokens, class Hasher>
+class chunker {
+ public:
+  chunker(const salt& s, const layout::chunk_format& f, bool partial_tail)
+      : salt_key_(make_salt_key(s, f)), partial_tail_(partial_tail) {}
+
+  [[nodiscard]] const chunk_key& salt_key() const noexcept { return salt_key_; }
+
+  /// Chunks a sequence of `tokens` tokens is cut into (full chunks, plus the partial tail when
+  /// it is stored).
+  [[nodiscard]] std::size_t count(std::size_t tokens) const noexcept {
+    return tokens / ChunkTokens + (partial_tail_ && tokens % ChunkTokens ? 1 : 0);
+  }
+  /// Tokens of chunk i of a sequence of `total` tokens.
+  [[nodiscard]] static std::size_t tokens_at(std::size_t i, std::size_t total) noexcept {
+    return std::min(ChunkTokens, total - i * ChunkTokens);
+  }
+
+  /// Writes the keys of `tokens`' chunks into `out` and returns their count. Throws
+  /// invalid_argument when `out` is too small. O(tokens).
+  std::size_t keys(std::span<const token_id> tokens, std::span<chunk_key> out) const {
+    const std::size_t n = count(tokens.size());
+    if (out.size() < n) {
+      throw invalid_argument("kvtier: keys() output holds " + std::to_string(out.size()) +
+                             " keys, " + std::to_string(tokens.size()) + " tokens make " +
+                             std::to_string(n) + " chunks");
+    }
+    chunk_key prev = salt_key_;
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::size_t b = i * ChunkTokens;
+      prev = Hasher::next(prev, tokens.subspan(b, std::min(ChunkTokens, tokens.size() - b)));
+      out[i] = prev;
+    }
+    return n;
+  }
+
+  /// The salt key: canonical bytes (a version tag, then each field as a little-endian u64 or a
+  /// length-prefixed string, in a fixed order, documented in docs/keys.md) through the hasher.
+  static chunk_key make_salt_key(const salt& s, const layout::chunk_format& f) {
+    if (s.tp_size == 0 || s.tp_rank >= s.tp_size) {
+      throw invalid_argument("kvtier: salt.tp_rank " + std::to_string(s.tp_rank) +
+                             " is not below salt.tp_size " + std::to_string(s.tp_size));
+    }
+    std::string b = "kvtier.salt.v1";
+    auto u64 = [&b](std::uint64_t v) {
+      for (int i = 0; i < 8; ++i) b.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+    };
+    auto str = [&](const std::string& v) {
+      u64(v.size());
+      b += v;
+    };
+    str(s.model_id);
+    str(s.kv_dtype);
+    u64(f.fingerprint());
+    u64(s.tp_rank);
+    u64(s.tp_size);
+    str(s.tenant);
+    str(Hasher::name);
+    return Hasher::seed(std::as_bytes(std::span(b.data(), b.size())));
+  }
+
+ private:
+  chunk_key salt_key_;
+  bool partial_tail_;
+};
+
+}  // namespace kvtier::detail
+// ---- end kvtier/cache/chunker.hpp
+// ---- begin kvtier/cache/config.hpp
+// A cache's runtime settings that are not per tier, and the checks of what an engine passes to
+// the constructor (model shape, settings), each refused with the bad value named.
+
+
+
+namespace kvtier {
+
+/// Runtime settings of a cache that are not per tier.
+struct cache_config {
+  /// Longest token sequence lookup/store/pin accept; sizes the preallocated key buffers.
+  std::size_t max_tokens = 131072;
+  /// Operations in flight at once: live leases plus concurrent store/pin/unpin/clear calls.
+  /// A call beyond it is refused as a miss (lookup) or stores nothing (store), and is counted.
+  std::size_t max_inflight = 64;
+  /// Chunks waiting for write-through to lower tiers; when full, writes are dropped (counted)
+  /// rather than blocking the engine.
+  std::size_t write_queue_depth = 1024;
+  /// Also store the last, partial chunk of a sequence (off by default: a partial chunk is a hit
+  /// only for a lookup whose tail is exactly the same tokens).
+  bool store_partial_tail = false;
+  /// When lower tiers receive a chunk (see write_mode).
+  write_mode mode = write_mode::write_through;
+  /// Chunks waiting to be loaded by prefetch(); when full, prefetch starts no more (counted).
+  std::size_t prefetch_queue_depth = 256;
+};
+
+namespace detail {
+
+/// The model, if every field is set, the block size fits the chunk size (and opt::block_tokens
+/// when given) and a chunk's size fits 64 bits.
+template <std::size_t ChunkTokens, std::size_t BlockTokens, std::size_t KvPlanes>
+model_shape checked_model(const model_shape& m) {
+  const std::pair<const char*, std::uint32_t> fields[] = {{"layers", m.layers},
+                                                          {"kv_heads", m.kv_heads},
+                                                          {"head_size", m.head_size},
+                                                          {"dtype_size", m.dtype_size},
+                                                          {"block_size", m.block_size}};
+  for (auto [name, value] : fields) {
+    if (value == 0) throw invalid_argument(std::string("kvtier: model_shape.") + name + " is 0");
+  }
+  if (BlockTokens != 0 && m.block_size != BlockTokens) {
+    throw invalid_argument("kvtier: model_shape.block_size " + std::to_string(m.block_size) +
+                           " differs from opt::block_tokens " + std::to_string(BlockTokens));
+  }
+  if (ChunkTokens % m.block_size != 0) {
+    throw invalid_argument("kvtier: chunk size " + std::to_string(ChunkTokens) +
+                           " is not a multiple of the engine block size " +
+                           std::to_string(m.block_size));
+  }
+  std::size_t bytes = KvPlanes * ChunkTokens;
+  for (std::size_t f : {std::size_t{m.layers}, std::size_t{m.kv_heads}, std::size_t{m.head_size},
+                        std::size_t{m.dtype_size}}) {
+    if (__builtin_mul_overflow(bytes, f, &bytes)) {
+      throw invalid_argument("kvtier: model_shape makes a chunk larger than 2^64 bytes");
+    }
+  }
+  return m;
+}
+
+/// The settings, if every count is in range.
+inline cache_config checked_config(const cache_config& c) {
+  if (c.max_tokens == 0) throw invalid_argument("kvtier: cache_config.max_tokens is 0");
+  if (c.max_inflight == 0 || c.max_inflight >= UINT32_MAX) {
+    throw invalid_argument("kvtier: cache_config.max_inflight " + std::to_string(c.max_inflight) +
+                           " is out of range 1..2^32-2");
+  }
+  if (c.write_queue_depth == 0) {
+    throw invalid_argument("kvtier: cache_config.write_queue_depth is 0");
+  }
+  if (c.prefetch_queue_depth == 0) {
+    throw invalid_argument("kvtier: cache_config.prefetch_queue_depth is 0");
+  }
+  return c;
+}
+
+/// Chunks one operation can name: max_tokens rounded up to whole chunks.
+inline std::size_t max_chunks(const cache_config& c, std::size_t chunk_tokens) noexcept {
+  return c.max_tokens / chunk_tokens + (c.max_tokens % chunk_tokens != 0 ? 1 : 0);
+}
+
+/// Refuses a call (`what`) naming more tokens than the key buffers hold.
+inline void check_tokens(const char* what, std::size_t n, const cache_config& c) {
+  if (n > c.max_tokens) {
+    throw invalid_argument(std::string("kvtier: ") + what + " of " + std::to_string(n) +
+                           " tokens exceeds cache_config.max_tokens " +
+                           std::to_string(c.max_tokens));
+  }
+}
+
+/// Refuses a lookup from a chunk past the tokens' `n` chunks.
+inline void check_first_chunk(const char* what, std::size_t first, std::size_t n) {
+  if (first > n) {
+    throw invalid_argument(std::string("kvtier: ") + what + " first_chunk " +
+                           std::to_string(first) + " is past the " + std::to_string(n) +
+                           " chunks of the tokens");
+  }
+}
+
+}  // namespace detail
+}  // namespace kvtier
+// ---- end kvtier/cache/config.hpp
+// ---- begin kvtier/cache/lease.hpp
+// The result of a lookup: the cached run, its chunks protected from eviction until retrieve() or
+// release() consumes it (or it is destroyed). It names the operation slot that holds the run's
+// chunk references; only the cache reads or changes it.
+
+
+
+namespace kvtier::detail {
+
+/// A lease of `Cache` (which must be its friend's friend: the cache fills and consumes it).
+/// Move-only; must not outlive its cache. Not thread-safe (one owner at a time).
+template <class Cache>
+class basic_lease {
+ public:
+  basic_lease() = default;
+  basic_lease(basic_lease&& o) noexcept { take(o); }
+  basic_lease& operator=(basic_lease&& o) noexcept {
+    if (this != &o) {
+      reset();
+      take(o);
+    }
+    return *this;
+  }
+  basic_lease(const basic_lease&) = delete;
+  basic_lease& operator=(const basic_lease&) = delete;
+  ~basic_lease() { reset(); }
+
+  /// Tokens of the cached run from first_token() (a multiple of chunk_tokens unless a partial
+  /// tail hit); for a lookup from the start, the cached prefix.
+  [[nodiscard]] std::size_t tokens() const noexcept { return tokens_; }
+  /// The first token of the run: first_chunk * chunk_tokens of the lookup (0 by default).
+  [[nodiscard]] std::size_t first_token() const noexcept { return first_ * Cache::chunk_tokens; }
+  /// One past the last token of the run.
+  [[nodiscard]] std::size_t end_token() const noexcept { return first_token() + tokens_; }
+  /// Chunks of the cached prefix.
+  [[nodiscard]] std::size_t chunks() const noexcept { return chunks_; }
+  /// Chunks of the prefix found in tier `t` (0 = the first tier).
+  [[nodiscard]] std::size_t hits_in(std::size_t t) const noexcept {
+    return cache_ ? cache_->lease_hits_in(*this, t) : 0;
+  }
+  /// True until retrieve or release consumes it.
+  [[nodiscard]] bool live() const noexcept { return cache_ != nullptr; }
+  /// Releases the chunks now (same as cache.release(*this)).
+  void reset() noexcept {
+    if (cache_) cache_->release(*this);
+  }
+
+ private:
+  friend Cache;
+  void take(basic_lease& o) noexcept {
+    cache_ = std::exchange(o.cache_, nullptr);
+    op_ = std::exchange(o.op_, op_table::no_op);
+    chunks_ = std::exchange(o.chunks_, 0);
+    tokens_ = std::exchange(o.tokens_, 0);
+    first_ = std::exchange(o.first_, 0);
+  }
+  // Forgets the run (its chunks were released or handed on).
+  void clear() noexcept {
+    cache_ = nullptr;
+    op_ = op_table::no_op;
+    chunks_ = 0;
+    tokens_ = 0;
+  }
+  Cache* cache_ = nullptr;
+  std::uint32_t op_ = op_table::no_op;
+  std::size_t first_ = 0;  ///< first chunk of the run
+  std::size_t chunks_ = 0;
+  std::size_t tokens_ = 0;
+};
+
+}  // namespace kvtier::detail
+// ---- end kvtier/cache/lease.hpp
+// ---- begin kvtier/cache/prefetcher.hpp
+// Prefetch: loading lower-tier chunks into the first tier in the background before a request
+// needs them. prefetch() reserves a writing first-tier entry per chunk under the lock (so a
+// retrieve of the same chunk waits for it rather than reading it twice) and queues it; one
+// thread reads the queue head in batches of one tier each, and publishes what verified.
+
+// ---- begin kvtier/cache/promotion.hpp
+// Promotion: bringing chunks held only by lower tiers into the first tier, verified, before they
+// are copied to the engine. One read batch per lower tier for a window of chunks, without the
+// lock during I/O; a chunk another caller (or prefetch) is already bringing in is waited for
+// rather than read twice. A record that fails verification is dropped from its tier, never used.
+
+
+
+namespace kvtier::detail {
+
+template <class Chain>
+class promoter {
+  static constexpr std::size_t tier_count = Chain::tier_count;
+  using index_type = typename Chain::index_type;
+  using state_type = cache_state<tier_count>;
+
+ public:
+  static constexpr std::size_t window = 16;  ///< chunks promoted per batch at most
+
+  promoter(Chain& chain, state_type& st, write_policy<Chain>& policy,
+           const layout::chunk_format& f) noexcept
+      : chain_(chain), st_(st), policy_(policy), format_(f) {}
+
+  /// The end of bringing a chunk from lower tier t (slot `lslot` there, when indexed) into the
+  /// first tier's writing entry `hslot`. On success the entry is published and keeps the
+  /// caller's reference; otherwise it is aborted and unreferenced. The lower reference (indexed
+  /// tiers) is dropped either way; a record that failed verification is discarded, pinned or
+  /// not, so it is never served. Under the lock.
+  bool finish_locked(std::uint32_t hslot, std::size_t t, std::uint32_t lslot,
+                     tier::read_status st) noexcept {
+    index_type& first = chain_.first_index();
+    auto& stats = st_.stats;
+    index_entry& e = first.at(hslot);
+    const std::size_t bytes = format_.bytes(e.tokens);
+    const bool ok = st == tier::read_status::ok;
+    if (ok) {
+      first.publish(e);
+      ++stats.tiers[t].promotions;
+      stats.tiers[t].bytes_read += bytes;
+      ++stats.tiers[0].writes;
+      stats.tiers[0].bytes_written += bytes;
+    } else {
+      first.abort(e);
+      first.unref(e);
+      if (st != tier::read_status::missing) ++stats.tiers[t].errors;
+    }
+    if (index_type* low = chain_.index(t)) {
+      index_entry& le = low->at(lslot);
+      if (st == tier::read_status::corrupt) low->discard(le);
+      low->unref(le);
+    }
+    return ok;
+  }
+
+  /// Deletes from remote tiers the records of `jobs` that failed verification, so lookups stop
+  /// reporting them (an indexed tier discards its entry in finish_locked). Without the lock.
+  template <class TierOf>
+  void forget_corrupt(const tier::read_job* jobs, std::size_t n, TierOf tier_of) {
+    if constexpr (Chain::remote_count > 0) {
+      for (std::size_t j = 0; j < n; ++j) {
+        const std::size_t t = tier_of(j);
+        if (jobs[j].status != tier::read_status::corrupt || chain_.index(t) != nullptr) continue;
+        chain_.remove_from(t, {&jobs[j].key, 1});
+      }
+    } else {
+      (void)jobs, (void)n, (void)tier_of;
+    }
+  }
+
+  /// Brings the lower-tier chunks of an operation's window [lo, hi) (keys `ks`, refs `rs`; chunk
+  /// i is chunk first_chunk + i of a run ending at token abs_end) into the first tier. On return
+  /// each chunk's ref is in the first tier (still referenced) or dropped (dropped_tier).
+  /// `wait(lk)` waits, under the lock, for an entry to leave the writing state. Without the lock
+  /// on entry and return; allocates nothing.
+  template <class Wait>
+  void promote(const chunk_key* ks, chunk_ref* rs, std::size_t lo, std::size_t hi,
+               std::size_t first_chunk, std::size_t abs_end, std::size_t chunk_tokens,
+               Wait&& wait) {
+    bool any = false;
+    for (std::size_t i = lo; i < hi; ++i) any = any || (rs[i].tier != 0);
+    if (!any) return;
+    index_type& first = chain_.first_index();
+    std::array<tier::read_job, window> jobs;
+    std::array<std::uint32_t, window> at{};     // chunk index of each job
+    std::array<std::uint32_t, window> hslot{};  // its first-tier entry
+    std::array<std::uint32_t, window> waits{};  // chunks another caller is bringing in
+    std::size_t nj = 0, nw = 0;
+    std::unique_lock lk(st_.mu);
+    // Jobs are collected tier by tier, so each tier's jobs are contiguous: one batch each.
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      for (std::size_t i = lo; i < hi; ++i) {
+        chunk_ref& r = rs[i];
+        if (r.tier != t) continue;
+        index_entry* e = first.find(ks[i]);
+        if (e != nullptr && e->state == entry_state::ready) {
+          first.ref(*e);
+          drop_locked(r);
+          r = {first.slot(*e), 0, 0};
+        } else if (e != nullptr) {
+          waits[nw++] = static_cast<std::uint32_t>(i);
+        } else if ((e = policy_.allocate_first_locked()) == nullptr) {
+          drop_locked(r);
+        } else {
+          const std::size_t c = first_chunk + i;
+          const std::size_t ntok = std::min(chunk_tokens, abs_end - c * chunk_tokens);
+          first.insert_writing(*e, ks[i], static_cast<std::uint32_t>(ntok));
+          hslot[nj] = first.slot(*e);
+          jobs[nj] = {r.slot, ks[i], static_cast<std::uint32_t>(ntok),
+                      chain_.first().data(hslot[nj]), format_.bytes(ntok)};
+          at[nj++] = static_cast<std::uint32_t>(i);
+        }
+      }
+    }
+    lk.unlock();
+    for (std::size_t j = 0; j < nj;) {
+      std::size_t k = j;
+      const std::uint8_t t = rs[at[j]].tier;
+      while (k < nj && rs[at[k]].tier == t) ++k;
+      chain_.read(t, {jobs.data() + j, k - j});
+      j = k;
+    }
+    std::array<std::uint8_t, window> tier_of{};
+    for (std::size_t j = 0; j < nj; ++j) tier_of[j] = rs[at[j]].tier;
+    lk.lock();
+    for (std::size_t j = 0; j < nj; ++j) {
+      chunk_ref& r = rs[at[j]];
+      if (finish_locked(hslot[j], r.tier, r.slot, jobs[j].status)) {
+        r = {hslot[j], 0, 0};
+      } else {
+        r = {0, dropped_tier, 0};
+      }
+    }
+    lk.unlock();
+    if (nj > 0) st_.state_cv.notify_all();
+    forget_corrupt(jobs.data(), nj, [&](std::size_t j) { return tier_of[j]; });
+    if (nw == 0) return;
+    // Wait for the chunks other callers (or prefetch) are bringing in, now that this caller
+    // holds no writing entry of its own.
+    lk.lock();
+    for (std::size_t w = 0; w < nw; ++w) {
+      chunk_ref& r = rs[waits[w]];
+      index_entry* e;
+      while ((e = first.find(ks[waits[w]])) != nullptr && e->state == entry_state::writing) {
+        wait(lk);
+      }
+      if (e != nullptr) {
+        first.ref(*e);
+        drop_locked(r);
+        r = {first.slot(*e), 0, 0};
+      } else {
+        drop_locked(r);  // its loader failed: the prefix ends here
+      }
+    }
+  }
+
+ private:
+  // Drops an operation's reference to a lower-tier chunk; the lease still counts the chunk, so
+  // it is marked for release.
+  void drop_locked(chunk_ref& r) noexcept {
+    chain_.unref_locked(r);
+    r = {0, dropped_tier, 0};
+  }
+
+  Chain& chain_;
+  state_type& st_;
+  write_policy<Chain>& policy_;
+  const layout::chunk_format format_;
+};
+
+}  // namespace kvtier::detail
+// ---- end kvtier/cache/promotion.hpp
+
+
+namespace kvtier::detail {
+
+template <class Chain>
+class prefetcher {
+  static constexpr std::size_t tier_count = Chain::tier_count;
+  using index_type = typename Chain::index_type;
+  using state_type = cache_state<tier_count>;
+
+ public:
+  static constexpr std::size_t window = 16;  ///< chunks one read batch takes at most
+
+  /// Starts the reader thread (when the chain has lower tiers); the queue holds `depth` chunks.
+  prefetcher(Chain& chain, state_type& st, write_policy<Chain>& policy, promoter<Chain>& prom,
+             const layout::chunk_format& f, std::size_t depth)
+      : chain_(chain), st_(st), policy_(policy), promoter_(prom), format_(f) {
+    if constexpr (Chain::has_lower) {
+      ring_.resize(depth);
+      reader_ = std::thread([this] { loop(); });
+    }
+  }
+  /// Stops; queued prefetches are abandoned (their entries stay invisible to the end).
+  ~prefetcher() {
+    if constexpr (Chain::has_lower) {
+      {
+        std::lock_guard lk(st_.mu);
+        stop_ = true;
+      }
+      cv_.notify_all();
+      reader_.join();
+    }
+  }
+  prefetcher(const prefetcher&) = delete;
+  prefetcher& operator=(const prefetcher&) = delete;
+
+  /// Queues the chunks of keys `ks[0, n)` (chunk i holds `tokens_at(i)` tokens) that the first
+  /// tier lacks, each from the first indexed tier holding it, else from the first remote tier.
+  /// Stops at the first chunk no lower tier can hold, or when the queue or the first tier is
+  /// full (counted in prefetch_dropped). Returns the tokens queued. Under the lock; call notify()
+  /// after unlocking when it returned more than 0.
+  template <class TokensAt>
+  std::size_t start_locked(const chunk_key* ks, std::size_t n, TokensAt tokens_at) noexcept {
+    index_type& first = chain_.first_index();
+    std::size_t started = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      if (first.find(ks[i]) != nullptr) continue;  // held, or on its way in
+      // The first indexed tier holding it; else the first remote tier (a miss costs a GET).
+      std::size_t t = tier_count, remote = tier_count;
+      index_entry* low = nullptr;
+      for (std::size_t u = 1; u < tier_count && low == nullptr; ++u) {
+        if (chain_.index(u) == nullptr) {
+          remote = std::min(remote, u);
+        } else if ((low = chain_.index(u)->find_ready(ks[i])) != nullptr) {
+          t = u;
+        }
+      }
+      if (low == nullptr) t = remote;
+      if (t == tier_count) break;  // no tier below can hold it: the cached prefix ends here
+      if (count_ == ring_.size()) {
+        ++st_.stats.prefetch_dropped;
+        break;
+      }
+      index_entry* e = policy_.allocate_first_locked();
+      if (e == nullptr) {
+        ++st_.stats.prefetch_dropped;
+        break;
+      }
+      const std::size_t ntok = tokens_at(i);
+      first.insert_writing(*e, ks[i], static_cast<std::uint32_t>(ntok));
+      if (low != nullptr) chain_.index(t)->ref(*low);
+      ring_[(head_ + count_) % ring_.size()] = {
+          first.slot(*e), low ? chain_.index(t)->slot(*low) : 0, static_cast<std::uint8_t>(t)};
+      ++count_;
+      started += ntok;
+    }
+    return started;
+  }
+  void notify() noexcept { cv_.notify_one(); }
+
+ private:
+  struct job {
+    std::uint32_t hslot = 0;  // the first tier's writing entry
+    std::uint32_t lslot = 0;  // the lower tier's slot (indexed tiers)
+    std::uint8_t tier = 0;
+  };
+
+  void loop() {
+    index_type& first = chain_.first_index();
+    std::array<job, window> pj;
+    std::array<tier::read_job, window> jobs;
+    std::unique_lock lk(st_.mu);
+    for (;;) {
+      cv_.wait(lk, [&] { return stop_ || count_ > 0; });
+      if (stop_) break;
+      // One batch from the queue's head, all from one tier.
+      std::size_t n = 0;
+      const std::uint8_t t = ring_[head_].tier;
+      while (count_ > 0 && n < window && ring_[head_].tier == t) {
+        pj[n] = ring_[head_];
+        head_ = (head_ + 1) % ring_.size();
+        --count_;
+        const index_entry& e = first.at(pj[n].hslot);
+        jobs[n] = {pj[n].lslot, e.key, e.tokens, chain_.first().data(pj[n].hslot),
+                   format_.bytes(e.tokens)};
+        ++n;
+      }
+      lk.unlock();
+      chain_.read(t, {jobs.data(), n});
+      lk.lock();
+      for (std::size_t i = 0; i < n; ++i) {
+        if (promoter_.finish_locked(pj[i].hslot, t, pj[i].lslot, jobs[i].status)) {
+          ++st_.stats.prefetched;
+          first.unref(first.at(pj[i].hslot));
+        }
+      }
+      lk.unlock();
+      st_.state_cv.notify_all();
+      promoter_.forget_corrupt(jobs.data(), n, [&](std::size_t) { return t; });
+      lk.lock();
+    }
+  }
+
+  Chain& chain_;
+  state_type& st_;
+  write_policy<Chain>& policy_;
+  promoter<Chain>& promoter_;
+  const layout::chunk_format format_;
+  std::vector<job> ring_;
+  std::size_t head_ = 0, count_ = 0;
+  std::condition_variable cv_;  // prefetch work or stop
+  std::thread reader_;
+  bool stop_ = false;
+};
+
+}  // namespace kvtier::detail
+// ---- end kvtier/cache/prefetcher.hpp
+// ---- begin kvtier/cache/tier_chain.hpp
+// The cache's tiers: the first (memory) tier and the lower tiers in chain order, constructed from
+// their configs, with the per-tier settings the chain policy reads (admission, writer threads)
+// and the calls that reach a lower tier by its position. Not thread-safe for index access (the
+// cache's lock guards every index); the I/O calls take no lock.
+
+// ---- begin kvtier/detail/chunk_index.hpp
+// A tier's index: a preallocated entry pool in an intrusive hash set, eviction list and free
+// list. Not thread-safe: the cache calls it under its lock. Allocates only in the constructor.
+
+
+#include <bit>
+
+namespace kvtier::detail {
+
+template <class Eviction>
+class chunk_index {
+  using set_type =
+      bi::unordered_set<index_entry, bi::key_of_value<entry_key_of>, bi::hash<chunk_key_hash>,
+                        bi::constant_time_size<true>, bi::power_2_buckets<true>>;
+
+ public:
+  using bucket_type = typename set_type::bucket_type;
+
+  explicit chunk_index(std::size_t capacity)
+      : capacity_(capacity),
+        entries_(std::make_unique<index_entry[]>(capacity)),
+        // One bucket per 1-2 entries: chains stay short and index metadata stays within 64 bytes
+        // per chunk (56-byte entry + at most 8 bytes of buckets).
+        bucket_count_(std::bit_floor(capacity < 8 ? std::size_t{8} : capacity)),
+        buckets_(std::make_unique<bucket_type[]>(bucket_count_)),
+        set_(typename set_type::bucket_traits(buckets_.get(), bucket_count_)) {
+    if (capacity == 0 || capacity > UINT32_MAX) {
+      throw invalid_argument("kvtier: tier capacity of " + std::to_string(capacity) +
+                             " chunks is out of range 1.." + std::to_string(UINT32_MAX));
+    }
+    for (std::size_t i = 0; i < capacity; ++i) free_.push_back(entries_[i]);
+  }
+  ~chunk_index() {
+    set_.clear();
+    free_.clear();
+    evictable_.clear();
+  }
+  chunk_index(const chunk_index&) = delete;
+  chunk_index& operator=(const chunk_index&) = delete;
+
+  [[nodiscard]] std::size_t capacity() const noexcept { return capacity_; }
+  /// Entries in the hash set (writing or ready).
+  [[nodiscard]] std::size_t size() const noexcept { return set_.size(); }
+  [[nodiscard]] std::size_t free_count() const noexcept { return free_.size(); }
+  /// Bytes of index metadata in all (entries and hash buckets), fixed at construction.
+  [[nodiscard]] std::size_t metadata_bytes() const noexcept {
+    return capacity_ * sizeof(index_entry) + bucket_count_ * sizeof(bucket_type);
+  }
+  [[nodiscard]] std::uint32_t slot(const index_entry& e) const noexcept {
+    return static_cast<std::uint32_t>(&e - entries_.get());
+  }
+  [[nodiscard]] index_entry& at(std::uint32_t slot) noexcept { return entries_[slot]; }
+
+  /// The entry for `k` in the hash set (writing or ready), or nullptr.
+  [[nodiscard]] index_entry* find(const chunk_key& k) noexcept {
+    auto it = set_.find(k);
+    return it == set_.end() ? nullptr : &*it;
+  }
+  /// The ready entry for `k`, or nullptr.
+  [[nodiscard]] index_entry* find_ready(const chunk_key& k) noexcept {
+    index_entry* e = find(k);
+    return e && e->state == entry_state::ready ? e : nullptr;
+  }
+
+  /// Takes a free entry, evicting the policy's victim when none is free. Returns nullptr when
+  /// nothing is free or evictable. `evicted` is incremented for each eviction. `keep(victim)`
+  /// may keep a victim instead (write-back: its bytes are still owed to a lower tier); it must
+  /// then take a reference to it, which takes it off the eviction list.
+  template <class Keep>
+  [[nodiscard]] index_entry* allocate(std::uint64_t& evicted, Keep&& keep) noexcept {
+    if (!free_.empty()) {
+      index_entry& e = free_.front();
+      free_.pop_front();
+      return &e;
+    }
+    for (;;) {
+      index_entry* v = Eviction::victim(evictable_);
+      if (v == nullptr) return nullptr;
+      if (keep(*v)) continue;
+      evictable_.erase(evictable_.iterator_to(*v));
+      set_.erase(set_.iterator_to(*v));
+      v->state = entry_state::free;
+      ++evicted;
+      return v;
+    }
+  }
+  [[nodiscard]] index_entry* allocate(std::uint64_t& evicted) noexcept {
+    return allocate(evicted, [](index_entry&) { return false; });
+  }
+  /// Takes the free entry of `slot` as a ready, unreferenced entry of `k` (rebuilding an index
+  /// from storage). The slot must be free and `k` absent.
+  void claim(std::uint32_t slot, const chunk_key& k, std::uint32_t tokens) noexcept {
+    index_entry& e = entries_[slot];
+    free_.erase(free_.iterator_to(e));
+    insert_writing(e, k, tokens);
+    publish(e);
+    unref(e);
+  }
+
+  /// Publishes an allocated entry as `writing` under `k`, referenced once by the writer.
+  void insert_writing(index_entry& e, const chunk_key& k, std::uint32_t tokens) noexcept {
+    e.key = k;
+    e.tokens = tokens;
+    e.refs = 1;
+    e.pins = 0;
+    e.hits = 0;
+    e.owed = 0;
+    e.evict_after_write = 0;
+    e.state = entry_state::writing;
+    set_.insert(e);
+  }
+  /// The writer's bytes are whole: the entry becomes visible. The writer's reference remains.
+  void publish(index_entry& e) noexcept { e.state = entry_state::ready; }
+  /// The writer failed: the entry leaves the hash set and is freed by the writer's unref.
+  void abort(index_entry& e) noexcept { make_zombie(e); }
+
+  void ref(index_entry& e) noexcept {
+    if (e.evictable()) evictable_.erase(evictable_.iterator_to(e));
+    ++e.refs;
+  }
+  void unref(index_entry& e) noexcept {
+    --e.refs;
+    settle(e);
+  }
+  /// Marks a use of an unreferenced entry (a store of bytes already held): moves it in the order.
+  void touch(index_entry& e) noexcept {
+    if (e.evictable()) {
+      evictable_.erase(evictable_.iterator_to(e));
+      Eviction::on_evictable(evictable_, e);
+    }
+  }
+  void pin(index_entry& e) noexcept {
+    if (e.evictable()) evictable_.erase(evictable_.iterator_to(e));
+    ++e.pins;
+  }
+  /// Returns false when the entry was not pinned.
+  bool unpin(index_entry& e) noexcept {
+    if (e.pins == 0) return false;
+    --e.pins;
+    settle(e);
+    return true;
+  }
+  /// Removes a ready, unpinned entry from lookup; its slot is freed once no reference remains.
+  /// Returns false (and changes nothing) for a pinned or writing entry.
+  bool remove(index_entry& e) noexcept {
+    if (e.pins != 0 || e.state != entry_state::ready) return false;
+    if (e.evictable()) evictable_.erase(evictable_.iterator_to(e));
+    make_zombie(e);
+    settle(e);
+    return true;
+  }
+  /// Removes a ready entry from lookup even if pinned (its bytes failed verification).
+  void discard(index_entry& e) noexcept {
+    if (e.state != entry_state::ready) return;
+    if (e.evictable()) evictable_.erase(evictable_.iterator_to(e));
+    e.pins = 0;
+    make_zombie(e);
+    settle(e);
+  }
+
+ private:
+  void make_zombie(index_entry& e) noexcept {
+    set_.erase(set_.iterator_to(e));
+    e.state = entry_state::zombie;
+  }
+  // Puts an entry whose refs or pins just dropped where it now belongs.
+  void settle(index_entry& e) noexcept {
+    if (e.refs != 0) return;
+    if (e.state == entry_state::zombie) {
+      e.state = entry_state::free;
+      free_.push_back(e);
+    } else if (e.evictable()) {
+      Eviction::on_evictable(evictable_, e);
+    }
+  }
+
+  std::size_t capacity_;
+  std::unique_ptr<index_entry[]> entries_;
+  std::size_t bucket_count_;
+  std::unique_ptr<bucket_type[]> buckets_;
+  set_type set_;
+  eviction_list evictable_;
+  eviction_list free_;
+};
+
+}  // namespace kvtier::detail
+// ---- end kvtier/detail/chunk_index.hpp
+// ---- begin kvtier/tier/concepts.hpp
+// What the cache calls on a tier. A tier is a tag (name, is_memory, config, impl<Eviction>); its
+// impl is one of three kinds below, checked where the cache is instantiated, member by member,
+// so a tier that lacks a member fails with one line naming it.
+//
+//  - memory_tier: the first tier of a chain. It owns slots of chunk_format::chunk_bytes() bytes
+//    and an index over them; the cache copies engine blocks into and out of the slots itself.
+//  - indexed_lower_tier: a lower tier that knows what it holds (local disk): the cache keeps its
+//    index in memory and hands it slots to write and read.
+//  - remote_lower_tier: a lower tier that is asked by key (Redis, an object store): no index in
+//    this process; the tier answers probe() itself.
+//
+// Shared rules for lower tiers (both kinds):
+//  - They are constructed as impl(const config&, const tier::context&) and throw a
+//    kvtier::error subclass naming the bad value when the config or the storage is unusable.
+//  - write_batch and read_batch are called from several threads at once (engine threads that
+//    promote, the prefetch thread, `config::writers` writer threads), never with the cache's
+//    lock held, each call with its own jobs. They may block for I/O, but every wait is bounded
+//    (a tier's timeout); a job still unanswered at the timeout fails (ok = false, or
+//    read_status::io_error) and the call returns.
+//  - A job's result is set by the time the call returns, and never after: the cache reuses the
+//    job array and the slot buffers as soon as the call returns.
+//  - write_batch: job.ok = true only once the whole record is stored such that a later read in
+//    any process will find it (under the tier's durability setting); a tier that already holds
+//    the key may answer ok without writing. A failed write leaves no record that could pass a
+//    read's verification under that key.
+//  - read_batch: copy the record's payload into job.dst and set job.status = ok only after
+//    proving it is the bytes stored under job.key: the record's key, salt (context::salt),
+//    format fingerprint, token count and length match the job, and the payload checksum matches
+//    the bytes now in job.dst (tier/record.hpp has the header kvtier's tiers use). Otherwise:
+//    missing (no record under the key: a plain miss), corrupt (a record failed verification: the
+//    cache counts an error and drops or deletes it) or io_error (the read failed or was late).
+//    Whatever the status, only an ok job's bytes are ever used.
+//  - config may have `std::uint32_t admit_after_hits` (admission, 0..255) and `unsigned writers`
+//    (writer threads, 1..64); without them: 0 and 1.
+
+
+#include <concepts>
+
+namespace kvtier::tier {
+
+namespace detail_concepts {
+template <class T>
+inline constexpr bool is_index_ref = false;
+template <class E>
+inline constexpr bool is_index_ref<::kvtier::detail::chunk_index<E>&> = true;
+template <class I>
+concept has_index = requires(I& t) {
+  requires is_index_ref<decltype(t.index())>;
+};
+template <class I>
+concept has_index_any = requires(I& t) {
+  t.index();
+};
+template <class I>
+concept has_data = requires(const I& t, std::uint32_t slot) {
+  { t.data(slot) } -> std::same_as<std::byte*>;
+};
+template <class I>
+concept has_read_batch = requires(I& t, std::span<read_job> jobs) {
+  t.read_batch(jobs);
+};
+template <class I>
+concept has_write_batch = requires(I& t, std::span<write_job> jobs) {
+  t.write_batch(jobs);
+};
+template <class I>
+concept has_probe = requires(I& t, std::span<const chunk_key> keys) {
+  { t.probe(keys) } -> std::convertible_to<std::size_t>;
+};
+template <class I>
+concept has_remove = requires(I& t, std::span<const chunk_key> keys) {
+  { t.remove(keys) } -> std::convertible_to<std::size_t>;
+};
+template <class I>
+concept has_remove_all = requires(I& t) {
+  { t.remove_all() } -> std::convertible_to<std::size_t>;
+};
+}  // namespace detail_concepts
+
+/// The impl of a first tier. Members:
+///  - `chunk_index<Eviction>& index()` (Eviction: the impl's template argument): the tier's
+///    index, one entry per slot. The cache calls
+///    it only under its lock; the tier never touches it after construction.
+///  - `std::byte* data(std::uint32_t slot) const`: slot `slot`'s bytes, chunk_bytes() long,
+///    4 KiB aligned, valid for the tier's lifetime. The cache reads and writes a slot only while
+///    it holds a reference to its entry; lower tiers read and write slots in place (zero copy),
+///    unless the tier says `static constexpr bool host_visible = false` (device memory).
+/// A first tier whose copies run asynchronously (the GPU tiers) also has
+/// `static constexpr bool async_copies`, `transfers_type` and `transfers()`; see docs/gpu.md.
+template <class I>
+concept memory_tier = detail_concepts::has_index<I> && detail_concepts::has_data<I>;
+
+/// The impl of a lower tier with an index in this process. Members: `index()`
+/// (as memory_tier; read_job::slot and write_job::slot are entries of it), `read_batch`,
+/// `write_batch` (see the rules above). Optional: `std::size_t recovered() const` and
+/// `std::size_t dropped_at_open() const`, records found intact and dropped when the index was
+/// rebuilt from storage at construction (reported in stats).
+template <class I>
+concept indexed_lower_tier = detail_concepts::has_index<I> && detail_concepts::has_read_batch<I> &&
+    detail_concepts::has_write_batch<I>;
+
+/// The impl of a lower tier asked by key. Members: `read_batch`, `write_batch`
+/// (job slots are 0 and ignored), and
+///  - `std::size_t probe(std::span<const chunk_key> keys)`: the length of the leading run of
+///    `keys` the tier holds; 0 when it is down or late (bounded by its timeout). Thread-safe.
+///  - `std::size_t remove(std::span<const chunk_key> keys)`: deletes those records; returns how
+///    many it held. Thread-safe. Also called to delete a record that failed verification.
+///  - `std::size_t remove_all()`: deletes every record under this context's salt.
+template <class I>
+concept remote_lower_tier =
+    !detail_concepts::has_index_any<I> && detail_concepts::has_read_batch<I> &&
+    detail_concepts::has_write_batch<I> && detail_concepts::has_probe<I> &&
+    detail_concepts::has_remove<I> && detail_concepts::has_remove_all<I>;
+
+/// Any lower tier.
+template <class I>
+concept lower_tier = indexed_lower_tier<I> || remote_lower_tier<I>;
+
+/// Fails compilation with one line naming the first missing member of a first tier's impl.
+template <class I>
+consteval bool check_memory_tier() {
+  using namespace detail_concepts;
+  static_assert(has_index<I>, "kvtier: a memory tier lacks `chunk_index<Eviction>& index()`");
+  static_assert(has_data<I>, "kvtier: a memory tier lacks `std::byte* data(std::uint32_t) const`");
+  return true;
+}
+
+/// Fails compilation with one line naming the first missing member of a lower tier's impl.
+template <class I>
+consteval bool check_lower_tier() {
+  using namespace detail_concepts;
+  static_assert(has_read_batch<I>,
+                "kvtier: a lower tier lacks `read_batch(std::span<tier::read_job>)`");
+  static_assert(has_write_batch<I>,
+                "kvtier: a lower tier lacks `write_batch(std::span<tier::write_job>)`");
+  if constexpr (!has_index_any<I>) {
+    static_assert(has_probe<I>,
+                  "kvtier: a lower tier without index() lacks `std::size_t "
+                  "probe(std::span<const chunk_key>)`");
+    static_assert(has_remove<I>,
+                  "kvtier: a lower tier without index() lacks `std::size_t "
+                  "remove(std::span<const chunk_key>)`");
+    static_assert(has_remove_all<I>,
+                  "kvtier: a lower tier without index() lacks `std::size_t remove_all()`");
+  } else {
+    static_assert(has_index<I>,
+                  "kvtier: a lower tier's index() must return chunk_index<Eviction>&");
+  }
+  return true;
+}
+
+}  // namespace kvtier::tier
+// ---- end kvtier/tier/concepts.hpp
+
+#include <tuple>
+#include <type_traits>
+
+namespace kvtier::detail {
+
+/// Whether lower tiers can read a tier's slots (a tier without the member: yes).
+template <class T>
+inline constexpr bool host_visible_v = true;
+template <class T>
+requires requires { T::host_visible; }
+inline constexpr bool host_visible_v<T> = T::host_visible;
+
+template <class Eviction, class First, class... Lower>
+class tier_chain {
+ public:
+  using index_type = chunk_index<Eviction>;
+  using first_impl = typename First::template impl<Eviction>;
+  using configs = std::tuple<typename First::config, typename Lower::config...>;
+  static constexpr std::size_t tier_count = 1 + sizeof...(Lower);
+  static constexpr bool has_lower = sizeof...(Lower) > 0;
+  /// A lower tier with an index in this process (else it is asked by key: a remote tier).
+  template <class T>
+  static constexpr bool is_indexed = requires(std::remove_cvref_t<T>& x) {
+    x.index();
+  };
+  static constexpr std::size_t remote_count =
+      (std::size_t{0} + ... + !is_indexed<typename Lower::template impl<Eviction>>);
+
+  static_assert(sizeof...(Lower) < 8, "kvtier: a tier chain has at most 8 tiers");
+  static_assert(host_visible_v<First> || sizeof...(Lower) == 0,
+                "kvtier::opt::tiers<tier::device, ...>: lower tiers need a host-visible first "
+                "tier; use tier::pinned_host first");
+  static_assert(tier::check_memory_tier<first_impl>());
+  static_assert((tier::check_lower_tier<typename Lower::template impl<Eviction>>() && ...));
+
+  tier_chain(const configs& c, const tier::context& ctx) {
+    first_ = std::make_unique<first_impl>(std::get<0>(c), ctx);
+    index_[0] = &first_->index();
+    make_lower(c, ctx, std::index_sequence_for<Lower...>{});
+  }
+
+  [[nodiscard]] first_impl& first() noexcept { return *first_; }
+  [[nodiscard]] index_type& first_index() noexcept { return *index_[0]; }
+  /// Tier t's index, or nullptr for a remote tier.
+  [[nodiscard]] index_type* index(std::size_t t) const noexcept { return index_[t]; }
+  /// Lookup hits in the first tier before lower tier t takes a chunk (0: at once).
+  [[nodiscard]] std::uint32_t admit_after(std::size_t t) const noexcept { return admit_[t]; }
+  /// Threads writing into lower tier t.
+  [[nodiscard]] std::size_t writers(std::size_t t) const noexcept { return writers_[t]; }
+  /// Bit t set for every lower tier t.
+  [[nodiscard]] std::uint8_t lower_mask() const noexcept { return lower_mask_; }
+
+  template <std::size_t I>
+  [[nodiscard]] auto& tier() noexcept {
+    if constexpr (I == 0) {
+      return *first_;
+    } else {
+      return *std::get<I - 1>(lower_);
+    }
+  }
+
+  /// Names each tier and reports what lower tiers found in storage at construction.
+  template <class Stats>
+  void init_stats(Stats& s) {
+    const char* names[] = {First::name, Lower::name...};
+    for (std::size_t t = 0; t < tier_count; ++t) s.tiers[t].name = names[t];
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      with_lower(t, [&](auto& impl) {
+        if constexpr (requires { impl.recovered(); }) {
+          s.tiers[t].recovered = impl.recovered();
+          s.tiers[t].errors = impl.dropped_at_open();
+        }
+      });
+    }
+  }
+
+  /// Calls f(impl) with lower tier t's impl (1 <= t < tier_count).
+  template <class F>
+  void with_lower(std::size_t t, F&& f) {
+    with_lower_impl(t - 1, f, std::index_sequence_for<Lower...>{});
+  }
+
+  /// Lower tier t's batch calls (no lock held; see tier/concepts.hpp).
+  void read(std::size_t t, std::span<tier::read_job> jobs) {
+    with_lower(t, [&](auto& impl) { impl.read_batch(jobs); });
+  }
+  void write(std::size_t t, std::span<tier::write_job> jobs) {
+    with_lower(t, [&](auto& impl) { impl.write_batch(jobs); });
+  }
+
+  /// Asks remote tiers, in chain order, for the leading run of `keys` they hold, until one holds
+  /// some. Returns that run's length and sets `tier` to the tier that answered; `asked[t]` is
+  /// set for each tier asked.
+  std::size_t probe_remote(std::span<const chunk_key> keys,
+                           std::array<std::uint8_t, tier_count>& asked, std::size_t& tier) {
+    std::size_t found = 0;
+    for (std::size_t t = 1; t < tier_count && found == 0; ++t) {
+      with_lower(t, [&](auto& impl) {
+        if constexpr (!is_indexed<decltype(impl)>) {
+          found = impl.probe(keys);
+          asked[t] = 1;
+          tier = t;
+        }
+      });
+    }
+    return found;
+  }
+  /// Deletes `keys` from every remote tier; returns the most any one of them held.
+  std::size_t remove_remote(std::span<const chunk_key> keys) {
+    std::size_t removed = 0;
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      with_lower(t, [&](auto& impl) {
+        if constexpr (!is_indexed<decltype(impl)>) removed = std::max(removed, impl.remove(keys));
+      });
+    }
+    return removed;
+  }
+  /// Deletes `keys` from remote tier t (no-op for an indexed tier).
+  void remove_from(std::size_t t, std::span<const chunk_key> keys) {
+    with_lower(t, [&](auto& impl) {
+      if constexpr (!is_indexed<decltype(impl)>) (void)impl.remove(keys);
+    });
+  }
+  /// Deletes every record of this cache's salt from every remote tier; returns how many.
+  std::size_t remove_all_remote() {
+    std::size_t removed = 0;
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      with_lower(t, [&](auto& impl) {
+        if constexpr (!is_indexed<decltype(impl)>) removed += impl.remove_all();
+      });
+    }
+    return removed;
+  }
+
+  /// Drops an operation's reference to the chunk `r` names (none for a remote or dropped one).
+  void unref_locked(const chunk_ref& r) noexcept {
+    if (r.tier == dropped_tier || index_[r.tier] == nullptr) return;
+    index_type& ix = *index_[r.tier];
+    ix.unref(ix.at(r.slot));
+  }
+
+ private:
+  template <std::size_t... I>
+  void make_lower(const configs& c, const tier::context& ctx, std::index_sequence<I...>) {
+    ((std::get<I>(lower_) =
+          std::make_unique<typename Lower::template impl<Eviction>>(std::get<I + 1>(c), ctx),
+      admit_[I + 1] = admit_after_of(std::get<I + 1>(c)),
+      writers_[I + 1] = writers_of(std::get<I + 1>(c)),
+      lower_mask_ |= static_cast<std::uint8_t>(1u << (I + 1))),
+     ...);
+    (set_index<I>(), ...);
+  }
+  template <std::size_t I>
+  void set_index() noexcept {
+    if constexpr (is_indexed<decltype(*std::get<I>(lower_))>) {
+      index_[I + 1] = &std::get<I>(lower_)->index();
+    }
+  }
+  template <class F, std::size_t... I>
+  void with_lower_impl(std::size_t j, F& f, std::index_sequence<I...>) {
+    ((j == I ? (f(*std::get<I>(lower_)), 0) : 0), ...);
+  }
+
+  // Threads writing into a lower tier: its config's `writers`, else 1.
+  template <class Config>
+  static std::size_t writers_of(const Config& c) {
+    if constexpr (requires { c.writers; }) {
+      if (c.writers == 0 || c.writers > 64) {
+        throw invalid_argument("kvtier: writers " + std::to_string(c.writers) +
+                               " is out of range 1..64");
+      }
+      return c.writers;
+    } else {
+      return 1;
+    }
+  }
+  template <class Config>
+  static std::uint32_t admit_after_of(const Config& c) {
+    if constexpr (requires { c.admit_after_hits; }) {
+      if (c.admit_after_hits > 255) {
+        throw invalid_argument("kvtier: admit_after_hits " + std::to_string(c.admit_after_hits) +
+                               " is above 255");
+      }
+      return static_cast<std::uint32_t>(c.admit_after_hits);
+    } else {
+      return 0;
+    }
+  }
+
+  std::unique_ptr<first_impl> first_;
+  std::tuple<std::unique_ptr<typename Lower::template impl<Eviction>>...> lower_;
+  std::array<index_type*, tier_count> index_{};  // nullptr for a remote tier
+  std::array<std::uint32_t, tier_count> admit_{};
+  std::array<std::size_t, tier_count> writers_{};
+  std::uint8_t lower_mask_ = 0;
+};
+
+}  // namespace kvtier::detail
+// ---- end kvtier/cache/tier_chain.hpp
+// ---- begin kvtier/layout/view.hpp
+// A validated view of the engine's KV tensors through a layout policy.
+
+
+
+namespace kvtier::layout {
+
+/// The engine's tensors checked against layout L and the model: tensor count, null pointers,
+/// rank, every extent, and (when the engine gives them) strides. Throws
+/// kvtier::invalid_argument naming the first offending value and what the layout expects.
+/// Cheap to build (no allocation); valid while the engine_kv's memory is.
+template <class L>
+class view {
+  using tr = traits<L>;
+
+ public:
+  view(const model_shape& m, const engine_kv& kv) {
+    const std::string lname = L::name;
+    const std::size_t want_tensors = tensor_count(L::scope, m);
+    if (kv.tensors.size() != want_tensors) {
+      throw invalid_argument("kvtier: engine_kv has " + std::to_string(kv.tensors.size()) +
+                             " tensors, layout " + lname + " expects " +
+                             std::to_string(want_tensors) + scope_text());
+    }
+    for (std::size_t i = 0; i < kv.tensors.size(); ++i) {
+      if (kv.tensors[i] == nullptr) {
+        throw invalid_argument("kvtier: engine_kv tensor " + std::to_string(i) + " is null");
+      }
+    }
+    if (tr::kv_planes == 1 && m.kv_heads != 1) {
+      throw invalid_argument("kvtier: model_shape.kv_heads is " + std::to_string(m.kv_heads) +
+                             ", layout " + lname +
+                             " holds one latent row per token (no K/V split) and expects 1");
+    }
+    if (kv.shape.size() != tr::rank) {
+      throw invalid_argument("kvtier: engine_kv shape has rank " + std::to_string(kv.shape.size()) +
+                             ", layout " + lname + " expects rank " + std::to_string(tr::rank));
+    }
+    // The block count comes from the dim that grows with it (in tokens for a token pool).
+    const std::size_t bd = tr::blocks_dim;
+    const std::int64_t unit = extent(L::dims[bd], m, 1);
+    const std::int64_t grown = kv.shape[bd];
+    if (grown <= 0 || grown % unit != 0) {
+      throw invalid_argument("kvtier: engine_kv shape[" + std::to_string(bd) + "] (" +
+                             dim_name(L::dims[bd]) + ") is " + std::to_string(grown) + ", layout " +
+                             lname + " expects a positive multiple of " + std::to_string(unit));
+    }
+    const std::int64_t blocks = grown / unit;
+    const auto want = shape_of<L>(m, blocks);
+    for (std::size_t d = 0; d < tr::rank; ++d) {
+      if (kv.shape[d] != want[d]) {
+        throw invalid_argument("kvtier: engine_kv shape[" + std::to_string(d) + "] (" +
+                               dim_name(L::dims[d]) + ") is " + std::to_string(kv.shape[d]) +
+                               ", layout " + lname + " expects " + std::to_string(want[d]));
+      }
+    }
+    const std::array<std::int64_t, tr::rank> st = strides(kv, want, lname);
+    const auto s = [&](dim d) -> std::size_t {
+      return tr::has(d) ? static_cast<std::size_t>(st[tr::index(d)]) * m.dtype_size : 0;
+    };
+    r_.scope = L::scope;
+    r_.layers = m.layers;
+    r_.heads = m.kv_heads;
+    r_.block_size = m.block_size;
+    r_.row_bytes = m.head_size * m.dtype_size;
+    r_.blocks = static_cast<std::uint64_t>(blocks);
+    r_.layer_stride = s(dim::layer);
+    r_.head_stride = s(dim::head);
+    if (tr::has(dim::token)) {
+      r_.token_stride = s(dim::token);
+      r_.block_stride = r_.token_stride * m.block_size;
+    } else {
+      r_.token_stride = s(dim::slot);
+      r_.block_stride = s(dim::block);
+    }
+    r_.kv_stride = tr::has(dim::kv_elem) ? std::size_t{m.head_size} * m.dtype_size : s(dim::kv);
+    tensors_ = kv.tensors.data();
+  }
+
+  [[nodiscard]] const ref& resolved() const noexcept { return r_; }
+
+  /// Base address of (layer, kv, block) and its strides. `block` must be < blocks().
+  [[nodiscard]] std::byte* base(std::size_t layer, std::size_t kv, std::size_t block,
+                                block_span& s) const noexcept {
+    s = r_.span(layer, kv, block);
+    return static_cast<std::byte*>(tensors_[s.tensor]) + s.offset;
+  }
+
+  /// Checks the blocks of tokens [begin, end): the table reaches them and every id is in range.
+  /// Blocks before `begin` are not looked at (the engine may have freed them).
+  void check_block_table(block_table table, std::size_t begin, std::size_t end) const {
+    if (end <= begin) return;
+    const std::size_t need = (end + r_.block_size - 1) / r_.block_size;
+    if (table.size() < need) {
+      throw invalid_argument("kvtier: block table has " + std::to_string(table.size()) +
+                             " blocks, " + std::to_string(end) + " tokens need " +
+                             std::to_string(need) + " (block size " +
+                             std::to_string(r_.block_size) + ")");
+    }
+    for (std::size_t i = begin / r_.block_size; i < need; ++i) {
+      if (table[i] < 0 || static_cast<std::uint64_t>(table[i]) >= r_.blocks) {
+        throw invalid_argument("kvtier: block table[" + std::to_string(i) + "] is block id " +
+                               std::to_string(table[i]) + ", engine has blocks 0.." +
+                               std::to_string(r_.blocks - 1));
+      }
+    }
+  }
+
+ private:
+  static std::string scope_text() {
+    switch (L::scope) {
+      case tensors::one:
+        return " (one for all layers)";
+      case tensors::per_layer:
+        return " (one per layer)";
+      case tensors::per_layer_kv:
+        return " (one per layer for K, then one per layer for V)";
+    }
+    return "";
+  }
+
+  // The engine's strides (elements), checked, or the dense row-major strides of `shape`.
+  static std::array<std::int64_t, tr::rank> strides(const engine_kv& kv,
+                                                    const std::array<std::int64_t, tr::rank>& shape,
+                                                    const std::string& lname) {
+    std::array<std::int64_t, tr::rank> st{};
+    std::int64_t dense = 1;
+    for (std::size_t d = tr::rank; d-- > 0;) {
+      st[d] = dense;
+      dense *= shape[d];
+    }
+    if (kv.strides.empty()) return st;
+    if (kv.strides.size() != tr::rank) {
+      throw invalid_argument("kvtier: engine_kv strides have rank " +
+                             std::to_string(kv.strides.size()) + ", shape has rank " +
+                             std::to_string(tr::rank));
+    }
+    const std::size_t last = tr::rank - 1;
+    if (kv.strides[last] != 1) {
+      throw invalid_argument("kvtier: engine_kv strides[" + std::to_string(last) + "] (" +
+                             dim_name(L::dims[last]) + ") is " + std::to_string(kv.strides[last]) +
+                             ", layout " + lname + " needs 1 (contiguous rows)");
+    }
+    // No two elements may share an address: ordered by stride, each dim must step over the
+    // whole extent of the next smaller one.
+    std::array<std::size_t, tr::rank> order{};
+    for (std::size_t d = 0; d < tr::rank; ++d) order[d] = d;
+    std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+      return kv.strides[a] != kv.strides[b] ? kv.strides[a] < kv.strides[b] : a > b;
+    });
+    std::int64_t span = 1;  // elements covered by the dims checked so far
+    for (std::size_t i = 0; i < tr::rank; ++i) {
+      const std::size_t d = order[i];
+      if (kv.strides[d] < 0 || (shape[d] > 1 && kv.strides[d] < span)) {
+        throw invalid_argument("kvtier: engine_kv strides[" + std::to_string(d) + "] (" +
+                               dim_name(L::dims[d]) + ") is " + std::to_string(kv.strides[d]) +
+                               ", which overlaps the dims inside it (" + std::to_string(span) +
+                               " elements); layout " + lname +
+                               " needs non-overlapping "
+                               "strides, dense ones are " +
+                               std::to_string(st[d]));
+      }
+      if (shape[d] > 1) span = kv.strides[d] * shape[d];
+    }
+    for (std::size_t d = 0; d < tr::rank; ++d) st[d] = kv.strides[d];
+    return st;
+  }
+
+  void* const* tensors_ = nullptr;
+  ref r_{};
+};
+
+}  // namespace kvtier::layout
+// ---- end kvtier/layout/view.hpp
 // ---- begin kvtier/transfer/host_copy.hpp
 // Host copy engine: gathers a chunk's tokens from engine blocks into the chunk format and
 // scatters them back, with memcpy over the largest contiguous runs the two layouts share.
@@ -1245,72 +2993,8 @@ void scatter(const layout::view<L>& v, const layout::chunk_format& f, block_tabl
 }  // namespace kvtier::transfer
 // ---- end kvtier/transfer/host_copy.hpp
 
-#include <chrono>
-#include <condition_variable>
-#include <mutex>
-#include <type_traits>
-#include <thread>
-#include <tuple>
-#include <utility>
-#include <vector>
 
-namespace kvtier {
-
-/// When a lower tier receives a chunk stored in the first tier. Either way a lower tier with
-/// `admit_after_hits` N > 0 takes a chunk only once lookups hit it N times in the first tier.
-enum class write_mode {
-  write_through,  ///< as soon as it is stored (queued; the engine never waits for it)
-  write_back,     ///< when the first tier evicts it (and on flush()); its slot is freed then
-};
-
-/// Runtime settings of a cache that are not per tier.
-struct cache_config {
-  /// Longest token sequence lookup/store/pin accept; sizes the preallocated key buffers.
-  std::size_t max_tokens = 131072;
-  /// Operations in flight at once: live leases plus concurrent store/pin/unpin/clear calls.
-  /// A call beyond it is refused as a miss (lookup) or stores nothing (store), and is counted.
-  std::size_t max_inflight = 64;
-  /// Chunks waiting for write-through to lower tiers; when full, writes are dropped (counted)
-  /// rather than blocking the engine.
-  std::size_t write_queue_depth = 1024;
-  /// Also store the last, partial chunk of a sequence (off by default: a partial chunk is a hit
-  /// only for a lookup whose tail is exactly the same tokens).
-  bool store_partial_tail = false;
-  /// When lower tiers receive a chunk (see write_mode).
-  write_mode mode = write_mode::write_through;
-  /// Chunks waiting to be loaded by prefetch(); when full, prefetch starts no more (counted).
-  std::size_t prefetch_queue_depth = 256;
-};
-
-namespace detail {
-
-/// One chunk held by an operation: which tier and slot.
-struct chunk_ref {
-  std::uint32_t slot = 0;
-  std::uint8_t tier = 0;
-  std::uint8_t wrote = 0;  ///< store: this call allocated the entry and must fill it
-};
-
-/// The ordering argument and event type of a first tier with asynchronous copies (the GPU
-/// tiers); an empty tag for the others.
-template <class F>
-struct async_types {
-  struct type {};
-  using event = void*;
-};
-template <class F>
-requires requires { typename F::transfers_type; }
-struct async_types<F> {
-  using type = typename F::transfers_type::order_type;
-  using event = typename F::transfers_type::event_type;
-};
-
-/// Whether lower tiers can read a tier's slots (a tier without the member: yes).
-template <class T>
-inline constexpr bool host_visible_v = true;
-template <class T>
-requires requires { T::host_visible; }
-inline constexpr bool host_visible_v<T> = T::host_visible;
+namespace kvtier::detail {
 
 template <std::size_t ChunkTokens, std::size_t BlockTokens, class Layout, class Eviction,
           class Hasher, class TierTuple>
@@ -1319,154 +3003,57 @@ class cache_impl;
 template <std::size_t ChunkTokens, std::size_t BlockTokens, class Layout, class Eviction,
           class Hasher, class First, class... Lower>
 class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<First, Lower...>> {
-  using index_type = chunk_index<Eviction>;
-  using first_impl = typename First::template impl<Eviction>;
-  static constexpr std::uint32_t no_op = UINT32_MAX;
-  static constexpr std::uint8_t dropped_tier = 0xff;
-  template <class T>
-  static constexpr bool is_indexed = requires(std::remove_cvref_t<T>& x) {
-    x.index();
-  };
-  static constexpr bool has_lower = sizeof...(Lower) > 0;
-  static constexpr std::size_t remote_count =
-      (std::size_t{0} + ... + !is_indexed<typename Lower::template impl<Eviction>>);
-  static constexpr std::size_t window = 16;  // chunks promoted or written per batch
-  static_assert(sizeof...(Lower) < 8, "kvtier: a tier chain has at most 8 tiers");
-  static_assert(host_visible_v<First> || sizeof...(Lower) == 0,
-                "kvtier::opt::tiers<tier::device, ...>: lower tiers need a host-visible first "
-                "tier; use tier::pinned_host first");
+  using chain_type = tier_chain<Eviction, First, Lower...>;
+  using index_type = typename chain_type::index_type;
+  using async_type = async_path<chain_type>;
+  using view_type = layout::view<Layout>;
+  static constexpr std::uint32_t no_op = op_table::no_op;
+  static constexpr bool has_lower = chain_type::has_lower;
+  static constexpr std::size_t remote_count = chain_type::remote_count;
+  static constexpr std::size_t window = promoter<chain_type>::window;
 
  public:
   static constexpr std::size_t chunk_tokens = ChunkTokens;
   static constexpr std::size_t block_tokens = BlockTokens;  ///< 0 when known at run time only
-  static constexpr std::size_t tier_count = 1 + sizeof...(Lower);
+  static constexpr std::size_t tier_count = chain_type::tier_count;
   using layout_type = Layout;
   using eviction_type = Eviction;
   using hasher_type = Hasher;
   using tier_list = std::tuple<First, Lower...>;
-  using tier_configs = std::tuple<typename First::config, typename Lower::config...>;
+  using tier_configs = typename chain_type::configs;
   using stats_type = cache_stats<tier_count>;
   /// True when the first tier copies asynchronously on the GPU (tier::device, tier::pinned_host).
-  static constexpr bool async_copies = requires { first_impl::async_copies; };
+  static constexpr bool async_copies = async_type::enabled;
   /// How GPU copies are ordered with the engine's stream (gpu::stream_order for the GPU tiers).
-  using order_type = typename async_types<first_impl>::type;
+  using order_type = typename async_type::order_type;
   /// The event a layer pipeline step returns (cudaEvent_t for the GPU tiers).
-  using event_type = typename async_types<first_impl>::event;
-
-  /// The result of lookup: the cached prefix, its chunks protected from eviction until
-  /// retrieve() or release() (or destruction). Move-only; must not outlive its cache.
-  class lease {
-   public:
-    lease() = default;
-    lease(lease&& o) noexcept { take(o); }
-    lease& operator=(lease&& o) noexcept {
-      if (this != &o) {
-        reset();
-        take(o);
-      }
-      return *this;
-    }
-    lease(const lease&) = delete;
-    lease& operator=(const lease&) = delete;
-    ~lease() { reset(); }
-
-    /// Tokens of the cached run from first_token() (a multiple of chunk_tokens unless a partial
-    /// tail hit); for a lookup from the start, the cached prefix.
-    [[nodiscard]] std::size_t tokens() const noexcept { return tokens_; }
-    /// The first token of the run: first_chunk * chunk_tokens of the lookup (0 by default).
-    [[nodiscard]] std::size_t first_token() const noexcept { return first_ * ChunkTokens; }
-    /// One past the last token of the run.
-    [[nodiscard]] std::size_t end_token() const noexcept { return first_token() + tokens_; }
-    /// Chunks of the cached prefix.
-    [[nodiscard]] std::size_t chunks() const noexcept { return chunks_; }
-    /// Chunks of the prefix found in tier `t` (0 = the first tier).
-    [[nodiscard]] std::size_t hits_in(std::size_t t) const noexcept {
-      return cache_ ? cache_->lease_hits_in(*this, t) : 0;
-    }
-    /// True until retrieve or release consumes it.
-    [[nodiscard]] bool live() const noexcept { return cache_ != nullptr; }
-    /// Releases the chunks now (same as cache.release(*this)).
-    void reset() noexcept {
-      if (cache_) cache_->release(*this);
-    }
-
-   private:
-    friend class cache_impl;
-    void take(lease& o) noexcept {
-      cache_ = std::exchange(o.cache_, nullptr);
-      op_ = std::exchange(o.op_, no_op);
-      chunks_ = std::exchange(o.chunks_, 0);
-      tokens_ = std::exchange(o.tokens_, 0);
-      first_ = std::exchange(o.first_, 0);
-    }
-    cache_impl* cache_ = nullptr;
-    std::uint32_t op_ = no_op;
-    std::size_t first_ = 0;  ///< first chunk of the run
-    std::size_t chunks_ = 0;
-    std::size_t tokens_ = 0;
-  };
+  using event_type = typename async_type::event_type;
+  /// The result of lookup (see lease.hpp).
+  using lease = basic_lease<cache_impl>;
+  /// Layer-wise GPU copies (see async_path.hpp).
+  using store_pipeline = typename async_type::store_pipeline;
+  using retrieve_pipeline = typename async_type::retrieve_pipeline;
 
   cache_impl(const model_shape& model, const salt& s, const tier_configs& tiers = {},
              const cache_config& cfg = {})
-      : model_(checked_model(model)),
+      : model_(checked_model<ChunkTokens, BlockTokens, layout::traits<Layout>::kv_planes>(model)),
         cfg_(checked_config(cfg)),
         format_(layout::chunk_format::from(model, ChunkTokens, layout::traits<Layout>::kv_planes)),
-        salt_key_(make_salt_key(s, format_)),
-        max_chunks_((cfg.max_tokens + ChunkTokens - 1) / ChunkTokens),
-        op_keys_(std::make_unique<chunk_key[]>(max_chunks_ * cfg.max_inflight)),
-        op_refs_(std::make_unique<chunk_ref[]>(max_chunks_ * cfg.max_inflight)) {
-    const tier::context ctx{format_, salt_key_, model_.block_size, max_chunks_, cfg_.max_inflight};
-    first_ = std::make_unique<first_impl>(std::get<0>(tiers), ctx);
-    make_lower(tiers, ctx, std::index_sequence_for<Lower...>{});
-    index_[0] = &first_->index();
-    for (std::size_t t = 1; t < tier_count; ++t) {
-      with_lower(t - 1, [&](auto& impl) {
-        if constexpr (requires { impl.recovered(); }) {
-          stats_.tiers[t].recovered = impl.recovered();
-          stats_.tiers[t].errors = impl.dropped_at_open();
-        }
-      });
-    }
-    free_ops_.reserve(cfg.max_inflight);
-    if constexpr (async_copies) {
-      async_.resize(cfg.max_inflight);
-      pending_.reserve(cfg.max_inflight);
-    }
-    for (std::size_t i = cfg.max_inflight; i-- > 0;) {
-      free_ops_.push_back(static_cast<std::uint32_t>(i));
-    }
-    const char* names[] = {First::name, Lower::name...};
-    for (std::size_t t = 0; t < tier_count; ++t) stats_.tiers[t].name = names[t];
-    if constexpr (has_lower) {
-      prefetch_ring_.resize(cfg.prefetch_queue_depth);
-      for (std::size_t t = 1; t < tier_count; ++t) {
-        rings_[t].slots.resize(cfg.write_queue_depth);
-        for (std::size_t w = 0; w < writers_[t]; ++w) {
-          rings_[t].threads.emplace_back([this, t] { writer_loop(t); });
-        }
-      }
-      reader_ = std::thread([this] { reader_loop(); });
-    }
+        chunker_(s, format_, cfg_.store_partial_tail),
+        chain_(tiers, tier::context{format_, chunker_.salt_key(), model_.block_size,
+                                    max_chunks(cfg_, ChunkTokens), cfg_.max_inflight}),
+        ops_(max_chunks(cfg_, ChunkTokens), cfg_.max_inflight),
+        writers_(chain_, st_, format_, cfg_.write_queue_depth),
+        policy_(chain_, st_, writers_, cfg_.mode),
+        promoter_(chain_, st_, policy_, format_),
+        prefetcher_(chain_, st_, policy_, promoter_, format_, cfg_.prefetch_queue_depth),
+        async_(chain_, st_, ops_, policy_, model_.layers) {
+    chain_.init_stats(st_.stats);
   }
-
-  /// Finishes queued writes to lower tiers (bounded by the queue depths) and stops; queued
-  /// prefetches are abandoned. Under write_back, chunks not yet written back are not written:
-  /// call flush() first to keep them.
-  ~cache_impl() {
-    if constexpr (async_copies) synchronize();
-    if constexpr (has_lower) {
-      {
-        std::lock_guard lk(mu_);
-        stop_ = true;
-      }
-      work_cv_.notify_all();
-      prefetch_cv_.notify_all();
-      for (std::size_t t = 1; t < tier_count; ++t) {
-        for (auto& th : rings_[t].threads) th.join();
-      }
-      reader_.join();
-    }
-  }
+  /// Waits for GPU copies, finishes queued writes to lower tiers (bounded by the queue depths)
+  /// and stops; queued prefetches are abandoned. Under write_back, chunks not yet written back
+  /// are not written: call flush() first to keep them. (The parts' destructors, in this order.)
+  ~cache_impl() = default;
   cache_impl(const cache_impl&) = delete;
   cache_impl& operator=(const cache_impl&) = delete;
 
@@ -1475,59 +3062,48 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   /// Chunks a sequence of `tokens` tokens is cut into (full chunks, plus the partial tail when
   /// store_partial_tail is set).
   [[nodiscard]] std::size_t chunk_count(std::size_t tokens) const noexcept {
-    return tokens / ChunkTokens + (cfg_.store_partial_tail && tokens % ChunkTokens ? 1 : 0);
+    return chunker_.count(tokens);
   }
-
   /// Writes the keys of `tokens`' chunks into `out` and returns their count.
   /// Throws invalid_argument when `out` is too small. Thread-safe, allocates nothing.
   std::size_t keys(std::span<const token_id> tokens, std::span<chunk_key> out) const {
-    const std::size_t n = chunk_count(tokens.size());
-    if (out.size() < n) {
-      throw invalid_argument("kvtier: keys() output holds " + std::to_string(out.size()) +
-                             " keys, " + std::to_string(tokens.size()) + " tokens make " +
-                             std::to_string(n) + " chunks");
-    }
-    chunk_key prev = salt_key_;
-    for (std::size_t i = 0; i < n; ++i) {
-      const std::size_t b = i * ChunkTokens;
-      prev = Hasher::next(prev, tokens.subspan(b, std::min(ChunkTokens, tokens.size() - b)));
-      out[i] = prev;
-    }
-    return n;
+    return chunker_.keys(tokens, out);
   }
 
   // ---- the engine's calls -------------------------------------------------------------------
 
   lease lookup(std::span<const token_id> tokens, std::size_t first_chunk = 0) {
-    check_tokens("lookup", tokens.size());
+    check_tokens("lookup", tokens.size(), cfg_);
     const std::size_t n = chunk_count(tokens.size());
     check_first_chunk("lookup", first_chunk, n);
     lease l;
     l.cache_ = this;
     l.first_ = first_chunk;
-    std::unique_lock lk(mu_);
-    poll_pending_locked();
-    ++stats_.lookups;
-    stats_.lookup_tokens += tokens.size();
+    auto& stats = st_.stats;
+    std::unique_lock lk(st_.mu);
+    async_.poll_locked();
+    ++stats.lookups;
+    stats.lookup_tokens += tokens.size();
     if (first_chunk == n) return l;
     const std::uint32_t op = begin_op(lk, tokens, n);
     if (op == no_op) return l;
-    const chunk_key* ks = op_keys(op);
-    chunk_ref* rs = op_refs(op);
+    const chunk_key* ks = ops_.keys(op);
+    chunk_ref* rs = ops_.refs(op);
     std::size_t hit = 0, hit_tokens = 0;
     for (; first_chunk + hit < n; ++hit) {
       std::size_t t = 0;
       index_entry* e = nullptr;
       for (; t < tier_count; ++t) {
-        if (index_[t] == nullptr) continue;  // remote tiers are asked below, for the rest at once
-        if ((e = index_[t]->find_ready(ks[first_chunk + hit])) != nullptr) break;
-        ++stats_.tiers[t].misses;
+        index_type* ix = chain_.index(t);
+        if (ix == nullptr) continue;  // remote tiers are asked below, for the rest at once
+        if ((e = ix->find_ready(ks[first_chunk + hit])) != nullptr) break;
+        ++stats.tiers[t].misses;
       }
       if (e == nullptr) break;
-      index_[t]->ref(*e);
-      ++stats_.tiers[t].hits;
-      if (t == 0) note_hit_locked(*e);
-      rs[hit] = {index_[t]->slot(*e), static_cast<std::uint8_t>(t), 0};
+      chain_.index(t)->ref(*e);
+      ++stats.tiers[t].hits;
+      if (t == 0) policy_.note_hit_locked(*e);
+      rs[hit] = {chain_.index(t)->slot(*e), static_cast<std::uint8_t>(t), 0};
       hit_tokens += e->tokens;
     }
     if constexpr (remote_count > 0) {
@@ -1536,31 +3112,23 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       if (first_chunk + hit < n) {
         const std::span<const chunk_key> rest(ks + first_chunk + hit, n - first_chunk - hit);
         lk.unlock();
-        std::size_t found = 0, tier = 0;
+        std::size_t tier = 0;
         std::array<std::uint8_t, tier_count> asked{};
-        for (std::size_t t = 1; t < tier_count && found == 0; ++t) {
-          with_lower(t - 1, [&](auto& impl) {
-            if constexpr (!is_indexed<decltype(impl)>) {
-              found = impl.probe(rest);
-              asked[t] = 1;
-              tier = t;
-            }
-          });
-        }
+        const std::size_t found = chain_.probe_remote(rest, asked, tier);
         lk.lock();
         for (std::size_t t = 1; t < tier_count; ++t) {
-          if (asked[t] && (t != tier || found < rest.size())) ++stats_.tiers[t].misses;
+          if (asked[t] && (t != tier || found < rest.size())) ++stats.tiers[t].misses;
         }
-        if (found > 0) stats_.tiers[tier].hits += found;
+        if (found > 0) stats.tiers[tier].hits += found;
         for (std::size_t j = 0; j < found; ++j, ++hit) {
           rs[hit] = {0, static_cast<std::uint8_t>(tier), 0};
-          hit_tokens += chunk_tokens_at(first_chunk + hit, tokens.size());
+          hit_tokens += tokens_at(first_chunk + hit, tokens.size());
         }
       }
     }
-    stats_.hit_tokens += hit_tokens;
+    stats.hit_tokens += hit_tokens;
     if (hit == 0) {
-      free_ops_.push_back(op);
+      ops_.release(op);
       return l;
     }
     l.op_ = op;
@@ -1575,35 +3143,35 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       return retrieve(l, kv, table, order_type{}, end_token);
     }
     check_lease("retrieve", l);
-    const layout::view<Layout> v(model_, kv);
+    const view_type v(model_, kv);
     const std::size_t abs_end = l.end_token();
     const std::size_t count = chunks_to_load(l, v, table, end_token);
     if (count == 0) {
       release(l);
       return 0;
     }
-    chunk_key* ks = op_keys(l.op_);
-    chunk_ref* rs = op_refs(l.op_);
+    chunk_ref* rs = ops_.refs(l.op_);
     std::size_t loaded = 0, bytes = 0;
     // A window of chunks at a time: its lower-tier chunks are promoted in one batch per tier,
     // then the window is scattered into the engine's blocks.
     for (std::size_t w = 0; w < count; w += window) {
       const std::size_t hi = std::min(count, w + window);
-      if constexpr (has_lower) promote_window(ks + l.first_, rs, w, hi, l.first_, abs_end);
+      if constexpr (has_lower) promote(l, w, hi, abs_end);
       std::size_t i = w;
       for (; i < hi && rs[i].tier == 0; ++i) {
         const std::size_t c = l.first_ + i;
-        const std::size_t ntok = chunk_tokens_at(c, abs_end);
-        transfer::scatter(v, format_, table, c * ChunkTokens, ntok, first_->data(rs[i].slot));
+        const std::size_t ntok = tokens_at(c, abs_end);
+        transfer::scatter(v, format_, table, c * ChunkTokens, ntok,
+                          chain_.first().data(rs[i].slot));
         loaded += ntok;
         bytes += format_.bytes(ntok);
       }
       if (i < hi) break;  // a chunk could not be brought in: the loaded prefix ends there
     }
-    std::lock_guard lk(mu_);
-    stats_.retrieved_tokens += loaded;
-    stats_.bytes_to_engine += bytes;
-    stats_.tiers[0].bytes_read += bytes;
+    std::lock_guard lk(st_.mu);
+    st_.stats.retrieved_tokens += loaded;
+    st_.stats.bytes_to_engine += bytes;
+    st_.stats.tiers[0].bytes_read += bytes;
     release_locked(l);
     return loaded;
   }
@@ -1613,152 +3181,47 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     if constexpr (async_copies) {
       return store(tokens, kv, table, order_type{}, first_token);
     }
-    check_tokens("store", tokens.size());
-    if (first_token > tokens.size()) {
-      throw invalid_argument("kvtier: store first_token " + std::to_string(first_token) +
-                             " is past the " + std::to_string(tokens.size()) + " tokens");
-    }
-    const layout::view<Layout> v(model_, kv);
-    const std::size_t n = chunk_count(tokens.size());
-    // Chunks starting before first_token are skipped: the engine may no longer hold their blocks.
-    const std::size_t first = (first_token + ChunkTokens - 1) / ChunkTokens;
-    const std::size_t end = n == 0 ? 0 : std::min(n * ChunkTokens, tokens.size());
-    v.check_block_table(table, std::min(first * ChunkTokens, end), end);
-    if (first >= n) return 0;
-    std::unique_lock lk(mu_);
-    const std::uint32_t op = begin_op(lk, tokens, n);
+    const store_range r = check_store(tokens, kv, table, first_token);
+    if (r.first >= r.n) return 0;
+    std::unique_lock lk(st_.mu);
+    const std::uint32_t op = begin_op(lk, tokens, r.n);
     if (op == no_op) return 0;
-    const chunk_key* ks = op_keys(op);
-    chunk_ref* rs = op_refs(op);
-    index_type& ix = *index_[0];
-    const std::size_t placed = place_locked(ks, rs, first, n, tokens.size());
+    chunk_ref* rs = ops_.refs(op);
+    index_type& ix = chain_.first_index();
+    const std::size_t placed =
+        policy_.place_locked(ops_.keys(op), rs, r.first, r.n,
+                             [&](std::size_t i) { return tokens_at(i, tokens.size()); });
     lk.unlock();
     std::size_t bytes = 0;
-    for (std::size_t i = first; i < placed; ++i) {
+    for (std::size_t i = r.first; i < placed; ++i) {
       if (!rs[i].wrote) continue;
-      const std::size_t ntok = chunk_tokens_at(i, tokens.size());
-      transfer::gather(v, format_, table, i * ChunkTokens, ntok, first_->data(rs[i].slot));
+      const std::size_t ntok = tokens_at(i, tokens.size());
+      transfer::gather(r.v, format_, table, i * ChunkTokens, ntok, chain_.first().data(rs[i].slot));
       bytes += format_.bytes(ntok);
     }
     lk.lock();
-    for (std::size_t i = first; i < placed; ++i) {
+    for (std::size_t i = r.first; i < placed; ++i) {
       if (!rs[i].wrote) continue;
       index_entry& e = ix.at(rs[i].slot);
       ix.publish(e);
-      ++stats_.tiers[0].writes;
-      if constexpr (has_lower) on_stored_locked(e);
+      ++st_.stats.tiers[0].writes;
+      policy_.on_stored_locked(e);
       ix.unref(e);
     }
-    const std::size_t stored = std::min(placed * ChunkTokens, tokens.size()) - first * ChunkTokens;
-    stats_.stored_tokens += stored;
-    stats_.bytes_from_engine += bytes;
-    stats_.tiers[0].bytes_written += bytes;
-    free_ops_.push_back(op);
+    const std::size_t stored =
+        std::min(placed * ChunkTokens, tokens.size()) - r.first * ChunkTokens;
+    st_.stats.stored_tokens += stored;
+    st_.stats.bytes_from_engine += bytes;
+    st_.stats.tiers[0].bytes_written += bytes;
+    ops_.release(op);
     lk.unlock();
-    state_cv_.notify_all();
-    if constexpr (has_lower) work_cv_.notify_all();
+    st_.state_cv.notify_all();
+    policy_.notify();
     return stored;
   }
 
-  // ---- the GPU path: asynchronous copies and layer pipelines --------------------------------
+  // ---- the GPU path: asynchronous copies and layer pipelines (async_path.hpp) ---------------
 
-  class store_pipeline;
-  class retrieve_pipeline;
-
- private:
-  // What a store or retrieve pipeline holds, and the steps both take: the cache, its operation
-  // slot, the next layer to copy, and the tokens and bytes the operation moves.
-  struct pipeline_state {
-    cache_impl* c = nullptr;
-    std::uint32_t op = no_op;
-    std::size_t next = 0, tokens = 0, bytes = 0;
-
-    pipeline_state() = default;
-    pipeline_state(pipeline_state&& o) noexcept
-        : c(std::exchange(o.c, nullptr)),
-          op(std::exchange(o.op, no_op)),
-          next(std::exchange(o.next, 0)),
-          tokens(std::exchange(o.tokens, 0)),
-          bytes(std::exchange(o.bytes, 0)) {}
-    pipeline_state& operator=(pipeline_state&&) = delete;
-    void assign(pipeline_state&& o, bool store) noexcept {
-      if (this == &o) return;
-      finish_noexcept(store);
-      c = std::exchange(o.c, nullptr);
-      op = std::exchange(o.op, no_op);
-      next = std::exchange(o.next, 0);
-      tokens = std::exchange(o.tokens, 0);
-      bytes = std::exchange(o.bytes, 0);
-    }
-
-    // Copies layer `l` (the next one), after the engine stream's work for a store; returns the
-    // layer's event.
-    event_type layer(const char* what, std::size_t l, bool join) {
-      if (op == no_op) return event_type{};
-      c->check_layer_count(what, l);
-      c->check_layer(what, l, next);
-      auto& x = c->first_->transfers();
-      if (join) x.join(op);
-      x.copy(op, static_cast<std::uint32_t>(l), static_cast<std::uint32_t>(l + 1));
-      ++next;
-      return x.layer_signal(op, static_cast<std::uint32_t>(l));
-    }
-    void all(const char* what, bool join) {
-      if (op == no_op) return;
-      if (next != 0) c->check_layer(what, 0, next);
-      auto& x = c->first_->transfers();
-      if (join) x.join(op);
-      x.copy(op, 0, static_cast<std::uint32_t>(c->model_.layers));
-      next = c->model_.layers;
-    }
-    // Ends the operation: it completes (publishing a store's chunks if every layer was copied,
-    // releasing a retrieve's) once its copies have. Returns the tokens moved, or 0.
-    std::size_t finish(bool store) {
-      if (c == nullptr) return 0;
-      if (op == no_op) {
-        c = nullptr;
-        return 0;
-      }
-      try {
-        c->first_->transfers().end(op);
-      } catch (...) {
-        fail();
-        throw;
-      }
-      cache_impl* cc = std::exchange(c, nullptr);
-      const std::uint32_t o = std::exchange(op, no_op);
-      const bool whole = next == cc->model_.layers;
-      std::lock_guard lk(cc->mu_);
-      if (store) cc->async_[o].ok = whole;
-      cc->pending_.push_back(o);
-      if (!whole) return 0;
-      if (store) {
-        cc->stats_.stored_tokens += tokens;
-        cc->stats_.bytes_from_engine += bytes;
-        cc->stats_.tiers[0].bytes_written += bytes;
-      } else {
-        cc->stats_.retrieved_tokens += tokens;
-        cc->stats_.bytes_to_engine += bytes;
-        cc->stats_.tiers[0].bytes_read += bytes;
-      }
-      return tokens;
-    }
-    void finish_noexcept(bool store) noexcept {
-      try {
-        finish(store);
-      } catch (...) {  // a destructor cannot report it; a store publishes nothing then
-      }
-    }
-    // Staging or ending failed: whatever was enqueued is waited for, and the operation ends as
-    // failed (a store publishes nothing).
-    void fail() noexcept {
-      c->first_->transfers().cancel(op);
-      c->complete(std::exchange(op, no_op), false);
-      c = nullptr;
-    }
-  };
-
- public:
   /// GPU tiers: store as above, the copy enqueued (all layers of all chunks in one batch) and
   /// ordered by `o`. Returns before the copy completes; the chunks become visible to lookup once
   /// it has (the next call that finds it complete publishes them, or synchronize()).
@@ -1784,53 +3247,40 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   store_pipeline begin_store(std::span<const token_id> tokens, const engine_kv& kv,
                              block_table table, const order_type& o,
                              std::size_t first_token = 0) requires async_copies {
-    check_tokens("store", tokens.size());
-    if (first_token > tokens.size()) {
-      throw invalid_argument("kvtier: store first_token " + std::to_string(first_token) +
-                             " is past the " + std::to_string(tokens.size()) + " tokens");
-    }
-    const layout::view<Layout> v(model_, kv);
-    const std::size_t n = chunk_count(tokens.size());
-    const std::size_t first = (first_token + ChunkTokens - 1) / ChunkTokens;
-    const std::size_t end = n == 0 ? 0 : std::min(n * ChunkTokens, tokens.size());
-    v.check_block_table(table, std::min(first * ChunkTokens, end), end);
-    first_->transfers().validate(kv.tensors, o);
-    store_pipeline p;
-    p.st_.c = this;
-    if (first >= n) return p;
-    std::unique_lock lk(mu_);
-    poll_pending_locked();
-    const std::uint32_t op = begin_op(lk, tokens, n);
-    if (op == no_op) return p;
-    chunk_ref* rs = op_refs(op);
-    const std::size_t placed = place_locked(op_keys(op), rs, first, n, tokens.size());
-    async_[op] = {false, first, placed, true};
+    const store_range r = check_store(tokens, kv, table, first_token);
+    chain_.first().transfers().validate(kv.tensors, o);
+    typename async_type::pipeline_state p;
+    p.a = &async_;
+    if (r.first >= r.n) return store_pipeline(std::move(p));
+    std::unique_lock lk(st_.mu);
+    async_.poll_locked();
+    const std::uint32_t op = begin_op(lk, tokens, r.n);
+    if (op == no_op) return store_pipeline(std::move(p));
+    chunk_ref* rs = ops_.refs(op);
+    const std::size_t placed =
+        policy_.place_locked(ops_.keys(op), rs, r.first, r.n,
+                             [&](std::size_t i) { return tokens_at(i, tokens.size()); });
+    async_.set_locked(op, {false, r.first, placed, true});
     lk.unlock();
     std::size_t wrote = 0;
-    for (std::size_t i = first; i < placed; ++i) {
+    for (std::size_t i = r.first; i < placed; ++i) {
       if (rs[i].wrote) {
         ++wrote;
-        p.st_.bytes += format_.bytes(chunk_tokens_at(i, tokens.size()));
+        p.bytes += format_.bytes(tokens_at(i, tokens.size()));
       }
     }
-    p.st_.op = op;
-    p.st_.tokens = std::min(placed * ChunkTokens, tokens.size()) - first * ChunkTokens;
-    auto& x = first_->transfers();
-    try {
-      x.begin(op, transfer::way::to_chunk, o);
-      x.stage(op, v.resolved(), kv.tensors, table, wrote, [&, i = first](std::size_t) mutable {
-        while (!rs[i].wrote) ++i;
-        const transfer::staged_chunk c{
-            rs[i].slot, static_cast<std::uint32_t>(chunk_tokens_at(i, tokens.size())),
-            i * ChunkTokens};
-        ++i;
-        return c;
-      });
-    } catch (...) {
-      p.st_.fail();
-      throw;
-    }
-    return p;
+    p.op = op;
+    p.tokens = std::min(placed * ChunkTokens, tokens.size()) - r.first * ChunkTokens;
+    async_.stage(p, transfer::way::to_chunk, o, r.v, kv.tensors, table, wrote,
+                 [&, i = r.first](std::size_t) mutable {
+                   while (!rs[i].wrote) ++i;
+                   const transfer::staged_chunk c{
+                       rs[i].slot, static_cast<std::uint32_t>(tokens_at(i, tokens.size())),
+                       i * ChunkTokens};
+                   ++i;
+                   return c;
+                 });
+    return store_pipeline(std::move(p));
   }
 
   /// Starts a layer-wise retrieve of the lease (as retrieve(); it consumes the lease): lower-tier
@@ -1839,180 +3289,70 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
                                    const order_type& o,
                                    std::size_t end_token = SIZE_MAX) requires async_copies {
     check_lease("retrieve", l);
-    const layout::view<Layout> v(model_, kv);
+    const view_type v(model_, kv);
     const std::size_t abs_end = l.end_token();
-    std::size_t count = chunks_to_load(l, v, table, end_token);
-    first_->transfers().validate(kv.tensors, o);
-    retrieve_pipeline p;
-    p.st_.c = this;
+    const std::size_t count = chunks_to_load(l, v, table, end_token);
+    chain_.first().transfers().validate(kv.tensors, o);
+    typename async_type::pipeline_state p;
+    p.a = &async_;
     if (count == 0) {
       release(l);
-      return p;
+      return retrieve_pipeline(std::move(p));
     }
-    chunk_ref* rs = op_refs(l.op_);
+    chunk_ref* rs = ops_.refs(l.op_);
     if constexpr (has_lower) {
       for (std::size_t w = 0; w < count; w += window) {
-        promote_window(op_keys(l.op_) + l.first_, rs, w, std::min(count, w + window), l.first_,
-                       abs_end);
+        promote(l, w, std::min(count, w + window), abs_end);
       }
     }
     std::size_t loaded = 0;
     while (loaded < count && rs[loaded].tier == 0) ++loaded;  // a failed promotion ends it
     // The pipeline takes the lease's operation; its chunks are released once the copy is done.
     {
-      std::lock_guard lk(mu_);
-      poll_pending_locked();
-      async_[l.op_] = {true, 0, l.chunks_, true};
+      std::lock_guard lk(st_.mu);
+      async_.poll_locked();
+      async_.set_locked(l.op_, {true, 0, l.chunks_, true});
     }
-    p.st_.op = std::exchange(l.op_, no_op);
-    l.cache_ = nullptr;
-    l.chunks_ = l.tokens_ = 0;
+    p.op = l.op_;
     const std::size_t first = l.first_;
+    l.clear();
     for (std::size_t i = 0; i < loaded; ++i) {
-      const std::size_t ntok = chunk_tokens_at(first + i, abs_end);
-      p.st_.tokens += ntok;
-      p.st_.bytes += format_.bytes(ntok);
+      const std::size_t ntok = tokens_at(first + i, abs_end);
+      p.tokens += ntok;
+      p.bytes += format_.bytes(ntok);
     }
-    auto& x = first_->transfers();
-    try {
-      x.begin(p.st_.op, transfer::way::to_engine, o);
-      x.stage(p.st_.op, v.resolved(), kv.tensors, table, loaded, [&](std::size_t i) {
-        return transfer::staged_chunk{
-            rs[i].slot, static_cast<std::uint32_t>(chunk_tokens_at(first + i, abs_end)),
-            (first + i) * ChunkTokens};
-      });
-    } catch (...) {
-      p.st_.fail();
-      throw;
-    }
-    return p;
+    async_.stage(p, transfer::way::to_engine, o, v, kv.tensors, table, loaded, [&](std::size_t i) {
+      return transfer::staged_chunk{rs[i].slot,
+                                    static_cast<std::uint32_t>(tokens_at(first + i, abs_end)),
+                                    (first + i) * ChunkTokens};
+    });
+    return retrieve_pipeline(std::move(p));
   }
 
   /// Waits until every GPU copy started so far has completed, and publishes the stored chunks.
-  void synchronize() requires async_copies {
-    std::unique_lock lk(mu_);
-    while (!pending_.empty()) {
-      const std::uint32_t op = pending_.front();
-      lk.unlock();
-      first_->transfers().wait(op);
-      lk.lock();
-      poll_pending_locked();
-    }
-  }
+  void synchronize() requires async_copies { async_.synchronize(); }
 
-  /// A layer-wise store (from begin_store). Call store_layer(l) for l = 0, 1, ... in order once
-  /// the engine has enqueued layer l's KV computation on its stream, then finish() (or let it
-  /// go out of scope). Chunks are published only if every layer was stored. Move-only.
-  class store_pipeline {
-   public:
-    store_pipeline() = default;
-    store_pipeline(store_pipeline&&) noexcept = default;
-    store_pipeline& operator=(store_pipeline&& o) noexcept {
-      st_.assign(std::move(o.st_), true);
-      return *this;
-    }
-    ~store_pipeline() { st_.finish_noexcept(true); }
-
-    /// Tokens this store covers (stored or already held), as store() returns.
-    [[nodiscard]] std::size_t tokens() const noexcept { return st_.tokens; }
-    /// Copies layer `l` of every chunk after the work now on the engine's stream; returns the
-    /// event marking its copy done (after it, the engine may reuse those blocks), or a null
-    /// event when this pipeline moves nothing.
-    event_type store_layer(std::size_t l) { return st_.layer("store_layer", l, true); }
-    /// Copies every layer at once (what store() does).
-    void store_all() { st_.all("store_all", true); }
-    /// Ends the store: returns tokens() if every layer was stored (the chunks are published once
-    /// the copies complete), else 0 and nothing is published.
-    std::size_t finish() { return st_.finish(true); }
-
-   private:
-    friend class cache_impl;
-    pipeline_state st_;
-  };
-
-  /// A layer-wise retrieve (from begin_retrieve). Call retrieve_layer(l) for l = 0, 1, ... in
-  /// order before the engine enqueues layer l's attention: the engine's stream (with
-  /// run_on_stream false) waits for that layer only, so loading layer l+1 overlaps computing
-  /// layer l. Then finish() (or let it go out of scope). Move-only.
-  class retrieve_pipeline {
-   public:
-    retrieve_pipeline() = default;
-    retrieve_pipeline(retrieve_pipeline&&) noexcept = default;
-    retrieve_pipeline& operator=(retrieve_pipeline&& o) noexcept {
-      st_.assign(std::move(o.st_), false);
-      return *this;
-    }
-    ~retrieve_pipeline() { st_.finish_noexcept(false); }
-
-    /// Tokens this retrieve loads (a prefix of the lease), as retrieve() returns.
-    [[nodiscard]] std::size_t tokens() const noexcept { return st_.tokens; }
-    /// Copies layer `l` of every chunk into the engine's blocks; returns the event marking it
-    /// loaded (the engine's stream already waits for it unless run_on_stream), or a null event
-    /// when this pipeline moves nothing.
-    event_type retrieve_layer(std::size_t l) { return st_.layer("retrieve_layer", l, false); }
-    /// Copies every layer at once (what retrieve() does).
-    void retrieve_all() { st_.all("retrieve_all", false); }
-    /// Ends the retrieve: returns tokens() if every layer was loaded, else 0 (the layers loaded
-    /// are in the engine's blocks, but the prefix is not whole). The chunks stay protected until
-    /// the copies complete.
-    std::size_t finish() { return st_.finish(false); }
-
-   private:
-    friend class cache_impl;
-    pipeline_state st_;
-  };
+  // ---- prefetch, pins, clears (prefetcher.hpp) ----------------------------------------------
 
   /// Starts loading the lower-tier chunks of `tokens`' cached prefix into the first tier in the
   /// background; returns the tokens whose loading started. lookup() reports a chunk in the
   /// first tier once it is loaded (and in its lower tier until then).
   std::size_t prefetch(std::span<const token_id> tokens) {
-    check_tokens("prefetch", tokens.size());
+    check_tokens("prefetch", tokens.size(), cfg_);
     if constexpr (!has_lower) {
       return 0;
     } else {
       const std::size_t n = chunk_count(tokens.size());
       if (n == 0) return 0;
-      std::unique_lock lk(mu_);
-      poll_pending_locked();
+      std::unique_lock lk(st_.mu);
+      async_.poll_locked();
       const std::uint32_t op = begin_op(lk, tokens, n);
       if (op == no_op) return 0;
-      const chunk_key* ks = op_keys(op);
-      index_type& first = *index_[0];
-      std::size_t started = 0;
-      for (std::size_t i = 0; i < n; ++i) {
-        if (first.find(ks[i]) != nullptr) continue;  // held, or on its way in
-        // The first indexed tier holding it; else the first remote tier (a miss costs a GET).
-        std::size_t t = tier_count, remote = tier_count;
-        index_entry* low = nullptr;
-        for (std::size_t u = 1; u < tier_count && low == nullptr; ++u) {
-          if (index_[u] == nullptr) {
-            remote = std::min(remote, u);
-          } else if ((low = index_[u]->find_ready(ks[i])) != nullptr) {
-            t = u;
-          }
-        }
-        if (low == nullptr) t = remote;
-        if (t == tier_count) break;  // no tier below can hold it: the cached prefix ends here
-        if (prefetch_count_ == prefetch_ring_.size()) {
-          ++stats_.prefetch_dropped;
-          break;
-        }
-        index_entry* e = allocate_first_locked();
-        if (e == nullptr) {
-          ++stats_.prefetch_dropped;
-          break;
-        }
-        first.insert_writing(*e, ks[i],
-                             static_cast<std::uint32_t>(chunk_tokens_at(i, tokens.size())));
-        if (low != nullptr) index_[t]->ref(*low);
-        prefetch_ring_[(prefetch_head_ + prefetch_count_) % prefetch_ring_.size()] = {
-            first.slot(*e), low ? index_[t]->slot(*low) : 0, static_cast<std::uint8_t>(t)};
-        ++prefetch_count_;
-        started += chunk_tokens_at(i, tokens.size());
-      }
-      free_ops_.push_back(op);
+      const std::size_t started = prefetcher_.start_locked(
+          ops_.keys(op), n, [&](std::size_t i) { return tokens_at(i, tokens.size()); });
+      ops_.release(op);
       lk.unlock();
-      if (started > 0) prefetch_cv_.notify_one();
+      if (started > 0) prefetcher_.notify();
       return started;
     }
   }
@@ -2020,12 +3360,12 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   /// Throws what store or retrieve would throw for `kv` and the blocks of tokens [begin, end) of
   /// `table`, without doing anything else.
   void validate(const engine_kv& kv, block_table table, std::size_t begin, std::size_t end) const {
-    layout::view<Layout>(model_, kv).check_block_table(table, begin, end);
+    view_type(model_, kv).check_block_table(table, begin, end);
   }
 
   void release(lease& l) noexcept {
     if (l.cache_ != this) return;
-    std::lock_guard lk(mu_);
+    std::lock_guard lk(st_.mu);
     release_locked(l);
   }
 
@@ -2047,73 +3387,48 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
         [&](std::span<const chunk_key> ks, std::size_t done) {
           // Remote tiers have no local index: their chunks are deleted by key. A chunk only a
           // remote tier held counts too (full chunks; the tail last).
-          std::size_t removed = 0;
-          for (std::size_t t = 1; t < tier_count; ++t) {
-            with_lower(t - 1, [&](auto& impl) {
-              if constexpr (!is_indexed<decltype(impl)>)
-                removed = std::max(removed, impl.remove(ks));
-            });
-          }
+          const std::size_t removed = chain_.remove_remote(ks);
           return std::max(done, std::min(removed * ChunkTokens, tokens.size()));
         });
   }
 
   std::size_t clear() {
-    std::unique_lock lk(mu_);
-    poll_pending_locked();
+    std::unique_lock lk(st_.mu);
+    async_.poll_locked();
     std::size_t removed = 0;
     for (std::size_t t = 0; t < tier_count; ++t) {
-      if (index_[t] == nullptr) continue;
-      index_type& ix = *index_[t];
-      for (std::uint32_t s = 0; s < ix.capacity(); ++s) {
-        index_entry& e = ix.at(s);
-        if (e.state == entry_state::ready && ix.remove(e)) ++removed;
+      index_type* ix = chain_.index(t);
+      if (ix == nullptr) continue;
+      for (std::uint32_t s = 0; s < ix->capacity(); ++s) {
+        index_entry& e = ix->at(s);
+        if (e.state == entry_state::ready && ix->remove(e)) ++removed;
       }
     }
     lk.unlock();
-    if constexpr (remote_count > 0) {
-      for (std::size_t t = 1; t < tier_count; ++t) {
-        with_lower(t - 1, [&](auto& impl) {
-          if constexpr (!is_indexed<decltype(impl)>) removed += impl.remove_all();
-        });
-      }
-    }
+    if constexpr (remote_count > 0) removed += chain_.remove_all_remote();
     return removed;
   }
+
+  // ---- flush, stats, accessors --------------------------------------------------------------
 
   /// Waits until every queued write to a lower tier has completed. Under write_back it first
   /// writes back every chunk the first tier still owes a lower tier (and has admitted).
   void flush() {
     if constexpr (async_copies) synchronize();
     if constexpr (has_lower) {
-      std::unique_lock lk(mu_);
-      for (bool more = true; more;) {
-        more = false;
-        if (cfg_.mode == write_mode::write_back) {
-          index_type& ix = *index_[0];
-          for (std::uint32_t s = 0; s < ix.capacity(); ++s) {
-            index_entry& e = ix.at(s);
-            if (e.state != entry_state::ready || e.owed == 0) continue;
-            for (std::size_t t = 1; t < tier_count; ++t) {
-              if ((e.owed & bit(t)) && admitted(e, t) && !try_enqueue_locked(e, t, false)) {
-                more = true;  // that queue is full: wait for it, then go on
-              }
-            }
-          }
-          work_cv_.notify_all();
-        }
-        idle_cv_.wait(lk, [this] { return writers_idle_locked(); });
-      }
+      std::unique_lock lk(st_.mu);
+      policy_.flush(lk);
     }
   }
 
   [[nodiscard]] stats_type stats() const {
-    std::lock_guard lk(mu_);
-    stats_type s = stats_;
+    std::lock_guard lk(st_.mu);
+    stats_type s = st_.stats;
     for (std::size_t t = 0; t < tier_count; ++t) {
-      if (index_[t] == nullptr) continue;  // a remote tier does not know what it holds
-      s.tiers[t].used_chunks = index_[t]->size();
-      s.tiers[t].capacity_chunks = index_[t]->capacity();
+      const index_type* ix = chain_.index(t);
+      if (ix == nullptr) continue;  // a remote tier does not know what it holds
+      s.tiers[t].used_chunks = ix->size();
+      s.tiers[t].capacity_chunks = ix->capacity();
     }
     return s;
   }
@@ -2121,148 +3436,19 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   [[nodiscard]] const model_shape& model() const noexcept { return model_; }
   [[nodiscard]] const cache_config& config() const noexcept { return cfg_; }
   [[nodiscard]] const layout::chunk_format& format() const noexcept { return format_; }
-  [[nodiscard]] const chunk_key& salt_key() const noexcept { return salt_key_; }
+  [[nodiscard]] const chunk_key& salt_key() const noexcept { return chunker_.salt_key(); }
 
   /// Tier I's implementation, for diagnostics and tests (its file, its slab).
   template <std::size_t I>
   [[nodiscard]] auto& tier() noexcept {
-    if constexpr (I == 0) {
-      return *first_;
-    } else {
-      return *std::get<I - 1>(lower_);
-    }
+    return chain_.template tier<I>();
   }
 
  private:
-  // ---- construction -------------------------------------------------------------------------
+  friend lease;
 
-  static model_shape checked_model(const model_shape& m) {
-    const std::pair<const char*, std::uint32_t> fields[] = {{"layers", m.layers},
-                                                            {"kv_heads", m.kv_heads},
-                                                            {"head_size", m.head_size},
-                                                            {"dtype_size", m.dtype_size},
-                                                            {"block_size", m.block_size}};
-    for (auto [name, value] : fields) {
-      if (value == 0) throw invalid_argument(std::string("kvtier: model_shape.") + name + " is 0");
-    }
-    if (BlockTokens != 0 && m.block_size != BlockTokens) {
-      throw invalid_argument("kvtier: model_shape.block_size " + std::to_string(m.block_size) +
-                             " differs from opt::block_tokens " + std::to_string(BlockTokens));
-    }
-    if (ChunkTokens % m.block_size != 0) {
-      throw invalid_argument("kvtier: chunk size " + std::to_string(ChunkTokens) +
-                             " is not a multiple of the engine block size " +
-                             std::to_string(m.block_size));
-    }
-    std::size_t bytes = layout::traits<Layout>::kv_planes * ChunkTokens;
-    for (std::size_t f : {std::size_t{m.layers}, std::size_t{m.kv_heads}, std::size_t{m.head_size},
-                          std::size_t{m.dtype_size}}) {
-      if (__builtin_mul_overflow(bytes, f, &bytes)) {
-        throw invalid_argument("kvtier: model_shape makes a chunk larger than 2^64 bytes");
-      }
-    }
-    return m;
-  }
+  // ---- checks -------------------------------------------------------------------------------
 
-  static cache_config checked_config(const cache_config& c) {
-    if (c.max_tokens == 0) throw invalid_argument("kvtier: cache_config.max_tokens is 0");
-    if (c.max_inflight == 0 || c.max_inflight >= no_op) {
-      throw invalid_argument("kvtier: cache_config.max_inflight " + std::to_string(c.max_inflight) +
-                             " is out of range 1..2^32-2");
-    }
-    if (c.write_queue_depth == 0) {
-      throw invalid_argument("kvtier: cache_config.write_queue_depth is 0");
-    }
-    if (c.prefetch_queue_depth == 0) {
-      throw invalid_argument("kvtier: cache_config.prefetch_queue_depth is 0");
-    }
-    return c;
-  }
-
-  static chunk_key make_salt_key(const salt& s, const layout::chunk_format& f) {
-    if (s.tp_size == 0 || s.tp_rank >= s.tp_size) {
-      throw invalid_argument("kvtier: salt.tp_rank " + std::to_string(s.tp_rank) +
-                             " is not below salt.tp_size " + std::to_string(s.tp_size));
-    }
-    // Canonical bytes: a version tag, then each field as a little-endian u64 or a
-    // length-prefixed string, in a fixed order (documented in docs/keys.md).
-    std::string b = "kvtier.salt.v1";
-    auto u64 = [&b](std::uint64_t v) {
-      for (int i = 0; i < 8; ++i) b.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
-    };
-    auto str = [&](const std::string& v) {
-      u64(v.size());
-      b += v;
-    };
-    str(s.model_id);
-    str(s.kv_dtype);
-    u64(f.fingerprint());
-    u64(s.tp_rank);
-    u64(s.tp_size);
-    str(s.tenant);
-    str(Hasher::name);
-    return Hasher::seed(std::as_bytes(std::span(b.data(), b.size())));
-  }
-
-  template <std::size_t... I>
-  void make_lower(const tier_configs& tiers, const tier::context& ctx, std::index_sequence<I...>) {
-    ((std::get<I>(lower_) =
-          std::make_unique<typename Lower::template impl<Eviction>>(std::get<I + 1>(tiers), ctx),
-      admit_[I + 1] = admit_after(std::get<I + 1>(tiers)),
-      writers_[I + 1] = writers_of(std::get<I + 1>(tiers)), lower_mask_ |= bit(I + 1)),
-     ...);
-    (set_index<I>(), ...);
-  }
-  template <std::size_t I>
-  void set_index() noexcept {
-    if constexpr (is_indexed<decltype(*std::get<I>(lower_))>) {
-      index_[I + 1] = &std::get<I>(lower_)->index();
-    }
-  }
-
-  // Threads writing into a lower tier: its config's `writers`, else 1.
-  template <class Config>
-  static std::size_t writers_of(const Config& c) {
-    if constexpr (requires { c.writers; }) {
-      if (c.writers == 0 || c.writers > 64) {
-        throw invalid_argument("kvtier: writers " + std::to_string(c.writers) +
-                               " is out of range 1..64");
-      }
-      return c.writers;
-    } else {
-      return 1;
-    }
-  }
-
-  template <class Config>
-  static std::uint32_t admit_after(const Config& c) {
-    if constexpr (requires { c.admit_after_hits; }) {
-      if (c.admit_after_hits > 255) {
-        throw invalid_argument("kvtier: admit_after_hits " + std::to_string(c.admit_after_hits) +
-                               " is above 255");
-      }
-      return static_cast<std::uint32_t>(c.admit_after_hits);
-    } else {
-      return 0;
-    }
-  }
-
-  // ---- helpers ------------------------------------------------------------------------------
-
-  void check_tokens(const char* what, std::size_t n) const {
-    if (n > cfg_.max_tokens) {
-      throw invalid_argument(std::string("kvtier: ") + what + " of " + std::to_string(n) +
-                             " tokens exceeds cache_config.max_tokens " +
-                             std::to_string(cfg_.max_tokens));
-    }
-  }
-  static void check_first_chunk(const char* what, std::size_t first, std::size_t n) {
-    if (first > n) {
-      throw invalid_argument(std::string("kvtier: ") + what + " first_chunk " +
-                             std::to_string(first) + " is past the " + std::to_string(n) +
-                             " chunks of the tokens");
-    }
-  }
   void check_lease(const char* what, const lease& l) const {
     if (l.cache_ == nullptr) {
       throw invalid_argument(std::string("kvtier: ") + what +
@@ -2272,182 +3458,84 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       throw invalid_argument(std::string("kvtier: ") + what + " of a lease of another cache");
     }
   }
-  static std::size_t chunk_tokens_at(std::size_t i, std::size_t total) noexcept {
-    return std::min(ChunkTokens, total - i * ChunkTokens);
-  }
-  static constexpr std::uint8_t bit(std::size_t t) noexcept {
-    return static_cast<std::uint8_t>(1u << t);
-  }
-  chunk_key* op_keys(std::uint32_t op) const noexcept { return op_keys_.get() + op * max_chunks_; }
-  chunk_ref* op_refs(std::uint32_t op) const noexcept { return op_refs_.get() + op * max_chunks_; }
 
-  // Store: finds or allocates first-tier entries for chunks [first, n) (of a sequence of
-  // `total` tokens); an allocated one is `writing` and marked `wrote`. Returns one past the last
-  // chunk placed (fewer than n when nothing more is evictable).
-  std::size_t place_locked(const chunk_key* ks, chunk_ref* rs, std::size_t first, std::size_t n,
-                           std::size_t total) noexcept {
-    index_type& ix = *index_[0];
-    std::size_t placed = first;
-    for (; placed < n; ++placed) {
-      if (index_entry* e = ix.find(ks[placed])) {
-        ix.touch(*e);  // already held (or being written by another caller)
-        rs[placed] = {ix.slot(*e), 0, 0};
-        continue;
-      }
-      index_entry* e = allocate_first_locked();
-      if (e == nullptr) break;  // everything left is leased, pinned or being written
-      ix.insert_writing(*e, ks[placed], static_cast<std::uint32_t>(chunk_tokens_at(placed, total)));
-      rs[placed] = {ix.slot(*e), 0, 1};
+  // A store's chunks [first, n) (those starting before first_token are skipped: the engine may
+  // no longer hold their blocks), after checking the tokens, tensors and table.
+  struct store_range {
+    view_type v;
+    std::size_t n, first;
+  };
+  store_range check_store(std::span<const token_id> tokens, const engine_kv& kv, block_table table,
+                          std::size_t first_token) const {
+    check_tokens("store", tokens.size(), cfg_);
+    if (first_token > tokens.size()) {
+      throw invalid_argument("kvtier: store first_token " + std::to_string(first_token) +
+                             " is past the " + std::to_string(tokens.size()) + " tokens");
     }
-    if (placed < n) ++stats_.store_partial;
-    return placed;
+    store_range r{view_type(model_, kv), chunk_count(tokens.size()),
+                  (first_token + ChunkTokens - 1) / ChunkTokens};
+    const std::size_t end = r.n == 0 ? 0 : std::min(r.n * ChunkTokens, tokens.size());
+    r.v.check_block_table(table, std::min(r.first * ChunkTokens, end), end);
+    return r;
   }
 
   // Retrieve: the lease's chunks that end at or before end_token, after checking the table.
-  std::size_t chunks_to_load(const lease& l, const layout::view<Layout>& v, block_table table,
+  std::size_t chunks_to_load(const lease& l, const view_type& v, block_table table,
                              std::size_t end_token) const {
     const std::size_t abs_end = l.end_token();
     std::size_t count = l.chunks_;
     while (count > 0 &&
-           (l.first_ + count - 1) * ChunkTokens + chunk_tokens_at(l.first_ + count - 1, abs_end) >
+           (l.first_ + count - 1) * ChunkTokens + tokens_at(l.first_ + count - 1, abs_end) >
                end_token) {
       --count;
     }
     const std::size_t load_end = count == 0 ? l.first_token()
                                             : (l.first_ + count - 1) * ChunkTokens +
-                                                  chunk_tokens_at(l.first_ + count - 1, abs_end);
+                                                  tokens_at(l.first_ + count - 1, abs_end);
     v.check_block_table(table, l.first_token(), load_end);
     return count;
   }
 
-  // ---- asynchronous copies (GPU tiers) ------------------------------------------------------
+  // ---- operations ---------------------------------------------------------------------------
 
-  static void check_layer(const char* what, std::size_t l, std::size_t next) {
-    if (l != next) {
-      throw invalid_argument(std::string("kvtier: ") + what + "(" + std::to_string(l) +
-                             ") out of order: layer " + std::to_string(next) +
-                             " is next (layers are copied once each, in order)");
-    }
-  }
-  void check_layer_count(const char* what, std::size_t l) const {
-    if (l >= model_.layers) {
-      throw invalid_argument(std::string("kvtier: ") + what + "(" + std::to_string(l) +
-                             ") is past the model's " + std::to_string(model_.layers) + " layers");
-    }
-  }
-
-  // Operation `op`'s copies finished (ok) or failed: a store publishes its chunks (or drops
-  // them: a failed or incomplete store is never visible), a retrieve releases its lease's chunks.
-  void complete_locked(std::uint32_t op, bool ok) noexcept {
-    const async_op& a = async_[op];
-    chunk_ref* rs = op_refs(op);
-    if (!a.retrieve) {
-      index_type& ix = *index_[0];
-      for (std::size_t i = a.first; i < a.count; ++i) {
-        if (!rs[i].wrote) continue;
-        index_entry& e = ix.at(rs[i].slot);
-        if (ok && a.ok) {
-          ix.publish(e);
-          ++stats_.tiers[0].writes;
-          if constexpr (has_lower) on_stored_locked(e);
-        } else {
-          ix.abort(e);
-          if (!ok) ++stats_.tiers[0].errors;
-        }
-        ix.unref(e);
-      }
-    } else {
-      for (std::size_t i = 0; i < a.count; ++i) {
-        if (rs[i].tier == dropped_tier || index_[rs[i].tier] == nullptr) continue;
-        index_type& ix = *index_[rs[i].tier];
-        ix.unref(ix.at(rs[i].slot));
-      }
-    }
-    free_ops_.push_back(op);
-  }
-  void complete(std::uint32_t op, bool ok) noexcept {
-    {
-      std::lock_guard lk(mu_);
-      complete_locked(op, ok);
-    }
-    state_cv_.notify_all();
-  }
-
-  // Completes every pending operation whose copies have finished.
-  void poll_pending_locked() noexcept {
-    if constexpr (async_copies) {
-      bool any = false;
-      for (std::size_t k = 0; k < pending_.size();) {
-        const std::uint32_t op = pending_[k];
-        const auto st = first_->transfers().poll(op);
-        if (st == decltype(st)::pending) {
-          ++k;
-          continue;
-        }
-        complete_locked(op, st == decltype(st)::done);
-        pending_[k] = pending_.back();
-        pending_.pop_back();
-        any = true;
-      }
-      if (any) {
-        state_cv_.notify_all();
-        if constexpr (has_lower) work_cv_.notify_all();
-      }
-    }
-  }
-
-  // Waits for an entry to leave the writing state. With asynchronous copies nothing signals
-  // that by itself: the copies are polled every 100 us meanwhile.
-  void wait_state_locked(std::unique_lock<std::mutex>& lk) {
-    if constexpr (async_copies) {
-      poll_pending_locked();
-      state_cv_.wait_for(lk, std::chrono::microseconds(100));
-    } else {
-      state_cv_.wait(lk);
-    }
-  }
-
-  std::uint32_t acquire_op_locked() noexcept {
-    if (free_ops_.empty()) {
-      ++stats_.busy;
-      return no_op;
-    }
-    const std::uint32_t op = free_ops_.back();
-    free_ops_.pop_back();
-    return op;
+  static std::size_t tokens_at(std::size_t i, std::size_t total) noexcept {
+    return chunker<ChunkTokens, Hasher>::tokens_at(i, total);
   }
 
   // Takes an operation slot and fills its keys for `tokens` (n chunks) without the lock; `lk`
   // is held on entry and on return. no_op when every slot is taken (counted in busy).
   std::uint32_t begin_op(std::unique_lock<std::mutex>& lk, std::span<const token_id> tokens,
                          std::size_t n) {
-    const std::uint32_t op = acquire_op_locked();
-    if (op == no_op) return no_op;
+    const std::uint32_t op = ops_.acquire();
+    if (op == no_op) {
+      ++st_.stats.busy;
+      return no_op;
+    }
     lk.unlock();
-    keys(tokens, {op_keys(op), n});
+    keys(tokens, {ops_.keys(op), n});
     lk.lock();
     return op;
   }
 
+  // Promotes the lease's chunks [lo, hi) into the first tier (promotion.hpp).
+  void promote(const lease& l, std::size_t lo, std::size_t hi, std::size_t abs_end) {
+    promoter_.promote(ops_.keys(l.op_) + l.first_, ops_.refs(l.op_), lo, hi, l.first_, abs_end,
+                      ChunkTokens,
+                      [this](std::unique_lock<std::mutex>& lk) { async_.wait_state_locked(lk); });
+  }
+
   void release_locked(lease& l) noexcept {
     if (l.op_ != no_op) {
-      const chunk_ref* rs = op_refs(l.op_);
-      for (std::size_t i = 0; i < l.chunks_; ++i) {
-        if (rs[i].tier == dropped_tier || index_[rs[i].tier] == nullptr) continue;
-        index_type& ix = *index_[rs[i].tier];
-        ix.unref(ix.at(rs[i].slot));
-      }
-      free_ops_.push_back(l.op_);
+      const chunk_ref* rs = ops_.refs(l.op_);
+      for (std::size_t i = 0; i < l.chunks_; ++i) chain_.unref_locked(rs[i]);
+      ops_.release(l.op_);
     }
-    l.cache_ = nullptr;
-    l.op_ = no_op;
-    l.chunks_ = 0;
-    l.tokens_ = 0;
+    l.clear();
   }
 
   std::size_t lease_hits_in(const lease& l, std::size_t t) const noexcept {
     if (l.op_ == no_op) return 0;
-    const chunk_ref* rs = op_refs(l.op_);
+    const chunk_ref* rs = ops_.refs(l.op_);
     std::size_t n = 0;
     for (std::size_t i = 0; i < l.chunks_; ++i) n += rs[i].tier == t;
     return n;
@@ -2460,23 +3548,24 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   template <class Op, class After>
   std::size_t for_each_chunk(const char* what, std::span<const token_id> tokens, bool prefix, Op op,
                              After after) {
-    check_tokens(what, tokens.size());
+    check_tokens(what, tokens.size(), cfg_);
     const std::size_t n = chunk_count(tokens.size());
     if (n == 0) return 0;
-    std::unique_lock lk(mu_);
-    poll_pending_locked();
+    std::unique_lock lk(st_.mu);
+    async_.poll_locked();
     const std::uint32_t op_slot = begin_op(lk, tokens, n);
     if (op_slot == no_op) return 0;
-    const chunk_key* ks = op_keys(op_slot);
+    const chunk_key* ks = ops_.keys(op_slot);
     std::size_t done = 0;
     for (std::size_t i = 0; i < n; ++i) {
       bool any = false;
       for (std::size_t t = 0; t < tier_count; ++t) {
-        if (index_[t] == nullptr) continue;
-        if (index_entry* e = index_[t]->find_ready(ks[i])) any = op(*index_[t], *e) || any;
+        index_type* ix = chain_.index(t);
+        if (ix == nullptr) continue;
+        if (index_entry* e = ix->find_ready(ks[i])) any = op(*ix, *e) || any;
       }
       if (any) {
-        done += chunk_tokens_at(i, tokens.size());
+        done += tokens_at(i, tokens.size());
       } else if (prefix) {
         break;
       }
@@ -2484,7 +3573,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     lk.unlock();
     done = after(std::span<const chunk_key>(ks, n), done);
     lk.lock();
-    free_ops_.push_back(op_slot);
+    ops_.release(op_slot);
     return done;
   }
   template <class Op>
@@ -2494,428 +3583,24 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
                           [](std::span<const chunk_key>, std::size_t done) { return done; });
   }
 
-  // ---- tier-chain policy --------------------------------------------------------------------
-
-  // The first tier's allocation: under write_back, a victim that still owes a lower tier its
-  // bytes is queued for writing instead (its slot frees when the write completes) and the next
-  // victim is tried; when its queue is full it is evicted unwritten (a counted dropped write).
-  index_entry* allocate_first_locked() noexcept {
-    return index_[0]->allocate(stats_.tiers[0].evictions, [this](index_entry& v) {
-      if constexpr (has_lower) {
-        if (cfg_.mode != write_mode::write_back || v.owed == 0) return false;
-        bool kept = false;
-        for (std::size_t t = 1; t < tier_count; ++t) {
-          if (!(v.owed & bit(t)) || !admitted(v, t)) continue;
-          if (try_enqueue_locked(v, t, true)) {
-            kept = true;
-          } else {
-            ++stats_.tiers[t].dropped_writes;
-          }
-        }
-        return kept;
-      } else {
-        (void)v;
-        return false;
-      }
-    });
-  }
-
-  bool admitted(const index_entry& e, std::size_t t) const noexcept {
-    return admit_[t] == 0 || e.hits >= admit_[t];
-  }
-
-  // A chunk just stored in the first tier: every lower tier is owed it; under write-through,
-  // the tiers that admit it at once get it queued now.
-  void on_stored_locked(index_entry& e) noexcept {
-    e.owed = lower_mask_;
-    if (cfg_.mode != write_mode::write_through) return;
-    for (std::size_t t = 1; t < tier_count; ++t) {
-      if (admit_[t] == 0 && !try_enqueue_locked(e, t, false)) {
-        ++stats_.tiers[t].dropped_writes;
-        e.owed &= static_cast<std::uint8_t>(~bit(t));
-      }
-    }
-  }
-
-  // A lookup hit in the first tier: counts toward admission into lower tiers.
-  void note_hit_locked(index_entry& e) noexcept {
-    if (e.hits < 255) ++e.hits;
-    if constexpr (has_lower) {
-      if (cfg_.mode != write_mode::write_through || e.owed == 0) return;
-      bool queued = false;
-      for (std::size_t t = 1; t < tier_count; ++t) {
-        if ((e.owed & bit(t)) && admit_[t] != 0 && e.hits >= admit_[t]) {
-          if (try_enqueue_locked(e, t, false)) {
-            queued = true;
-          } else {
-            ++stats_.tiers[t].dropped_writes;
-            e.owed &= static_cast<std::uint8_t>(~bit(t));
-          }
-        }
-      }
-      if (queued) work_cv_.notify_all();
-    }
-  }
-
-  // Queues the first tier's entry `e` for writing to tier t (referenced until written); false
-  // when that queue is full.
-  bool try_enqueue_locked(index_entry& e, std::size_t t, bool evict_after) noexcept {
-    write_ring& r = rings_[t];
-    if (r.count == r.slots.size()) return false;
-    index_[0]->ref(e);  // the writer reads the first tier's bytes in place
-    r.slots[(r.head + r.count) % r.slots.size()] = index_[0]->slot(e);
-    ++r.count;
-    e.owed &= static_cast<std::uint8_t>(~bit(t));
-    if (evict_after) e.evict_after_write = 1;
-    return true;
-  }
-
-  bool writers_idle_locked() const noexcept {
-    for (std::size_t t = 1; t < tier_count; ++t) {
-      if (rings_[t].count != 0 || rings_[t].active != 0) return false;
-    }
-    return true;
-  }
-
-  // ---- lower tiers --------------------------------------------------------------------------
-
-  template <class F>
-  void with_lower(std::size_t j, F&& f) {
-    with_lower_impl(j, f, std::index_sequence_for<Lower...>{});
-  }
-  template <class F, std::size_t... I>
-  void with_lower_impl(std::size_t j, F& f, std::index_sequence<I...>) {
-    ((j == I ? (f(*std::get<I>(lower_)), 0) : 0), ...);
-  }
-
-  // Reads the jobs of lower tier t in one batch.
-  void read_lower(std::size_t t, std::span<tier::read_job> jobs) {
-    with_lower(t - 1, [&](auto& impl) { impl.read_batch(jobs); });
-  }
-
-  // The end of bringing a chunk from lower tier t (slot `lslot` there, when indexed) into the
-  // first tier's writing entry `hslot`. On success the entry is published and keeps the
-  // caller's reference; otherwise it is aborted and unreferenced. The lower reference (indexed
-  // tiers) is dropped either way; a record that failed verification is discarded, pinned or
-  // not, so it is never served.
-  bool finish_promotion_locked(std::uint32_t hslot, std::size_t t, std::uint32_t lslot,
-                               tier::read_status st) noexcept {
-    index_type& first = *index_[0];
-    index_entry& e = first.at(hslot);
-    const std::size_t bytes = format_.bytes(e.tokens);
-    const bool ok = st == tier::read_status::ok;
-    if (ok) {
-      first.publish(e);
-      ++stats_.tiers[t].promotions;
-      stats_.tiers[t].bytes_read += bytes;
-      ++stats_.tiers[0].writes;
-      stats_.tiers[0].bytes_written += bytes;
-    } else {
-      first.abort(e);
-      first.unref(e);
-      if (st != tier::read_status::missing) ++stats_.tiers[t].errors;
-    }
-    if (index_type* low = index_[t]) {
-      index_entry& le = low->at(lslot);
-      if (st == tier::read_status::corrupt) low->discard(le);
-      low->unref(le);
-    }
-    return ok;
-  }
-
-  // Brings the lower-tier chunks of a lease's window [lo, hi) into the first tier, one read
-  // batch per tier, without the lock during I/O. On return each chunk's ref is in the first
-  // tier (still referenced) or dropped.
-  void promote_window(const chunk_key* ks, chunk_ref* rs, std::size_t lo, std::size_t hi,
-                      std::size_t first_chunk, std::size_t abs_end) {
-    bool any = false;
-    for (std::size_t i = lo; i < hi; ++i) any = any || (rs[i].tier != 0);
-    if (!any) return;
-    index_type& first = *index_[0];
-    std::array<tier::read_job, window> jobs;
-    std::array<std::uint32_t, window> at{};     // chunk index of each job
-    std::array<std::uint32_t, window> hslot{};  // its first-tier entry
-    std::array<std::uint32_t, window> wait{};   // chunks another caller is bringing in
-    std::size_t nj = 0, nw = 0;
-    std::unique_lock lk(mu_);
-    // Jobs are collected tier by tier, so each tier's jobs are contiguous: one batch each.
-    for (std::size_t t = 1; t < tier_count; ++t) {
-      for (std::size_t i = lo; i < hi; ++i) {
-        chunk_ref& r = rs[i];
-        if (r.tier != t) continue;
-        index_entry* e = first.find(ks[i]);
-        if (e != nullptr && e->state == entry_state::ready) {
-          first.ref(*e);
-          drop_ref_locked(r);
-          r = {first.slot(*e), 0, 0};
-        } else if (e != nullptr) {
-          wait[nw++] = static_cast<std::uint32_t>(i);
-        } else if ((e = allocate_first_locked()) == nullptr) {
-          drop_ref_locked(r);
-        } else {
-          const std::size_t ntok = chunk_tokens_at(first_chunk + i, abs_end);
-          first.insert_writing(*e, ks[i], static_cast<std::uint32_t>(ntok));
-          hslot[nj] = first.slot(*e);
-          jobs[nj] = {r.slot, ks[i], static_cast<std::uint32_t>(ntok), first_->data(hslot[nj]),
-                      format_.bytes(ntok)};
-          at[nj++] = static_cast<std::uint32_t>(i);
-        }
-      }
-    }
-    lk.unlock();
-    for (std::size_t j = 0; j < nj;) {
-      std::size_t k = j;
-      const std::uint8_t t = rs[at[j]].tier;
-      while (k < nj && rs[at[k]].tier == t) ++k;
-      read_lower(t, {jobs.data() + j, k - j});
-      j = k;
-    }
-    std::array<std::uint8_t, window> tier_of{};
-    for (std::size_t j = 0; j < nj; ++j) tier_of[j] = rs[at[j]].tier;
-    lk.lock();
-    for (std::size_t j = 0; j < nj; ++j) {
-      chunk_ref& r = rs[at[j]];
-      if (finish_promotion_locked(hslot[j], r.tier, r.slot, jobs[j].status)) {
-        r = {hslot[j], 0, 0};
-      } else {
-        r = {0, dropped_tier, 0};
-      }
-    }
-    lk.unlock();
-    if (nj > 0) state_cv_.notify_all();
-    forget_corrupt_remote(jobs.data(), nj, [&](std::size_t j) { return tier_of[j]; });
-    if (nw == 0) return;
-    // Wait for the chunks other callers (or prefetch) are bringing in, now that this caller
-    // holds no writing entry of its own.
-    lk.lock();
-    for (std::size_t w = 0; w < nw; ++w) {
-      chunk_ref& r = rs[wait[w]];
-      index_entry* e;
-      while ((e = first.find(ks[wait[w]])) != nullptr && e->state == entry_state::writing) {
-        wait_state_locked(lk);
-      }
-      if (e != nullptr) {
-        first.ref(*e);
-        drop_ref_locked(r);
-        r = {first.slot(*e), 0, 0};
-      } else {
-        drop_ref_locked(r);  // its loader failed: the prefix ends here
-      }
-    }
-  }
-
-  // Deletes from remote tiers the records that failed verification, so lookups stop reporting
-  // them (an indexed tier discards its entry in finish_promotion_locked). Called unlocked.
-  template <class TierOf>
-  void forget_corrupt_remote(const tier::read_job* jobs, std::size_t n, TierOf tier_of) {
-    if constexpr (remote_count > 0) {
-      for (std::size_t j = 0; j < n; ++j) {
-        const std::size_t t = tier_of(j);
-        if (jobs[j].status != tier::read_status::corrupt || index_[t] != nullptr) continue;
-        with_lower(t - 1, [&](auto& impl) {
-          if constexpr (!is_indexed<decltype(impl)>) (void)impl.remove({&jobs[j].key, 1});
-        });
-      }
-    } else {
-      (void)jobs, (void)n, (void)tier_of;
-    }
-  }
-
-  // Drops an operation's reference to a lower-tier chunk; the lease still counts the chunk, so
-  // it is marked for release.
-  void drop_ref_locked(chunk_ref& r) noexcept {
-    if (r.tier != dropped_tier && index_[r.tier] != nullptr) {
-      index_type& ix = *index_[r.tier];
-      ix.unref(ix.at(r.slot));
-    }
-    r = {0, dropped_tier, 0};
-  }
-
-  // ---- background work: one writer per lower tier, one prefetch reader ---------------------
-
-  void writer_loop(std::size_t t) {
-    write_ring& rg = rings_[t];
-    index_type& first = *index_[0];
-    index_type* ix = index_[t];
-    std::array<std::uint32_t, window> hs{};
-    std::array<tier::write_job, window> jobs;
-    std::array<std::uint32_t, window> job_of{};
-    std::unique_lock lk(mu_);
-    for (;;) {
-      work_cv_.wait(lk, [&] { return stop_ || rg.count > 0; });
-      if (rg.count == 0) break;  // stopping, and everything queued was written
-      std::size_t n = 0, m = 0;
-      for (; rg.count > 0 && n < window; ++n) {
-        hs[n] = rg.slots[rg.head];
-        rg.head = (rg.head + 1) % rg.slots.size();
-        --rg.count;
-      }
-      rg.active += n;
-      for (std::size_t i = 0; i < n; ++i) {
-        index_entry& he = first.at(hs[i]);
-        // A chunk cleared while queued is not written: clear must not be undone by a late write.
-        if (he.state != entry_state::ready) continue;
-        std::uint32_t slot = 0;
-        if (ix != nullptr) {
-          if (index_entry* e = ix->find(he.key)) {
-            ix->touch(*e);
-            continue;
-          }
-          index_entry* e = ix->allocate(stats_.tiers[t].evictions);
-          if (e == nullptr) {
-            ++stats_.tiers[t].dropped_writes;
-            continue;
-          }
-          ix->insert_writing(*e, he.key, he.tokens);
-          slot = ix->slot(*e);
-        }
-        jobs[m] = {slot, he.key, he.tokens, first_->data(hs[i]), format_.bytes(he.tokens)};
-        job_of[m++] = static_cast<std::uint32_t>(i);
-      }
-      lk.unlock();
-      if (m > 0) with_lower(t - 1, [&](auto& impl) { impl.write_batch({jobs.data(), m}); });
-      lk.lock();
-      std::array<chunk_key, window> undo;  // written, but cleared meanwhile (remote tiers)
-      std::size_t nundo = 0;
-      for (std::size_t j = 0; j < m; ++j) {
-        // The writer's reference kept the chunk from eviction, so a chunk no longer ready was
-        // cleared while being written: it must not appear in this tier afterwards.
-        const bool cleared = first.at(hs[job_of[j]]).state != entry_state::ready;
-        const bool ok = jobs[j].ok && !cleared;
-        if (ix != nullptr) {
-          index_entry& e = ix->at(jobs[j].slot);
-          if (ok) {
-            ix->publish(e);
-          } else {
-            ix->abort(e);
-          }
-          ix->unref(e);
-        } else if (cleared && jobs[j].ok) {
-          undo[nundo++] = jobs[j].key;
-        }
-        if (ok) {
-          ++stats_.tiers[t].writes;
-          stats_.tiers[t].bytes_written += jobs[j].bytes;
-          if (first.at(hs[job_of[j]]).evict_after_write) ++stats_.tiers[t].write_backs;
-        } else if (!cleared) {
-          ++stats_.tiers[t].errors;
-        }
-      }
-      if (nundo > 0) {
-        lk.unlock();
-        with_lower(t - 1, [&](auto& impl) {
-          if constexpr (!is_indexed<decltype(impl)>) (void)impl.remove({undo.data(), nundo});
-        });
-        lk.lock();
-      }
-      for (std::size_t i = 0; i < n; ++i) {
-        index_entry& he = first.at(hs[i]);
-        first.unref(he);
-        // Write-back: the slot whose eviction waited for this write is freed now, unless a
-        // lookup took it again meanwhile (then it stays, most recently used).
-        if (he.evict_after_write && he.evictable() && first.remove(he)) {
-          ++stats_.tiers[0].evictions;
-        }
-      }
-      rg.active -= n;
-      if (writers_idle_locked()) idle_cv_.notify_all();
-    }
-    idle_cv_.notify_all();
-  }
-
-  void reader_loop() {
-    index_type& first = *index_[0];
-    std::array<prefetch_job, window> pj;
-    std::array<tier::read_job, window> jobs;
-    std::unique_lock lk(mu_);
-    for (;;) {
-      prefetch_cv_.wait(lk, [&] { return stop_ || prefetch_count_ > 0; });
-      if (stop_) break;
-      // One batch from the queue's head, all from one tier.
-      std::size_t n = 0;
-      const std::uint8_t t = prefetch_ring_[prefetch_head_].tier;
-      while (prefetch_count_ > 0 && n < window && prefetch_ring_[prefetch_head_].tier == t) {
-        pj[n] = prefetch_ring_[prefetch_head_];
-        prefetch_head_ = (prefetch_head_ + 1) % prefetch_ring_.size();
-        --prefetch_count_;
-        const index_entry& e = first.at(pj[n].hslot);
-        jobs[n] = {pj[n].lslot, e.key, e.tokens, first_->data(pj[n].hslot),
-                   format_.bytes(e.tokens)};
-        ++n;
-      }
-      lk.unlock();
-      read_lower(t, {jobs.data(), n});
-      lk.lock();
-      for (std::size_t i = 0; i < n; ++i) {
-        if (finish_promotion_locked(pj[i].hslot, t, pj[i].lslot, jobs[i].status)) {
-          ++stats_.prefetched;
-          first.unref(first.at(pj[i].hslot));
-        }
-      }
-      lk.unlock();
-      state_cv_.notify_all();
-      forget_corrupt_remote(jobs.data(), n, [&](std::size_t) { return t; });
-      lk.lock();
-    }
-  }
-
-  // ---- state --------------------------------------------------------------------------------
-
-  struct write_ring {
-    std::vector<std::uint32_t> slots;  // first-tier slots waiting to be written
-    std::size_t head = 0, count = 0;
-    std::size_t active = 0;  // taken by the writer, not finished
-    std::vector<std::thread> threads;
-  };
-  struct prefetch_job {
-    std::uint32_t hslot = 0;  // the first tier's writing entry
-    std::uint32_t lslot = 0;  // the lower tier's slot (indexed tiers)
-    std::uint8_t tier = 0;
-  };
+  // ---- state: the parts, constructed in this order and destroyed in the reverse ------------
 
   model_shape model_;
   cache_config cfg_;
   layout::chunk_format format_;
-  chunk_key salt_key_;
-  std::size_t max_chunks_;
-
-  std::unique_ptr<first_impl> first_;
-  std::tuple<std::unique_ptr<typename Lower::template impl<Eviction>>...> lower_;
-  std::array<index_type*, tier_count> index_{};  // nullptr for a remote tier
-  std::array<std::uint32_t, tier_count> admit_{};
-  std::array<std::size_t, tier_count> writers_{};
-  std::uint8_t lower_mask_ = 0;
-
-  mutable std::mutex mu_;
-  std::condition_variable state_cv_;     // an entry left the writing state
-  std::condition_variable work_cv_;      // write work or stop
-  std::condition_variable idle_cv_;      // writers drained
-  std::condition_variable prefetch_cv_;  // prefetch work or stop
-  stats_type stats_{};
-
-  std::unique_ptr<chunk_key[]> op_keys_;
-  std::unique_ptr<chunk_ref[]> op_refs_;
-  std::vector<std::uint32_t> free_ops_;
-
-  struct async_op {
-    bool retrieve = false;
-    std::size_t first = 0;  ///< store: first chunk; retrieve: 0
-    std::size_t count = 0;  ///< store: one past the last chunk placed; retrieve: lease chunks
-    bool ok = true;         ///< store: every layer was copied
-  };
-  std::vector<async_op> async_;         // per operation slot (GPU tiers)
-  std::vector<std::uint32_t> pending_;  // operations whose copies may still run
-
-  std::array<write_ring, tier_count> rings_;
-  std::vector<prefetch_job> prefetch_ring_;
-  std::size_t prefetch_head_ = 0, prefetch_count_ = 0;
-  std::thread reader_;
-  bool stop_ = false;
+  chunker<ChunkTokens, Hasher> chunker_;
+  cache_state<tier_count> st_;
+  chain_type chain_;
+  op_table ops_;
+  writers<chain_type> writers_;
+  write_policy<chain_type> policy_;
+  promoter<chain_type> promoter_;
+  prefetcher<chain_type> prefetcher_;
+  async_type async_;
 };
 
-}  // namespace detail
-}  // namespace kvtier
-// ---- end kvtier/detail/cache_impl.hpp
+}  // namespace kvtier::detail
+// ---- end kvtier/cache/cache_impl.hpp
 // ---- begin kvtier/options.hpp
 // kvtier::opt::* tags, their defaults, and the order-free resolution of an option pack.
 
@@ -2923,7 +3608,6 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
 // One concept per policy kind. Each names exactly the members kvtier uses.
 
 
-#include <concepts>
 
 namespace kvtier {
 

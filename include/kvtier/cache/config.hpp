@@ -1,0 +1,108 @@
+#pragma once
+// A cache's runtime settings that are not per tier, and the checks of what an engine passes to
+// the constructor (model shape, settings), each refused with the bad value named.
+
+#include "kvtier/cache/write_policy.hpp"
+#include "kvtier/error.hpp"
+#include "kvtier/model.hpp"
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <utility>
+
+namespace kvtier {
+
+/// Runtime settings of a cache that are not per tier.
+struct cache_config {
+  /// Longest token sequence lookup/store/pin accept; sizes the preallocated key buffers.
+  std::size_t max_tokens = 131072;
+  /// Operations in flight at once: live leases plus concurrent store/pin/unpin/clear calls.
+  /// A call beyond it is refused as a miss (lookup) or stores nothing (store), and is counted.
+  std::size_t max_inflight = 64;
+  /// Chunks waiting for write-through to lower tiers; when full, writes are dropped (counted)
+  /// rather than blocking the engine.
+  std::size_t write_queue_depth = 1024;
+  /// Also store the last, partial chunk of a sequence (off by default: a partial chunk is a hit
+  /// only for a lookup whose tail is exactly the same tokens).
+  bool store_partial_tail = false;
+  /// When lower tiers receive a chunk (see write_mode).
+  write_mode mode = write_mode::write_through;
+  /// Chunks waiting to be loaded by prefetch(); when full, prefetch starts no more (counted).
+  std::size_t prefetch_queue_depth = 256;
+};
+
+namespace detail {
+
+/// The model, if every field is set, the block size fits the chunk size (and opt::block_tokens
+/// when given) and a chunk's size fits 64 bits.
+template <std::size_t ChunkTokens, std::size_t BlockTokens, std::size_t KvPlanes>
+model_shape checked_model(const model_shape& m) {
+  const std::pair<const char*, std::uint32_t> fields[] = {{"layers", m.layers},
+                                                          {"kv_heads", m.kv_heads},
+                                                          {"head_size", m.head_size},
+                                                          {"dtype_size", m.dtype_size},
+                                                          {"block_size", m.block_size}};
+  for (auto [name, value] : fields) {
+    if (value == 0) throw invalid_argument(std::string("kvtier: model_shape.") + name + " is 0");
+  }
+  if (BlockTokens != 0 && m.block_size != BlockTokens) {
+    throw invalid_argument("kvtier: model_shape.block_size " + std::to_string(m.block_size) +
+                           " differs from opt::block_tokens " + std::to_string(BlockTokens));
+  }
+  if (ChunkTokens % m.block_size != 0) {
+    throw invalid_argument("kvtier: chunk size " + std::to_string(ChunkTokens) +
+                           " is not a multiple of the engine block size " +
+                           std::to_string(m.block_size));
+  }
+  std::size_t bytes = KvPlanes * ChunkTokens;
+  for (std::size_t f : {std::size_t{m.layers}, std::size_t{m.kv_heads}, std::size_t{m.head_size},
+                        std::size_t{m.dtype_size}}) {
+    if (__builtin_mul_overflow(bytes, f, &bytes)) {
+      throw invalid_argument("kvtier: model_shape makes a chunk larger than 2^64 bytes");
+    }
+  }
+  return m;
+}
+
+/// The settings, if every count is in range.
+inline cache_config checked_config(const cache_config& c) {
+  if (c.max_tokens == 0) throw invalid_argument("kvtier: cache_config.max_tokens is 0");
+  if (c.max_inflight == 0 || c.max_inflight >= UINT32_MAX) {
+    throw invalid_argument("kvtier: cache_config.max_inflight " + std::to_string(c.max_inflight) +
+                           " is out of range 1..2^32-2");
+  }
+  if (c.write_queue_depth == 0) {
+    throw invalid_argument("kvtier: cache_config.write_queue_depth is 0");
+  }
+  if (c.prefetch_queue_depth == 0) {
+    throw invalid_argument("kvtier: cache_config.prefetch_queue_depth is 0");
+  }
+  return c;
+}
+
+/// Chunks one operation can name: max_tokens rounded up to whole chunks.
+inline std::size_t max_chunks(const cache_config& c, std::size_t chunk_tokens) noexcept {
+  return c.max_tokens / chunk_tokens + (c.max_tokens % chunk_tokens != 0 ? 1 : 0);
+}
+
+/// Refuses a call (`what`) naming more tokens than the key buffers hold.
+inline void check_tokens(const char* what, std::size_t n, const cache_config& c) {
+  if (n > c.max_tokens) {
+    throw invalid_argument(std::string("kvtier: ") + what + " of " + std::to_string(n) +
+                           " tokens exceeds cache_config.max_tokens " +
+                           std::to_string(c.max_tokens));
+  }
+}
+
+/// Refuses a lookup from a chunk past the tokens' `n` chunks.
+inline void check_first_chunk(const char* what, std::size_t first, std::size_t n) {
+  if (first > n) {
+    throw invalid_argument(std::string("kvtier: ") + what + " first_chunk " +
+                           std::to_string(first) + " is past the " + std::to_string(n) +
+                           " chunks of the tokens");
+  }
+}
+
+}  // namespace detail
+}  // namespace kvtier

@@ -1,0 +1,219 @@
+#pragma once
+// The cache's tiers: the first (memory) tier and the lower tiers in chain order, constructed from
+// their configs, with the per-tier settings the chain policy reads (admission, writer threads)
+// and the calls that reach a lower tier by its position. Not thread-safe for index access (the
+// cache's lock guards every index); the I/O calls take no lock.
+
+#include "kvtier/cache/op_table.hpp"
+#include "kvtier/detail/chunk_index.hpp"
+#include "kvtier/error.hpp"
+#include "kvtier/stats.hpp"
+#include "kvtier/tier/concepts.hpp"
+#include "kvtier/tier/context.hpp"
+
+#include <algorithm>
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+namespace kvtier::detail {
+
+/// Whether lower tiers can read a tier's slots (a tier without the member: yes).
+template <class T>
+inline constexpr bool host_visible_v = true;
+template <class T>
+requires requires { T::host_visible; }
+inline constexpr bool host_visible_v<T> = T::host_visible;
+
+template <class Eviction, class First, class... Lower>
+class tier_chain {
+ public:
+  using index_type = chunk_index<Eviction>;
+  using first_impl = typename First::template impl<Eviction>;
+  using configs = std::tuple<typename First::config, typename Lower::config...>;
+  static constexpr std::size_t tier_count = 1 + sizeof...(Lower);
+  static constexpr bool has_lower = sizeof...(Lower) > 0;
+  /// A lower tier with an index in this process (else it is asked by key: a remote tier).
+  template <class T>
+  static constexpr bool is_indexed = requires(std::remove_cvref_t<T>& x) {
+    x.index();
+  };
+  static constexpr std::size_t remote_count =
+      (std::size_t{0} + ... + !is_indexed<typename Lower::template impl<Eviction>>);
+
+  static_assert(sizeof...(Lower) < 8, "kvtier: a tier chain has at most 8 tiers");
+  static_assert(host_visible_v<First> || sizeof...(Lower) == 0,
+                "kvtier::opt::tiers<tier::device, ...>: lower tiers need a host-visible first "
+                "tier; use tier::pinned_host first");
+  static_assert(tier::check_memory_tier<first_impl>());
+  static_assert((tier::check_lower_tier<typename Lower::template impl<Eviction>>() && ...));
+
+  tier_chain(const configs& c, const tier::context& ctx) {
+    first_ = std::make_unique<first_impl>(std::get<0>(c), ctx);
+    index_[0] = &first_->index();
+    make_lower(c, ctx, std::index_sequence_for<Lower...>{});
+  }
+
+  [[nodiscard]] first_impl& first() noexcept { return *first_; }
+  [[nodiscard]] index_type& first_index() noexcept { return *index_[0]; }
+  /// Tier t's index, or nullptr for a remote tier.
+  [[nodiscard]] index_type* index(std::size_t t) const noexcept { return index_[t]; }
+  /// Lookup hits in the first tier before lower tier t takes a chunk (0: at once).
+  [[nodiscard]] std::uint32_t admit_after(std::size_t t) const noexcept { return admit_[t]; }
+  /// Threads writing into lower tier t.
+  [[nodiscard]] std::size_t writers(std::size_t t) const noexcept { return writers_[t]; }
+  /// Bit t set for every lower tier t.
+  [[nodiscard]] std::uint8_t lower_mask() const noexcept { return lower_mask_; }
+
+  template <std::size_t I>
+  [[nodiscard]] auto& tier() noexcept {
+    if constexpr (I == 0) {
+      return *first_;
+    } else {
+      return *std::get<I - 1>(lower_);
+    }
+  }
+
+  /// Names each tier and reports what lower tiers found in storage at construction.
+  template <class Stats>
+  void init_stats(Stats& s) {
+    const char* names[] = {First::name, Lower::name...};
+    for (std::size_t t = 0; t < tier_count; ++t) s.tiers[t].name = names[t];
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      with_lower(t, [&](auto& impl) {
+        if constexpr (requires { impl.recovered(); }) {
+          s.tiers[t].recovered = impl.recovered();
+          s.tiers[t].errors = impl.dropped_at_open();
+        }
+      });
+    }
+  }
+
+  /// Calls f(impl) with lower tier t's impl (1 <= t < tier_count).
+  template <class F>
+  void with_lower(std::size_t t, F&& f) {
+    with_lower_impl(t - 1, f, std::index_sequence_for<Lower...>{});
+  }
+
+  /// Lower tier t's batch calls (no lock held; see tier/concepts.hpp).
+  void read(std::size_t t, std::span<tier::read_job> jobs) {
+    with_lower(t, [&](auto& impl) { impl.read_batch(jobs); });
+  }
+  void write(std::size_t t, std::span<tier::write_job> jobs) {
+    with_lower(t, [&](auto& impl) { impl.write_batch(jobs); });
+  }
+
+  /// Asks remote tiers, in chain order, for the leading run of `keys` they hold, until one holds
+  /// some. Returns that run's length and sets `tier` to the tier that answered; `asked[t]` is
+  /// set for each tier asked.
+  std::size_t probe_remote(std::span<const chunk_key> keys,
+                           std::array<std::uint8_t, tier_count>& asked, std::size_t& tier) {
+    std::size_t found = 0;
+    for (std::size_t t = 1; t < tier_count && found == 0; ++t) {
+      with_lower(t, [&](auto& impl) {
+        if constexpr (!is_indexed<decltype(impl)>) {
+          found = impl.probe(keys);
+          asked[t] = 1;
+          tier = t;
+        }
+      });
+    }
+    return found;
+  }
+  /// Deletes `keys` from every remote tier; returns the most any one of them held.
+  std::size_t remove_remote(std::span<const chunk_key> keys) {
+    std::size_t removed = 0;
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      with_lower(t, [&](auto& impl) {
+        if constexpr (!is_indexed<decltype(impl)>) removed = std::max(removed, impl.remove(keys));
+      });
+    }
+    return removed;
+  }
+  /// Deletes `keys` from remote tier t (no-op for an indexed tier).
+  void remove_from(std::size_t t, std::span<const chunk_key> keys) {
+    with_lower(t, [&](auto& impl) {
+      if constexpr (!is_indexed<decltype(impl)>) (void)impl.remove(keys);
+    });
+  }
+  /// Deletes every record of this cache's salt from every remote tier; returns how many.
+  std::size_t remove_all_remote() {
+    std::size_t removed = 0;
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      with_lower(t, [&](auto& impl) {
+        if constexpr (!is_indexed<decltype(impl)>) removed += impl.remove_all();
+      });
+    }
+    return removed;
+  }
+
+  /// Drops an operation's reference to the chunk `r` names (none for a remote or dropped one).
+  void unref_locked(const chunk_ref& r) noexcept {
+    if (r.tier == dropped_tier || index_[r.tier] == nullptr) return;
+    index_type& ix = *index_[r.tier];
+    ix.unref(ix.at(r.slot));
+  }
+
+ private:
+  template <std::size_t... I>
+  void make_lower(const configs& c, const tier::context& ctx, std::index_sequence<I...>) {
+    ((std::get<I>(lower_) =
+          std::make_unique<typename Lower::template impl<Eviction>>(std::get<I + 1>(c), ctx),
+      admit_[I + 1] = admit_after_of(std::get<I + 1>(c)),
+      writers_[I + 1] = writers_of(std::get<I + 1>(c)),
+      lower_mask_ |= static_cast<std::uint8_t>(1u << (I + 1))),
+     ...);
+    (set_index<I>(), ...);
+  }
+  template <std::size_t I>
+  void set_index() noexcept {
+    if constexpr (is_indexed<decltype(*std::get<I>(lower_))>) {
+      index_[I + 1] = &std::get<I>(lower_)->index();
+    }
+  }
+  template <class F, std::size_t... I>
+  void with_lower_impl(std::size_t j, F& f, std::index_sequence<I...>) {
+    ((j == I ? (f(*std::get<I>(lower_)), 0) : 0), ...);
+  }
+
+  // Threads writing into a lower tier: its config's `writers`, else 1.
+  template <class Config>
+  static std::size_t writers_of(const Config& c) {
+    if constexpr (requires { c.writers; }) {
+      if (c.writers == 0 || c.writers > 64) {
+        throw invalid_argument("kvtier: writers " + std::to_string(c.writers) +
+                               " is out of range 1..64");
+      }
+      return c.writers;
+    } else {
+      return 1;
+    }
+  }
+  template <class Config>
+  static std::uint32_t admit_after_of(const Config& c) {
+    if constexpr (requires { c.admit_after_hits; }) {
+      if (c.admit_after_hits > 255) {
+        throw invalid_argument("kvtier: admit_after_hits " + std::to_string(c.admit_after_hits) +
+                               " is above 255");
+      }
+      return static_cast<std::uint32_t>(c.admit_after_hits);
+    } else {
+      return 0;
+    }
+  }
+
+  std::unique_ptr<first_impl> first_;
+  std::tuple<std::unique_ptr<typename Lower::template impl<Eviction>>...> lower_;
+  std::array<index_type*, tier_count> index_{};  // nullptr for a remote tier
+  std::array<std::uint32_t, tier_count> admit_{};
+  std::array<std::size_t, tier_count> writers_{};
+  std::uint8_t lower_mask_ = 0;
+};
+
+}  // namespace kvtier::detail
