@@ -123,16 +123,16 @@ inline std::vector<kvtier::token_id> concat(std::vector<kvtier::token_id> a,
   return a;
 }
 
-/// A scratch directory for the example's files: argv[1], or one under the system's temporary
-/// directory, removed at the end.
+/// A scratch directory for the example's files: `given` when not null, else one under the
+/// system's temporary directory, removed at the end.
 struct scratch_dir {
   std::filesystem::path path;
   bool own;
-  scratch_dir(int argc, char** argv, const char* name)
-      : path(argc > 1 ? std::filesystem::path(argv[1])
-                      : std::filesystem::temp_directory_path() /
-                            (std::string(name) + "-" + std::to_string(::getpid()))),
-        own(argc <= 1) {}
+  scratch_dir(const char* given, const char* name)
+      : path(given ? std::filesystem::path(given)
+                   : std::filesystem::temp_directory_path() /
+                         (std::string(name) + "-" + std::to_string(::getpid()))),
+        own(given == nullptr) {}
   ~scratch_dir() {
     if (own) std::filesystem::remove_all(path);
   }

@@ -200,7 +200,7 @@ std::size_t objects_in(const std::filesystem::path& d) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  example::scratch_dir dir(argc, argv, "kvtier-custom-tier");
+  example::scratch_dir dir(argc > 1 ? argv[1] : nullptr, "kvtier-custom-tier");
   const auto objects = dir.fresh("objects");
   const kvtier::salt salt{.model_id = "example/custom-tier@1", .kv_dtype = "bf16"};
   example::checks check("custom_tier");
