@@ -40,65 +40,69 @@ class paged_kv {
   /// filled from a hash of the token's whole prefix, as a real model's KV depends on it.
   void compute(const std::vector<kvtier::token_id>& tokens, kvtier::block_table table,
                std::size_t begin, std::size_t end) {
-    visit(tokens, table, begin, end, [](std::uint64_t* row, std::uint64_t want) { *row = want; });
+    expected(tokens, table, begin, end, [](std::uint64_t& w, std::uint64_t want) { w = want; });
   }
   /// True when tokens [begin, end) in the blocks of `table` hold exactly what compute() writes.
   bool matches(const std::vector<kvtier::token_id>& tokens, kvtier::block_table table,
                std::size_t begin, std::size_t end) {
     bool same = true;
-    visit(tokens, table, begin, end,
-          [&](std::uint64_t* row, std::uint64_t want) { same = same && *row == want; });
+    expected(tokens, table, begin, end,
+             [&](std::uint64_t& w, std::uint64_t want) { same = same && w == want; });
     return same;
   }
   /// Overwrites every block, as if the engine had reused its memory for other requests.
   void scribble() {
     for (auto& l : layers_) std::memset(l.data(), 0xA5, l.size());
   }
+  /// Overwrites tokens [begin, end) of `table` the same way.
+  void scribble(kvtier::block_table table, std::size_t begin, std::size_t end) {
+    rows(table, begin, end, [](std::size_t, std::size_t, std::uint64_t& w) { w = poison; });
+  }
   /// True when tokens [begin, end) of `table` still hold what scribble() wrote.
   bool scribbled(kvtier::block_table table, std::size_t begin, std::size_t end) {
-    for (std::size_t l = 0; l < m_.layers; ++l)
-      for (std::size_t kv = 0; kv < 2; ++kv)
-        for (std::size_t t = begin; t < end; ++t)
-          for (std::size_t h = 0; h < m_.kv_heads; ++h) {
-            const std::byte* p = row(l, kv, table, t, h);
-            for (std::size_t i = 0; i < row_bytes(); ++i)
-              if (p[i] != std::byte{0xA5}) return false;
-          }
-    return true;
+    bool same = true;
+    rows(table, begin, end,
+         [&](std::size_t, std::size_t, std::uint64_t& w) { same = same && w == poison; });
+    return same;
   }
 
  private:
-  std::size_t row_bytes() const { return std::size_t{m_.head_size} * m_.dtype_size; }
-  // Head row (layer, K or V, token t of the request whose blocks are `table`, head h).
-  std::byte* row(std::size_t l, std::size_t kv, kvtier::block_table table, std::size_t t,
-                 std::size_t h) {
-    const auto b = static_cast<std::size_t>(table[t / m_.block_size]);
-    const std::size_t slot = t % m_.block_size;
-    const std::size_t nb = static_cast<std::size_t>(blocks_);
-    const std::size_t elem = (((kv * nb + b) * m_.block_size + slot) * m_.kv_heads + h);
-    return layers_[l].data() + elem * row_bytes();
-  }
+  static constexpr std::uint64_t poison = 0xA5A5A5A5A5A5A5A5ull;
   static std::uint64_t mix(std::uint64_t x) {  // splitmix64's finalizer
     x += 0x9E3779B97F4A7C15ull;
     x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
     x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
     return x ^ (x >> 31);
   }
+  // f(token, which, word) for every 8-byte word of tokens [begin, end) in the blocks of `table`;
+  // `which` numbers the word within the token's KV (layer, K/V, head, position in the row).
   template <class F>
-  void visit(const std::vector<kvtier::token_id>& tokens, kvtier::block_table table,
-             std::size_t begin, std::size_t end, F&& f) {
-    std::uint64_t prefix = 0;
-    for (std::size_t t = 0; t < end; ++t) {
-      prefix = mix(prefix ^ static_cast<std::uint32_t>(tokens[t]));
-      if (t < begin) continue;
-      for (std::size_t l = 0; l < m_.layers; ++l)
-        for (std::size_t kv = 0; kv < 2; ++kv)
-          for (std::size_t h = 0; h < m_.kv_heads; ++h) {
-            auto* p = reinterpret_cast<std::uint64_t*>(row(l, kv, table, t, h));
-            const std::uint64_t seed = mix(prefix + ((l * 2 + kv) * m_.kv_heads + h));
-            for (std::size_t i = 0; i < row_bytes() / 8; ++i) f(p + i, mix(seed + i));
+  void rows(kvtier::block_table table, std::size_t begin, std::size_t end, F&& f) {
+    const std::size_t words = std::size_t{m_.head_size} * m_.dtype_size / 8;
+    const auto nb = static_cast<std::size_t>(blocks_);
+    for (std::size_t l = 0; l < m_.layers; ++l)
+      for (std::size_t kv = 0; kv < 2; ++kv)
+        for (std::size_t t = begin; t < end; ++t) {
+          const auto b = static_cast<std::size_t>(table[t / m_.block_size]);
+          const std::size_t slot = ((kv * nb + b) * m_.block_size + t % m_.block_size);
+          auto* w =
+              reinterpret_cast<std::uint64_t*>(layers_[l].data()) + slot * m_.kv_heads * words;
+          for (std::size_t i = 0; i < m_.kv_heads * words; ++i) {
+            f(t, ((l * 2 + kv) * m_.kv_heads * words + i), w[i]);
           }
+        }
+  }
+  // f(word, want) with what compute() writes into each word of tokens [begin, end).
+  template <class F>
+  void expected(const std::vector<kvtier::token_id>& tokens, kvtier::block_table table,
+                std::size_t begin, std::size_t end, F&& f) {
+    std::vector<std::uint64_t> prefix(end + 1, 0);  // prefix[t + 1]: hash of tokens [0, t]
+    for (std::size_t t = 0; t < end; ++t) {
+      prefix[t + 1] = mix(prefix[t] ^ static_cast<std::uint32_t>(tokens[t]));
     }
+    rows(table, begin, end, [&](std::size_t t, std::size_t which, std::uint64_t& w) {
+      f(w, mix(prefix[t + 1] + which));
+    });
   }
 
   kvtier::model_shape m_;

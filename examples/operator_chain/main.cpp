@@ -34,6 +34,7 @@ cache_t::tier_configs operator_tiers(const std::filesystem::path& disk, const st
   host.capacity_bytes = std::size_t{4} << 20;  // the slab: 16 chunks here; tens of GiB in use
   host.lock_memory = false;                    // true: mlock it (needs RLIMIT_MEMLOCK)
   host.prefault = true;                        // touch every page now, not on the first stores
+  host.memory = nullptr;  // the engine's std::pmr::memory_resource (examples/engine_allocator)
 
   auto& ssd = std::get<1>(t);
   ssd.path = disk;                             // a directory on local NVMe
@@ -51,7 +52,7 @@ cache_t::tier_configs operator_tiers(const std::filesystem::path& disk, const st
   auto& net = std::get<2>(t);
   net.nodes = {redis};                // "host:port"; for a Redis Cluster: seed nodes, and
   net.cluster = false;                //   cluster = true
-  net.connections = 4;                // pool per server: engine threads + writers + prefetch
+  net.connections = 4;                // pool per server, shared by engine threads and writers
   net.timeout = 200ms;                // connect and each reply; past it the server is "down"
   net.backoff_min = 20ms;             // a down server is skipped this long, doubling up to
   net.backoff_max = 2000ms;           //   backoff_max, then tried again
@@ -64,10 +65,11 @@ cache_t::tier_configs operator_tiers(const std::filesystem::path& disk, const st
 
 kvtier::cache_config operator_config() {
   kvtier::cache_config c;
-  c.max_tokens = 32768;        // the longest prompt the engine accepts
-  c.max_inflight = 64;         // live leases + concurrent calls; beyond it a miss (stats().busy)
-  c.write_queue_depth = 1024;  // chunks queued per lower tier; when full writes drop (counted)
-  c.prefetch_queue_depth = 256;
+  c.max_tokens = 32768;          // the longest prompt the engine accepts
+  c.max_inflight = 64;           // live leases + concurrent calls; beyond it a miss (stats().busy)
+  c.write_queue_depth = 1024;    // chunks queued per lower tier; when full writes drop (counted)
+  c.prefetch_queue_depth = 256;  // chunks prefetch() may have queued for loading
+  c.store_partial_tail = false;  // true: also the last, partial chunk (a hit only when exact)
   // write_through: a lower tier gets a chunk when it is stored (or admitted). write_back: when
   // the host tier evicts it, and on flush(): less traffic, but a crash loses what was owed.
   const char* mode = std::getenv("KVTIER_WRITE_MODE");
