@@ -19,6 +19,7 @@
 #include <cerrno>
 #include <fstream>
 #include <numeric>
+#include <type_traits>
 
 // ---- the tier -------------------------------------------------------------------------------
 
@@ -87,9 +88,10 @@ struct object_store {
     std::size_t remove_all() {
       std::size_t n = 0;
       std::error_code ec;
-      for (const auto& e : std::filesystem::directory_iterator(dir_, ec)) {
-        const bool is_object = e.path().filename().string().size() == 32;  // not a ".tmp"
-        if (is_object && ::unlink(e.path().c_str()) == 0) ++n;
+      for (std::filesystem::directory_iterator it(dir_, ec), end; !ec && it != end;
+           it.increment(ec)) {
+        const bool is_object = it->path().filename().string().size() == 32;  // not a ".tmp"
+        if (is_object && ::unlink(it->path().c_str()) == 0) ++n;
       }
       return n;
     }

@@ -63,9 +63,11 @@ class block_manager {
     const request* donor = nullptr;
     std::size_t shared_chunks = 0;
     for (const request& o : live_) {
-      std::size_t c = 0;
-      while (&o != &r && c < std::min(o.tokens.size(), n) && o.tokens[c] == r.tokens[c]) ++c;
-      if (c / chunk > shared_chunks) donor = &o, shared_chunks = c / chunk;
+      if (&o == &r) continue;
+      const auto [end, _] =
+          std::mismatch(o.tokens.begin(), o.tokens.end(), r.tokens.begin(), r.tokens.end());
+      const auto c = static_cast<std::size_t>(end - o.tokens.begin()) / chunk;
+      if (c > shared_chunks) donor = &o, shared_chunks = c;
     }
     for (std::size_t i = 0; i < shared_chunks * chunk / bs; ++i) {
       r.table.push_back(donor->table[i]);
