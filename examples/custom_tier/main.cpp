@@ -169,8 +169,8 @@ struct object_store {
     std::atomic<std::uint64_t> seq_{0};
   };
 };
-// The concept for lower tiers is still to come in kvtier; once it is there:
-// static_assert(kvtier::tier::lower_tier<object_store::impl<kvtier::eviction::lru>>);
+// The cache checks this too where it is instantiated; here a missing member fails at its tier.
+static_assert(kvtier::tier::remote_lower_tier<object_store::impl<kvtier::eviction::lru>>);
 
 // ---- the engine -----------------------------------------------------------------------------
 

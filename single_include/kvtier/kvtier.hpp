@@ -1217,6 +1217,7 @@ KVTIER_HOST_DEVICE inline void move_segment(const batch_plan& p, const segment& 
 // ---- end kvtier/transfer/batch_plan.hpp
 
 #include <chrono>
+#include <type_traits>
 #include <utility>
 
 namespace kvtier::detail {
@@ -1261,8 +1262,8 @@ class async_path {
              std::size_t layers)
       : chain_(chain), st_(st), ops_(ops), policy_(policy), layers_(layers) {
     if constexpr (enabled) {
-      async_.resize(ops.capacity());
-      pending_.reserve(ops.capacity());
+      s_.ops.resize(ops.capacity());
+      s_.pending.reserve(ops.capacity());
     }
   }
   ~async_path() {
@@ -1272,22 +1273,22 @@ class async_path {
   async_path& operator=(const async_path&) = delete;
 
   /// Sets what operation `op` does on completion. Under the lock.
-  void set_locked(std::uint32_t op, const async_op& a) noexcept { async_[op] = a; }
+  void set_locked(std::uint32_t op, const async_op& a) noexcept { s_.ops[op] = a; }
 
   /// Completes every pending operation whose copies have finished. Under the lock.
   void poll_locked() noexcept {
     if constexpr (enabled) {
       bool any = false;
-      for (std::size_t k = 0; k < pending_.size();) {
-        const std::uint32_t op = pending_[k];
+      for (std::size_t k = 0; k < s_.pending.size();) {
+        const std::uint32_t op = s_.pending[k];
         const auto s = chain_.first().transfers().poll(op);
         if (s == decltype(s)::pending) {
           ++k;
           continue;
         }
         complete_locked(op, s == decltype(s)::done);
-        pending_[k] = pending_.back();
-        pending_.pop_back();
+        s_.pending[k] = s_.pending.back();
+        s_.pending.pop_back();
         any = true;
       }
       if (any) {
@@ -1312,8 +1313,8 @@ class async_path {
   void synchronize() {
     if constexpr (enabled) {
       std::unique_lock lk(st_.mu);
-      while (!pending_.empty()) {
-        const std::uint32_t op = pending_.front();
+      while (!s_.pending.empty()) {
+        const std::uint32_t op = s_.pending.front();
         lk.unlock();
         chain_.first().transfers().wait(op);
         lk.lock();
@@ -1326,7 +1327,7 @@ class async_path {
   /// them: a failed or incomplete store is never visible), a retrieve releases its chunks; the
   /// slot is freed. Under the lock.
   void complete_locked(std::uint32_t op, bool ok) noexcept {
-    const async_op& a = async_[op];
+    const async_op& a = s_.ops[op];
     chunk_ref* rs = ops_.refs(op);
     if (!a.retrieve) {
       index_type& ix = chain_.first_index();
@@ -1422,8 +1423,8 @@ class async_path {
       const std::uint32_t o = std::exchange(op, no_op);
       const bool whole = next == p->layers_;
       std::lock_guard lk(p->st_.mu);
-      if (store) p->async_[o].ok = whole;
-      p->pending_.push_back(o);
+      if (store) p->s_.ops[o].ok = whole;
+      p->s_.pending.push_back(o);
       if (!whole) return 0;
       auto& s = p->st_.stats;
       if (store) {
@@ -1552,8 +1553,14 @@ class async_path {
   op_table& ops_;
   write_policy<Chain>& policy_;
   std::size_t layers_;
-  std::vector<async_op> async_;         // per operation slot
-  std::vector<std::uint32_t> pending_;  // operations whose copies may still run
+  // Per operation slot, and the operations whose copies may still run: only for an
+  // asynchronous first tier (nothing is ever pending otherwise).
+  struct storage {
+    std::vector<async_op> ops;
+    std::vector<std::uint32_t> pending;
+  };
+  struct no_storage {};
+  [[no_unique_address]] std::conditional_t<enabled, storage, no_storage> s_;
 };
 
 }  // namespace kvtier::detail
@@ -2473,7 +2480,6 @@ consteval bool check_lower_tier() {
 // ---- end kvtier/tier/concepts.hpp
 
 #include <tuple>
-#include <type_traits>
 
 namespace kvtier::detail {
 
@@ -3938,6 +3944,9 @@ struct host {
   };
 };
 
+// The cache checks each tier where it is instantiated; these say so where the tier is defined.
+static_assert(memory_tier<host::impl<eviction::lru>>);
+
 }  // namespace kvtier::tier
 // ---- end kvtier/tier/host.hpp
 
@@ -5349,6 +5358,8 @@ struct local_disk {
     std::size_t dropped_ = 0;
   };
 };
+
+static_assert(indexed_lower_tier<local_disk::impl<eviction::lru>>);
 
 }  // namespace kvtier::tier
 // ---- end kvtier/tier/local_disk.hpp

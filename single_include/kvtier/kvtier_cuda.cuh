@@ -831,6 +831,9 @@ struct basic_pinned_host {
 using device = basic_device<gpu::copy_engine::sm_kernel>;
 using pinned_host = basic_pinned_host<gpu::copy_engine::sm_kernel>;
 
+static_assert(memory_tier<device::impl<eviction::lru>>);
+static_assert(memory_tier<pinned_host::impl<eviction::lru>>);
+
 }  // namespace kvtier::tier
 // ---- end kvtier/cuda/tiers.cuh
 // ---- end kvtier/cuda.cuh

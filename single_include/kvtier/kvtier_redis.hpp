@@ -1042,5 +1042,7 @@ struct redis {
   };
 };
 
+static_assert(remote_lower_tier<redis::impl<eviction::lru>>);
+
 }  // namespace kvtier::tier
 // ---- end kvtier/tier/redis.hpp

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -63,8 +64,8 @@ class async_path {
              std::size_t layers)
       : chain_(chain), st_(st), ops_(ops), policy_(policy), layers_(layers) {
     if constexpr (enabled) {
-      async_.resize(ops.capacity());
-      pending_.reserve(ops.capacity());
+      s_.ops.resize(ops.capacity());
+      s_.pending.reserve(ops.capacity());
     }
   }
   ~async_path() {
@@ -74,22 +75,22 @@ class async_path {
   async_path& operator=(const async_path&) = delete;
 
   /// Sets what operation `op` does on completion. Under the lock.
-  void set_locked(std::uint32_t op, const async_op& a) noexcept { async_[op] = a; }
+  void set_locked(std::uint32_t op, const async_op& a) noexcept { s_.ops[op] = a; }
 
   /// Completes every pending operation whose copies have finished. Under the lock.
   void poll_locked() noexcept {
     if constexpr (enabled) {
       bool any = false;
-      for (std::size_t k = 0; k < pending_.size();) {
-        const std::uint32_t op = pending_[k];
+      for (std::size_t k = 0; k < s_.pending.size();) {
+        const std::uint32_t op = s_.pending[k];
         const auto s = chain_.first().transfers().poll(op);
         if (s == decltype(s)::pending) {
           ++k;
           continue;
         }
         complete_locked(op, s == decltype(s)::done);
-        pending_[k] = pending_.back();
-        pending_.pop_back();
+        s_.pending[k] = s_.pending.back();
+        s_.pending.pop_back();
         any = true;
       }
       if (any) {
@@ -114,8 +115,8 @@ class async_path {
   void synchronize() {
     if constexpr (enabled) {
       std::unique_lock lk(st_.mu);
-      while (!pending_.empty()) {
-        const std::uint32_t op = pending_.front();
+      while (!s_.pending.empty()) {
+        const std::uint32_t op = s_.pending.front();
         lk.unlock();
         chain_.first().transfers().wait(op);
         lk.lock();
@@ -128,7 +129,7 @@ class async_path {
   /// them: a failed or incomplete store is never visible), a retrieve releases its chunks; the
   /// slot is freed. Under the lock.
   void complete_locked(std::uint32_t op, bool ok) noexcept {
-    const async_op& a = async_[op];
+    const async_op& a = s_.ops[op];
     chunk_ref* rs = ops_.refs(op);
     if (!a.retrieve) {
       index_type& ix = chain_.first_index();
@@ -224,8 +225,8 @@ class async_path {
       const std::uint32_t o = std::exchange(op, no_op);
       const bool whole = next == p->layers_;
       std::lock_guard lk(p->st_.mu);
-      if (store) p->async_[o].ok = whole;
-      p->pending_.push_back(o);
+      if (store) p->s_.ops[o].ok = whole;
+      p->s_.pending.push_back(o);
       if (!whole) return 0;
       auto& s = p->st_.stats;
       if (store) {
@@ -354,8 +355,14 @@ class async_path {
   op_table& ops_;
   write_policy<Chain>& policy_;
   std::size_t layers_;
-  std::vector<async_op> async_;         // per operation slot
-  std::vector<std::uint32_t> pending_;  // operations whose copies may still run
+  // Per operation slot, and the operations whose copies may still run: only for an
+  // asynchronous first tier (nothing is ever pending otherwise).
+  struct storage {
+    std::vector<async_op> ops;
+    std::vector<std::uint32_t> pending;
+  };
+  struct no_storage {};
+  [[no_unique_address]] std::conditional_t<enabled, storage, no_storage> s_;
 };
 
 }  // namespace kvtier::detail

@@ -7,6 +7,8 @@
 #include "kvtier/cuda/transfers.cuh"
 #include "kvtier/detail/chunk_index.hpp"
 #include "kvtier/error.hpp"
+#include "kvtier/tier/concepts.hpp"
+#include "kvtier/eviction/lru.hpp"
 #include "kvtier/memory/region.hpp"
 #include "kvtier/memory/slab.hpp"
 #include "kvtier/tier/context.hpp"
@@ -193,5 +195,8 @@ struct basic_pinned_host {
 
 using device = basic_device<gpu::copy_engine::sm_kernel>;
 using pinned_host = basic_pinned_host<gpu::copy_engine::sm_kernel>;
+
+static_assert(memory_tier<device::impl<eviction::lru>>);
+static_assert(memory_tier<pinned_host::impl<eviction::lru>>);
 
 }  // namespace kvtier::tier

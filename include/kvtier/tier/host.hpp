@@ -3,6 +3,8 @@
 
 #include "kvtier/detail/chunk_index.hpp"
 #include "kvtier/error.hpp"
+#include "kvtier/tier/concepts.hpp"
+#include "kvtier/eviction/lru.hpp"
 #include "kvtier/memory/slab.hpp"
 #include "kvtier/tier/context.hpp"
 
@@ -49,5 +51,8 @@ struct host {
     memory::slab slab_;
   };
 };
+
+// The cache checks each tier where it is instantiated; these say so where the tier is defined.
+static_assert(memory_tier<host::impl<eviction::lru>>);
 
 }  // namespace kvtier::tier

@@ -6,6 +6,8 @@
 #include "kvtier/detail/io_engine.hpp"
 #include "kvtier/detail/record.hpp"
 #include "kvtier/error.hpp"
+#include "kvtier/tier/concepts.hpp"
+#include "kvtier/eviction/lru.hpp"
 #include "kvtier/memory/slab.hpp"
 #include "kvtier/tier/context.hpp"
 
@@ -323,5 +325,7 @@ struct local_disk {
     std::size_t dropped_ = 0;
   };
 };
+
+static_assert(indexed_lower_tier<local_disk::impl<eviction::lru>>);
 
 }  // namespace kvtier::tier

@@ -5,6 +5,8 @@
 // redis/cluster.hpp (servers and the slot map, MOVED/ASK), redis/record.hpp (a chunk's value).
 
 #include "kvtier/error.hpp"
+#include "kvtier/tier/concepts.hpp"
+#include "kvtier/eviction/lru.hpp"
 #include "kvtier/tier/context.hpp"
 #include "kvtier/tier/redis/cluster.hpp"
 #include "kvtier/tier/redis/connection.hpp"
@@ -380,5 +382,7 @@ struct redis {
     std::atomic<std::uint64_t> moved_{0}, ask_{0}, skipped_{0};
   };
 };
+
+static_assert(remote_lower_tier<redis::impl<eviction::lru>>);
 
 }  // namespace kvtier::tier
