@@ -2,7 +2,8 @@
 # Installs what kvtier's build, tests and examples need, from Debian packages, when missing.
 set -euo pipefail
 need=()
-for pkg in cmake make g++ python3 doctest-dev libboost-dev libxxhash-dev gnuplot-nox \
+# clang: the headers tests compile kvtier's public headers with clang++ as well as g++.
+for pkg in cmake make g++ clang python3 doctest-dev libboost-dev libxxhash-dev gnuplot-nox \
     liburing-dev libhiredis-dev redis-server; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
@@ -11,6 +12,7 @@ filtered=()
 for pkg in "${need[@]}"; do
   case "$pkg" in
     cmake|make|g++|python3) command -v "$pkg" >/dev/null 2>&1 || filtered+=("$pkg") ;;
+    clang) command -v clang++ >/dev/null 2>&1 || filtered+=("$pkg") ;;
     *) filtered+=("$pkg") ;;
   esac
 done

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Builds and runs kvtier's tests (installs missing Debian packages first); ends with ctest's
 # summary. KVTIER_SANITIZE=address,undefined (or thread) builds a sanitized copy in its own
-# directory; extra arguments go to ctest (e.g. -L host).
+# directory; KVTIER_BUILD_TYPE=Release (default RelWithDebInfo) builds at -O3, in build-release
+# unless KVTIER_BUILD_DIR names another; extra arguments go to ctest (e.g. -L host).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
 san=${KVTIER_SANITIZE:-}
-build=${KVTIER_BUILD_DIR:-build${san:+-${san//,/-}}}
-cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVTIER_SANITIZE="$san" >/dev/null
+type=${KVTIER_BUILD_TYPE:-RelWithDebInfo}
+# Each build type and sanitizer set has its own directory, so that switching never rebuilds.
+suffix=${san:+-${san//,/-}}
+[ "$type" = RelWithDebInfo ] || suffix="$suffix-${type,,}"
+build=${KVTIER_BUILD_DIR:-build$suffix}
+cmake -S . -B "$build" -DCMAKE_BUILD_TYPE="$type" -DKVTIER_SANITIZE="$san" >/dev/null
 cmake --build "$build" -j "$(nproc)"
 # ctest lists skipped tests (the gpu label, without a GPU) after its summary: the summary line is
 # printed again last, so the result is the last line whatever ran.

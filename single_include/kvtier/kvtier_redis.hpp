@@ -78,6 +78,8 @@ enum class outcome { ok, error, broken };
 /// goes from the socket into the first tier's slot with no copy in between. Only used for a
 /// batch whose every reply it reads, on a connection with nothing else pending.
 struct wire {
+  // The buffer is left unset (16 KiB per batch is not zeroed); fill() writes before reads.
+  explicit wire(int f) noexcept : fd(f) {}
   int fd;
   std::size_t pos = 0, len = 0;
   char buf[16384];

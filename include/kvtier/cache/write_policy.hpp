@@ -45,8 +45,9 @@ class write_policy {
   /// when the write completes) and the next victim is tried; when its queue is full it is evicted
   /// unwritten (a counted dropped write).
   index_entry* allocate_first_locked() noexcept {
-    return chain_.first_index().allocate(st_.stats.tiers[0].evictions, [this](index_entry& v) {
-      if constexpr (has_lower) {
+    auto& evicted = st_.stats.tiers[0].evictions;
+    if constexpr (has_lower) {
+      return chain_.first_index().allocate(evicted, [this](index_entry& v) {
         if (mode_ != write_mode::write_back || v.owed == 0) return false;
         bool kept = false;
         for (std::size_t t = 1; t < tier_count; ++t) {
@@ -58,11 +59,10 @@ class write_policy {
           }
         }
         return kept;
-      } else {
-        (void)v;
-        return false;
-      }
-    });
+      });
+    } else {
+      return chain_.first_index().allocate(evicted);
+    }
   }
 
   /// Store: finds or allocates first-tier entries for chunks [first, n) of keys `ks` (chunk i

@@ -156,7 +156,10 @@ KVTIER_HOST_DEVICE inline void move_segment(const batch_plan& p, const segment& 
     }
   };
   for (std::uint32_t base = lane; base < n; base += lanes * Unroll) {
-    V r[Unroll];
+    // Value-initialised: the store loop reads r[u] under the same `v < n` test as the load
+    // loop, which GCC -O3 cannot always pair up (-Wmaybe-uninitialized). A zero is never
+    // stored: a lane stores only the vectors it loaded.
+    V r[Unroll]{};
     KVTIER_UNROLL
     for (unsigned u = 0; u < Unroll; ++u) {
       const std::uint32_t v = base + u * lanes;

@@ -1,0 +1,119 @@
+// kvtier's public headers with the flags engines build with (ctest label "headers"): this file
+// is compiled, never run, by clang++ and g++ at -O3 -Wall -Wextra -Werror. It instantiates the
+// public templates and calls every call of each, because a template member that is never
+// instantiated is never checked, and -O3's flow-sensitive warnings (maybe-uninitialized,
+// array-bounds, stringop-*) only fire where code is generated. exercise<> is explicitly
+// instantiated and exercise_groups is not inline, so the compiler generates both whatever it
+// inlines. No aggregate here leaves a field to its default, so -Wmissing-field-initializers (in
+// -Wextra) checks kvtier's own aggregates only.
+#include <kvtier/kvtier.hpp>
+#if defined(KVTIER_HEADERS_REDIS)
+#include <kvtier/tier/redis.hpp>
+#endif
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+
+namespace o = kvtier::opt;
+namespace ly = kvtier::layout;
+namespace tr = kvtier::tier;
+
+// The README's cache: vLLM flash NHD, host then local disk.
+using nhd_disk_t = kvtier::cache<o::chunk_tokens<256>, o::layout<ly::vllm_flash_nhd>,
+                                 o::tiers<tr::host, tr::local_disk>>;
+// Head-major layout with the block size fixed at compile time, host only.
+using hnd_host_t =
+    kvtier::cache<o::layout<ly::flashinfer_hnd>, o::block_tokens<16>, o::chunk_tokens<64>>;
+// One-plane MLA latent, host then disk.
+using mla_disk_t = kvtier::cache<o::chunk_tokens<64>, o::layout<ly::mla_latent>,
+                                 o::tiers<tr::host, tr::local_disk>>;
+// Per-slot state pages, the usual companion group of a hybrid model.
+using state_t = kvtier::cache<o::chunk_tokens<64>, o::layout<ly::state_pages>>;
+using groups_t = kvtier::group_cache<mla_disk_t, state_t>;
+
+template class kvtier::cache<o::chunk_tokens<256>, o::layout<ly::vllm_flash_nhd>,
+                             o::tiers<tr::host, tr::local_disk>>;
+template class kvtier::cache<o::layout<ly::flashinfer_hnd>, o::block_tokens<16>,
+                             o::chunk_tokens<64>>;
+template class kvtier::cache<o::chunk_tokens<64>, o::layout<ly::mla_latent>,
+                             o::tiers<tr::host, tr::local_disk>>;
+template class kvtier::group_cache<mla_disk_t, state_t>;
+#if defined(KVTIER_HEADERS_REDIS)
+// The Redis tier below the disk.
+using redis_t = kvtier::cache<o::chunk_tokens<256>, o::layout<ly::vllm_flash_nhd>,
+                              o::tiers<tr::host, tr::local_disk, tr::redis>>;
+template class kvtier::cache<o::chunk_tokens<256>, o::layout<ly::vllm_flash_nhd>,
+                             o::tiers<tr::host, tr::local_disk, tr::redis>>;
+#endif
+
+namespace headers {
+
+// Every call of one cache, in the order an engine makes them.
+template <class Cache>
+std::size_t exercise(const kvtier::model_shape& model, const typename Cache::tier_configs& tiers,
+                     const kvtier::cache_config& cfg, const kvtier::engine_kv& kv,
+                     kvtier::block_table table, std::span<const kvtier::token_id> tokens,
+                     std::span<kvtier::chunk_key> keys) {
+  Cache c(model, kvtier::salt{"headers", "bf16", 0, 1, ""}, tiers, cfg);
+  std::size_t n = c.store(tokens, kv, table);
+  n += c.chunk_count(tokens.size());
+  n += c.keys(tokens, keys);
+  n += c.prefetch(tokens);
+  auto hit = c.lookup(tokens);
+  n += hit.tokens();
+  n += c.retrieve(hit, kv, table);
+  auto again = c.lookup(tokens, 1);
+  c.release(again);
+  n += c.pin(tokens);
+  n += c.unpin(tokens);
+  c.flush();
+  n += c.clear(tokens);
+  n += c.clear();
+  const auto s = c.stats();
+  n += static_cast<std::size_t>(s.tiers[0].hits);
+  return n;
+}
+
+template std::size_t exercise<nhd_disk_t>(const kvtier::model_shape&,
+                                          const nhd_disk_t::tier_configs&,
+                                          const kvtier::cache_config&, const kvtier::engine_kv&,
+                                          kvtier::block_table, std::span<const kvtier::token_id>,
+                                          std::span<kvtier::chunk_key>);
+template std::size_t exercise<hnd_host_t>(const kvtier::model_shape&,
+                                          const hnd_host_t::tier_configs&,
+                                          const kvtier::cache_config&, const kvtier::engine_kv&,
+                                          kvtier::block_table, std::span<const kvtier::token_id>,
+                                          std::span<kvtier::chunk_key>);
+template std::size_t exercise<mla_disk_t>(const kvtier::model_shape&,
+                                          const mla_disk_t::tier_configs&,
+                                          const kvtier::cache_config&, const kvtier::engine_kv&,
+                                          kvtier::block_table, std::span<const kvtier::token_id>,
+                                          std::span<kvtier::chunk_key>);
+
+// Every call of a group cache: an MLA group (full attention) and a state group (a window).
+std::size_t exercise_groups(const kvtier::group<mla_disk_t>& mla,
+                            const kvtier::group<state_t>& state,
+                            std::span<const kvtier::engine_kv> kvs,
+                            std::span<const kvtier::block_table> tables,
+                            std::span<const kvtier::token_id> tokens,
+                            std::span<const std::size_t> first_tokens) {
+  groups_t g(kvtier::salt{"headers", "bf16", 0, 1, ""}, mla, state);
+  std::size_t n = g.store(tokens, kvs, tables, first_tokens);
+  auto hit = g.lookup(tokens);
+  n += hit.tokens();
+  n += g.retrieve(hit, kvs, tables);
+  n += g.cache<0>().pin(tokens);
+  n += g.rule(1).window_tokens;
+  g.flush();
+  return n;
+}
+
+#if defined(KVTIER_HEADERS_REDIS)
+template std::size_t exercise<redis_t>(const kvtier::model_shape&, const redis_t::tier_configs&,
+                                       const kvtier::cache_config&, const kvtier::engine_kv&,
+                                       kvtier::block_table, std::span<const kvtier::token_id>,
+                                       std::span<kvtier::chunk_key>);
+#endif
+
+}  // namespace headers
