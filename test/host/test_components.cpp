@@ -145,8 +145,10 @@ struct rig {
         policy(chain, st, writers, m),
         promoter(chain, st, policy, fmt) {}
 
-  // Stores chunk `k` in the first tier, its bytes all `fill`, as store() does.
-  d::index_entry* put(const chunk_key& k, std::byte fill) {
+  // Puts chunk `k` in the first tier, its bytes all `fill`. `stored`: as store() does (the
+  // write policy hears of it, and the writers are woken after); else as a promotion or a
+  // prefetch allocates (under the lock, no notify after). nullptr when nothing is evictable.
+  d::index_entry* put(const chunk_key& k, std::byte fill, bool stored = true) {
     std::unique_lock lk(st.mu);
     d::index_entry* e = policy.allocate_first_locked();
     if (e == nullptr) return nullptr;
@@ -154,10 +156,10 @@ struct rig {
     ix.insert_writing(*e, k, chunk_tokens);
     std::memset(chain.first().data(ix.slot(*e)), static_cast<int>(fill), fmt.chunk_bytes());
     ix.publish(*e);
-    policy.on_stored_locked(*e);
+    if (stored) policy.on_stored_locked(*e);
     ix.unref(*e);
     lk.unlock();
-    policy.notify();
+    if (stored) policy.notify();
     return e;
   }
   void flush() {
@@ -369,9 +371,15 @@ TEST_CASE("write_policy: write-back writes a chunk when evicted, then frees its 
   w.put(key(0), std::byte(1));
   w.put(key(1), std::byte(2));
   CHECK(w.st.stats.tiers[1].writes == 0);
+  std::this_thread::sleep_for(50ms);  // the writer is asleep: only a notify wakes it
   // A third chunk: the LRU victim (chunk 0) still owes the lower tier, so it is queued instead
-  // and the next victim (chunk 1, also owed) too: nothing is free until a write completes.
-  CHECK(w.put(key(2), std::byte(3)) == nullptr);
+  // and the next victim (chunk 1, also owed) too: nothing is free until a write completes. The
+  // allocation itself wakes the writer (a promotion or prefetch allocating notifies no one).
+  CHECK(w.put(key(2), std::byte(3), false) == nullptr);
+  for (int i = 0; i < 500 && !w.stored_remote(key(1), std::byte(2)); ++i) {
+    std::this_thread::sleep_for(10ms);
+  }
+  REQUIRE(w.stored_remote(key(1), std::byte(2)));  // else the writer was never woken
   {
     std::unique_lock lk(w.st.mu);
     w.writers.wait_idle(lk);

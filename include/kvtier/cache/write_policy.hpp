@@ -58,6 +58,9 @@ class write_policy {
             ++st_.stats.tiers[t].dropped_writes;
           }
         }
+        // Wake the writers now: the caller may be a promotion or a prefetch, which notify no
+        // one, and the victim's slot frees only once its write is done.
+        if (kept) writers_.notify();
         return kept;
       });
     } else {
