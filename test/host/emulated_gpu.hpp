@@ -13,6 +13,7 @@
 #include <deque>
 #include <mutex>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace test {
@@ -128,6 +129,7 @@ struct emulated_gpu {
       ops_[op].st = state::pending;
       ops_[op].stream = o.stream;
       ++begun;
+      log.push_back({op, 'b', o.stream});
     }
     template <class ChunkAt>
     void stage(std::uint32_t op, const kvtier::layout::ref& eng, std::span<void* const> tensors,
@@ -155,18 +157,21 @@ struct emulated_gpu {
       s.vb = kvtier::transfer::vector_bytes(eng, tensors.data(), tensors.size(), 4096);
       staged_chunks += count;
     }
-    void join(std::uint32_t) {
+    void join(std::uint32_t op) {
       std::lock_guard lk(mu_);
       ++joins;
+      log.push_back({op, 'j', ops_[op].stream});
     }
     void copy(std::uint32_t op, std::uint32_t l0, std::uint32_t l1) {
       std::lock_guard lk(mu_);
       queue_.push_back({op, l0, l1, false});
+      log.push_back({op, 'c', ops_[op].stream});
     }
     event_type layer_signal(std::uint32_t op, std::uint32_t l) { return &ops_[op].layer_marks[l]; }
     void end(std::uint32_t op) {
       std::lock_guard lk(mu_);
       queue_.push_back({op, 0, 0, true});
+      log.push_back({op, 'e', ops_[op].stream});
     }
     void cancel(std::uint32_t op) noexcept {
       std::lock_guard lk(mu_);
@@ -197,6 +202,28 @@ struct emulated_gpu {
     bool fail_stage = false;
     void* reject = nullptr;
     std::size_t begun = 0, joins = 0, staged_chunks = 0, batches = 0;
+    /// What the cache asked of the copy streams, in order: per operation, begin ('b'), join
+    /// ('j': the copy stream waits for the engine's stream as of now), copy ('c'), end ('e'),
+    /// with the engine stream of the operation's order. Tests read the ordering from it.
+    struct step {
+      std::uint32_t op;
+      char what;
+      int stream;
+    };
+    std::vector<step> log;
+    /// The steps of the last operation begun, as a string ("bjcce").
+    std::string last_op_steps() {
+      std::lock_guard lk(mu_);
+      std::size_t b = log.size();
+      while (b > 0 && log[b - 1].what != 'b') --b;
+      if (b == 0) return {};
+      const std::uint32_t op = log[b - 1].op;
+      std::string out;
+      for (std::size_t i = b - 1; i < log.size(); ++i) {
+        if (log[i].op == op) out += log[i].what;
+      }
+      return out;
+    }
 
    private:
     struct item {

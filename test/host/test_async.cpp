@@ -234,6 +234,39 @@ TEST_CASE("a retrieve keeps its chunks from eviction until its copy has complete
   cache.synchronize();  // the engine's tensors must outlive the copies that read them
 }
 
+TEST_CASE("a retrieve's copy waits for the engine's stream as of the call, once") {
+  // Kernels the engine queued before retrieve() may still use the blocks it loads into (blocks
+  // a request that is still running just freed, a store still copying from them): the copy must
+  // start after them. A store waits for the engine's stream too (the KV it reads is computed).
+  using L = ly::vllm_flash_nhd;
+  const auto m = model_for<L>();
+  emu_cache<L> cache(m, test::small_salt, {{std::size_t{1} << 20}});
+  test::engine<L> eng(m, 32, 1), dst(m, 32, 2);
+  const auto toks = test::tokens(32, 1);
+  const auto bt = test::shuffled_table(8, 32, 3), bt2 = test::shuffled_table(8, 32, 4);
+  auto& x = cache.tier<0>().transfers();
+  REQUIRE(cache.store(toks, eng.kv(), bt, test::emu_order{3}) == 32);
+  CHECK(x.last_op_steps() == "bjce");  // begin, wait for the engine, copy, end
+  x.run();
+  auto l = cache.lookup(toks);
+  REQUIRE(cache.retrieve(l, dst.kv(), bt2, test::emu_order{4}) == 32);
+  CHECK(x.last_op_steps() == "bjce");
+  CHECK(x.log[x.log.size() - 3].what == 'j');
+  CHECK(x.log[x.log.size() - 3].stream == 4);  // the order's stream, not another
+  x.run();
+  CHECK(test::same_tokens(eng, bt, dst, bt2, 0, 32));
+  // Layer by layer: one wait when the retrieve begins, before any copy, and none per layer
+  // (the copy of layer l+1 must not wait for the engine's compute of layer l).
+  auto l2 = cache.lookup(toks);
+  auto p = cache.begin_retrieve(l2, dst.kv(), bt2, test::emu_order{5});
+  CHECK(x.last_op_steps() == "bj");
+  for (std::size_t layer = 0; layer < m.layers; ++layer) p.retrieve_layer(layer);
+  CHECK(p.finish() == 32);
+  CHECK(x.last_op_steps() == "bj" + std::string(m.layers, 'c') + "e");
+  x.run();
+  CHECK(test::same_tokens(eng, bt, dst, bt2, 0, 32));
+}
+
 TEST_CASE_TEMPLATE("layer-wise pipelines copy layer by layer, in order, whole or not at all", L,
                    ly::vllm_flash_nhd, ly::vllm_flash_hnd, ly::mla_latent) {
   const auto m = model_for<L>();

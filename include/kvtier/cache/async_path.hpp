@@ -320,8 +320,12 @@ class async_path {
   };
 
   /// Starts operation `op`'s batch in direction `w` ordered by `o`, staging `n` chunks
-  /// (`chunk(i)` gives the i-th one's staged_chunk). On failure the operation ends as failed and
-  /// the error propagates.
+  /// (`chunk(i)` gives the i-th one's staged_chunk). A retrieve's copies are ordered here, once,
+  /// after the work already on the engine's stream: they write into engine blocks that kernels
+  /// queued before the call may still read or write (blocks a finished request just freed, a
+  /// store still copying from them). A store joins the engine's stream at each layer it copies
+  /// (after the KV it reads is computed). On failure the operation ends as failed and the error
+  /// propagates.
   template <class View, class Tensors, class Table, class Chunk>
   void stage(pipeline_state& p, transfer::way w, const order_type& o, const View& v,
              const Tensors& tensors, Table table, std::size_t n, Chunk&& chunk) {
@@ -329,6 +333,7 @@ class async_path {
     try {
       x.begin(p.op, w, o);
       x.stage(p.op, v.resolved(), tensors, table, n, chunk);
+      if (w == transfer::way::to_engine) x.join(p.op);
     } catch (...) {
       p.fail();
       throw;
