@@ -476,7 +476,7 @@ TEST_CASE("prefetcher: queued chunks arrive in the first tier in the background"
   pf.notify();
   CHECK(started == 2 * chunk_tokens);  // the queue holds 2: the third is dropped, counted
   CHECK(r.st.stats.prefetch_dropped == 1);
-  for (int i = 0; i < 500 && !(r.in_first(key(0)) && r.in_first(key(1))); ++i) {
+  for (int i = 0; i < 2500 && !(r.in_first(key(0)) && r.in_first(key(1))); ++i) {
     std::this_thread::sleep_for(2ms);
   }
   CHECK(r.in_first(key(0)));
