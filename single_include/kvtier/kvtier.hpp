@@ -2023,7 +2023,8 @@ class prefetcher {
              const layout::chunk_format& f, std::size_t depth)
       : chain_(chain), st_(st), policy_(policy), promoter_(prom), format_(f) {
     if constexpr (Chain::has_lower) {
-      ring_.resize(depth);
+      ring_ = std::make_unique<job[]>(depth);
+      depth_ = depth;
       reader_ = std::thread([this] { loop(); });
     }
   }
@@ -2064,7 +2065,7 @@ class prefetcher {
       }
       if (low == nullptr) t = remote;
       if (t == tier_count) break;  // no tier below can hold it: the cached prefix ends here
-      if (count_ == ring_.size()) {
+      if (count_ == depth_) {
         ++st_.stats.prefetch_dropped;
         break;
       }
@@ -2076,8 +2077,8 @@ class prefetcher {
       const std::size_t ntok = tokens_at(i);
       first.insert_writing(*e, ks[i], static_cast<std::uint32_t>(ntok));
       if (low != nullptr) chain_.index(t)->ref(*low);
-      ring_[(head_ + count_) % ring_.size()] = {
-          first.slot(*e), low ? chain_.index(t)->slot(*low) : 0, static_cast<std::uint8_t>(t)};
+      ring_[(head_ + count_) % depth_] = {first.slot(*e), low ? chain_.index(t)->slot(*low) : 0,
+                                          static_cast<std::uint8_t>(t)};
       ++count_;
       started += ntok;
     }
@@ -2105,7 +2106,7 @@ class prefetcher {
       const std::uint8_t t = ring_[head_].tier;
       while (count_ > 0 && n < window && ring_[head_].tier == t) {
         pj[n] = ring_[head_];
-        head_ = (head_ + 1) % ring_.size();
+        head_ = (head_ + 1) % depth_;
         --count_;
         const index_entry& e = first.at(pj[n].hslot);
         jobs[n] = {pj[n].lslot, e.key, e.tokens, chain_.first().data(pj[n].hslot),
@@ -2133,7 +2134,8 @@ class prefetcher {
   write_policy<Chain>& policy_;
   promoter<Chain>& promoter_;
   const layout::chunk_format format_;
-  std::vector<job> ring_;
+  std::unique_ptr<job[]> ring_;  // (not a vector: GCC 12 -O3 misreads its resize)
+  std::size_t depth_ = 0;
   std::size_t head_ = 0, count_ = 0;
   std::condition_variable cv_;  // prefetch work or stop
   std::thread reader_;

@@ -222,8 +222,7 @@ TEST_CASE("chunker: counts, chained keys, partial tails and bad salts") {
   std::array<chunk_key, 2> small{};
   CHECK_THROWS_WITH_AS(whole.keys(t, small), test::contains("holds 2 keys"),
                        kvtier::invalid_argument);
-  kvtier::salt other = test::small_salt;
-  other.tenant = "b";
+  kvtier::salt other{"test-model", "bf16", 0, 1, "b"};  // small_salt, another tenant
   CHECK(ch(other, fmt, false).salt_key() != whole.salt_key());
   other.tp_rank = 1;
   CHECK_THROWS_WITH_AS(ch(other, fmt, false), test::contains("tp_rank 1"),
