@@ -232,6 +232,10 @@ struct cache_stats {
 
 namespace kvtier::detail {
 
+/// Chunks one batch of lower-tier I/O takes at most (a write, a promotion, a prefetch read):
+/// the parts' job arrays on the stack are this long.
+inline constexpr std::size_t batch_chunks = 16;
+
 template <std::size_t Tiers>
 struct cache_state {
   mutable std::mutex mu;
@@ -498,7 +502,8 @@ class writers {
   using state_type = cache_state<tier_count>;
 
  public:
-  static constexpr std::size_t window = 16;  ///< chunks one write_batch call takes at most
+  static constexpr std::size_t window =
+      batch_chunks;  ///< chunks one write_batch call takes at most
 
   /// Starts each lower tier's threads; each queue holds `depth` chunks.
   writers(Chain& chain, state_type& st, const layout::chunk_format& f, std::size_t depth)
@@ -1851,7 +1856,7 @@ class promoter {
   using state_type = cache_state<tier_count>;
 
  public:
-  static constexpr std::size_t window = 16;  ///< chunks promoted per batch at most
+  static constexpr std::size_t window = batch_chunks;  ///< chunks promoted per batch at most
 
   promoter(Chain& chain, state_type& st, write_policy<Chain>& policy,
            const layout::chunk_format& f) noexcept
@@ -2016,7 +2021,7 @@ class prefetcher {
   using state_type = cache_state<tier_count>;
 
  public:
-  static constexpr std::size_t window = 16;  ///< chunks one read batch takes at most
+  static constexpr std::size_t window = batch_chunks;  ///< chunks one read batch takes at most
 
   /// Starts the reader thread (when the chain has lower tiers); the queue holds `depth` chunks.
   prefetcher(Chain& chain, state_type& st, write_policy<Chain>& policy, promoter<Chain>& prom,

@@ -29,7 +29,7 @@ class prefetcher {
   using state_type = cache_state<tier_count>;
 
  public:
-  static constexpr std::size_t window = 16;  ///< chunks one read batch takes at most
+  static constexpr std::size_t window = batch_chunks;  ///< chunks one read batch takes at most
 
   /// Starts the reader thread (when the chain has lower tiers); the queue holds `depth` chunks.
   prefetcher(Chain& chain, state_type& st, write_policy<Chain>& policy, promoter<Chain>& prom,

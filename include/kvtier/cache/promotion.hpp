@@ -26,7 +26,7 @@ class promoter {
   using state_type = cache_state<tier_count>;
 
  public:
-  static constexpr std::size_t window = 16;  ///< chunks promoted per batch at most
+  static constexpr std::size_t window = batch_chunks;  ///< chunks promoted per batch at most
 
   promoter(Chain& chain, state_type& st, write_policy<Chain>& policy,
            const layout::chunk_format& f) noexcept

@@ -10,6 +10,10 @@
 
 namespace kvtier::detail {
 
+/// Chunks one batch of lower-tier I/O takes at most (a write, a promotion, a prefetch read):
+/// the parts' job arrays on the stack are this long.
+inline constexpr std::size_t batch_chunks = 16;
+
 template <std::size_t Tiers>
 struct cache_state {
   mutable std::mutex mu;

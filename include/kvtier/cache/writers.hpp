@@ -26,7 +26,8 @@ class writers {
   using state_type = cache_state<tier_count>;
 
  public:
-  static constexpr std::size_t window = 16;  ///< chunks one write_batch call takes at most
+  static constexpr std::size_t window =
+      batch_chunks;  ///< chunks one write_batch call takes at most
 
   /// Starts each lower tier's threads; each queue holds `depth` chunks.
   writers(Chain& chain, state_type& st, const layout::chunk_format& f, std::size_t depth)
