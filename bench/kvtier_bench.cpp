@@ -14,10 +14,13 @@
 //   256,...]
 //                         [--disk-chunks 0] [--chunk 256] [--prefill-tps 10000] [--truncate 4096]
 //                         [--sessions 8 --rounds 6 --docs 12 --doc-tokens 6000 ...] [--seed 1]
+//   kvtier-bench shared   [--tokens 131072] [--keys 32] [--iters 5] [--lookups 50]
+//                         [--layers 8 --heads 8 --head-size 128 --dtype-size 2 --block 16]
 //   every subcommand:     [--json] [--plot out.png]
 #include "common.hpp"
 #include "disk_cmd.hpp"
 #include "lookup_cmd.hpp"
+#include "shared_cmd.hpp"
 #include "tier.hpp"
 #include "workload.hpp"
 
@@ -52,7 +55,7 @@ void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::f
 
 namespace {
 const char* usage =
-    "usage: kvtier-bench tier|disk|lookup|workload [options] [--json] [--plot out.png]\n"
+    "usage: kvtier-bench tier|disk|lookup|shared|workload [options] [--json] [--plot out.png]\n"
     "  tier      store, lookup and load throughput and latency of a tier stack, against the\n"
     "            stack's limit (host: best contiguous copy; disk: raw O_DIRECT; redis: raw\n"
     "            pipelined hiredis SET/GET) in the same run\n"
@@ -60,6 +63,8 @@ const char* usage =
     "            same file, interleaved\n"
     "  lookup    hashing and lookup latency for 1k-128k-token prompts, 0/50/100 % cached;\n"
     "            per-chunk overhead, heap allocations per operation, metadata per chunk\n"
+    "  shared    the shared host tier from another process: lookup of a cached prompt and\n"
+    "            loads, against tier::host in-process and memcpy, interleaved\n"
     "  workload  trace-driven simulation (chat, chat-truncated, docqa, or a JSONL trace of\n"
     "            {\"tokens\": [...]} lines): hit ratio per tier, bytes moved, time to first token\n"
     "See docs/performance.md for every option.\n";
@@ -81,6 +86,8 @@ int main(int argc, char** argv) {
       bench::disk_command(a, json, plot);
     } else if (cmd == "lookup") {
       bench::lookup_command(a, json, plot);
+    } else if (cmd == "shared") {
+      bench::shared_command(a, json, plot);
     } else if (cmd == "workload") {
       bench::workload_command(a, json, plot);
     } else {

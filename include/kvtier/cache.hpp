@@ -31,8 +31,10 @@ namespace kvtier {
 ///    O(tokens) hashing outside the lock + O(chunks) hash-table probes under it.
 ///  - `size_t retrieve(lease&, engine_kv, block_table)`: loads the lease's tokens into the
 ///    engine's blocks and consumes the lease. A chunk held only by a lower tier is first copied
-///    into the first tier (promotion) and verified. Returns the tokens actually loaded, always a
-///    prefix of lease.tokens(); a failed or corrupt read ends it there.
+///    into the first tier (promotion) and verified, or, from a tier in this process's memory
+///    (tier::shared_host), scattered from there and verified as it is copied. Returns the tokens
+///    actually loaded, always a prefix of lease.tokens(); a failed or corrupt read ends it there
+///    (the blocks of tokens past it hold no promise: the engine computes them).
 ///  - `size_t store(tokens, engine_kv, block_table)`: copies the chunks of `tokens` from the
 ///    engine's blocks into the first tier, evicting as needed, and queues write-through to lower
 ///    tiers (a full queue drops, and counts, rather than blocking). A chunk is visible to lookup

@@ -2523,6 +2523,14 @@ class tier_chain {
   };
   static constexpr std::size_t remote_count =
       (std::size_t{0} + ... + !is_indexed<typename Lower::template impl<Eviction>>);
+  /// A lower tier whose chunks are in this process's memory and can be read in place
+  /// (`static constexpr bool maps_reads` and `read_mapped(jobs, use)`: tier::shared_host).
+  template <class T>
+  static constexpr bool maps_reads = requires {
+    requires std::remove_cvref_t<T>::maps_reads;
+  };
+  static constexpr bool has_mapped =
+      (false || ... || maps_reads<typename Lower::template impl<Eviction>>);
 
   static_assert(sizeof...(Lower) < 8, "kvtier: a tier chain has at most 8 tiers");
   static_assert(host_visible_v<First> || sizeof...(Lower) == 0,
@@ -2584,6 +2592,33 @@ class tier_chain {
   }
   void write(std::size_t t, std::span<tier::write_job> jobs) {
     with_lower(t, [&](auto& impl) { impl.write_batch(jobs); });
+  }
+  /// Whether lower tier t reads in place.
+  [[nodiscard]] bool mapped(std::size_t t) {
+    bool m = false;
+    with_lower(t, [&](auto& impl) { m = maps_reads<decltype(impl)>; });
+    return m;
+  }
+  /// The leading run of `keys` the first lower tier that reads in place holds (0 without one).
+  std::size_t probe_mapped(std::span<const chunk_key> keys) {
+    std::size_t found = 0;
+    bool asked = false;
+    for (std::size_t t = 1; t < tier_count && !asked; ++t) {
+      with_lower(t, [&](auto& impl) {
+        if constexpr (maps_reads<decltype(impl)>) {
+          found = impl.probe(keys);
+          asked = true;
+        }
+      });
+    }
+    return found;
+  }
+  /// Lower tier t's in-place reads (a tier that does not read in place: nothing happens).
+  template <class Use>
+  void read_mapped(std::size_t t, std::span<tier::read_job> jobs, Use&& use) {
+    with_lower(t, [&](auto& impl) {
+      if constexpr (maps_reads<decltype(impl)>) impl.read_mapped(jobs, use);
+    });
   }
 
   /// Asks remote tiers, in chain order, for the leading run of `keys` they hold, until one holds
@@ -2873,6 +2908,20 @@ class view {
 // Host copy engine: gathers a chunk's tokens from engine blocks into the chunk format and
 // scatters them back, with memcpy over the largest contiguous runs the two layouts share.
 
+// ---- begin kvtier/detail/xxhash.hpp
+// xxHash, inlined (XXH_INLINE_ALL) so a header-only kvtier links nothing; safe next to an engine
+// that includes xxhash.h itself (the header supports both modes in one translation unit).
+
+#ifndef XXH_INLINE_ALL
+#define XXH_INLINE_ALL
+#define KVTIER_DEFINED_XXH_INLINE_ALL
+#endif
+#include <xxhash.h>
+#ifdef KVTIER_DEFINED_XXH_INLINE_ALL
+#undef XXH_INLINE_ALL
+#undef KVTIER_DEFINED_XXH_INLINE_ALL
+#endif
+// ---- end kvtier/detail/xxhash.hpp
 
 #include <cstring>
 
@@ -2967,13 +3016,23 @@ inline void copy_rows(std::byte* dst, std::size_t dst_token, std::size_t dst_hea
 
 enum class direction { gather, scatter };
 
-template <direction Dir, class L>
+/// A plane hook that does nothing.
+struct no_hook {
+  void operator()(const std::byte*, std::size_t) const noexcept {}
+};
+
+/// Moves one chunk between the engine's blocks and the chunk format. `before(p, n)` is called
+/// with each (layer, K/V) plane of the chunk, in chunk order (so over the whole chunk, once),
+/// just before that plane is moved.
+template <direction Dir, class L, class Hook = no_hook>
 void move_chunk(const layout::view<L>& v, const layout::chunk_format& f, block_table table,
-                std::size_t first_token, std::size_t tokens, std::byte* chunk) noexcept {
+                std::size_t first_token, std::size_t tokens, std::byte* chunk,
+                Hook&& before = {}) noexcept {
   const layout::ref& e = v.resolved();
   const std::size_t row = f.row_bytes(), ctoken = f.token_bytes(), bs = e.block_size;
   for (std::size_t l = 0; l < f.layers; ++l) {
     for (std::size_t kv = 0; kv < f.kv_planes; ++kv) {
+      before(chunk + f.offset(l, kv, 0, tokens), tokens * ctoken);
       std::size_t t = 0;
       while (t < tokens) {
         const std::size_t tok = first_token + t;
@@ -3012,6 +3071,22 @@ void scatter(const layout::view<L>& v, const layout::chunk_format& f, block_tabl
              std::size_t first_token, std::size_t tokens, const std::byte* chunk) noexcept {
   detail::move_chunk<detail::direction::scatter>(v, f, table, first_token, tokens,
                                                  const_cast<std::byte*>(chunk));
+}
+
+/// scatter, which also returns the payload checksum of `chunk` (detail::payload_checksum under
+/// `key`), each plane hashed just before it is copied out, while it is in cache: the check of a
+/// chunk read in place costs about one pass over it instead of two.
+template <class L>
+std::uint64_t scatter_summed(const layout::view<L>& v, const layout::chunk_format& f,
+                             block_table table, std::size_t first_token, std::size_t tokens,
+                             const std::byte* chunk, const chunk_key& key) noexcept {
+  XXH3_state_t st;
+  XXH3_INITSTATE(&st);
+  XXH3_64bits_reset_withSeed(&st, key.lo ^ key.hi);
+  detail::move_chunk<detail::direction::scatter>(
+      v, f, table, first_token, tokens, const_cast<std::byte*>(chunk),
+      [&st](const std::byte* p, std::size_t n) { XXH3_64bits_update(&st, p, n); });
+  return XXH3_64bits_digest(&st);
 }
 
 }  // namespace kvtier::transfer
@@ -3175,18 +3250,24 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       return 0;
     }
     chunk_ref* rs = ops_.refs(l.op_);
-    std::size_t loaded = 0, bytes = 0;
-    // A window of chunks at a time: its lower-tier chunks are promoted in one batch per tier,
-    // then the window is scattered into the engine's blocks.
+    std::size_t loaded = 0, bytes = 0, first_bytes = 0;
+    // A window of chunks at a time: its chunks in tiers that read in place are scattered from
+    // there, its other lower-tier chunks are promoted in one batch per tier, then the rest of
+    // the window is scattered from the first tier into the engine's blocks.
     for (std::size_t w = 0; w < count; w += window) {
       const std::size_t hi = std::min(count, w + window);
+      std::array<std::uint8_t, window> direct{};  // 1: loaded in place, 2: that failed
+      if constexpr (chain_type::has_mapped) load_in_place(l, w, hi, abs_end, v, table, direct);
       if constexpr (has_lower) promote(l, w, hi, abs_end);
       std::size_t i = w;
-      for (; i < hi && rs[i].tier == 0; ++i) {
+      for (; i < hi && direct[i - w] != 2 && (direct[i - w] == 1 || rs[i].tier == 0); ++i) {
         const std::size_t c = l.first_ + i;
         const std::size_t ntok = tokens_at(c, abs_end);
-        transfer::scatter(v, format_, table, c * ChunkTokens, ntok,
-                          chain_.first().data(rs[i].slot));
+        if (direct[i - w] == 0) {
+          transfer::scatter(v, format_, table, c * ChunkTokens, ntok,
+                            chain_.first().data(rs[i].slot));
+          first_bytes += format_.bytes(ntok);
+        }
         loaded += ntok;
         bytes += format_.bytes(ntok);
       }
@@ -3195,7 +3276,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     std::lock_guard lk(st_.mu);
     st_.stats.retrieved_tokens += loaded;
     st_.stats.bytes_to_engine += bytes;
-    st_.stats.tiers[0].bytes_read += bytes;
+    st_.stats.tiers[0].bytes_read += first_bytes;
     release_locked(l);
     return loaded;
   }
@@ -3212,9 +3293,18 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     if (op == no_op) return 0;
     chunk_ref* rs = ops_.refs(op);
     index_type& ix = chain_.first_index();
-    const std::size_t placed =
-        policy_.place_locked(ops_.keys(op), rs, r.first, r.n,
-                             [&](std::size_t i) { return tokens_at(i, tokens.size()); });
+    std::size_t first = r.first;
+    if constexpr (chain_type::has_mapped) {
+      // The leading chunks a tier in this process's memory holds (tier::shared_host: another
+      // process stored them) are stored already: copying them would write them twice, here
+      // and in every tier below.
+      lk.unlock();
+      first += chain_.probe_mapped({ops_.keys(op) + first, r.n - first});
+      lk.lock();
+      for (std::size_t i = r.first; i < first; ++i) rs[i] = {0, dropped_tier, 0};
+    }
+    const std::size_t placed = policy_.place_locked(
+        ops_.keys(op), rs, first, r.n, [&](std::size_t i) { return tokens_at(i, tokens.size()); });
     lk.unlock();
     std::size_t bytes = 0;
     for (std::size_t i = r.first; i < placed; ++i) {
@@ -3541,6 +3631,54 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     return op;
   }
 
+  // Scatters the lease's chunks [lo, hi) held by lower tiers that read in place
+  // (tier::shared_host) straight from there into the engine's blocks, each verified as it is
+  // copied; no first-tier copy is made. direct[i - lo]: 1 loaded, 2 failed (the prefix ends
+  // there; a failed chunk's bytes may already be in the blocks of tokens retrieve does not
+  // report as loaded, which the engine computes anew). Their refs become dropped_tier (a remote
+  // tier's chunk holds no reference here). Without the lock.
+  void load_in_place(const lease& l, std::size_t lo, std::size_t hi, std::size_t abs_end,
+                     const view_type& v, block_table table,
+                     std::array<std::uint8_t, window>& direct) {
+    chunk_ref* rs = ops_.refs(l.op_);
+    const chunk_key* ks = ops_.keys(l.op_) + l.first_;
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      if (!chain_.mapped(t)) continue;
+      std::array<tier::read_job, window> jobs;
+      std::array<std::uint32_t, window> at{};
+      std::size_t nj = 0;
+      for (std::size_t i = lo; i < hi; ++i) {
+        if (rs[i].tier != t) continue;
+        const std::size_t ntok = tokens_at(l.first_ + i, abs_end);
+        jobs[nj] = {0, ks[i], static_cast<std::uint32_t>(ntok), nullptr, format_.bytes(ntok)};
+        at[nj++] = static_cast<std::uint32_t>(i);
+      }
+      if (nj == 0) continue;
+      chain_.read_mapped(t, {jobs.data(), nj},
+                         [&](std::size_t j, const std::byte* src, bool verify) -> std::uint64_t {
+                           const std::size_t c = l.first_ + at[j];
+                           const std::size_t ntok = tokens_at(c, abs_end);
+                           if (verify) {
+                             return transfer::scatter_summed(v, format_, table, c * ChunkTokens,
+                                                             ntok, src, jobs[j].key);
+                           }
+                           transfer::scatter(v, format_, table, c * ChunkTokens, ntok, src);
+                           return 0;
+                         });
+      std::size_t read = 0, errors = 0;
+      for (std::size_t j = 0; j < nj; ++j) {
+        const bool ok = jobs[j].status == tier::read_status::ok;
+        direct[at[j] - lo] = ok ? 1 : 2;
+        if (ok) read += jobs[j].bytes;
+        if (!ok && jobs[j].status != tier::read_status::missing) ++errors;
+        rs[at[j]] = {0, dropped_tier, 0};
+      }
+      std::lock_guard lk(st_.mu);
+      st_.stats.tiers[t].bytes_read += read;
+      st_.stats.tiers[t].errors += errors;
+    }
+  }
+
   // Promotes the lease's chunks [lo, hi) into the first tier (promotion.hpp).
   void promote(const lease& l, std::size_t lo, std::size_t hi, std::size_t abs_end) {
     promoter_.promote(ops_.keys(l.op_) + l.first_, ops_.refs(l.op_), lo, hi, l.first_, abs_end,
@@ -3700,20 +3838,6 @@ struct lru {
 // ---- begin kvtier/key/xxh3_hasher.hpp
 // The default chunk hasher: XXH3-128 (Debian libxxhash-dev, inlined so nothing is linked).
 
-// ---- begin kvtier/detail/xxhash.hpp
-// xxHash, inlined (XXH_INLINE_ALL) so a header-only kvtier links nothing; safe next to an engine
-// that includes xxhash.h itself (the header supports both modes in one translation unit).
-
-#ifndef XXH_INLINE_ALL
-#define XXH_INLINE_ALL
-#define KVTIER_DEFINED_XXH_INLINE_ALL
-#endif
-#include <xxhash.h>
-#ifdef KVTIER_DEFINED_XXH_INLINE_ALL
-#undef XXH_INLINE_ALL
-#undef KVTIER_DEFINED_XXH_INLINE_ALL
-#endif
-// ---- end kvtier/detail/xxhash.hpp
 
 
 namespace kvtier::key {
@@ -4119,8 +4243,10 @@ namespace kvtier {
 ///    O(tokens) hashing outside the lock + O(chunks) hash-table probes under it.
 ///  - `size_t retrieve(lease&, engine_kv, block_table)`: loads the lease's tokens into the
 ///    engine's blocks and consumes the lease. A chunk held only by a lower tier is first copied
-///    into the first tier (promotion) and verified. Returns the tokens actually loaded, always a
-///    prefix of lease.tokens(); a failed or corrupt read ends it there.
+///    into the first tier (promotion) and verified, or, from a tier in this process's memory
+///    (tier::shared_host), scattered from there and verified as it is copied. Returns the tokens
+///    actually loaded, always a prefix of lease.tokens(); a failed or corrupt read ends it there
+///    (the blocks of tokens past it hold no promise: the engine computes them).
 ///  - `size_t store(tokens, engine_kv, block_table)`: copies the chunks of `tokens` from the
 ///    engine's blocks into the first tier, evicting as needed, and queues write-through to lower
 ///    tiers (a full queue drops, and counts, rather than blocking). A chunk is visible to lookup
@@ -4628,6 +4754,1713 @@ struct vllm_flash_hnd {
 
 }  // namespace kvtier::layout
 // ---- end kvtier/layout/vllm_flash_hnd.hpp
+// ---- begin kvtier/shared_lookup.hpp
+// kvtier::shared_lookup<Cache>: the view of a shared host segment for a process that holds no KV
+// tensors (an engine's scheduler). It names chunks exactly as a `Cache` of the same model and
+// salt does, answers how many leading tokens of a prompt the segment holds, and takes leases
+// that another process (the worker that will load them) adopts. It never touches KV bytes.
+
+// ---- begin kvtier/tier/shared_host.hpp
+// The shared host tier: one slab and index in a named shared-memory segment that every process
+// of a node maps, with no server. A lower tier asked by key (like Redis, at memory speed), under
+// each process's own first tier. Linux (POSIX shared memory, robust mutexes, /proc).
+
+// ---- begin kvtier/detail/record.hpp
+// The self-describing record a non-memory tier keeps per chunk: a fixed header that carries the
+// key, salt, format fingerprint, length and checksums, followed by the chunk's bytes.
+
+
+
+namespace kvtier::detail {
+
+inline constexpr char record_magic[8] = {'K', 'V', 'T', 'I', 'E', 'R', 'R', '1'};
+inline constexpr std::uint32_t record_version = 1;
+/// Header space in front of each payload on disk: one page, so the payload stays aligned for
+/// O_DIRECT. A remote record's header takes just sizeof(record_header).
+inline constexpr std::size_t record_header_bytes = 4096;
+
+/// Serialized little-endian at the start of the header page.
+struct record_header {
+  char magic[8];
+  std::uint32_t version;
+  std::uint32_t header_bytes;
+  chunk_key key;
+  chunk_key salt;
+  std::uint64_t format_fingerprint;
+  std::uint32_t tokens;
+  std::uint32_t reserved;
+  std::uint64_t payload_bytes;
+  std::uint64_t payload_checksum;
+  std::uint64_t header_checksum;  ///< XXH3-64 of every field above
+};
+static_assert(sizeof(record_header) == 88, "record_header must have no padding: it is hashed");
+static_assert(sizeof(record_header) <= record_header_bytes);
+
+/// Payload checksum, seeded by the key so bytes moved under another key fail the check too.
+[[nodiscard]] inline std::uint64_t payload_checksum(const chunk_key& k, const std::byte* p,
+                                                    std::size_t n) noexcept {
+  return XXH3_64bits_withSeed(p, n, k.lo ^ k.hi);
+}
+
+[[nodiscard]] inline std::uint64_t header_checksum(const record_header& h) noexcept {
+  return XXH3_64bits(&h, offsetof(record_header, header_checksum));
+}
+
+[[nodiscard]] inline record_header make_record_header(
+    const chunk_key& key, const chunk_key& salt, std::uint64_t fingerprint, std::uint32_t tokens,
+    const std::byte* p, std::size_t n, std::size_t header_bytes = record_header_bytes) noexcept {
+  record_header h{};
+  std::memcpy(h.magic, record_magic, sizeof h.magic);
+  h.version = record_version;
+  h.header_bytes = static_cast<std::uint32_t>(header_bytes);
+  h.key = key;
+  h.salt = salt;
+  h.format_fingerprint = fingerprint;
+  h.tokens = tokens;
+  h.payload_bytes = n;
+  h.payload_checksum = payload_checksum(key, p, n);
+  h.header_checksum = header_checksum(h);
+  return h;
+}
+
+/// True when `h` is an intact header of exactly this record (key, salt, format, length).
+[[nodiscard]] inline bool header_matches(const record_header& h, const chunk_key& key,
+                                         const chunk_key& salt, std::uint64_t fingerprint,
+                                         std::uint32_t tokens, std::size_t n,
+                                         std::size_t header_bytes = record_header_bytes) noexcept {
+  return std::memcmp(h.magic, record_magic, sizeof h.magic) == 0 && h.version == record_version &&
+         h.header_bytes == header_bytes && h.header_checksum == header_checksum(h) &&
+         h.key == key && h.salt == salt && h.format_fingerprint == fingerprint &&
+         h.tokens == tokens && h.payload_bytes == n;
+}
+
+}  // namespace kvtier::detail
+// ---- end kvtier/detail/record.hpp
+// ---- begin kvtier/tier/shared/index.hpp
+// The structures of a shared host segment, run under its robust lock: the hash of chunk keys,
+// the LRU and free lists, lease records (references tagged with their owner) and the process
+// table. What a dead process held is reclaimed: its leases are dropped and its half-written
+// slots freed, when another process notices it is gone (reap) or, when it died holding the lock,
+// by rebuilding every list from the entries (recover).
+
+// ---- begin kvtier/tier/shared/layout.hpp
+// What a shared host segment holds, at fixed offsets from its start (every link is a 32-bit
+// index, never a pointer, so each process may map it at its own address):
+//
+//   header     magic, version, identity (salt key, format fingerprint, sizes), the robust lock,
+//              the list heads and the counters
+//   procs      one record per attached process: its owner_id
+//   leases     records of chunks held by one owner: the slots it references
+//   entries    one per slot: key, tokens, state, references, checksum, links
+//   buckets    hash chain heads
+//   data       the slots, page aligned
+//
+// Everything but `ready` is read and written under the header's lock.
+
+// ---- begin kvtier/tier/shared/owner.hpp
+// Who owns what in a shared segment: a process is named by its pid and its start time (the
+// kernel's starttime in /proc/<pid>/stat, in clock ticks since boot), so a pid reused by a new
+// process is not mistaken for the old owner. Linux only.
+
+#include <fcntl.h>
+#include <signal.h>
+#include <unistd.h>
+
+
+namespace kvtier::detail_shared {
+
+/// A process as the segment records it. pid 0: nobody.
+struct owner_id {
+  std::int32_t pid = 0;
+  std::uint64_t start = 0;
+
+  friend constexpr bool operator==(const owner_id&, const owner_id&) = default;
+};
+
+/// What /proc says of a pid: its start time and whether it still runs (a zombie, killed but not
+/// yet reaped by its parent, no longer runs). Allocates nothing.
+struct proc_status {
+  bool exists = false;
+  bool running = false;
+  std::uint64_t start = 0;
+};
+
+inline proc_status read_proc_status(std::int32_t pid) noexcept {
+  proc_status s;
+  char path[48];
+  std::snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(pid));
+  const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return s;
+  char buf[1024];
+  const ssize_t n = ::read(fd, buf, sizeof buf - 1);
+  ::close(fd);
+  if (n <= 0) return s;
+  buf[n] = '\0';
+  // "pid (comm) state ppid ...": comm may hold spaces and parentheses, so fields are counted
+  // after the last ')'. state is field 3, starttime field 22.
+  const char* p = std::strrchr(buf, ')');
+  if (p == nullptr) return s;
+  ++p;
+  int field = 2;
+  char state = '?';
+  while (*p != '\0') {
+    while (*p == ' ') ++p;
+    if (*p == '\0') break;
+    ++field;
+    if (field == 3) state = *p;
+    if (field == 22) {
+      s.start = std::strtoull(p, nullptr, 10);
+      s.exists = true;
+      s.running = state != 'Z' && state != 'X' && state != 'x';
+      return s;
+    }
+    while (*p != ' ' && *p != '\0') ++p;
+  }
+  return s;
+}
+
+/// This process.
+inline owner_id self_id() noexcept {
+  const std::int32_t pid = static_cast<std::int32_t>(::getpid());
+  return {pid, read_proc_status(pid).start};
+}
+
+/// False only when `o` has certainly ended: no such pid, a zombie, or the pid now names a process
+/// that started at another time. An unreadable /proc entry counts as alive (never reclaim what a
+/// live process may hold).
+inline bool alive(const owner_id& o) noexcept {
+  if (o.pid <= 0) return false;
+  const proc_status s = read_proc_status(o.pid);
+  if (!s.exists) {
+    // /proc may be unreadable (hidepid); kill(pid, 0) still tells whether the pid exists.
+    return ::kill(o.pid, 0) == 0 || errno == EPERM;
+  }
+  return s.running && s.start == o.start;
+}
+
+}  // namespace kvtier::detail_shared
+// ---- end kvtier/tier/shared/owner.hpp
+
+#include <pthread.h>
+
+#include <atomic>
+
+namespace kvtier::detail_shared {
+
+inline constexpr std::uint64_t segment_magic = 0x3148534b56544b31ull;  // "1KTVKSH1"
+/// Bumped whenever any structure below changes: a segment of another version is refused.
+inline constexpr std::uint32_t segment_version = 1;
+inline constexpr std::uint32_t nil = UINT32_MAX;
+inline constexpr std::size_t page = 4096;
+
+enum class slot_state : std::uint8_t {
+  free,     ///< on the free list
+  writing,  ///< reserved by `writer`, bytes being copied in; in the hash (dedupes writers)
+  ready,    ///< bytes whole: served
+  zombie,   ///< removed while referenced; freed when the last reference goes
+};
+
+/// One slot's entry. A field's writes are ordered so that a process dying at any point leaves an
+/// entry that recovery reads correctly: `state` is set to free or writing before the key changes,
+/// and to ready only after every other field and the bytes are in.
+struct entry {
+  chunk_key key;
+  std::uint64_t checksum = 0;  ///< XXH3-64 of the payload, seeded by the key
+  std::uint64_t stamp = 0;     ///< last use (the LRU order, rebuilt from it after a crash)
+  std::uint32_t tokens = 0;
+  std::uint32_t refs = 0;    ///< references held by lease records
+  std::uint32_t next = nil;  ///< hash chain
+  std::uint32_t prev = nil;  ///< LRU or free list
+  std::uint32_t after = nil;
+  std::uint32_t writer = nil;  ///< proc record of the writer (writing)
+  std::uint32_t writer_gen = 0;
+  slot_state state = slot_state::free;
+};
+static_assert(sizeof(entry) == 64);
+
+/// An attached process. gen changes at each registration, so a record reused by another process
+/// is told apart from the one that left.
+struct proc_rec {
+  owner_id who;
+  std::uint32_t gen = 0;
+  std::uint32_t unused = 0;
+};
+
+/// A lease record: `count` slot references held by proc record `owner` (generation `owner_gen`).
+/// `id` changes whenever the record is taken, so a stale ticket names nothing.
+struct lease_head {
+  std::uint32_t owner = nil;  ///< nil: free
+  std::uint32_t owner_gen = 0;
+  std::uint32_t id = 0;
+  std::uint32_t count = 0;
+  std::uint32_t next_free = nil;
+  std::uint32_t unused = 0;
+  // followed by lease_chunks std::uint32_t slots
+};
+
+/// Segment-wide counters (every process's events).
+struct seg_counters {
+  std::uint64_t writes = 0;      ///< chunks written
+  std::uint64_t duplicates = 0;  ///< writes answered by a chunk already held
+  std::uint64_t full = 0;        ///< writes refused: every slot referenced or being written
+  std::uint64_t hits = 0;        ///< chunks found by probes and reads
+  std::uint64_t misses = 0;      ///< chunks not found by probes and reads
+  std::uint64_t evictions = 0;
+  std::uint64_t removed = 0;           ///< chunks removed by remove / remove_all / corrupt reads
+  std::uint64_t corrupt = 0;           ///< reads whose bytes failed the checksum
+  std::uint64_t reclaimed_procs = 0;   ///< dead processes whose holdings were reclaimed
+  std::uint64_t reclaimed_refs = 0;    ///< references they held, given back
+  std::uint64_t reclaimed_writes = 0;  ///< half-written slots they left, freed
+  std::uint64_t recoveries = 0;        ///< lock taken from a dead holder: index rebuilt
+  std::uint64_t lock_timeouts = 0;     ///< calls that gave up waiting for the lock
+};
+
+struct header {
+  std::uint64_t magic = 0;
+  std::uint32_t version = 0;
+  std::uint32_t header_bytes = 0;  ///< sizeof(header) of the creator (also its pthread ABI)
+  std::uint64_t format = 0;        ///< chunk_format fingerprint
+  chunk_key salt;
+  std::uint64_t chunk_bytes = 0;
+  std::uint64_t slot_bytes = 0;
+  std::uint32_t slots = 0;
+  std::uint32_t buckets = 0;  ///< a power of two
+  std::uint32_t procs = 0;
+  std::uint32_t leases = 0;
+  std::uint32_t lease_chunks = 0;
+  std::uint32_t lease_stride = 0;  ///< bytes per lease record
+  std::uint64_t off_procs = 0, off_leases = 0, off_entries = 0, off_buckets = 0, off_data = 0;
+  std::uint64_t total_bytes = 0;
+  owner_id creator;
+  std::atomic<std::uint32_t> ready{0};  ///< 1 once the creator has initialised everything
+  std::uint32_t unused = 0;
+  pthread_mutex_t mu;  ///< robust, process-shared
+  // ---- under mu ----
+  std::uint32_t free_head = nil;
+  std::uint32_t lru_head = nil;  ///< oldest evictable (ready, unreferenced)
+  std::uint32_t lru_tail = nil;  ///< newest
+  std::uint32_t free_leases = nil;
+  std::uint32_t indexed = 0;  ///< entries writing or ready
+  std::uint32_t lease_seq = 0;
+  std::uint64_t clock = 0;  ///< stamps
+  seg_counters counters;
+};
+
+static_assert(std::atomic<std::uint32_t>::is_always_lock_free,
+              "the segment's ready flag must be an address-free atomic");
+
+/// The sizes a segment is made with. Computed with checked arithmetic from the user's config.
+struct geometry {
+  std::uint64_t chunk_bytes = 0, slot_bytes = 0;
+  std::uint32_t slots = 0, buckets = 0, procs = 0, leases = 0, lease_chunks = 0, lease_stride = 0;
+  std::uint64_t off_procs = 0, off_leases = 0, off_entries = 0, off_buckets = 0, off_data = 0;
+  std::uint64_t total_bytes = 0;
+};
+
+namespace detail {
+inline std::uint64_t add(std::uint64_t a, std::uint64_t b, const char* what) {
+  std::uint64_t r;
+  if (__builtin_add_overflow(a, b, &r)) {
+    throw invalid_argument(std::string("kvtier: shared_host ") + what + " overflows 64 bits");
+  }
+  return r;
+}
+inline std::uint64_t mul(std::uint64_t a, std::uint64_t b, const char* what) {
+  std::uint64_t r;
+  if (__builtin_mul_overflow(a, b, &r)) {
+    throw invalid_argument(std::string("kvtier: shared_host ") + what + " overflows 64 bits");
+  }
+  return r;
+}
+inline std::uint64_t align_up(std::uint64_t v, std::uint64_t a, const char* what) {
+  return add(v, a - 1, what) / a * a;
+}
+inline void in_range(const char* name, std::uint64_t v, std::uint64_t lo, std::uint64_t hi) {
+  if (v < lo || v > hi) {
+    throw invalid_argument(std::string("kvtier: shared_host ") + name + " " + std::to_string(v) +
+                           " is out of range " + std::to_string(lo) + ".." + std::to_string(hi));
+  }
+}
+}  // namespace detail
+
+/// The geometry of a segment of `capacity_bytes` of slots of `chunk_bytes` each, for `procs`
+/// processes, `leases` lease records of `lease_chunks` chunks. Throws invalid_argument naming
+/// the value when a count is out of range or the capacity holds no slot.
+inline geometry make_geometry(std::uint64_t capacity_bytes, std::uint64_t chunk_bytes,
+                              std::uint64_t procs, std::uint64_t leases,
+                              std::uint64_t lease_chunks) {
+  using namespace detail;
+  geometry g;
+  in_range("chunk bytes", chunk_bytes, 1, std::uint64_t{1} << 40);
+  in_range("processes", procs, 1, 4096);
+  in_range("leases", leases, 1, 1u << 20);
+  in_range("lease_chunks", lease_chunks, 1, 1u << 20);
+  g.chunk_bytes = chunk_bytes;
+  g.slot_bytes = align_up(chunk_bytes, page, "slot size");
+  const std::uint64_t slots = capacity_bytes / g.slot_bytes;
+  if (slots == 0) {
+    throw invalid_argument("kvtier: shared_host capacity_bytes " + std::to_string(capacity_bytes) +
+                           " holds no chunk of " + std::to_string(g.slot_bytes) + " bytes");
+  }
+  in_range("slots (capacity_bytes / slot bytes)", slots, 1, UINT32_MAX - 1);
+  g.slots = static_cast<std::uint32_t>(slots);
+  g.buckets = static_cast<std::uint32_t>(std::bit_ceil(slots < 8 ? std::uint64_t{8} : slots));
+  g.procs = static_cast<std::uint32_t>(procs);
+  g.leases = static_cast<std::uint32_t>(leases);
+  g.lease_chunks = static_cast<std::uint32_t>(lease_chunks);
+  g.lease_stride = static_cast<std::uint32_t>(
+      align_up(sizeof(lease_head) + 4 * lease_chunks, 8, "lease record size"));
+  std::uint64_t off = align_up(sizeof(header), 64, "header");
+  g.off_procs = off;
+  off = align_up(add(off, mul(procs, sizeof(proc_rec), "process table"), "process table"), 64,
+                 "process table");
+  g.off_leases = off;
+  off = align_up(add(off, mul(leases, g.lease_stride, "lease table"), "lease table"), 64,
+                 "lease table");
+  g.off_entries = off;
+  off = add(off, mul(slots, sizeof(entry), "entry table"), "entry table");
+  g.off_buckets = off;
+  off = align_up(add(off, mul(g.buckets, 4, "hash buckets"), "hash buckets"), page, "data");
+  g.off_data = off;
+  g.total_bytes = add(off, mul(slots, g.slot_bytes, "slab"), "slab");
+  return g;
+}
+
+}  // namespace kvtier::detail_shared
+// ---- end kvtier/tier/shared/layout.hpp
+// ---- begin kvtier/tier/shared/segment.hpp
+// A named POSIX shared-memory segment holding a shared host tier: created by the first process
+// that asks for it, attached by the others, refused when it was made for another salt, chunk
+// format or kvtier version. Mapping and identity only; shared/index.hpp runs the structures.
+
+
+#include <sys/stat.h>
+
+
+namespace kvtier::detail_shared {
+
+/// What a segment must have been made for: the cache's salt key and chunk format.
+struct identity {
+  chunk_key salt;
+  std::uint64_t format = 0;
+  std::uint64_t chunk_bytes = 0;
+};
+
+/// Refuses a segment name shm_open would not take as one object: "/name", no other '/', no NUL.
+inline void check_name(const std::string& n) {
+  const bool bad = n.size() < 2 || n.size() > 250 || n[0] != '/' ||
+                   n.find('/', 1) != std::string::npos || n.find('\0') != std::string::npos;
+  if (bad) {
+    std::string shown;
+    for (char c : n) shown += c == '\0' ? std::string("\\0") : std::string(1, c);
+    throw invalid_argument("kvtier: shared_host name '" + shown +
+                           "' must be '/' then 1..249 characters, without '/' or NUL");
+  }
+}
+
+class segment {
+ public:
+  /// Attaches to segment `name`, or (with `create`) creates it with geometry `g` when absent.
+  /// Waits up to `timeout` for a creator still initialising; a segment whose creator died before
+  /// finishing is removed and made again.
+  segment(const std::string& name, const identity& id, const geometry& g, bool create,
+          std::chrono::milliseconds timeout)
+      : name_(name) {
+    check_name(name);
+    for (int attempt = 0; attempt < 3; ++attempt) {
+      if (create) {
+        fd_ = ::shm_open(name.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+        if (fd_ >= 0) {
+          make(id, g);
+          created_ = true;
+          return;
+        }
+        if (errno != EEXIST) fail("create");
+      }
+      fd_ = ::shm_open(name.c_str(), O_RDWR | O_CLOEXEC, 0);
+      if (fd_ < 0) {
+        if (errno == ENOENT && create) continue;  // removed since: make it
+        fail("open");
+      }
+      if (attach(id, timeout)) return;
+      // Its creator died while making it: remove it and try again.
+      close_all();
+      ::shm_unlink(name.c_str());
+    }
+    throw tier_error("kvtier: shared_host segment '" + name_ +
+                     "' could not be created or attached (raced three times)");
+  }
+  ~segment() { close_all(); }
+  segment(const segment&) = delete;
+  segment& operator=(const segment&) = delete;
+
+  [[nodiscard]] const std::string& name() const noexcept { return name_; }
+  [[nodiscard]] bool created() const noexcept { return created_; }
+  [[nodiscard]] header& hdr() const noexcept { return *reinterpret_cast<header*>(base_); }
+  [[nodiscard]] std::size_t bytes() const noexcept { return bytes_; }
+
+  [[nodiscard]] proc_rec& proc(std::uint32_t i) const noexcept {
+    return reinterpret_cast<proc_rec*>(base_ + hdr().off_procs)[i];
+  }
+  [[nodiscard]] lease_head& lease(std::uint32_t i) const noexcept {
+    return *reinterpret_cast<lease_head*>(base_ + hdr().off_leases +
+                                          std::size_t{i} * hdr().lease_stride);
+  }
+  [[nodiscard]] std::uint32_t* lease_slots(std::uint32_t i) const noexcept {
+    return reinterpret_cast<std::uint32_t*>(&lease(i) + 1);
+  }
+  [[nodiscard]] entry& at(std::uint32_t slot) const noexcept {
+    return reinterpret_cast<entry*>(base_ + hdr().off_entries)[slot];
+  }
+  [[nodiscard]] std::uint32_t* buckets() const noexcept {
+    return reinterpret_cast<std::uint32_t*>(base_ + hdr().off_buckets);
+  }
+  [[nodiscard]] std::byte* data(std::uint32_t slot) const noexcept {
+    return base_ + hdr().off_data + std::size_t{slot} * hdr().slot_bytes;
+  }
+
+  /// Removes segment `name` from the namespace (mapped segments live on until unmapped).
+  /// Returns false when there was none.
+  static bool unlink(const std::string& name) {
+    check_name(name);
+    return ::shm_unlink(name.c_str()) == 0;
+  }
+
+ private:
+  [[noreturn]] void fail(const char* what) {
+    const int e = errno;
+    close_all();
+    throw tier_error("kvtier: shared_host cannot " + std::string(what) + " segment '" + name_ +
+                     "': " + std::strerror(e));
+  }
+
+  void close_all() noexcept {
+    if (base_ != nullptr) ::munmap(base_, bytes_);
+    base_ = nullptr;
+    bytes_ = 0;
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+  // The whole segment's page tables are filled at attach (MAP_POPULATE): otherwise the first
+  // loads of each process would pay a page fault per 4 KiB.
+  void map(std::size_t n) {
+    void* p = ::mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd_, 0);
+    if (p == MAP_FAILED) fail("map");
+    base_ = static_cast<std::byte*>(p);
+    bytes_ = n;
+  }
+
+  void make(const identity& id, const geometry& g) {
+    if (::ftruncate(fd_, static_cast<off_t>(g.total_bytes)) != 0) {
+      const int e = errno;
+      ::shm_unlink(name_.c_str());
+      errno = e;
+      fail("size");
+    }
+    // Reserve every page now (tmpfs would otherwise SIGBUS on a later write when /dev/shm is
+    // full); this also faults the pages in.
+    if (const int e = ::posix_fallocate(fd_, 0, static_cast<off_t>(g.total_bytes)); e != 0) {
+      close_all();
+      ::shm_unlink(name_.c_str());
+      throw tier_error("kvtier: shared_host segment '" + name_ + "' needs " +
+                       std::to_string(g.total_bytes) +
+                       " bytes of shared memory (/dev/shm): " + std::strerror(e));
+    }
+    map(g.total_bytes);
+    header* h = new (base_) header();
+    h->magic = segment_magic;
+    h->version = segment_version;
+    h->header_bytes = sizeof(header);
+    h->format = id.format;
+    h->salt = id.salt;
+    h->chunk_bytes = g.chunk_bytes;
+    h->slot_bytes = g.slot_bytes;
+    h->slots = g.slots;
+    h->buckets = g.buckets;
+    h->procs = g.procs;
+    h->leases = g.leases;
+    h->lease_chunks = g.lease_chunks;
+    h->lease_stride = g.lease_stride;
+    h->off_procs = g.off_procs;
+    h->off_leases = g.off_leases;
+    h->off_entries = g.off_entries;
+    h->off_buckets = g.off_buckets;
+    h->off_data = g.off_data;
+    h->total_bytes = g.total_bytes;
+    h->creator = self_id();
+    pthread_mutexattr_t a;
+    pthread_mutexattr_init(&a);
+    pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
+    pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
+    const int rc = pthread_mutex_init(&h->mu, &a);
+    pthread_mutexattr_destroy(&a);
+    if (rc != 0) {
+      close_all();
+      ::shm_unlink(name_.c_str());
+      throw tier_error("kvtier: shared_host segment '" + name_ +
+                       "': robust process-shared mutex refused: " + std::strerror(rc));
+    }
+    for (std::uint32_t i = 0; i < g.procs; ++i) new (&proc(i)) proc_rec();
+    for (std::uint32_t i = 0; i < g.leases; ++i) {
+      lease_head& l = *new (&lease(i)) lease_head();
+      l.next_free = i + 1 < g.leases ? i + 1 : nil;
+    }
+    h->free_leases = 0;
+    for (std::uint32_t i = 0; i < g.slots; ++i) {
+      entry& e = *new (&at(i)) entry();
+      e.after = i + 1 < g.slots ? i + 1 : nil;
+    }
+    h->free_head = 0;
+    std::uint32_t* b = buckets();
+    for (std::uint32_t i = 0; i < g.buckets; ++i) b[i] = nil;
+    h->ready.store(1, std::memory_order_release);
+  }
+
+  // Maps an existing segment once its creator has finished; false when the creator died first.
+  bool attach(const identity& id, std::chrono::milliseconds timeout) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    for (;;) {
+      struct stat st {};
+      if (::fstat(fd_, &st) != 0) fail("stat");
+      const auto size = static_cast<std::size_t>(st.st_size);
+      if (size >= sizeof(header)) {
+        if (base_ == nullptr) map(size);
+        if (hdr().ready.load(std::memory_order_acquire) == 1) break;
+      }
+      if (std::chrono::steady_clock::now() >= deadline) {
+        // Not ready: stale when its creator is gone; otherwise still being made (a huge one).
+        if (base_ != nullptr && hdr().creator.pid != 0 && alive(hdr().creator)) {
+          close_all();
+          throw tier_error("kvtier: shared_host segment '" + name_ +
+                           "' is still being created by pid " + std::to_string(hdr().creator.pid) +
+                           " after " + std::to_string(timeout.count()) + " ms");
+        }
+        return false;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    const header& h = hdr();
+    auto refuse = [&](const std::string& why) {
+      close_all();
+      throw tier_error("kvtier: shared_host segment '" + name_ + "' " + why);
+    };
+    if (h.magic != segment_magic) refuse("is not a kvtier shared host segment");
+    if (h.version != segment_version || h.header_bytes != sizeof(header)) {
+      refuse("was made by an incompatible kvtier (segment version " + std::to_string(h.version) +
+             ", header " + std::to_string(h.header_bytes) + " bytes; this build: version " +
+             std::to_string(segment_version) + ", " + std::to_string(sizeof(header)) + " bytes)");
+    }
+    if (h.format != id.format || h.chunk_bytes != id.chunk_bytes) {
+      refuse("was made for chunk format " + std::to_string(h.format) + " (" +
+             std::to_string(h.chunk_bytes) + "-byte chunks), this cache's is " +
+             std::to_string(id.format) + " (" + std::to_string(id.chunk_bytes) + ")");
+    }
+    if (h.salt != id.salt) {
+      refuse("was made for salt " + h.salt.hex() + ", this cache's is " + id.salt.hex());
+    }
+    // Every offset and size must be the ones this build computes for the header's counts, so a
+    // damaged header cannot point outside the mapping.
+    geometry g;
+    try {
+      g = make_geometry(std::uint64_t{h.slots} * h.slot_bytes, h.chunk_bytes, h.procs, h.leases,
+                        h.lease_chunks);
+    } catch (const error& e) {
+      refuse(std::string("has a damaged header: ") + e.what());
+    }
+    if (g.slots != h.slots || g.slot_bytes != h.slot_bytes || g.buckets != h.buckets ||
+        g.lease_stride != h.lease_stride || g.off_procs != h.off_procs ||
+        g.off_leases != h.off_leases || g.off_entries != h.off_entries ||
+        g.off_buckets != h.off_buckets || g.off_data != h.off_data ||
+        g.total_bytes != h.total_bytes) {
+      refuse("has a damaged header (its offsets do not follow from its sizes)");
+    }
+    if (h.total_bytes != bytes_) {
+      refuse("is " + std::to_string(bytes_) + " bytes, its header says " +
+             std::to_string(h.total_bytes));
+    }
+    return true;
+  }
+
+  std::string name_;
+  int fd_ = -1;
+  std::byte* base_ = nullptr;
+  std::size_t bytes_ = 0;
+  bool created_ = false;
+};
+
+}  // namespace kvtier::detail_shared
+// ---- end kvtier/tier/shared/segment.hpp
+
+
+#if defined(__SANITIZE_THREAD__)
+#define KVTIER_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define KVTIER_TSAN 1
+#endif
+#endif
+#ifndef KVTIER_TSAN
+#define KVTIER_TSAN 0
+#endif
+#if KVTIER_TSAN
+#include <sanitizer/tsan_interface.h>
+#endif
+
+#include <ctime>
+
+namespace kvtier::detail_shared {
+
+class shared_index {
+ public:
+  explicit shared_index(segment& s) : s_(s), h_(s.hdr()) {}
+
+  // ---- the lock -------------------------------------------------------------------------------
+
+  /// Takes the lock, waiting at most `timeout`; false (counted) when it was not taken. When the
+  /// holder died with it, rebuilds the structures first.
+  [[nodiscard]] bool lock(std::chrono::milliseconds timeout) {
+    timespec until{};
+    ::clock_gettime(CLOCK_REALTIME, &until);
+    const auto ns = until.tv_nsec + (timeout.count() % 1000) * 1000000;
+    until.tv_sec += static_cast<time_t>(timeout.count() / 1000 + ns / 1000000000);
+    until.tv_nsec = static_cast<long>(ns % 1000000000);
+    const int rc = ::pthread_mutex_timedlock(&h_.mu, &until);
+    if (rc == 0) return true;
+    if (rc == EOWNERDEAD) {
+#if KVTIER_TSAN
+      // ThreadSanitizer's timedlock does not count a lock taken from a dead owner as taken.
+      __tsan_mutex_pre_lock(&h_.mu, 0);
+      __tsan_mutex_post_lock(&h_.mu, 0, 0);
+#endif
+      recover();
+      ::pthread_mutex_consistent(&h_.mu);
+      return true;
+    }
+    if (rc == ETIMEDOUT) {
+      std::atomic_ref<std::uint64_t>(h_.counters.lock_timeouts)
+          .fetch_add(1, std::memory_order_relaxed);
+      return false;
+    }
+    throw tier_error("kvtier: shared_host segment '" + s_.name() +
+                     "': lock failed: " + std::strerror(rc));
+  }
+  void unlock() noexcept { ::pthread_mutex_unlock(&h_.mu); }
+
+  // ---- entries (under the lock) ---------------------------------------------------------------
+
+  [[nodiscard]] entry& at(std::uint32_t slot) const noexcept { return s_.at(slot); }
+  [[nodiscard]] header& hdr() const noexcept { return h_; }
+
+  /// The entry of `k` (writing or ready), or nil.
+  [[nodiscard]] std::uint32_t find(const chunk_key& k) const noexcept {
+    for (std::uint32_t i = s_.buckets()[bucket(k)]; i != nil; i = s_.at(i).next) {
+      if (s_.at(i).key == k) return i;
+    }
+    return nil;
+  }
+  [[nodiscard]] std::uint32_t find_ready(const chunk_key& k) const noexcept {
+    const std::uint32_t i = find(k);
+    return i != nil && s_.at(i).state == slot_state::ready ? i : nil;
+  }
+
+  /// Reserves a slot for `k` (a free one, else the least recently used unreferenced one) as
+  /// writing by proc record `me`; nil when every slot is referenced or being written.
+  [[nodiscard]] std::uint32_t reserve(const chunk_key& k, std::uint32_t tokens,
+                                      std::uint32_t me) noexcept {
+    std::uint32_t i = h_.free_head;
+    if (i != nil) {
+      h_.free_head = s_.at(i).after;
+    } else if ((i = h_.lru_head) != nil) {
+      entry& v = s_.at(i);
+      v.state = slot_state::free;  // first: a death from here on leaves a free slot
+      lru_erase(i);
+      hash_erase(i);
+      ++h_.counters.evictions;
+    } else {
+      ++h_.counters.full;
+      return nil;
+    }
+    entry& e = s_.at(i);
+    e.writer = me;
+    e.writer_gen = s_.proc(me).gen;
+    e.refs = 0;
+    e.state = slot_state::writing;  // before the key: a death now frees the slot
+    e.key = k;
+    e.tokens = tokens;
+    hash_insert(i);
+    return i;
+  }
+  /// The writer's bytes are whole (checksum `sum`): the entry is served from now on.
+  void publish(std::uint32_t i, std::uint64_t sum) noexcept {
+    entry& e = s_.at(i);
+    e.checksum = sum;
+    e.stamp = ++h_.clock;
+    e.writer = nil;
+    e.state = slot_state::ready;
+    ++h_.counters.writes;
+    settle(i);
+  }
+  /// The writer gave up: the slot is freed.
+  void abort(std::uint32_t i) noexcept {
+    entry& e = s_.at(i);
+    e.state = slot_state::zombie;
+    hash_erase(i);
+    settle(i);
+  }
+  /// Takes `i` off lookup (removed or corrupt); freed once no lease references it.
+  void remove(std::uint32_t i) noexcept {
+    entry& e = s_.at(i);
+    if (e.state != slot_state::ready) return;
+    if (e.refs == 0) lru_erase(i);
+    e.state = slot_state::zombie;
+    hash_erase(i);
+    ++h_.counters.removed;
+    settle(i);
+  }
+  /// Removes every ready entry; returns how many.
+  std::size_t remove_all() noexcept {
+    std::size_t n = 0;
+    for (std::uint32_t i = 0; i < h_.slots; ++i) {
+      if (s_.at(i).state == slot_state::ready) {
+        remove(i);
+        ++n;
+      }
+    }
+    return n;
+  }
+  /// A use of ready entry `i`: moves it to the LRU's new end.
+  void touch(std::uint32_t i) noexcept {
+    entry& e = s_.at(i);
+    e.stamp = ++h_.clock;
+    if (e.state == slot_state::ready && e.refs == 0) {
+      lru_erase(i);
+      lru_push(i);
+    }
+  }
+
+  // ---- leases (under the lock) ----------------------------------------------------------------
+
+  /// A free lease record, owned by proc record `me`; nil when none is free.
+  [[nodiscard]] std::uint32_t lease_take(std::uint32_t me) noexcept {
+    const std::uint32_t l = h_.free_leases;
+    if (l == nil) return nil;
+    lease_head& r = s_.lease(l);
+    h_.free_leases = r.next_free;
+    r.count = 0;
+    r.id = ++h_.lease_seq == 0 ? ++h_.lease_seq : h_.lease_seq;
+    r.owner_gen = s_.proc(me).gen;
+    r.owner = me;  // last: the record is the owner's once this is set
+    return l;
+  }
+  [[nodiscard]] std::uint32_t lease_capacity() const noexcept { return h_.lease_chunks; }
+  /// References ready entry `i` under lease `l` (which has room).
+  void lease_add(std::uint32_t l, std::uint32_t i) noexcept {
+    lease_head& r = s_.lease(l);
+    s_.lease_slots(l)[r.count] = i;
+    ++r.count;
+    entry& e = s_.at(i);
+    if (e.state == slot_state::ready && e.refs == 0) lru_erase(i);
+    ++e.refs;
+  }
+  /// Drops every reference of lease `l` and frees it; returns how many it held.
+  std::uint32_t lease_drop(std::uint32_t l) noexcept {
+    lease_head& r = s_.lease(l);
+    const std::uint32_t n = r.count;
+    const std::uint32_t* slots = s_.lease_slots(l);
+    for (std::uint32_t j = 0; j < n; ++j) {
+      entry& e = s_.at(slots[j]);
+      if (e.refs > 0) --e.refs;
+      settle(slots[j]);
+    }
+    r.count = 0;
+    r.owner = nil;
+    r.next_free = h_.free_leases;
+    h_.free_leases = l;
+    return n;
+  }
+  [[nodiscard]] lease_head& lease(std::uint32_t l) const noexcept { return s_.lease(l); }
+  [[nodiscard]] const std::uint32_t* lease_slots(std::uint32_t l) const noexcept {
+    return s_.lease_slots(l);
+  }
+
+  // ---- processes ------------------------------------------------------------------------------
+
+  /// Takes a process record for `who`; nil when every record is taken (under the lock).
+  [[nodiscard]] std::uint32_t register_proc(const owner_id& who) noexcept {
+    for (std::uint32_t p = 0; p < h_.procs; ++p) {
+      proc_rec& r = s_.proc(p);
+      if (r.who.pid != 0) continue;
+      ++r.gen;
+      r.who = who;
+      return p;
+    }
+    return nil;
+  }
+  /// Gives back everything proc record `p` (generation `gen`) holds and frees the record. Under
+  /// the lock. Returns false when the record has since been taken by another process.
+  bool release_proc(std::uint32_t p, std::uint32_t gen) noexcept {
+    proc_rec& r = s_.proc(p);
+    if (r.gen != gen || r.who.pid == 0) return false;
+    for (std::uint32_t l = 0; l < h_.leases; ++l) {
+      lease_head& x = s_.lease(l);
+      if (x.owner == p && x.owner_gen == gen) h_.counters.reclaimed_refs += lease_drop(l);
+    }
+    for (std::uint32_t i = 0; i < h_.slots; ++i) {
+      entry& e = s_.at(i);
+      if (e.state == slot_state::writing && e.writer == p && e.writer_gen == gen) {
+        abort(i);
+        ++h_.counters.reclaimed_writes;
+      }
+    }
+    r.who = owner_id{};
+    return true;
+  }
+
+  /// Finds attached processes that have ended (reading /proc without the lock) and gives back
+  /// what they held. `scratch` holds a copy of the process table (sized at attach: no
+  /// allocation). Returns how many were reclaimed. Takes the lock itself; `me` is skipped.
+  std::size_t reap(std::vector<proc_rec>& scratch, std::uint32_t me,
+                   std::chrono::milliseconds timeout) {
+    if (!lock(timeout)) return 0;
+    std::copy_n(&s_.proc(0), h_.procs, scratch.begin());
+    unlock();
+    std::size_t dead = 0;
+    for (std::uint32_t p = 0; p < scratch.size(); ++p) {
+      if (p == me || scratch[p].who.pid == 0 || alive(scratch[p].who)) {
+        scratch[p].who.pid = 0;
+      } else {
+        ++dead;
+      }
+    }
+    if (dead == 0 || !lock(timeout)) return 0;
+    std::size_t n = 0;
+    for (std::uint32_t p = 0; p < scratch.size(); ++p) {
+      if (scratch[p].who.pid == 0 || !(s_.proc(p).who == scratch[p].who)) continue;
+      if (release_proc(p, scratch[p].gen)) {
+        ++h_.counters.reclaimed_procs;
+        ++n;
+      }
+    }
+    unlock();
+    return n;
+  }
+
+  /// Slots by state, and references held by live lease records; for tests and stats. Under the
+  /// lock.
+  struct census {
+    std::uint32_t free = 0, writing = 0, ready = 0, zombie = 0;
+    std::uint64_t refs = 0, lease_refs = 0;
+    std::uint32_t held = 0;  ///< ready entries with references
+    std::uint32_t free_listed = 0, lru_listed = 0, leases_free = 0;
+  };
+  [[nodiscard]] census count() const noexcept {
+    census c;
+    for (std::uint32_t i = 0; i < h_.slots; ++i) {
+      const entry& e = s_.at(i);
+      c.refs += e.refs;
+      switch (e.state) {
+        case slot_state::free:
+          ++c.free;
+          break;
+        case slot_state::writing:
+          ++c.writing;
+          break;
+        case slot_state::ready:
+          ++c.ready;
+          c.held += e.refs != 0;
+          break;
+        case slot_state::zombie:
+          ++c.zombie;
+          break;
+      }
+    }
+    for (std::uint32_t l = 0; l < h_.leases; ++l) {
+      if (s_.lease(l).owner != nil) c.lease_refs += s_.lease(l).count;
+    }
+    for (std::uint32_t i = h_.free_head; i != nil && c.free_listed <= h_.slots;
+         i = s_.at(i).after) {
+      ++c.free_listed;
+    }
+    for (std::uint32_t i = h_.lru_head; i != nil && c.lru_listed <= h_.slots; i = s_.at(i).after) {
+      ++c.lru_listed;
+    }
+    for (std::uint32_t l = h_.free_leases; l != nil && c.leases_free <= h_.leases;
+         l = s_.lease(l).next_free) {
+      ++c.leases_free;
+    }
+    return c;
+  }
+
+ private:
+  [[nodiscard]] std::uint32_t bucket(const chunk_key& k) const noexcept {
+    return static_cast<std::uint32_t>(chunk_key_hash{}(k) & (h_.buckets - 1));
+  }
+  void hash_insert(std::uint32_t i) noexcept {
+    std::uint32_t& head = s_.buckets()[bucket(s_.at(i).key)];
+    s_.at(i).next = head;
+    head = i;
+    ++h_.indexed;
+  }
+  void hash_erase(std::uint32_t i) noexcept {
+    std::uint32_t* link = &s_.buckets()[bucket(s_.at(i).key)];
+    while (*link != nil && *link != i) link = &s_.at(*link).next;
+    if (*link == nil) return;
+    *link = s_.at(i).next;
+    s_.at(i).next = nil;
+    --h_.indexed;
+  }
+  void lru_push(std::uint32_t i) noexcept {
+    entry& e = s_.at(i);
+    e.prev = h_.lru_tail;
+    e.after = nil;
+    if (h_.lru_tail != nil) {
+      s_.at(h_.lru_tail).after = i;
+    } else {
+      h_.lru_head = i;
+    }
+    h_.lru_tail = i;
+  }
+  void lru_erase(std::uint32_t i) noexcept {
+    entry& e = s_.at(i);
+    if (e.prev != nil) {
+      s_.at(e.prev).after = e.after;
+    } else {
+      h_.lru_head = e.after;
+    }
+    if (e.after != nil) {
+      s_.at(e.after).prev = e.prev;
+    } else {
+      h_.lru_tail = e.prev;
+    }
+    e.prev = e.after = nil;
+  }
+  void free_push(std::uint32_t i) noexcept {
+    entry& e = s_.at(i);
+    e.state = slot_state::free;
+    e.prev = nil;
+    e.after = h_.free_head;
+    h_.free_head = i;
+  }
+  // Puts an entry whose references just dropped where it belongs.
+  void settle(std::uint32_t i) noexcept {
+    entry& e = s_.at(i);
+    if (e.refs != 0) return;
+    if (e.state == slot_state::zombie) {
+      free_push(i);
+    } else if (e.state == slot_state::ready) {
+      lru_push(i);
+    }
+  }
+
+  // The lock's holder died: its changes may be half made. Every list is rebuilt from what each
+  // entry's state says, references are recounted from live lease records, and what dead
+  // processes held is given back. Entries change state in an order that makes this exact (see
+  // entry in layout.hpp). Allocates (a sort of the LRU order): recovery is rare, not a hot path.
+  void recover() {
+    ++h_.counters.recoveries;
+    std::vector<std::uint8_t> dead(h_.procs, 0);
+    for (std::uint32_t p = 0; p < h_.procs; ++p) {
+      proc_rec& r = s_.proc(p);
+      if (r.who.pid != 0 && !alive(r.who)) {
+        dead[p] = 1;
+        r.who = owner_id{};
+        ++h_.counters.reclaimed_procs;
+      }
+    }
+    auto live = [&](std::uint32_t p, std::uint32_t gen) {
+      return p < h_.procs && !dead[p] && s_.proc(p).who.pid != 0 && s_.proc(p).gen == gen;
+    };
+    for (std::uint32_t i = 0; i < h_.slots; ++i) s_.at(i).refs = 0;
+    h_.free_leases = nil;
+    for (std::uint32_t l = h_.leases; l-- > 0;) {
+      lease_head& r = s_.lease(l);
+      if (r.owner != nil && live(r.owner, r.owner_gen) && r.count <= h_.lease_chunks) {
+        for (std::uint32_t j = 0; j < r.count; ++j) {
+          const std::uint32_t slot = s_.lease_slots(l)[j];
+          if (slot < h_.slots) ++s_.at(slot).refs;
+        }
+        continue;
+      }
+      if (r.owner != nil) h_.counters.reclaimed_refs += r.count;
+      r.owner = nil;
+      r.count = 0;
+      r.next_free = h_.free_leases;
+      h_.free_leases = l;
+    }
+    std::uint32_t* b = s_.buckets();
+    for (std::uint32_t i = 0; i < h_.buckets; ++i) b[i] = nil;
+    h_.indexed = 0;
+    h_.free_head = h_.lru_head = h_.lru_tail = nil;
+    std::vector<std::uint32_t> order;
+    for (std::uint32_t i = h_.slots; i-- > 0;) {
+      entry& e = s_.at(i);
+      e.next = e.prev = e.after = nil;
+      if (e.state == slot_state::writing && !live(e.writer, e.writer_gen)) {
+        e.state = slot_state::free;
+        ++h_.counters.reclaimed_writes;
+      }
+      if (e.state == slot_state::zombie && e.refs == 0) e.state = slot_state::free;
+      if (e.state == slot_state::ready && find(e.key) != nil) e.state = slot_state::free;  // dup
+      switch (e.state) {
+        case slot_state::free:
+          free_push(i);
+          break;
+        case slot_state::writing:
+          hash_insert(i);
+          break;
+        case slot_state::ready:
+          hash_insert(i);
+          if (e.refs == 0) order.push_back(i);
+          break;
+        case slot_state::zombie:
+          break;
+        default:
+          e.state = slot_state::free, free_push(i);
+      }
+    }
+    std::sort(order.begin(), order.end(),
+              [&](std::uint32_t a, std::uint32_t c) { return s_.at(a).stamp < s_.at(c).stamp; });
+    for (std::uint32_t i : order) lru_push(i);
+  }
+
+  segment& s_;
+  header& h_;
+};
+
+}  // namespace kvtier::detail_shared
+// ---- end kvtier/tier/shared/index.hpp
+
+
+
+namespace kvtier::detail_shared {
+/// Copies n bytes from src to dst and returns the payload checksum (detail::payload_checksum of
+/// key) of the bytes at `hashed` (dst or src), a piece at a time so that each piece is hashed
+/// while it is still in cache: the same value as hashing the whole buffer, at about the cost of
+/// the copy alone.
+inline std::uint64_t copy_and_sum(std::byte* dst, const std::byte* src, std::size_t n,
+                                  const chunk_key& key, bool hash_dst) noexcept {
+  constexpr std::size_t piece = 128 * 1024;
+  XXH3_state_t st;
+  XXH3_INITSTATE(&st);
+  XXH3_64bits_reset_withSeed(&st, key.lo ^ key.hi);
+  for (std::size_t off = 0; off < n; off += piece) {
+    const std::size_t len = std::min(piece, n - off);
+    std::memcpy(dst + off, src + off, len);
+    XXH3_64bits_update(&st, (hash_dst ? dst : src) + off, len);
+  }
+  return XXH3_64bits_digest(&st);
+}
+}  // namespace kvtier::detail_shared
+
+namespace kvtier::tier {
+
+/// Shared host tier. The segment (`config::name`, by default "/kvtier-<salt key>") holds the
+/// slots, the key index, the LRU order, the lease records and counters at fixed offsets; the
+/// first process with this salt and chunk format creates it, later ones attach, and one made for
+/// another salt, format or kvtier version is refused. Every process's cache puts it below its own
+/// first tier: a chunk one process stores is written into the segment once (by that process's
+/// writer threads), and every other process finds it by lookup and loads it at memory speed.
+///
+/// Guarantees from any attached process: a chunk is served only once all its bytes are in
+/// (published under the lock after the copy), a slot referenced by a lease is never evicted or
+/// overwritten, reads verify the payload checksum (`verify`), the lock is never held while bytes
+/// move, and no call allocates. Each lease and each half-written slot is tagged with its owner
+/// (pid and start time); what a process held when it died (SIGKILL included) is given back when
+/// another process notices (every `reap_interval`, and whenever slots or lease records run out),
+/// and a holder that died with the lock makes the next locker rebuild the index (robust mutex).
+struct shared_host {
+  static constexpr const char* name = "shared_host";
+  static constexpr bool is_memory = false;
+  static constexpr bool indexed = false;
+
+  struct config {
+    std::string name;  ///< segment name ("/..."); empty: "/kvtier-<salt key hex>"
+    std::size_t capacity_bytes = std::size_t{1} << 30;  ///< slab size, when this process creates it
+    std::size_t processes = 64;  ///< processes attached at once, when this process creates it
+    std::size_t leases = 0;      ///< lease records, when creating it; 0: 16 per process
+    bool create = true;          ///< create the segment when absent (else attach only)
+    bool verify = true;          ///< check each read's payload checksum
+    std::chrono::milliseconds timeout{1000};        ///< lock waits; waiting for a creator
+    std::chrono::milliseconds reap_interval{1000};  ///< how often dead owners are looked for
+    std::uint32_t admit_after_hits = 0;             ///< take a chunk only once hit this often above
+    unsigned writers = 1;  ///< this process's threads writing into the segment
+  };
+
+  /// The segment's counters (every attached process's events) and its occupancy.
+  struct counters : detail_shared::seg_counters {
+    std::uint32_t slots = 0;      ///< chunk slots in the segment
+    std::uint32_t ready = 0;      ///< slots holding a served chunk
+    std::uint32_t writing = 0;    ///< slots being written
+    std::uint32_t processes = 0;  ///< processes attached
+    std::uint64_t bytes = 0;      ///< size of the segment
+  };
+
+  /// Chunks held by a lease record, to be adopted by another process (see handle::lease).
+  struct ticket {
+    std::uint64_t value = 0;  ///< pass this number to the other process
+    std::uint32_t chunks = 0;
+    explicit operator bool() const noexcept { return chunks != 0; }
+  };
+
+  class handle;
+  /// Chunks this process holds through an adopted ticket; given back when destroyed.
+  class held {
+   public:
+    held() = default;
+    held(held&& o) noexcept : h_(o.h_), rec_(o.rec_), id_(o.id_), chunks_(o.chunks_) {
+      o.h_ = nullptr;
+      o.chunks_ = 0;
+    }
+    held& operator=(held&& o) noexcept {
+      if (this != &o) {
+        reset();
+        h_ = o.h_, rec_ = o.rec_, id_ = o.id_, chunks_ = o.chunks_;
+        o.h_ = nullptr;
+        o.chunks_ = 0;
+      }
+      return *this;
+    }
+    ~held() { reset(); }
+    [[nodiscard]] std::uint32_t chunks() const noexcept { return chunks_; }
+    void reset() noexcept;
+
+   private:
+    friend class handle;
+    handle* h_ = nullptr;
+    std::uint32_t rec_ = 0, id_ = 0, chunks_ = 0;
+  };
+
+  /// An attachment to the segment. The tier's impl is one; a process that holds no KV (a
+  /// scheduler) uses one alone to ask how much of a prompt is cached and to take leases for
+  /// another process (shared_lookup.hpp wraps it with the cache's keys).
+  class handle {
+    static constexpr std::size_t batch = 64;  // chunks per lock round
+
+   public:
+    handle(const config& c, const context& ctx)
+        : cfg_(checked(c)),
+          ctx_(ctx),
+          seg_(segment_name(c, ctx), {ctx.salt, ctx.format.fingerprint(), ctx.format.chunk_bytes()},
+               detail_shared::make_geometry(c.capacity_bytes, ctx.format.chunk_bytes(), c.processes,
+                                            leases_of(c),
+                                            std::clamp<std::size_t>(ctx.max_chunks, 64, 65536)),
+               c.create, c.timeout),
+          ix_(seg_),
+          scratch_(seg_.hdr().procs),
+          deferred_leases_(seg_.hdr().leases),
+          pid_(::getpid()) {
+      const detail_shared::owner_id self = detail_shared::self_id();
+      for (int attempt = 0; attempt < 2 && me_ == detail_shared::nil; ++attempt) {
+        if (!ix_.lock(cfg_.timeout)) break;
+        me_ = ix_.register_proc(self);
+        unlock();
+        if (me_ == detail_shared::nil) (void)ix_.reap(scratch_, me_, cfg_.timeout);
+      }
+      if (me_ == detail_shared::nil) {
+        throw tier_error("kvtier: shared_host segment '" + seg_.name() + "' has no free process " +
+                         "record (" + std::to_string(seg_.hdr().procs) + " processes attached)");
+      }
+      gen_ = seg_.proc(me_).gen;
+      reap_now();
+    }
+    /// Gives back this process's leases and half-written slots and leaves the process table.
+    ~handle() {
+      if (::getpid() != pid_) return;  // a forked child: the parent still owns the record
+      if (lock()) {
+        (void)ix_.release_proc(me_, gen_);
+        unlock();
+      }
+    }
+    handle(const handle&) = delete;
+    handle& operator=(const handle&) = delete;
+
+    [[nodiscard]] const std::string& segment_name() const noexcept { return seg_.name(); }
+    /// True when this process created the segment.
+    [[nodiscard]] bool created() const noexcept { return seg_.created(); }
+
+    /// The length of the leading run of `keys` the segment holds. 0 when its lock is not taken
+    /// within the timeout. Marks each found chunk used.
+    std::size_t probe(std::span<const chunk_key> keys) {
+      check_process();
+      maybe_reap();
+      if (!lock()) return 0;
+      std::size_t n = 0;
+      for (; n < keys.size(); ++n) {
+        const std::uint32_t i = ix_.find_ready(keys[n]);
+        if (i == detail_shared::nil) break;
+        ix_.touch(i);
+      }
+      auto& c = ix_.hdr().counters;
+      c.hits += n;
+      if (n < keys.size()) ++c.misses;
+      unlock();
+      return n;
+    }
+
+    /// Copies each job's chunk into job.dst and proves it (key, tokens, length, checksum).
+    void read_batch(std::span<read_job> jobs) {
+      check_process();
+      maybe_reap();
+      for (std::size_t b = 0; b < jobs.size(); b += batch) {
+        read_group(jobs.subspan(b, std::min(batch, jobs.size() - b)),
+                   [this](std::size_t, read_job& job, const std::byte* src, std::uint64_t sum) {
+                     // The checksum is of the bytes now in job.dst: what the engine will get.
+                     if (!cfg_.verify) {
+                       std::memcpy(job.dst, src, job.bytes);
+                       return true;
+                     }
+                     return detail_shared::copy_and_sum(job.dst, src, job.bytes, job.key, true) ==
+                            sum;
+                   });
+      }
+    }
+
+    /// Reads each job's chunk in place: `use(j, src, verify)` gets the bytes of job j in the
+    /// segment (held under a lease while it runs) and, when `verify`, returns their payload
+    /// checksum (computed as it reads them); job.status is then ok only if that checksum is the
+    /// one the writer recorded. job.dst is not used. The cache scatters straight from the
+    /// segment into the engine's blocks this way: one copy instead of two.
+    static constexpr bool maps_reads = true;
+    template <class Use>
+    void read_mapped(std::span<read_job> jobs, Use&& use) {
+      check_process();
+      maybe_reap();
+      for (std::size_t b = 0; b < jobs.size(); b += batch) {
+        read_group(jobs.subspan(b, std::min(batch, jobs.size() - b)),
+                   [&](std::size_t j, read_job&, const std::byte* src, std::uint64_t sum) {
+                     const std::uint64_t got = use(b + j, src, cfg_.verify);
+                     return !cfg_.verify || got == sum;
+                   });
+      }
+    }
+
+    /// Writes each job's chunk into the segment; a chunk it already holds (or one another process
+    /// is writing) is answered ok without a copy.
+    void write_batch(std::span<write_job> jobs) {
+      check_process();
+      maybe_reap();
+      for (std::size_t b = 0; b < jobs.size(); b += batch) {
+        write_group(jobs.subspan(b, std::min(batch, jobs.size() - b)));
+      }
+    }
+
+    /// Removes `keys`' chunks (those under a lease are freed when it ends); returns how many
+    /// were held.
+    std::size_t remove(std::span<const chunk_key> keys) {
+      check_process();
+      if (!lock()) return 0;
+      std::size_t n = 0;
+      for (const chunk_key& k : keys) {
+        const std::uint32_t i = ix_.find_ready(k);
+        if (i == detail_shared::nil) continue;
+        ix_.remove(i);
+        ++n;
+      }
+      unlock();
+      return n;
+    }
+    /// Removes every chunk of the segment (it holds one salt's chunks only).
+    std::size_t remove_all() {
+      check_process();
+      if (!lock()) return 0;
+      const std::size_t n = ix_.remove_all();
+      unlock();
+      return n;
+    }
+
+    /// Holds the leading run of `keys` the segment has (up to the segment's lease size) in a
+    /// lease record owned by this process, until another process adopts it or this one releases
+    /// it or ends. An empty ticket when none is held or no lease record is free.
+    ticket lease(std::span<const chunk_key> keys) {
+      check_process();
+      maybe_reap();
+      if (!lock()) return {};
+      std::uint32_t l = ix_.lease_take(me_);
+      if (l == detail_shared::nil) {
+        unlock();
+        reap_now();
+        if (!lock()) return {};
+        l = ix_.lease_take(me_);
+        if (l == detail_shared::nil) {
+          unlock();
+          return {};
+        }
+      }
+      const std::size_t cap = std::min<std::size_t>(keys.size(), ix_.lease_capacity());
+      std::uint32_t n = 0;
+      for (; n < cap; ++n) {
+        const std::uint32_t i = ix_.find_ready(keys[n]);
+        if (i == detail_shared::nil) break;
+        ix_.lease_add(l, i);
+      }
+      ticket t;
+      if (n == 0) {
+        (void)ix_.lease_drop(l);
+      } else {
+        t = {(std::uint64_t{l} << 32) | ix_.lease(l).id, n};
+      }
+      unlock();
+      return t;
+    }
+    /// Takes over a ticket another process (or this one) leased: its chunks are held by this
+    /// process from now on (reclaimed if it dies). An empty result for a ticket already adopted,
+    /// released, or whose holder died.
+    held adopt(ticket t) {
+      check_process();
+      held h;
+      const auto l = static_cast<std::uint32_t>(t.value >> 32);
+      const auto id = static_cast<std::uint32_t>(t.value);
+      if (t.chunks == 0 || l >= seg_.hdr().leases || !lock()) return h;
+      detail_shared::lease_head& r = ix_.lease(l);
+      if (r.owner != detail_shared::nil && r.id == id && r.count > 0) {
+        r.owner_gen = gen_;
+        r.owner = me_;
+        h.h_ = this;
+        h.rec_ = l;
+        h.id_ = id;
+        h.chunks_ = r.count;
+      }
+      unlock();
+      return h;
+    }
+    /// Gives back a ticket this process leased and no one adopted. False when it is not held.
+    bool release(ticket t) noexcept {
+      return drop_record(static_cast<std::uint32_t>(t.value >> 32),
+                         static_cast<std::uint32_t>(t.value));
+    }
+
+    /// The segment's counters and occupancy (takes the lock; zeros when it is not taken).
+    [[nodiscard]] counters stats() {
+      counters c;
+      if (!lock()) return c;
+      const auto& h = ix_.hdr();
+      static_cast<detail_shared::seg_counters&>(c) = h.counters;
+      const auto k = ix_.count();
+      c.slots = h.slots;
+      c.ready = k.ready;
+      c.writing = k.writing;
+      for (std::uint32_t p = 0; p < h.procs; ++p) c.processes += seg_.proc(p).who.pid != 0;
+      unlock();
+      c.bytes = seg_.bytes();
+      return c;
+    }
+    /// Every slot by state and every reference, with the lists' lengths (for tests: each slot is
+    /// free, indexed, or held by a live owner).
+    [[nodiscard]] detail_shared::shared_index::census census() {
+      detail_shared::shared_index::census k;
+      if (!lock()) return k;
+      k = ix_.count();
+      unlock();
+      return k;
+    }
+    /// Looks for processes that ended now; returns how many were reclaimed.
+    std::size_t reap_now() {
+      last_reap_.store(now_ms(), std::memory_order_relaxed);
+      std::unique_lock lk(reap_mu_, std::try_to_lock);  // another thread is reaping: enough
+      return lk.owns_lock() ? ix_.reap(scratch_, me_, cfg_.timeout) : 0;
+    }
+
+    /// Removes segment `name` from the namespace; processes attached keep their mapping.
+    static bool unlink(const std::string& name) { return detail_shared::segment::unlink(name); }
+    /// The name a segment gets for this config and context.
+    static std::string segment_name(const config& c, const context& ctx) {
+      return c.name.empty() ? "/kvtier-" + ctx.salt.hex() : c.name;
+    }
+
+   private:
+    friend class held;
+
+    static config checked(const config& c) {
+      if (c.timeout.count() <= 0) {
+        throw invalid_argument("kvtier: shared_host timeout " + std::to_string(c.timeout.count()) +
+                               " ms must be positive");
+      }
+      if (c.writers == 0 || c.writers > 64) {
+        throw invalid_argument("kvtier: shared_host writers " + std::to_string(c.writers) +
+                               " is out of range 1..64");
+      }
+      return c;
+    }
+    static std::int64_t now_ms() noexcept {
+      return std::chrono::duration_cast<std::chrono::milliseconds>(
+                 std::chrono::steady_clock::now().time_since_epoch())
+          .count();
+    }
+    void check_process() const {
+      if (::getpid() != pid_) {
+        throw tier_error("kvtier: shared_host segment '" + seg_.name() +
+                         "' used in a forked child through its parent's attachment; attach anew");
+      }
+    }
+    void maybe_reap() {
+      const std::int64_t t = now_ms();
+      std::int64_t last = last_reap_.load(std::memory_order_relaxed);
+      if (t - last < cfg_.reap_interval.count()) return;
+      if (!last_reap_.compare_exchange_strong(last, t)) return;  // another thread reaps
+      (void)reap_now();
+    }
+    static std::size_t leases_of(const config& c) noexcept {
+      if (c.leases != 0) return c.leases;
+      return c.processes > 4096 ? c.processes : 16 * c.processes;  // (out of range: refused)
+    }
+
+    // Takes the lock, then gives back lease records whose drop an earlier lock timeout deferred.
+    bool lock() {
+      if (!ix_.lock(cfg_.timeout)) return false;
+      if (deferred_count_.load(std::memory_order_acquire) != 0) {
+        std::lock_guard g(defer_mu_);
+        for (std::size_t j = 0; j < deferred_count_; ++j) {
+          const auto [l, id] = deferred_leases_[j];
+          if (ix_.lease(l).owner == me_ && ix_.lease(l).id == id) (void)ix_.lease_drop(l);
+        }
+        deferred_count_.store(0, std::memory_order_release);
+      }
+      return true;
+    }
+    void unlock() noexcept { ix_.unlock(); }
+
+    bool drop_record(std::uint32_t l, std::uint32_t id) noexcept {
+      if (l >= seg_.hdr().leases) return false;
+      try {
+        if (!lock()) {
+          defer(l, id);
+          return false;
+        }
+      } catch (...) {
+        return false;
+      }
+      detail_shared::lease_head& r = ix_.lease(l);
+      const bool mine = r.owner == me_ && r.owner_gen == gen_ && r.id == id;
+      if (mine) (void)ix_.lease_drop(l);
+      unlock();
+      return mine;
+    }
+    // A lease whose drop timed out on the lock: dropped at this process's next lock (or, when
+    // the list is full, when this process detaches or dies).
+    void defer(std::uint32_t l, std::uint32_t id) noexcept {
+      std::lock_guard g(defer_mu_);
+      const std::size_t j = deferred_count_.load(std::memory_order_relaxed);
+      if (j < deferred_leases_.size()) {
+        deferred_leases_[j] = {l, id};
+        deferred_count_.store(j + 1, std::memory_order_release);
+      }
+    }
+
+    // One lock round of reads: references the jobs' chunks under a lease, has deliver(j, job,
+    // src, checksum) move and check each without the lock (true: the bytes are the chunk's),
+    // then removes chunks that failed and drops the lease.
+    template <class Deliver>
+    void read_group(std::span<read_job> jobs, Deliver&& deliver) {
+      std::array<std::uint32_t, batch> slot;
+      std::array<std::uint64_t, batch> sum{};
+      if (!lock()) {
+        for (read_job& j : jobs) j.status = read_status::io_error;
+        return;
+      }
+      std::uint32_t l = ix_.lease_take(me_);
+      if (l == detail_shared::nil) {
+        unlock();
+        reap_now();
+        if (!lock()) {
+          for (read_job& j : jobs) j.status = read_status::io_error;
+          return;
+        }
+        l = ix_.lease_take(me_);
+      }
+      if (l == detail_shared::nil) {
+        unlock();
+        for (read_job& j : jobs) j.status = read_status::io_error;
+        return;
+      }
+      auto& c = ix_.hdr().counters;
+      for (std::size_t j = 0; j < jobs.size(); ++j) {
+        read_job& job = jobs[j];
+        slot[j] = detail_shared::nil;
+        job.status = read_status::missing;
+        const std::uint32_t i = ix_.find_ready(job.key);
+        if (i == detail_shared::nil) {
+          ++c.misses;
+          continue;
+        }
+        const detail_shared::entry& e = ix_.at(i);
+        if (e.tokens != job.tokens || job.bytes != ctx_.format.bytes(job.tokens) ||
+            job.bytes > seg_.hdr().slot_bytes) {
+          job.status = read_status::corrupt;  // a record of this key that is not this chunk
+          ++c.corrupt;
+          continue;
+        }
+        ix_.lease_add(l, i);
+        slot[j] = i;
+        sum[j] = e.checksum;
+        ++c.hits;
+      }
+      const std::uint32_t id = ix_.lease(l).id;
+      unlock();
+      for (std::size_t j = 0; j < jobs.size(); ++j) {
+        if (slot[j] == detail_shared::nil) continue;
+        read_job& job = jobs[j];
+        const bool good = deliver(j, job, seg_.data(slot[j]), sum[j]);
+        job.status = good ? read_status::ok : read_status::corrupt;
+      }
+      if (!lock()) {
+        defer(l, id);
+        return;
+      }
+      for (std::size_t j = 0; j < jobs.size(); ++j) {
+        if (slot[j] == detail_shared::nil || jobs[j].status == read_status::ok) continue;
+        ix_.remove(slot[j]);  // its bytes are not the chunk's: never served again
+        ++c.corrupt;
+      }
+      (void)ix_.lease_drop(l);
+      unlock();
+    }
+
+    void write_group(std::span<write_job> jobs) {
+      std::array<std::uint32_t, batch> slot;
+      if (!lock()) {
+        for (write_job& j : jobs) j.ok = false;
+        return;
+      }
+      auto& c = ix_.hdr().counters;
+      bool full = false;
+      for (std::size_t j = 0; j < jobs.size(); ++j) {
+        write_job& job = jobs[j];
+        slot[j] = detail_shared::nil;
+        job.ok = false;
+        if (job.bytes != ctx_.format.bytes(job.tokens) || job.bytes > seg_.hdr().slot_bytes) {
+          continue;
+        }
+        if (const std::uint32_t i = ix_.find(job.key); i != detail_shared::nil) {
+          if (ix_.at(i).state == detail_shared::slot_state::ready) ix_.touch(i);
+          ++c.duplicates;
+          job.ok = true;
+          continue;
+        }
+        slot[j] = ix_.reserve(job.key, job.tokens, me_);
+        full = full || slot[j] == detail_shared::nil;
+      }
+      unlock();
+      if (full) reap_now();  // slots may be held by processes that died
+      std::array<std::uint64_t, batch> sum{};
+      for (std::size_t j = 0; j < jobs.size(); ++j) {
+        if (slot[j] == detail_shared::nil) continue;
+        sum[j] = detail_shared::copy_and_sum(seg_.data(slot[j]), jobs[j].src, jobs[j].bytes,
+                                             jobs[j].key, false);
+      }
+      // Publishing must happen: wait for the lock (its holders never hold it across I/O). A
+      // reserved slot left unpublished is freed when this process detaches or dies.
+      while (!lock()) {
+      }
+      for (std::size_t j = 0; j < jobs.size(); ++j) {
+        const std::uint32_t i = slot[j];
+        if (i == detail_shared::nil) continue;
+        const detail_shared::entry& e = ix_.at(i);
+        // Still this write's reservation (nothing takes a live writer's slot).
+        if (e.state == detail_shared::slot_state::writing && e.writer == me_ &&
+            e.key == jobs[j].key) {
+          ix_.publish(i, sum[j]);
+          jobs[j].ok = true;
+        }
+      }
+      unlock();
+    }
+
+    config cfg_;
+    context ctx_;
+    detail_shared::segment seg_;
+    detail_shared::shared_index ix_;
+    std::vector<detail_shared::proc_rec> scratch_;
+    std::vector<std::pair<std::uint32_t, std::uint32_t>> deferred_leases_;
+    std::atomic<std::size_t> deferred_count_{0};
+    std::mutex defer_mu_;  // deferred_leases_
+    std::mutex reap_mu_;   // scratch_
+    std::uint32_t me_ = detail_shared::nil;
+    std::uint32_t gen_ = 0;
+    pid_t pid_;
+    std::atomic<std::int64_t> last_reap_{0};
+  };
+
+  template <class Eviction>
+  class impl : public handle {
+   public:
+    using handle::handle;
+  };
+};
+
+inline void shared_host::held::reset() noexcept {
+  if (h_ != nullptr) (void)h_->drop_record(rec_, id_);
+  h_ = nullptr;
+  chunks_ = 0;
+}
+
+static_assert(remote_lower_tier<shared_host::impl<eviction::lru>>);
+
+}  // namespace kvtier::tier
+// ---- end kvtier/tier/shared_host.hpp
+
+
+namespace kvtier {
+
+template <class Cache>
+class shared_lookup {
+  using chunker_type = detail::chunker<Cache::chunk_tokens, typename Cache::hasher_type>;
+  static constexpr std::size_t kv_planes = layout::traits<typename Cache::layout_type>::kv_planes;
+
+ public:
+  using ticket = tier::shared_host::ticket;
+  using held = tier::shared_host::held;
+
+  /// Attaches to (or, with config.create, creates) the segment a `Cache` made with `model`,
+  /// `s`, a shared_host tier configured as `c` and `cc` would use.
+  shared_lookup(const model_shape& model, const salt& s, const tier::shared_host::config& c,
+                const cache_config& cc = {})
+      : format_(layout::chunk_format::from(
+            detail::checked_model<Cache::chunk_tokens, Cache::block_tokens, kv_planes>(model),
+            Cache::chunk_tokens, kv_planes)),
+        cfg_(detail::checked_config(cc)),
+        chunker_(s, format_, cfg_.store_partial_tail),
+        handle_(c, tier::context{format_, chunker_.salt_key(), model.block_size,
+                                 detail::max_chunks(cfg_, Cache::chunk_tokens), cfg_.max_inflight}),
+        keys_(detail::max_chunks(cfg_, Cache::chunk_tokens)) {}
+
+  /// Leading tokens of `tokens` whose chunks the segment holds now (full chunks; the partial
+  /// tail too when cache_config.store_partial_tail). Thread-safe; allocates nothing.
+  std::size_t cached_tokens(std::span<const token_id> tokens) {
+    detail::check_tokens("shared_lookup", tokens.size(), cfg_);
+    std::lock_guard lk(mu_);
+    const std::size_t n = chunker_.keys(tokens, keys_);
+    const std::size_t found = handle_.probe({keys_.data(), n});
+    return std::min(found * Cache::chunk_tokens, tokens.size());
+  }
+
+  /// Holds the leading chunks of `tokens` the segment has, for another process to adopt (pass
+  /// ticket.value to it). ticket.chunks * chunk_tokens (at most tokens.size()) tokens are held.
+  ticket lease(std::span<const token_id> tokens) {
+    detail::check_tokens("shared_lookup", tokens.size(), cfg_);
+    std::lock_guard lk(mu_);
+    const std::size_t n = chunker_.keys(tokens, keys_);
+    return handle_.lease({keys_.data(), n});
+  }
+  /// Takes over a ticket leased by another process; the chunks stay held while the result lives.
+  held adopt(ticket t) { return handle_.adopt(t); }
+  /// Gives back a ticket this process leased and no one adopted.
+  bool release(ticket t) noexcept { return handle_.release(t); }
+
+  [[nodiscard]] tier::shared_host::handle& handle() noexcept { return handle_; }
+  [[nodiscard]] const chunk_key& salt_key() const noexcept { return chunker_.salt_key(); }
+
+ private:
+  layout::chunk_format format_;
+  cache_config cfg_;
+  chunker_type chunker_;
+  tier::shared_host::handle handle_;
+  std::mutex mu_;  // keys_
+  std::vector<chunk_key> keys_;
+};
+
+}  // namespace kvtier
+// ---- end kvtier/shared_lookup.hpp
 // ---- begin kvtier/tier/local_disk.hpp
 // The local disk tier: one file of fixed-size record slots in a directory, accessed with
 // aligned O_DIRECT I/O in batches (io_uring, or a thread pool where io_uring is unavailable).
@@ -4640,9 +6473,7 @@ struct vllm_flash_hnd {
 // construction.
 
 #include <sys/types.h>
-#include <unistd.h>
 
-#include <atomic>
 
 #if defined(KVTIER_USE_IO_URING) && __has_include(<liburing.h>)
 #include <liburing.h>
@@ -5000,81 +6831,8 @@ class io_engine {
 
 }  // namespace kvtier::detail
 // ---- end kvtier/detail/io_engine.hpp
-// ---- begin kvtier/detail/record.hpp
-// The self-describing record a non-memory tier keeps per chunk: a fixed header that carries the
-// key, salt, format fingerprint, length and checksums, followed by the chunk's bytes.
 
-
-
-namespace kvtier::detail {
-
-inline constexpr char record_magic[8] = {'K', 'V', 'T', 'I', 'E', 'R', 'R', '1'};
-inline constexpr std::uint32_t record_version = 1;
-/// Header space in front of each payload on disk: one page, so the payload stays aligned for
-/// O_DIRECT. A remote record's header takes just sizeof(record_header).
-inline constexpr std::size_t record_header_bytes = 4096;
-
-/// Serialized little-endian at the start of the header page.
-struct record_header {
-  char magic[8];
-  std::uint32_t version;
-  std::uint32_t header_bytes;
-  chunk_key key;
-  chunk_key salt;
-  std::uint64_t format_fingerprint;
-  std::uint32_t tokens;
-  std::uint32_t reserved;
-  std::uint64_t payload_bytes;
-  std::uint64_t payload_checksum;
-  std::uint64_t header_checksum;  ///< XXH3-64 of every field above
-};
-static_assert(sizeof(record_header) == 88, "record_header must have no padding: it is hashed");
-static_assert(sizeof(record_header) <= record_header_bytes);
-
-/// Payload checksum, seeded by the key so bytes moved under another key fail the check too.
-[[nodiscard]] inline std::uint64_t payload_checksum(const chunk_key& k, const std::byte* p,
-                                                    std::size_t n) noexcept {
-  return XXH3_64bits_withSeed(p, n, k.lo ^ k.hi);
-}
-
-[[nodiscard]] inline std::uint64_t header_checksum(const record_header& h) noexcept {
-  return XXH3_64bits(&h, offsetof(record_header, header_checksum));
-}
-
-[[nodiscard]] inline record_header make_record_header(
-    const chunk_key& key, const chunk_key& salt, std::uint64_t fingerprint, std::uint32_t tokens,
-    const std::byte* p, std::size_t n, std::size_t header_bytes = record_header_bytes) noexcept {
-  record_header h{};
-  std::memcpy(h.magic, record_magic, sizeof h.magic);
-  h.version = record_version;
-  h.header_bytes = static_cast<std::uint32_t>(header_bytes);
-  h.key = key;
-  h.salt = salt;
-  h.format_fingerprint = fingerprint;
-  h.tokens = tokens;
-  h.payload_bytes = n;
-  h.payload_checksum = payload_checksum(key, p, n);
-  h.header_checksum = header_checksum(h);
-  return h;
-}
-
-/// True when `h` is an intact header of exactly this record (key, salt, format, length).
-[[nodiscard]] inline bool header_matches(const record_header& h, const chunk_key& key,
-                                         const chunk_key& salt, std::uint64_t fingerprint,
-                                         std::uint32_t tokens, std::size_t n,
-                                         std::size_t header_bytes = record_header_bytes) noexcept {
-  return std::memcmp(h.magic, record_magic, sizeof h.magic) == 0 && h.version == record_version &&
-         h.header_bytes == header_bytes && h.header_checksum == header_checksum(h) &&
-         h.key == key && h.salt == salt && h.format_fingerprint == fingerprint &&
-         h.tokens == tokens && h.payload_bytes == n;
-}
-
-}  // namespace kvtier::detail
-// ---- end kvtier/detail/record.hpp
-
-#include <fcntl.h>
 #include <sys/file.h>
-#include <sys/stat.h>
 
 #include <filesystem>
 #include <system_error>

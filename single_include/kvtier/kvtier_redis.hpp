@@ -168,7 +168,6 @@ auto by_hiredis(Reply& reply) {
 }  // namespace kvtier::tier::detail_redis
 // ---- end kvtier/tier/redis/protocol.hpp
 
-#include <pthread.h>
 #include <sys/time.h>
 
 #include <charconv>

@@ -197,18 +197,24 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       return 0;
     }
     chunk_ref* rs = ops_.refs(l.op_);
-    std::size_t loaded = 0, bytes = 0;
-    // A window of chunks at a time: its lower-tier chunks are promoted in one batch per tier,
-    // then the window is scattered into the engine's blocks.
+    std::size_t loaded = 0, bytes = 0, first_bytes = 0;
+    // A window of chunks at a time: its chunks in tiers that read in place are scattered from
+    // there, its other lower-tier chunks are promoted in one batch per tier, then the rest of
+    // the window is scattered from the first tier into the engine's blocks.
     for (std::size_t w = 0; w < count; w += window) {
       const std::size_t hi = std::min(count, w + window);
+      std::array<std::uint8_t, window> direct{};  // 1: loaded in place, 2: that failed
+      if constexpr (chain_type::has_mapped) load_in_place(l, w, hi, abs_end, v, table, direct);
       if constexpr (has_lower) promote(l, w, hi, abs_end);
       std::size_t i = w;
-      for (; i < hi && rs[i].tier == 0; ++i) {
+      for (; i < hi && direct[i - w] != 2 && (direct[i - w] == 1 || rs[i].tier == 0); ++i) {
         const std::size_t c = l.first_ + i;
         const std::size_t ntok = tokens_at(c, abs_end);
-        transfer::scatter(v, format_, table, c * ChunkTokens, ntok,
-                          chain_.first().data(rs[i].slot));
+        if (direct[i - w] == 0) {
+          transfer::scatter(v, format_, table, c * ChunkTokens, ntok,
+                            chain_.first().data(rs[i].slot));
+          first_bytes += format_.bytes(ntok);
+        }
         loaded += ntok;
         bytes += format_.bytes(ntok);
       }
@@ -217,7 +223,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     std::lock_guard lk(st_.mu);
     st_.stats.retrieved_tokens += loaded;
     st_.stats.bytes_to_engine += bytes;
-    st_.stats.tiers[0].bytes_read += bytes;
+    st_.stats.tiers[0].bytes_read += first_bytes;
     release_locked(l);
     return loaded;
   }
@@ -234,9 +240,18 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     if (op == no_op) return 0;
     chunk_ref* rs = ops_.refs(op);
     index_type& ix = chain_.first_index();
-    const std::size_t placed =
-        policy_.place_locked(ops_.keys(op), rs, r.first, r.n,
-                             [&](std::size_t i) { return tokens_at(i, tokens.size()); });
+    std::size_t first = r.first;
+    if constexpr (chain_type::has_mapped) {
+      // The leading chunks a tier in this process's memory holds (tier::shared_host: another
+      // process stored them) are stored already: copying them would write them twice, here
+      // and in every tier below.
+      lk.unlock();
+      first += chain_.probe_mapped({ops_.keys(op) + first, r.n - first});
+      lk.lock();
+      for (std::size_t i = r.first; i < first; ++i) rs[i] = {0, dropped_tier, 0};
+    }
+    const std::size_t placed = policy_.place_locked(
+        ops_.keys(op), rs, first, r.n, [&](std::size_t i) { return tokens_at(i, tokens.size()); });
     lk.unlock();
     std::size_t bytes = 0;
     for (std::size_t i = r.first; i < placed; ++i) {
@@ -561,6 +576,54 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     keys(tokens, {ops_.keys(op), n});
     lk.lock();
     return op;
+  }
+
+  // Scatters the lease's chunks [lo, hi) held by lower tiers that read in place
+  // (tier::shared_host) straight from there into the engine's blocks, each verified as it is
+  // copied; no first-tier copy is made. direct[i - lo]: 1 loaded, 2 failed (the prefix ends
+  // there; a failed chunk's bytes may already be in the blocks of tokens retrieve does not
+  // report as loaded, which the engine computes anew). Their refs become dropped_tier (a remote
+  // tier's chunk holds no reference here). Without the lock.
+  void load_in_place(const lease& l, std::size_t lo, std::size_t hi, std::size_t abs_end,
+                     const view_type& v, block_table table,
+                     std::array<std::uint8_t, window>& direct) {
+    chunk_ref* rs = ops_.refs(l.op_);
+    const chunk_key* ks = ops_.keys(l.op_) + l.first_;
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      if (!chain_.mapped(t)) continue;
+      std::array<tier::read_job, window> jobs;
+      std::array<std::uint32_t, window> at{};
+      std::size_t nj = 0;
+      for (std::size_t i = lo; i < hi; ++i) {
+        if (rs[i].tier != t) continue;
+        const std::size_t ntok = tokens_at(l.first_ + i, abs_end);
+        jobs[nj] = {0, ks[i], static_cast<std::uint32_t>(ntok), nullptr, format_.bytes(ntok)};
+        at[nj++] = static_cast<std::uint32_t>(i);
+      }
+      if (nj == 0) continue;
+      chain_.read_mapped(t, {jobs.data(), nj},
+                         [&](std::size_t j, const std::byte* src, bool verify) -> std::uint64_t {
+                           const std::size_t c = l.first_ + at[j];
+                           const std::size_t ntok = tokens_at(c, abs_end);
+                           if (verify) {
+                             return transfer::scatter_summed(v, format_, table, c * ChunkTokens,
+                                                             ntok, src, jobs[j].key);
+                           }
+                           transfer::scatter(v, format_, table, c * ChunkTokens, ntok, src);
+                           return 0;
+                         });
+      std::size_t read = 0, errors = 0;
+      for (std::size_t j = 0; j < nj; ++j) {
+        const bool ok = jobs[j].status == tier::read_status::ok;
+        direct[at[j] - lo] = ok ? 1 : 2;
+        if (ok) read += jobs[j].bytes;
+        if (!ok && jobs[j].status != tier::read_status::missing) ++errors;
+        rs[at[j]] = {0, dropped_tier, 0};
+      }
+      std::lock_guard lk(st_.mu);
+      st_.stats.tiers[t].bytes_read += read;
+      st_.stats.tiers[t].errors += errors;
+    }
   }
 
   // Promotes the lease's chunks [lo, hi) into the first tier (promotion.hpp).

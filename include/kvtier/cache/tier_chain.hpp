@@ -46,6 +46,14 @@ class tier_chain {
   };
   static constexpr std::size_t remote_count =
       (std::size_t{0} + ... + !is_indexed<typename Lower::template impl<Eviction>>);
+  /// A lower tier whose chunks are in this process's memory and can be read in place
+  /// (`static constexpr bool maps_reads` and `read_mapped(jobs, use)`: tier::shared_host).
+  template <class T>
+  static constexpr bool maps_reads = requires {
+    requires std::remove_cvref_t<T>::maps_reads;
+  };
+  static constexpr bool has_mapped =
+      (false || ... || maps_reads<typename Lower::template impl<Eviction>>);
 
   static_assert(sizeof...(Lower) < 8, "kvtier: a tier chain has at most 8 tiers");
   static_assert(host_visible_v<First> || sizeof...(Lower) == 0,
@@ -107,6 +115,33 @@ class tier_chain {
   }
   void write(std::size_t t, std::span<tier::write_job> jobs) {
     with_lower(t, [&](auto& impl) { impl.write_batch(jobs); });
+  }
+  /// Whether lower tier t reads in place.
+  [[nodiscard]] bool mapped(std::size_t t) {
+    bool m = false;
+    with_lower(t, [&](auto& impl) { m = maps_reads<decltype(impl)>; });
+    return m;
+  }
+  /// The leading run of `keys` the first lower tier that reads in place holds (0 without one).
+  std::size_t probe_mapped(std::span<const chunk_key> keys) {
+    std::size_t found = 0;
+    bool asked = false;
+    for (std::size_t t = 1; t < tier_count && !asked; ++t) {
+      with_lower(t, [&](auto& impl) {
+        if constexpr (maps_reads<decltype(impl)>) {
+          found = impl.probe(keys);
+          asked = true;
+        }
+      });
+    }
+    return found;
+  }
+  /// Lower tier t's in-place reads (a tier that does not read in place: nothing happens).
+  template <class Use>
+  void read_mapped(std::size_t t, std::span<tier::read_job> jobs, Use&& use) {
+    with_lower(t, [&](auto& impl) {
+      if constexpr (maps_reads<decltype(impl)>) impl.read_mapped(jobs, use);
+    });
   }
 
   /// Asks remote tiers, in chain order, for the leading run of `keys` they hold, until one holds
