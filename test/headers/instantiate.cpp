@@ -32,8 +32,14 @@ using mla_disk_t = kvtier::cache<o::chunk_tokens<64>, o::layout<ly::mla_latent>,
 using state_t = kvtier::cache<o::chunk_tokens<64>, o::layout<ly::state_pages>>;
 using groups_t = kvtier::group_cache<mla_disk_t, state_t>;
 
+// The shared host tier between the host and disk tiers (several processes of a node).
+using shared_t = kvtier::cache<o::chunk_tokens<256>, o::layout<ly::vllm_flash_nhd>,
+                               o::tiers<tr::host, tr::shared_host, tr::local_disk>>;
+
 template class kvtier::cache<o::chunk_tokens<256>, o::layout<ly::vllm_flash_nhd>,
                              o::tiers<tr::host, tr::local_disk>>;
+template class kvtier::cache<o::chunk_tokens<256>, o::layout<ly::vllm_flash_nhd>,
+                             o::tiers<tr::host, tr::shared_host, tr::local_disk>>;
 template class kvtier::cache<o::layout<ly::flashinfer_hnd>, o::block_tokens<16>,
                              o::chunk_tokens<64>>;
 template class kvtier::cache<o::chunk_tokens<64>, o::layout<ly::mla_latent>,
@@ -90,6 +96,27 @@ template std::size_t exercise<mla_disk_t>(const kvtier::model_shape&,
                                           const kvtier::cache_config&, const kvtier::engine_kv&,
                                           kvtier::block_table, std::span<const kvtier::token_id>,
                                           std::span<kvtier::chunk_key>);
+
+template std::size_t exercise<shared_t>(const kvtier::model_shape&, const shared_t::tier_configs&,
+                                        const kvtier::cache_config&, const kvtier::engine_kv&,
+                                        kvtier::block_table, std::span<const kvtier::token_id>,
+                                        std::span<kvtier::chunk_key>);
+
+// A scheduler's view of the shared tier: every call.
+std::size_t exercise_shared_lookup(const kvtier::model_shape& model,
+                                   const tr::shared_host::config& c,
+                                   std::span<const kvtier::token_id> tokens) {
+  kvtier::shared_lookup<shared_t> view(model, kvtier::salt{"headers", "bf16", 0, 1, ""}, c);
+  std::size_t n = view.cached_tokens(tokens);
+  const auto t = view.lease(tokens);
+  auto held = view.adopt(t);
+  n += held.chunks();
+  held.reset();
+  n += view.release(t) ? 1 : 0;
+  const auto s = view.handle().stats();
+  n += static_cast<std::size_t>(s.writes) + view.handle().census().ready + view.handle().reap_now();
+  return n;
+}
 
 // Every call of a group cache: an MLA group (full attention) and a state group (a window).
 std::size_t exercise_groups(const kvtier::group<mla_disk_t>& mla,
