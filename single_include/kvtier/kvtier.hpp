@@ -4864,6 +4864,7 @@ static_assert(sizeof(record_header) <= record_header_bytes);
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 
@@ -4917,6 +4918,13 @@ inline proc_status read_proc_status(std::int32_t pid) noexcept {
     while (*p != ' ' && *p != '\0') ++p;
   }
   return s;
+}
+
+/// The PID namespace of this process (the inode of /proc/self/ns/pid), 0 when unknown. Owners
+/// are told apart by pid, so every process of a segment must be in one namespace.
+inline std::uint64_t pid_namespace() noexcept {
+  struct stat st {};
+  return ::stat("/proc/self/ns/pid", &st) == 0 ? static_cast<std::uint64_t>(st.st_ino) : 0;
 }
 
 /// This process.
@@ -5032,6 +5040,7 @@ struct header {
   std::uint64_t off_procs = 0, off_leases = 0, off_entries = 0, off_buckets = 0, off_data = 0;
   std::uint64_t total_bytes = 0;
   owner_id creator;
+  std::uint64_t pid_ns = 0;             ///< the creator's PID namespace (0: unknown)
   std::atomic<std::uint32_t> ready{0};  ///< 1 once the creator has initialised everything
   std::uint32_t unused = 0;
   pthread_mutex_t mu;  ///< robust, process-shared
@@ -5134,7 +5143,6 @@ inline geometry make_geometry(std::uint64_t capacity_bytes, std::uint64_t chunk_
 // format or kvtier version. Mapping and identity only; shared/index.hpp runs the structures.
 
 
-#include <sys/stat.h>
 
 
 namespace kvtier::detail_shared {
@@ -5289,6 +5297,7 @@ class segment {
     h->off_data = g.off_data;
     h->total_bytes = g.total_bytes;
     h->creator = self_id();
+    h->pid_ns = pid_namespace();
     pthread_mutexattr_t a;
     pthread_mutexattr_init(&a);
     pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
@@ -5350,6 +5359,11 @@ class segment {
       refuse("was made by an incompatible kvtier (segment version " + std::to_string(h.version) +
              ", header " + std::to_string(h.header_bytes) + " bytes; this build: version " +
              std::to_string(segment_version) + ", " + std::to_string(sizeof(header)) + " bytes)");
+    }
+    if (const std::uint64_t ns = pid_namespace(); h.pid_ns != 0 && ns != 0 && h.pid_ns != ns) {
+      refuse("was made in another PID namespace (" + std::to_string(h.pid_ns) + ", this " +
+             "process's is " + std::to_string(ns) + "): the processes of a segment must see " +
+             "each other's pids, or a live owner would look dead");
     }
     if (h.format != id.format || h.chunk_bytes != id.chunk_bytes) {
       refuse("was made for chunk format " + std::to_string(h.format) + " (" +

@@ -231,6 +231,10 @@ TEST_CASE("a segment made for another format, salt or version is refused; bad co
   CHECK_THROWS_WITH_AS((kvtier::shared_lookup<cache_t>(model, salt, cfg)),
                        test::contains("damaged header"), kvtier::tier_error);
   h->off_data -= 4096;
+  h->pid_ns += 1;  // made by a process in another PID namespace (a container)
+  CHECK_THROWS_WITH_AS((kvtier::shared_lookup<cache_t>(model, salt, cfg)),
+                       test::contains("another PID namespace"), kvtier::tier_error);
+  h->pid_ns -= 1;
   const std::uint64_t magic = h->magic;
   h->magic = 42;
   CHECK_THROWS_WITH_AS((kvtier::shared_lookup<cache_t>(model, salt, cfg)),

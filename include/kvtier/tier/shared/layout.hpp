@@ -111,6 +111,7 @@ struct header {
   std::uint64_t off_procs = 0, off_leases = 0, off_entries = 0, off_buckets = 0, off_data = 0;
   std::uint64_t total_bytes = 0;
   owner_id creator;
+  std::uint64_t pid_ns = 0;             ///< the creator's PID namespace (0: unknown)
   std::atomic<std::uint32_t> ready{0};  ///< 1 once the creator has initialised everything
   std::uint32_t unused = 0;
   pthread_mutex_t mu;  ///< robust, process-shared

@@ -5,6 +5,7 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -62,6 +63,13 @@ inline proc_status read_proc_status(std::int32_t pid) noexcept {
     while (*p != ' ' && *p != '\0') ++p;
   }
   return s;
+}
+
+/// The PID namespace of this process (the inode of /proc/self/ns/pid), 0 when unknown. Owners
+/// are told apart by pid, so every process of a segment must be in one namespace.
+inline std::uint64_t pid_namespace() noexcept {
+  struct stat st {};
+  return ::stat("/proc/self/ns/pid", &st) == 0 ? static_cast<std::uint64_t>(st.st_ino) : 0;
 }
 
 /// This process.

@@ -174,6 +174,7 @@ class segment {
     h->off_data = g.off_data;
     h->total_bytes = g.total_bytes;
     h->creator = self_id();
+    h->pid_ns = pid_namespace();
     pthread_mutexattr_t a;
     pthread_mutexattr_init(&a);
     pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
@@ -235,6 +236,11 @@ class segment {
       refuse("was made by an incompatible kvtier (segment version " + std::to_string(h.version) +
              ", header " + std::to_string(h.header_bytes) + " bytes; this build: version " +
              std::to_string(segment_version) + ", " + std::to_string(sizeof(header)) + " bytes)");
+    }
+    if (const std::uint64_t ns = pid_namespace(); h.pid_ns != 0 && ns != 0 && h.pid_ns != ns) {
+      refuse("was made in another PID namespace (" + std::to_string(h.pid_ns) + ", this " +
+             "process's is " + std::to_string(ns) + "): the processes of a segment must see " +
+             "each other's pids, or a live owner would look dead");
     }
     if (h.format != id.format || h.chunk_bytes != id.chunk_bytes) {
       refuse("was made for chunk format " + std::to_string(h.format) + " (" +
