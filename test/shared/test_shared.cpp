@@ -545,3 +545,49 @@ TEST_CASE(
   CHECK(b.stats().tiers[1].writes == 0);
   CHECK(a.tier<1>().stats().writes == 10);
 }
+
+TEST_CASE("process records and lease records run out: refused or failed, never corrupted") {
+  segment_guard g{segment_name("full")};
+  auto cfg = std::get<1>(configs(g.name, 8 * slot));
+  cfg.processes = 2;
+  cfg.leases = 2;
+  const auto f = kvtier::layout::chunk_format::from(model, 16, 2);
+  kvtier::detail::chunker<16, kvtier::key::xxh3_hasher> ch(salt, f, false);
+  const ts::context ctx{f, ch.salt_key(), model.block_size, 64, 8};
+  {
+    ts::shared_host::handle a(cfg, ctx);
+    ts::shared_host::handle b(cfg, ctx);
+    CHECK_THROWS_WITH_AS(ts::shared_host::handle(cfg, ctx),
+                         test::contains("has no free process record (2 processes attached)"),
+                         kvtier::tier_error);
+    // Leases: two records, both taken by tickets; a third lease and a read find none.
+    std::vector<kvtier::chunk_key> keys(2);
+    ch.keys(prompt(1, 32), keys);
+    std::vector<std::byte> src(2 * 4096, std::byte{3}), dst(2 * 4096);
+    std::vector<ts::write_job> w{{0, keys[0], 16, src.data(), f.chunk_bytes()},
+                                 {0, keys[1], 16, src.data() + 4096, f.chunk_bytes()}};
+    a.write_batch(w);
+    CHECK(w[0].ok);
+    CHECK(w[1].ok);
+    const auto t1 = a.lease(keys), t2 = a.lease(keys);
+    CHECK(t1.chunks == 2);
+    CHECK(t2.chunks == 2);
+    CHECK(a.lease(keys).chunks == 0);
+    std::vector<ts::read_job> r{{0, keys[0], 16, dst.data(), f.chunk_bytes()}};
+    b.read_batch(r);
+    CHECK(r[0].status == ts::read_status::io_error);  // no lease record free: a failed read
+    CHECK(a.release(t1));
+    b.read_batch(r);
+    CHECK(r[0].status == ts::read_status::ok);
+    CHECK(std::memcmp(dst.data(), src.data(), f.chunk_bytes()) == 0);
+    CHECK(a.release(t2));
+    const auto k = a.census();
+    CHECK(k.lease_refs == 0);
+    CHECK(k.leases_free == 2);
+    CHECK(k.ready == 2);
+  }
+  // Both left: their records are free again.
+  ts::shared_host::handle c(cfg, ctx);
+  ts::shared_host::handle d(cfg, ctx);
+  CHECK(c.stats().processes == 2);
+}
