@@ -2,7 +2,8 @@
 # Builds and runs kvtier's tests (installs missing Debian packages first); ends with ctest's
 # summary. KVTIER_SANITIZE=address,undefined (or thread) builds a sanitized copy in its own
 # directory; KVTIER_BUILD_TYPE=Release (default RelWithDebInfo) builds at -O3, in build-release
-# unless KVTIER_BUILD_DIR names another; extra arguments go to ctest (e.g. -L host).
+# unless KVTIER_BUILD_DIR names another; KVTIER_CMAKE_ARGS adds configure options; extra
+# arguments go to ctest (e.g. -L host).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
@@ -12,7 +13,9 @@ type=${KVTIER_BUILD_TYPE:-RelWithDebInfo}
 suffix=${san:+-${san//,/-}}
 [ "$type" = RelWithDebInfo ] || suffix="$suffix-${type,,}"
 build=${KVTIER_BUILD_DIR:-build$suffix}
-cmake -S . -B "$build" -DCMAKE_BUILD_TYPE="$type" -DKVTIER_SANITIZE="$san" >/dev/null
+# KVTIER_CMAKE_ARGS: more configure options (CI's Release run: -DKVTIER_ENABLE_CUDA=OFF).
+# shellcheck disable=SC2086
+cmake -S . -B "$build" -DCMAKE_BUILD_TYPE="$type" -DKVTIER_SANITIZE="$san" ${KVTIER_CMAKE_ARGS:-} >/dev/null
 cmake --build "$build" -j "$(nproc)"
 # ctest lists skipped tests (the gpu label, without a GPU) after its summary: the summary line is
 # printed again last, so the result is the last line whatever ran.
