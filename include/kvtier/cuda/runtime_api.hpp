@@ -19,7 +19,13 @@
 
 #include <cstddef>
 
-#if defined(CUDART_VERSION) && CUDART_VERSION >= 12080
+// The runtime version the choice follows: CUDART_VERSION, unless a test defines it lower to
+// compile the older branches against a newer toolkit (test/cuda/cuda12_guard.cu).
+#ifndef KVTIER_CUDART_VERSION
+#define KVTIER_CUDART_VERSION CUDART_VERSION
+#endif
+
+#if KVTIER_CUDART_VERSION >= 12080
 #define KVTIER_HAS_MEMCPY_BATCH 1
 #else
 #define KVTIER_HAS_MEMCPY_BATCH 0
@@ -44,7 +50,7 @@ inline cudaError_t memcpy_batch_async(void** dst, void** src, std::size_t* size,
   attr.dstLocHint.id = device;
   attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
   std::size_t first = 0;
-#if CUDART_VERSION >= 13000
+#if KVTIER_CUDART_VERSION >= 13000
   return cudaMemcpyBatchAsync(dst, src, size, count, &attr, &first, 1, stream);
 #else
   // 12.8 declares void**, 12.9 void* const* / const void* const*: mutable arrays fit both.
