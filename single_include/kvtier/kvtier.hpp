@@ -1029,6 +1029,7 @@ struct ref {
 }  // namespace kvtier::layout
 // ---- end kvtier/layout/block_span.hpp
 
+#include <type_traits>
 
 namespace kvtier::transfer {
 
@@ -1224,11 +1225,28 @@ KVTIER_HOST_DEVICE inline void move_segment(const batch_plan& p, const segment& 
   return v;
 }
 
+/// Calls `fn(std::integral_constant<std::uint32_t, W>{})` with the access width W (16, 8, 4, 2
+/// or 1 bytes) that a batch whose addresses are all `vb`-byte aligned (vector_bytes) moves in:
+/// the widest that `vb` allows. The kernel launch and the host emulation both dispatch here.
+template <class Fn>
+constexpr void for_vector_width(std::uint32_t vb, Fn&& fn) {
+  if (vb >= 16) {
+    fn(std::integral_constant<std::uint32_t, 16>{});
+  } else if (vb >= 8) {
+    fn(std::integral_constant<std::uint32_t, 8>{});
+  } else if (vb >= 4) {
+    fn(std::integral_constant<std::uint32_t, 4>{});
+  } else if (vb >= 2) {
+    fn(std::integral_constant<std::uint32_t, 2>{});
+  } else {
+    fn(std::integral_constant<std::uint32_t, 1>{});
+  }
+}
+
 }  // namespace kvtier::transfer
 // ---- end kvtier/transfer/batch_plan.hpp
 
 #include <chrono>
-#include <type_traits>
 #include <utility>
 
 namespace kvtier::detail {

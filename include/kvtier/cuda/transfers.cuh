@@ -3,6 +3,7 @@
 // staging area (pinned host and device), events, and the stream the operation runs on.
 
 #include "kvtier/cuda/copy_engine.cuh"
+#include "kvtier/cuda/runtime_api.hpp"
 #include "kvtier/error.hpp"
 #include "kvtier/layout/block_span.hpp"
 #include "kvtier/model.hpp"
@@ -12,10 +13,12 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <mutex>
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
+#include <new>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -25,9 +28,11 @@ namespace kvtier::gpu {
 
 /// How a store, retrieve or layer pipeline is ordered with the engine's GPU work.
 ///
-/// With `run_on_stream` false (the default) the copy runs on kvtier's own transfer stream: a
-/// store's copy starts once `stream` has reached the point of the call (the KV it copies is
-/// computed), and `stream` waits for a retrieve's copy before the work the engine enqueues next.
+/// With `run_on_stream` false (the default) the copy runs on one of kvtier's own transfer streams
+/// (one for stores, one for retrieves, both of the highest priority): a store's copy starts once
+/// `stream` has reached the point of the call (the KV it copies is computed); a retrieve's copy
+/// also starts only once `stream` has reached the point of the call, and `stream` waits for it
+/// before the work the engine enqueues next.
 /// With `run_on_stream` true the copy is enqueued on `stream` itself. Either way, `signal`,
 /// when set, is recorded once the whole copy has completed (an event the engine owns).
 struct stream_order {
@@ -39,12 +44,20 @@ struct stream_order {
 /// Where an asynchronous operation stands.
 enum class async_state { pending, done, failed };
 
-/// Makes `device` current for a scope and restores the previous one.
+/// Makes `device` current for a scope and restores the previous one, so the engine thread's
+/// later work still goes to its own device.
 class device_guard {
  public:
   explicit device_guard(int device) {
     check(cudaGetDevice(&prev_), "cudaGetDevice");
     if (prev_ != device) check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  /// For code that cannot throw (destructors, cleanup): errors are ignored and cleared.
+  device_guard(int device, std::nothrow_t) noexcept {
+    if (cudaGetDevice(&prev_) != cudaSuccess ||
+        (prev_ != device && cudaSetDevice(device) != cudaSuccess)) {
+      (void)cudaGetLastError();
+    }
   }
   device_guard(const device_guard&) = delete;
   device_guard& operator=(const device_guard&) = delete;
@@ -94,13 +107,20 @@ class transfers {
         engine_(engine_setup{
             ctx.max_chunks,
             ctx.format.layers * ctx.format.kv_planes * (ctx.format.chunk_tokens / ctx.block_size),
-            ctx.block_size * static_cast<std::uint32_t>(ctx.format.heads), device,
+            ctx.block_size, static_cast<std::uint32_t>(ctx.format.heads), ctx.max_ops, device,
             multiprocessors(device)}),
         slots_(slots),
         slot_bytes_(slot_bytes) {
     device_guard g(device_);
     try {
-      check(cudaStreamCreateWithFlags(&own_, cudaStreamNonBlocking), "cudaStreamCreate");
+      // Highest priority: a copy's blocks are scheduled ahead of compute that fills the GPU.
+      int least = 0, greatest = 0;
+      check(cudaDeviceGetStreamPriorityRange(&least, &greatest),
+            "cudaDeviceGetStreamPriorityRange");
+      for (cudaStream_t* st : {&store_stream_, &retrieve_stream_}) {
+        check(cudaStreamCreateWithPriority(st, cudaStreamNonBlocking, greatest),
+              "cudaStreamCreateWithPriority");
+      }
       staging_bytes_ = tensors_bytes() + chunks_bytes() + ids_bytes();
       void* p = nullptr;
       check(cudaHostAlloc(&p, staging_bytes_ * ops_.size(), cudaHostAllocDefault),
@@ -108,7 +128,7 @@ class transfers {
       host_stage_ = static_cast<std::byte*>(p);
       check(cudaMalloc(&p, staging_bytes_ * ops_.size()), "cudaMalloc (descriptor staging)");
       dev_stage_ = static_cast<std::byte*>(p);
-      validated_.resize(max_tensors_);
+      for (auto& t : validated_) t.tensors.resize(max_tensors_);
       for (op_state& o : ops_) {
         o.layer_events.resize(format_.layers);
         for (cudaEvent_t* e : {&o.done, &o.joined}) {
@@ -128,12 +148,20 @@ class transfers {
   ~transfers() { release(); }
 
   [[nodiscard]] int device() const noexcept { return device_; }
-  [[nodiscard]] cudaStream_t transfer_stream() const noexcept { return own_; }
+  /// The stream a copy in direction `w` runs on unless its order has run_on_stream: stores and
+  /// retrieves have one each, so a retrieve never queues behind a store's copy.
+  [[nodiscard]] cudaStream_t transfer_stream(transfer::way w) const noexcept {
+    return w == transfer::way::to_chunk ? store_stream_ : retrieve_stream_;
+  }
+  /// The copy engine's state (its reservations, for tests).
+  [[nodiscard]] const typename Engine::state& engine() const noexcept { return engine_; }
 
  private:
   void release() noexcept {
-    cudaSetDevice(device_);
-    if (own_) cudaStreamSynchronize(own_);
+    device_guard g(device_, std::nothrow);
+    for (cudaStream_t st : {store_stream_, retrieve_stream_}) {
+      if (st) cudaStreamSynchronize(st);
+    }
     for (op_state& o : ops_) {
       if (o.done) cudaEventSynchronize(o.done), cudaEventDestroy(o.done);
       if (o.joined) cudaEventDestroy(o.joined);
@@ -143,7 +171,9 @@ class transfers {
     }
     if (dev_stage_) cudaFree(dev_stage_);
     if (host_stage_) cudaFreeHost(host_stage_);
-    if (own_) cudaStreamDestroy(own_);
+    for (cudaStream_t st : {store_stream_, retrieve_stream_}) {
+      if (st) cudaStreamDestroy(st);
+    }
   }
 
  public:
@@ -152,7 +182,7 @@ class transfers {
     op_state& s = ops_[op];
     s.order = o;
     s.way = w;
-    s.stream = o.run_on_stream ? o.stream : own_;
+    s.stream = o.run_on_stream ? o.stream : transfer_stream(w);
   }
 
   /// Writes the descriptors of `count` chunks (`chunk_at(i)` -> transfer::staged_chunk) and the
@@ -194,10 +224,14 @@ class transfers {
           "cudaMemcpyAsync (descriptors)");
   }
 
-  /// Throws invalid_argument unless every tensor is device memory of this tier's device and the
-  /// copy engine can run on the stream `o` names. The last tensor table that passed is
-  /// remembered: an engine passing the same tensors every call pays the pointer queries once.
+  /// Throws invalid_argument unless every tensor is device memory of this tier's device, the
+  /// stream `o` names belongs to that device (CUDA 12.8+; the legacy and per-thread default
+  /// streams are the tier device's, which kvtier makes current for its calls) and the copy
+  /// engine can run on it. The last `remembered_tables` tensor tables that passed are
+  /// remembered: an engine passing the same few tables (per layer group, per model) pays the
+  /// pointer queries once for each.
   void validate(std::span<void* const> tensors, const stream_order& o) const {
+    check_stream(o.stream);
     if (std::is_same_v<Engine, copy_engine::memcpy_batch> && o.run_on_stream &&
         (o.stream == nullptr || o.stream == cudaStreamLegacy)) {
       throw invalid_argument(
@@ -211,17 +245,22 @@ class transfers {
     }
     {
       std::lock_guard lk(validated_mu_);
-      if (std::equal(tensors.begin(), tensors.end(), validated_.begin(),
-                     validated_.begin() + static_cast<std::ptrdiff_t>(validated_count_))) {
-        return;
+      for (const validated_table& t : validated_) {
+        if (t.count == tensors.size() &&
+            std::equal(tensors.begin(), tensors.end(), t.tensors.begin())) {
+          return;
+        }
       }
     }
     device_guard g(device_);
     for (std::size_t i = 0; i < tensors.size(); ++i) check_device_pointer(tensors[i], i);
     std::lock_guard lk(validated_mu_);
-    std::copy(tensors.begin(), tensors.end(), validated_.begin());
-    validated_count_ = tensors.size();
+    validated_table& t = validated_[next_validated_++ % validated_.size()];
+    std::copy(tensors.begin(), tensors.end(), t.tensors.begin());
+    t.count = tensors.size();
   }
+  /// Tensor tables validate() remembers.
+  static constexpr std::size_t remembered_tables = 4;
 
   /// Op's stream waits for the work the engine's stream holds now (no-op on the engine stream).
   void join(std::uint32_t op) {
@@ -239,7 +278,7 @@ class transfers {
     transfer::batch_plan d = s.dev_plan, h = s.host_plan;
     d.layer_begin = h.layer_begin = layer_begin;
     d.layer_end = h.layer_end = layer_end;
-    engine_.enqueue(d, h, s.way, s.vector_bytes, s.stream);
+    engine_.enqueue(d, h, s.way, s.vector_bytes, s.stream, op);
   }
 
   /// Records layer `l`'s event after what op has enqueued; for a retrieve on kvtier's stream the
@@ -272,7 +311,7 @@ class transfers {
   /// its slots can be reused.
   void cancel(std::uint32_t op) noexcept {
     op_state& s = ops_[op];
-    cudaSetDevice(device_);
+    device_guard g(device_, std::nothrow);
     if (cudaEventRecord(s.done, s.stream) == cudaSuccess) cudaEventSynchronize(s.done);
     (void)cudaGetLastError();
   }
@@ -328,6 +367,17 @@ class transfers {
     return p;
   }
 
+  void check_stream(cudaStream_t st) const {
+    if (st == nullptr || st == cudaStreamLegacy || st == cudaStreamPerThread) return;
+    int dev = -1;
+    bool known = false;
+    check(detail_gpu::stream_device(st, dev, known), "cudaStreamGetDevice (stream_order.stream)");
+    if (known && dev != device_) {
+      throw invalid_argument("kvtier: stream_order.stream is on device " + std::to_string(dev) +
+                             ", the tier on device " + std::to_string(device_));
+    }
+  }
+
   void check_device_pointer(void* p, std::size_t i) const {
     cudaPointerAttributes a{};
     check(cudaPointerGetAttributes(&a, p), "cudaPointerGetAttributes (engine_kv tensor)");
@@ -351,13 +401,18 @@ class transfers {
   std::size_t slot_alignment_;
   std::size_t max_tensors_;
   std::vector<op_state> ops_;
+  struct validated_table {
+    std::vector<void*> tensors;  ///< max_tensors_ entries, `count` used
+    std::size_t count = 0;
+  };
   mutable std::mutex validated_mu_;
-  mutable std::vector<void*> validated_;  ///< the tensor table last validated (max_tensors_)
-  mutable std::size_t validated_count_ = 0;
+  mutable std::array<validated_table, remembered_tables> validated_{};  ///< the last that passed
+  mutable std::size_t next_validated_ = 0;
   typename Engine::state engine_;
   std::byte* slots_;
   std::size_t slot_bytes_;
-  cudaStream_t own_ = nullptr;
+  cudaStream_t store_stream_ = nullptr;
+  cudaStream_t retrieve_stream_ = nullptr;
   std::size_t staging_bytes_ = 0;
   std::byte* host_stage_ = nullptr;
   std::byte* dev_stage_ = nullptr;
