@@ -7,6 +7,8 @@
 #include "emulated_gpu.hpp"
 #include "support.hpp"
 
+#include <kvtier/transfer/inflight_stores.hpp>
+
 namespace ly = kvtier::layout;
 namespace tr = kvtier::transfer;
 
@@ -244,6 +246,34 @@ TEST_CASE("memcpy_batch's copy list: merged runs, handed over whenever the array
   tr::gather_copies(r, tr::way::to_engine, 64, dst.data(), src.data(), size.data(),
                     [&](std::size_t n) { runs += n; });
   CHECK(runs == q.segments() / 2);  // each chunk's two blocks are one run per (layer, plane)
+}
+
+TEST_CASE("a retrieve waits only for the stores in flight that read the blocks it writes") {
+  kvtier::transfer::inflight_stores st(4, 8);
+  const std::int32_t store_a[3] = {7, 2, 9}, store_b[2] = {4, 5}, retrieve[3] = {1, 9, 3};
+  const auto overlapping = [&](std::uint32_t op, std::span<const std::int32_t> blocks) {
+    std::vector<std::uint32_t> out;
+    st.for_overlapping(op, blocks, [&](std::uint32_t o) { out.push_back(o); });
+    return out;
+  };
+  st.begin(0, store_a);
+  st.begin(1, store_b);
+  CHECK(overlapping(2, retrieve).empty());  // staged, nothing enqueued yet
+  st.copied(0);
+  st.copied(1);
+  CHECK(overlapping(2, retrieve) == std::vector<std::uint32_t>{0});  // block 9; not b
+  CHECK(overlapping(2, store_b) == std::vector<std::uint32_t>{1});
+  CHECK(overlapping(1, store_b).empty());  // never itself
+  st.clear(0);                             // a's copies completed
+  CHECK(overlapping(2, retrieve).empty());
+  st.begin(0, retrieve);  // the slot reused by another store: live again only once it copies
+  CHECK(overlapping(2, std::span<const std::int32_t>(store_a + 2, 1)).empty());  // block 9
+  st.copied(0);
+  CHECK(overlapping(2, std::span<const std::int32_t>(store_a + 2, 1)) ==
+        std::vector<std::uint32_t>{0});
+  st.begin(3, {});  // a store of no blocks is never live
+  st.copied(3);
+  CHECK(overlapping(2, retrieve) == std::vector<std::uint32_t>{0});
 }
 
 TEST_CASE("a GPU store is published only once its copy has completed") {

@@ -9,6 +9,7 @@
 #include "kvtier/model.hpp"
 #include "kvtier/tier/context.hpp"
 #include "kvtier/transfer/batch_plan.hpp"
+#include "kvtier/transfer/inflight_stores.hpp"
 
 #include <cuda_runtime.h>
 
@@ -104,6 +105,7 @@ class transfers {
         slot_alignment_(slot_alignment),
         max_tensors_(2 * ctx.format.layers),
         ops_(ctx.max_ops),
+        stores_(ctx.max_ops, ctx.max_chunks * (ctx.format.chunk_tokens / ctx.block_size)),
         engine_(engine_setup{
             ctx.max_chunks,
             ctx.format.layers * ctx.format.kv_planes * (ctx.format.chunk_tokens / ctx.block_size),
@@ -131,7 +133,8 @@ class transfers {
       for (auto& t : validated_) t.tensors.resize(max_tensors_);
       for (op_state& o : ops_) {
         o.layer_events.resize(format_.layers);
-        for (cudaEvent_t* e : {&o.done, &o.joined}) {
+        o.blocks.reserve(max_chunks_ * blocks_per_chunk_);
+        for (cudaEvent_t* e : {&o.done, &o.joined, &o.copied}) {
           check(cudaEventCreateWithFlags(e, cudaEventDisableTiming), "cudaEventCreate");
         }
         for (cudaEvent_t& e : o.layer_events) {
@@ -165,6 +168,7 @@ class transfers {
     for (op_state& o : ops_) {
       if (o.done) cudaEventSynchronize(o.done), cudaEventDestroy(o.done);
       if (o.joined) cudaEventDestroy(o.joined);
+      if (o.copied) cudaEventDestroy(o.copied);
       for (cudaEvent_t e : o.layer_events) {
         if (e) cudaEventDestroy(e);
       }
@@ -205,13 +209,22 @@ class transfers {
     auto* host_ids = reinterpret_cast<std::int32_t*>(host + tensors_bytes() + chunks_bytes());
     for (std::size_t i = 0; i < tensors.size(); ++i) host_tensors[i] = tensors[i];
     std::uint32_t ids = 0;
+    s.blocks.clear();
     for (std::size_t i = 0; i < count; ++i) {
       const transfer::staged_chunk c = chunk_at(i);
       host_chunks[i] = {slots_ + std::size_t{c.slot} * slot_bytes_, c.tokens, ids};
       const std::size_t first_block = c.first_token / block_size_;
       const std::size_t blocks = (c.tokens + block_size_ - 1) / block_size_;
-      for (std::size_t j = 0; j < blocks; ++j) host_ids[ids + j] = table[first_block + j];
+      for (std::size_t j = 0; j < blocks; ++j) {
+        host_ids[ids + j] = table[first_block + j];
+        s.blocks.push_back(table[first_block + j]);
+      }
       ids += static_cast<std::uint32_t>(blocks_per_chunk_);
+    }
+    if (s.way == transfer::way::to_chunk) {
+      stores_.begin(op, s.blocks);
+    } else {
+      stores_.clear(op);
     }
     s.host_plan = plan(eng, host_tensors, host_chunks, host_ids, count);
     s.dev_plan =
@@ -262,13 +275,23 @@ class transfers {
   /// Tensor tables validate() remembers.
   static constexpr std::size_t remembered_tables = 4;
 
-  /// Op's stream waits for the work the engine's stream holds now (no-op on the engine stream).
+  /// Op's stream waits for the work the engine's stream holds now (nothing to do on the engine
+  /// stream). A retrieve's also waits for the copies enqueued so far by stores in flight that
+  /// read one of the blocks it writes (they run on the store stream, so stream order does not
+  /// cover them), and for no other store: a retrieve is not held up by unrelated stores.
   void join(std::uint32_t op) {
     op_state& s = ops_[op];
-    if (s.order.run_on_stream) return;
     device_guard g(device_);
-    check(cudaEventRecord(s.joined, s.order.stream), "cudaEventRecord (join)");
-    check(cudaStreamWaitEvent(s.stream, s.joined, 0), "cudaStreamWaitEvent (join)");
+    if (!s.order.run_on_stream) {
+      check(cudaEventRecord(s.joined, s.order.stream), "cudaEventRecord (join)");
+      check(cudaStreamWaitEvent(s.stream, s.joined, 0), "cudaStreamWaitEvent (join)");
+    }
+    if (s.way == transfer::way::to_engine) {
+      stores_.for_overlapping(op, s.blocks, [&](std::uint32_t store) {
+        check(cudaStreamWaitEvent(s.stream, ops_[store].copied, 0),
+              "cudaStreamWaitEvent (store reading the blocks)");
+      });
+    }
   }
 
   /// Enqueues layers [begin, end) of op's staged chunks.
@@ -279,6 +302,10 @@ class transfers {
     d.layer_begin = h.layer_begin = layer_begin;
     d.layer_end = h.layer_end = layer_end;
     engine_.enqueue(d, h, s.way, s.vector_bytes, s.stream, op);
+    if (s.way == transfer::way::to_chunk) {
+      check(cudaEventRecord(s.copied, s.stream), "cudaEventRecord (store copied)");
+      stores_.copied(op);
+    }
   }
 
   /// Records layer `l`'s event after what op has enqueued; for a retrieve on kvtier's stream the
@@ -314,22 +341,29 @@ class transfers {
     device_guard g(device_, std::nothrow);
     if (cudaEventRecord(s.done, s.stream) == cudaSuccess) cudaEventSynchronize(s.done);
     (void)cudaGetLastError();
+    stores_.clear(op);
   }
 
   [[nodiscard]] async_state poll(std::uint32_t op) noexcept {
     const cudaError_t e = cudaEventQuery(ops_[op].done);
-    if (e == cudaSuccess) return async_state::done;
     if (e == cudaErrorNotReady) return async_state::pending;
+    stores_.clear(op);
+    if (e == cudaSuccess) return async_state::done;
     (void)cudaGetLastError();
     return async_state::failed;
   }
-  void wait(std::uint32_t op) noexcept { (void)cudaEventSynchronize(ops_[op].done); }
+  void wait(std::uint32_t op) noexcept {
+    (void)cudaEventSynchronize(ops_[op].done);
+    stores_.clear(op);
+  }
 
  private:
   struct op_state {
     cudaEvent_t done = nullptr;
     cudaEvent_t joined = nullptr;
+    cudaEvent_t copied = nullptr;  ///< a store's copies enqueued so far
     std::vector<cudaEvent_t> layer_events;
+    std::vector<std::int32_t> blocks;  ///< the engine blocks op's batch names
     stream_order order{};
     cudaStream_t stream = nullptr;
     transfer::way way = transfer::way::to_chunk;
@@ -401,6 +435,7 @@ class transfers {
   std::size_t slot_alignment_;
   std::size_t max_tensors_;
   std::vector<op_state> ops_;
+  transfer::inflight_stores stores_;
   struct validated_table {
     std::vector<void*> tensors;  ///< max_tensors_ entries, `count` used
     std::size_t count = 0;
