@@ -372,8 +372,8 @@ void separate_streams() {
   cuda_ok(cudaStreamDestroy(other));
 }
 
-// cub_batched: a store of 80 chunks (5 windows of 16) returns while the engine's stream is held
-// (it used to wait on the host for a ring of 4 temporary buffers).
+// cub_batched: a store of 80 chunks returns while the engine's stream is held (it used to wait
+// on the host for a ring of 4 temporary buffers, one per window of 16 chunks, from the 5th on).
 void cub_store_does_not_wait() {
   std::printf("case cub_batched store of 80 chunks returns at once\n");
   using L = ly::vllm_flash_nhd;
@@ -534,7 +534,7 @@ int main(int argc, char** argv) {
   round_trip<ly::vllm_flash_nhd, basic_device<ce::cub_batched>>("nhd device cub_batched", {cap});
   round_trip<ly::mla_latent, basic_device<ce::cub_batched>>("mla device cub_batched", {cap});
   round_trip<ly::vllm_flash_hnd, basic_device<ce::cub_batched>>(
-      "hnd device cub_batched, 20 chunks (two windows)", {cap}, {0, 2, 0, 20});
+      "hnd device cub_batched, 20 chunks (several calls)", {cap}, {0, 2, 0, 20});
   round_trip<ly::vllm_flash_nhd, pinned_host>("nhd pinned sm_kernel", {cap});
   round_trip<ly::vllm_flash_hnd, pinned_host>("hnd pinned sm_kernel", {cap});
   round_trip<ly::vllm_flash_nhd, pinned_host>("nhd pinned (registered) sm_kernel",

@@ -25,6 +25,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
+#include <new>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -40,6 +41,32 @@ inline void check(cudaError_t e, const std::string& what) {
                      cudaGetErrorString(e) + ")");
   }
 }
+
+/// Makes `device` current for a scope and restores the previous one, so the engine thread's
+/// later work still goes to its own device.
+class device_guard {
+ public:
+  explicit device_guard(int device) {
+    check(cudaGetDevice(&prev_), "cudaGetDevice");
+    if (prev_ != device) check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  /// For code that cannot throw (destructors, cleanup): errors are ignored and cleared.
+  device_guard(int device, std::nothrow_t) noexcept {
+    if (cudaGetDevice(&prev_) != cudaSuccess ||
+        (prev_ != device && cudaSetDevice(device) != cudaSuccess)) {
+      (void)cudaGetLastError();
+    }
+  }
+  device_guard(const device_guard&) = delete;
+  device_guard& operator=(const device_guard&) = delete;
+  ~device_guard() {
+    int now = prev_;
+    if (cudaGetDevice(&now) == cudaSuccess && now != prev_) cudaSetDevice(prev_);
+  }
+
+ private:
+  int prev_ = 0;
+};
 
 /// What a copy engine is told at construction: the largest batch it will be given and how many
 /// operations (slots, each used by one call at a time) can be in flight.
@@ -228,19 +255,24 @@ struct memcpy_batch {
 };
 #endif
 
-/// cub::DeviceMemcpy::Batched: one device-side batched copy of the same runs as memcpy_batch
-/// (not merged) per window of 16 chunks, its source, destination and size computed on the device
-/// from the plan through transform iterators. Each operation slot has its own temporary storage,
-/// reserved at construction: an operation's windows and layers run in order on its one stream,
-/// and the cache reuses a slot only after its previous operation completed, so no call waits.
+/// cub::DeviceMemcpy::Batched: device-side batched copies of the same runs as memcpy_batch (not
+/// merged), their source, destination and size computed on the device from the plan through
+/// transform iterators. Each call takes as many chunks as fit the copies reserved for: one per
+/// token of 16 chunks, or one chunk's per-row copies if more (so HND takes fewer chunks per
+/// call). Each operation slot has its own temporary storage, reserved at construction: an
+/// operation's calls and layers run in order on its one stream, and the cache reuses a slot only
+/// after its previous operation completed, so no call waits on the host.
 struct cub_batched {
   static constexpr const char* name = "cub_batched";
   static constexpr std::size_t window = 16;
   class state {
    public:
     explicit state(const engine_setup& s)
-        : cap_(s.window_segments(window) * s.block_size * s.heads),
-          ops_(std::max<std::size_t>(s.max_ops, 1)) {
+        : cap_(std::max(s.window_segments(window) * s.block_size,
+                        s.segments_per_chunk * s.block_size * s.heads)),
+          ops_(std::max<std::size_t>(s.max_ops, 1)),
+          device_(s.device) {
+      device_guard g(device_);  // built before the tier's own guard: allocate on its device
       using detail_gpu::copy_part;
       const thrust::counting_iterator<std::uint64_t> k(0);
       const transfer::batch_plan none{};
@@ -260,7 +292,8 @@ struct cub_batched {
     state(const state&) = delete;
     state& operator=(const state&) = delete;
     ~state() {
-      if (temp_) cudaFree(temp_);  // the tier waited for its streams first
+      device_guard g(device_, std::nothrow);
+      if (temp_) cudaFree(temp_);  // the tier waited for its operations first
     }
     /// Temporary storage of one operation slot.
     [[nodiscard]] std::size_t temp_bytes() const noexcept { return bytes_; }
@@ -269,7 +302,12 @@ struct cub_batched {
       using detail_gpu::copy_part;
       const std::uint32_t per = dev.copies_per_segment();
       std::byte* temp = temp_ + std::size_t{op % ops_} * bytes_;
-      detail_gpu::for_windows(dev, window, [&](const transfer::batch_plan& p) {
+      // As many chunks per call as fit the copies reserved for (at least one).
+      const std::uint64_t per_chunk =
+          std::uint64_t{dev.layer_end - dev.layer_begin} * dev.planes * dev.blocks_per_chunk * per;
+      const std::size_t chunks =
+          std::max<std::size_t>(cap_ / std::max<std::uint64_t>(per_chunk, 1), 1);
+      detail_gpu::for_windows(dev, chunks, [&](const transfer::batch_plan& p) {
         const std::uint64_t n = p.segments() * per;
         if (n == 0) return;
         const thrust::counting_iterator<std::uint64_t> k(0);
@@ -286,6 +324,7 @@ struct cub_batched {
    private:
     std::size_t cap_;
     std::size_t ops_;
+    int device_;
     std::size_t bytes_ = 0;
     std::byte* temp_ = nullptr;
   };

@@ -45,32 +45,6 @@ struct stream_order {
 /// Where an asynchronous operation stands.
 enum class async_state { pending, done, failed };
 
-/// Makes `device` current for a scope and restores the previous one, so the engine thread's
-/// later work still goes to its own device.
-class device_guard {
- public:
-  explicit device_guard(int device) {
-    check(cudaGetDevice(&prev_), "cudaGetDevice");
-    if (prev_ != device) check(cudaSetDevice(device), "cudaSetDevice");
-  }
-  /// For code that cannot throw (destructors, cleanup): errors are ignored and cleared.
-  device_guard(int device, std::nothrow_t) noexcept {
-    if (cudaGetDevice(&prev_) != cudaSuccess ||
-        (prev_ != device && cudaSetDevice(device) != cudaSuccess)) {
-      (void)cudaGetLastError();
-    }
-  }
-  device_guard(const device_guard&) = delete;
-  device_guard& operator=(const device_guard&) = delete;
-  ~device_guard() {
-    int now = prev_;
-    if (cudaGetDevice(&now) == cudaSuccess && now != prev_) cudaSetDevice(prev_);
-  }
-
- private:
-  int prev_ = 0;
-};
-
 /// The device a tier config names (-1: the current one), checked.
 inline int resolve_device(int device, const char* tier) {
   int count = 0;
