@@ -892,11 +892,23 @@ class transfers {
     return p;
   }
 
+  // Not checked while the stream is being captured (cudaStreamGetDevice is not allowed then on
+  // every driver, and a refused call invalidates the capture), nor when the driver lacks the
+  // call (a toolkit newer than the driver).
   void check_stream(cudaStream_t st) const {
     if (st == nullptr || st == cudaStreamLegacy || st == cudaStreamPerThread) return;
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(st, &capture) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return;
+    }
+    if (capture != cudaStreamCaptureStatusNone) return;
     int dev = -1;
     bool known = false;
-    check(detail_gpu::stream_device(st, dev, known), "cudaStreamGetDevice (stream_order.stream)");
+    if (detail_gpu::stream_device(st, dev, known) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return;
+    }
     if (known && dev != device_) {
       throw invalid_argument("kvtier: stream_order.stream is on device " + std::to_string(dev) +
                              ", the tier on device " + std::to_string(device_));
