@@ -67,13 +67,14 @@ inline void run_batch(const kvtier::transfer::batch_plan& p, kvtier::transfer::w
     };
     // The kernel's dispatch: the widest access the batch's alignment allows.
     tr::for_vector_width(vb, [&](auto width) {
-      last_width = width;
+      constexpr std::uint32_t W = decltype(width)::value;
+      last_width = W;
       using V = std::conditional_t<
-          width == 16, v16,
+          W == 16, v16,
           std::conditional_t<
-              width == 8, std::uint64_t,
-              std::conditional_t<width == 4, std::uint32_t,
-                                 std::conditional_t<width == 2, std::uint16_t, std::uint8_t>>>>;
+              W == 8, std::uint64_t,
+              std::conditional_t<W == 4, std::uint32_t,
+                                 std::conditional_t<W == 2, std::uint16_t, std::uint8_t>>>>;
       by_dense(V{});
     });
   }
