@@ -216,7 +216,8 @@ fi
 no_device=0
 if [ "$failed" -eq 0 ]; then
   if [ "$use_cmake" -eq 1 ]; then
-    # gpu.tiers, example.cuda_pipeline and bench.gpu (a short bench run); one GPU, one at a time.
+    # gpu.tiers, gpu.fault, example.cuda_pipeline and bench.gpu (a short bench run); one GPU,
+    # one at a time.
     step ctest 180 ctest --test-dir "$build" -L gpu --output-on-failure --timeout 170
     rc=$?
     result=$(grep -E "tests passed, [0-9]+ tests? failed out of" "$logs/ctest.log" | tail -1)
@@ -228,10 +229,12 @@ if [ "$failed" -eq 0 ]; then
     grep -qE "\(Skipped\)|GPU tests skipped" "$logs/ctest.log" && no_device=1
   else
     # What ctest -L gpu runs, without ctest: exit 77 means the program found no device.
-    for prog in test "example|attention saw the same KV"; do
+    for prog in test fault "example|attention saw the same KV"; do
+      args=()
       if [ "$prog" = test ]; then name=gpu.tiers bin=$bin_test want=""
+      elif [ "$prog" = fault ]; then name=gpu.fault bin=$bin_test want="" args=(--fault)
       else name=example.cuda_pipeline bin=$bin_example want=${prog#*|}; fi
-      step "$name" 180 "${linebuf[@]}" "$bin"
+      step "$name" 180 "${linebuf[@]}" "$bin" ${args[@]+"${args[@]}"}
       rc=$?
       if [ "$rc" -eq 77 ]; then
         no_device=1

@@ -1029,6 +1029,7 @@ struct ref {
 }  // namespace kvtier::layout
 // ---- end kvtier/layout/block_span.hpp
 
+#include <type_traits>
 
 namespace kvtier::transfer {
 
@@ -1224,11 +1225,28 @@ KVTIER_HOST_DEVICE inline void move_segment(const batch_plan& p, const segment& 
   return v;
 }
 
+/// Calls `fn(std::integral_constant<std::uint32_t, W>{})` with the access width W (16, 8, 4, 2
+/// or 1 bytes) that a batch whose addresses are all `vb`-byte aligned (vector_bytes) moves in:
+/// the widest that `vb` allows. The kernel launch and the host emulation both dispatch here.
+template <class Fn>
+constexpr void for_vector_width(std::uint32_t vb, Fn&& fn) {
+  if (vb >= 16) {
+    fn(std::integral_constant<std::uint32_t, 16>{});
+  } else if (vb >= 8) {
+    fn(std::integral_constant<std::uint32_t, 8>{});
+  } else if (vb >= 4) {
+    fn(std::integral_constant<std::uint32_t, 4>{});
+  } else if (vb >= 2) {
+    fn(std::integral_constant<std::uint32_t, 2>{});
+  } else {
+    fn(std::integral_constant<std::uint32_t, 1>{});
+  }
+}
+
 }  // namespace kvtier::transfer
 // ---- end kvtier/transfer/batch_plan.hpp
 
 #include <chrono>
-#include <type_traits>
 #include <utility>
 
 namespace kvtier::detail {
@@ -1531,8 +1549,9 @@ class async_path {
   /// Starts operation `op`'s batch in direction `w` ordered by `o`, staging `n` chunks
   /// (`chunk(i)` gives the i-th one's staged_chunk). A retrieve's copies are ordered here, once,
   /// after the work already on the engine's stream: they write into engine blocks that kernels
-  /// queued before the call may still read or write (blocks a finished request just freed, a
-  /// store still copying from them). A store joins the engine's stream at each layer it copies
+  /// queued before the call may still read or write (blocks a finished request just freed), and
+  /// the GPU tier's join also orders them after stores in flight from those blocks. A store
+  /// joins the engine's stream at each layer it copies
   /// (after the KV it reads is computed). On failure the operation ends as failed and the error
   /// propagates.
   template <class View, class Tensors, class Table, class Chunk>

@@ -13,15 +13,145 @@
 // chunk slots. Each is a policy with a `state` built once per tier and an `enqueue` that puts
 // one whole batch (many chunks x the batch's layers) on a stream, allocating nothing.
 //
-//   copy_engine::sm_kernel    one kernel launch; 16-byte vector loads and stores (narrower only
-//                             when an address or stride is not 16-byte aligned)
+//   copy_engine::sm_kernel    one kernel launch; 16-byte vector loads and stores (8, 4, 2 or 1
+//                             only when an address or stride is not 16-byte aligned)
 //   copy_engine::memcpy_batch cudaMemcpyBatchAsync: the copy engines (DMA), one descriptor per
 //                             contiguous run, adjacent runs merged
 //   copy_engine::cub_batched  cub::DeviceMemcpy::Batched over the same runs, its descriptors
 //                             computed on the device from the plan (no host array)
 
+// ---- begin kvtier/cuda/runtime_api.hpp
+// The CUDA runtime calls the GPU path uses whose presence or signature depends on the CUDA
+// version, chosen by CUDART_VERSION so that the GPU path compiles on every CUDA 12 and 13.
+//
+// cudaMemcpyBatchAsync exists from CUDA 12.8, with two signatures:
+//
+//   13.x       (void* const* dsts, const void* const* srcs, const size_t* sizes, size_t count,
+//               cudaMemcpyAttributes* attrs, size_t* attrsIdxs, size_t numAttrs,
+//               cudaStream_t stream)
+//   12.8-12.9  the same plus `size_t* failIdx` before the stream (12.8 declares the arrays
+//               without const: void**, void**, size_t*)
+//
+// and before 12.8 neither the call nor cudaMemcpyAttributes exists (only
+// copy_engine::memcpy_batch needs it). cudaStreamGetDevice also exists from 12.8; before, the
+// device of a stream is not checked. Host code only: it needs the CUDA runtime's declarations,
+// not nvcc (test/cuda/runtime_api.cpp checks it against a declaration of each signature).
 
 #include <cuda_runtime.h>
+
+
+// The runtime version the choice follows: CUDART_VERSION, unless a test defines it lower to
+// compile the older branches against a newer toolkit (test/cuda/cuda12_guard.cu).
+#ifndef KVTIER_CUDART_VERSION
+#define KVTIER_CUDART_VERSION CUDART_VERSION
+#endif
+
+#if KVTIER_CUDART_VERSION >= 12080
+#define KVTIER_HAS_MEMCPY_BATCH 1
+#else
+#define KVTIER_HAS_MEMCPY_BATCH 0
+#endif
+
+namespace kvtier::gpu::detail_gpu {
+
+/// Whether this CUDA runtime has cudaMemcpyBatchAsync (12.8 or newer).
+inline constexpr bool has_memcpy_batch = KVTIER_HAS_MEMCPY_BATCH != 0;
+
+#if KVTIER_HAS_MEMCPY_BATCH
+/// Enqueues `count` copies (dst[i] <- src[i], size[i] bytes) on `stream` with one attribute set
+/// for all: source read in stream order, location hints of `device`, overlap with compute
+/// preferred. The arrays are read before the call returns.
+inline cudaError_t memcpy_batch_async(void** dst, void** src, std::size_t* size, std::size_t count,
+                                      int device, cudaStream_t stream) {
+  cudaMemcpyAttributes attr{};
+  attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+  attr.srcLocHint.type = cudaMemLocationTypeDevice;  // hints; unused unless managed
+  attr.srcLocHint.id = device;
+  attr.dstLocHint.type = cudaMemLocationTypeDevice;
+  attr.dstLocHint.id = device;
+  attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
+  std::size_t first = 0;
+#if KVTIER_CUDART_VERSION >= 13000
+  return cudaMemcpyBatchAsync(dst, src, size, count, &attr, &first, 1, stream);
+#else
+  // 12.8 declares void**, 12.9 void* const* / const void* const*: mutable arrays fit both.
+  std::size_t failed = 0;
+  return cudaMemcpyBatchAsync(dst, src, size, count, &attr, &first, 1, &failed, stream);
+#endif
+}
+#endif
+
+/// Writes the device `stream` belongs to into `device` and sets `known`; `known` is false when
+/// this runtime cannot tell (before 12.8). Returns the query's result. The legacy and
+/// per-thread default streams are the current device's.
+inline cudaError_t stream_device(cudaStream_t stream, int& device, bool& known) {
+#if KVTIER_HAS_MEMCPY_BATCH
+  known = true;
+  return cudaStreamGetDevice(stream, &device);
+#else
+  (void)stream;
+  (void)device;
+  known = false;
+  return cudaSuccess;
+#endif
+}
+
+}  // namespace kvtier::gpu::detail_gpu
+// ---- end kvtier/cuda/runtime_api.hpp
+// ---- begin kvtier/transfer/copy_runs.hpp
+// A batch as a list of contiguous copies for the DMA engines (cudaMemcpyBatchAsync): one per
+// batch_plan::copy_at, runs adjacent on both sides merged, gathered into caller-owned arrays of
+// fixed capacity and handed over each time they fill. Plain C++, shared by the memcpy_batch
+// engine and the host tests.
+
+
+
+namespace kvtier::transfer {
+
+/// Fills `dst`, `src`, `size` (each `cap` > 0 entries) with the copies of batch `p` in direction
+/// `w` and calls `flush(n)` whenever `cap` copies are gathered and once for the rest (never with
+/// n == 0). A copy that continues the previous one on both sides extends it. Returns the number
+/// of flushes. Allocates nothing; the arrays may be reused as soon as `flush` returns.
+template <class Flush>
+std::size_t gather_copies(const batch_plan& p, way w, std::size_t cap, void** dst, void** src,
+                          std::size_t* size, Flush&& flush) {
+  std::size_t n = 0, flushes = 0;
+  const std::uint32_t per = p.copies_per_segment();
+  const std::uint64_t segs = p.segments();
+  for (std::uint64_t i = 0; i < segs; ++i) {
+    const segment seg = p.at(i);
+    for (std::uint32_t k = 0; k < per; ++k) {
+      std::byte *e = nullptr, *c = nullptr;
+      const std::size_t bytes = p.copy_at(seg, k, e, c);
+      if (bytes == 0) continue;
+      std::byte* to = w == way::to_chunk ? c : e;
+      std::byte* from = w == way::to_chunk ? e : c;
+      if (n > 0 && static_cast<std::byte*>(dst[n - 1]) + size[n - 1] == to &&
+          static_cast<std::byte*>(src[n - 1]) + size[n - 1] == from) {
+        size[n - 1] += bytes;  // continues the previous run on both sides
+        continue;
+      }
+      if (n == cap) {
+        flush(n);
+        ++flushes;
+        n = 0;
+      }
+      dst[n] = to;
+      src[n] = from;
+      size[n] = bytes;
+      ++n;
+    }
+  }
+  if (n > 0) {
+    flush(n);
+    ++flushes;
+  }
+  return flushes;
+}
+
+}  // namespace kvtier::transfer
+// ---- end kvtier/transfer/copy_runs.hpp
+
 
 #include <cub/device/device_memcpy.cuh>
 #include <thrust/iterator/counting_iterator.h>
@@ -40,17 +170,46 @@ inline void check(cudaError_t e, const std::string& what) {
   }
 }
 
-/// What a copy engine is told at construction: the largest batch it will be given.
+/// Makes `device` current for a scope and restores the previous one, so the engine thread's
+/// later work still goes to its own device.
+class device_guard {
+ public:
+  explicit device_guard(int device) {
+    check(cudaGetDevice(&prev_), "cudaGetDevice");
+    if (prev_ != device) check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  /// For code that cannot throw (destructors, cleanup): errors are ignored and cleared.
+  device_guard(int device, std::nothrow_t) noexcept {
+    if (cudaGetDevice(&prev_) != cudaSuccess ||
+        (prev_ != device && cudaSetDevice(device) != cudaSuccess)) {
+      (void)cudaGetLastError();
+    }
+  }
+  device_guard(const device_guard&) = delete;
+  device_guard& operator=(const device_guard&) = delete;
+  ~device_guard() {
+    int now = prev_;
+    if (cudaGetDevice(&now) == cudaSuccess && now != prev_) cudaSetDevice(prev_);
+  }
+
+ private:
+  int prev_ = 0;
+};
+
+/// What a copy engine is told at construction: the largest batch it will be given and how many
+/// operations (slots, each used by one call at a time) can be in flight.
 struct engine_setup {
   std::size_t max_chunks = 0;          ///< chunks per batch
   std::size_t segments_per_chunk = 0;  ///< layers x planes x blocks per chunk (all layers)
-  std::uint32_t copies_per_segment = 1;
-  int device = 0;         ///< the CUDA device
-  std::uint32_t sms = 1;  ///< its multiprocessors
+  std::uint32_t block_size = 1;        ///< the engine's tokens per block
+  std::uint32_t heads = 1;             ///< KV heads (per-row copies: block_size x heads)
+  std::size_t max_ops = 1;             ///< operation slots
+  int device = 0;                      ///< the CUDA device
+  std::uint32_t sms = 1;               ///< its multiprocessors
 
-  /// Copies in one window of at most `window` chunks (the DMA engines' unit of work).
-  [[nodiscard]] std::size_t window_copies(std::size_t window) const noexcept {
-    return std::min(max_chunks, window) * segments_per_chunk * copies_per_segment;
+  /// Segments in one window of at most `window` chunks (the batched engines' unit of work).
+  [[nodiscard]] std::size_t window_segments(std::size_t window) const noexcept {
+    return std::min(max_chunks, window) * segments_per_chunk;
   }
 };
 
@@ -68,29 +227,38 @@ __global__ void __launch_bounds__(256) batch_kernel(transfer::batch_plan p, std:
   }
 }
 
+/// The vector type of each access width transfer::for_vector_width picks.
+template <std::uint32_t Bytes>
+using vector_t = std::conditional_t<
+    Bytes == 16, uint4,
+    std::conditional_t<
+        Bytes == 8, uint2,
+        std::conditional_t<Bytes == 4, unsigned,
+                           std::conditional_t<Bytes == 2, unsigned short, unsigned char>>>>;
+
+// Returns the launch's own result (cudaLaunchKernelEx), not an error an earlier call of the
+// engine's thread left pending, which cudaGetLastError would report and clear.
 template <class V, transfer::way W>
-void launch(const transfer::batch_plan& p, std::uint32_t sms, cudaStream_t s) {
+cudaError_t launch(const transfer::batch_plan& p, std::uint32_t sms, cudaStream_t s) {
   const std::uint64_t n = p.segments();
-  if (n == 0) return;
+  if (n == 0) return cudaSuccess;
   const std::uint32_t parts = transfer::parts_for(p, sizeof(V), sms);
-  const unsigned grid = static_cast<unsigned>(std::min<std::uint64_t>(n * parts, 1u << 16));
-  if (p.engine_dense()) {
-    batch_kernel<V, W, true><<<grid, 256, 0, s>>>(p, parts);
-  } else {
-    batch_kernel<V, W, false><<<grid, 256, 0, s>>>(p, parts);
-  }
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(std::min<std::uint64_t>(n * parts, 1u << 16)));
+  cfg.blockDim = dim3(256);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = s;
+  if (p.engine_dense()) return cudaLaunchKernelEx(&cfg, batch_kernel<V, W, true>, p, parts);
+  return cudaLaunchKernelEx(&cfg, batch_kernel<V, W, false>, p, parts);
 }
 
 template <transfer::way W>
-void launch_width(const transfer::batch_plan& p, std::uint32_t vb, std::uint32_t sms,
-                  cudaStream_t s) {
-  if (vb >= 16) {
-    launch<uint4, W>(p, sms, s);
-  } else if (vb >= 4) {
-    launch<unsigned, W>(p, sms, s);
-  } else {
-    launch<unsigned char, W>(p, sms, s);
-  }
+cudaError_t launch_width(const transfer::batch_plan& p, std::uint32_t vb, std::uint32_t sms,
+                         cudaStream_t s) {
+  cudaError_t e = cudaSuccess;
+  transfer::for_vector_width(
+      vb, [&](auto width) { e = launch<vector_t<decltype(width)::value>, W>(p, sms, s); });
+  return e;
 }
 
 /// Copy k of a batch, computed from the plan: part 0 the source pointer, 1 the destination,
@@ -123,27 +291,30 @@ void for_windows(const transfer::batch_plan& p, std::size_t window, Fn&& fn) {
   }
 }
 
+template <class>
+inline constexpr bool dependent_false = false;
+
 }  // namespace detail_gpu
 
 namespace copy_engine {
 
 /// One kernel launch per batch: a thread block per segment (grid-stride), threads over 16-byte
-/// vectors in chunk order, so the chunk side is fully coalesced and the engine side is too for
-/// NHD (whole blocks) and in whole rows for HND. Reads and writes pinned host memory directly
-/// when the chunk slots are pinned (zero-copy over PCIe/NVLink-C2C).
+/// vectors in chunk order (8, 4, 2 or 1 bytes when an address or stride is only that aligned),
+/// so the chunk side is fully coalesced and the engine side is too for NHD (whole blocks) and in
+/// whole rows for HND. Reads and writes pinned host memory directly when the chunk slots are
+/// pinned (zero-copy over PCIe/NVLink-C2C).
 struct sm_kernel {
   static constexpr const char* name = "sm_kernel";
   class state {
    public:
     explicit state(const engine_setup& s) : sms_(s.sms) {}
     void enqueue(const transfer::batch_plan& dev, const transfer::batch_plan& /*host*/,
-                 transfer::way w, std::uint32_t vb, cudaStream_t s) {
-      if (w == transfer::way::to_chunk) {
-        detail_gpu::launch_width<transfer::way::to_chunk>(dev, vb, sms_, s);
-      } else {
-        detail_gpu::launch_width<transfer::way::to_engine>(dev, vb, sms_, s);
-      }
-      check(cudaGetLastError(), "sm_kernel launch");
+                 transfer::way w, std::uint32_t vb, cudaStream_t s, std::uint32_t /*op*/) {
+      const cudaError_t e =
+          w == transfer::way::to_chunk
+              ? detail_gpu::launch_width<transfer::way::to_chunk>(dev, vb, sms_, s)
+              : detail_gpu::launch_width<transfer::way::to_engine>(dev, vb, sms_, s);
+      check(e, "sm_kernel launch");
     }
 
    private:
@@ -151,79 +322,85 @@ struct sm_kernel {
   };
 };
 
+#if KVTIER_HAS_MEMCPY_BATCH
 /// cudaMemcpyBatchAsync (CUDA 12.8+): the DMA copy engines move the batch, no SM time taken from
 /// the engine's kernels. One descriptor per contiguous run (a whole block for NHD layouts, a
 /// token or a row otherwise), runs adjacent on both sides merged. The descriptor arrays are
-/// built on the host under a lock, in windows of 16 chunks, into arrays reserved at construction;
-/// the call reads them before it returns. Not usable on the legacy default stream.
+/// built on the host under a lock into arrays reserved at construction for one token run per
+/// (segment, token) of 16 chunks; a batch with more runs (per-row HND copies, more chunks) is
+/// enqueued in several calls as the arrays fill. Each call reads them before it returns. Not
+/// usable on the legacy default stream.
 struct memcpy_batch {
   static constexpr const char* name = "memcpy_batch";
   static constexpr std::size_t window = 16;
   class state {
    public:
-    explicit state(const engine_setup& s) : cap_(s.window_copies(window)), device_(s.device) {
+    explicit state(const engine_setup& s)
+        : cap_(std::max<std::size_t>(s.window_segments(window) * s.block_size, 1)),
+          device_(s.device) {
       dst_.resize(cap_);
       src_.resize(cap_);
       size_.resize(cap_);
     }
     void enqueue(const transfer::batch_plan& /*dev*/, const transfer::batch_plan& host,
-                 transfer::way w, std::uint32_t /*vb*/, cudaStream_t s) {
+                 transfer::way w, std::uint32_t /*vb*/, cudaStream_t s, std::uint32_t /*op*/) {
       std::lock_guard lk(mu_);
-      const std::uint32_t per = host.copies_per_segment();
-      detail_gpu::for_windows(host, window, [&](const transfer::batch_plan& p) {
-        std::size_t n = 0;
-        const std::uint64_t segs = p.segments();
-        for (std::uint64_t i = 0; i < segs; ++i) {
-          const transfer::segment seg = p.at(i);
-          for (std::uint32_t k = 0; k < per; ++k) {
-            std::byte *e = nullptr, *c = nullptr;
-            const std::size_t bytes = p.copy_at(seg, k, e, c);
-            if (bytes == 0) continue;
-            std::byte* d = w == transfer::way::to_chunk ? c : e;
-            const std::byte* from = w == transfer::way::to_chunk ? e : c;
-            if (n > 0 && static_cast<std::byte*>(dst_[n - 1]) + size_[n - 1] == d &&
-                static_cast<const std::byte*>(src_[n - 1]) + size_[n - 1] == from) {
-              size_[n - 1] += bytes;  // continues the previous run on both sides
-              continue;
-            }
-            dst_[n] = d;
-            src_[n] = from;
-            size_[n] = bytes;
-            ++n;
-          }
-        }
-        if (n == 0) return;
-        cudaMemcpyAttributes attr{};
-        attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
-        attr.srcLocHint = {cudaMemLocationTypeDevice, device_};  // hints; unused unless managed
-        attr.dstLocHint = {cudaMemLocationTypeDevice, device_};
-        attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
-        std::size_t first = 0;
-        check(cudaMemcpyBatchAsync(dst_.data(), src_.data(), size_.data(), n, &attr, &first, 1, s),
-              "cudaMemcpyBatchAsync");
-      });
+      transfer::gather_copies(host, w, cap_, dst_.data(), src_.data(), size_.data(),
+                              [&](std::size_t n) {
+                                check(detail_gpu::memcpy_batch_async(dst_.data(), src_.data(),
+                                                                     size_.data(), n, device_, s),
+                                      "cudaMemcpyBatchAsync");
+                              });
     }
+    /// Descriptors reserved (each a destination, a source and a size).
+    [[nodiscard]] std::size_t capacity() const noexcept { return cap_; }
 
    private:
     std::size_t cap_;
     int device_;
     std::mutex mu_;
     std::vector<void*> dst_;
-    std::vector<const void*> src_;
+    std::vector<void*> src_;
     std::vector<std::size_t> size_;
   };
 };
+#else
+/// Before CUDA 12.8 there is no cudaMemcpyBatchAsync: the name exists so that the rest of the GPU
+/// path compiles, and a tier that uses it fails to compile with this message.
+struct memcpy_batch {
+  static constexpr const char* name = "memcpy_batch";
+  class state {
+   public:
+    template <class Setup>
+    explicit state(const Setup&) {
+      static_assert(detail_gpu::dependent_false<Setup>,
+                    "kvtier: copy_engine::memcpy_batch needs cudaMemcpyBatchAsync, CUDA 12.8 or "
+                    "newer (CUDART_VERSION is older); use copy_engine::sm_kernel or cub_batched");
+    }
+    template <class... A>
+    void enqueue(A&&...) {}
+  };
+};
+#endif
 
-/// cub::DeviceMemcpy::Batched: one device-side batched copy of the same runs as memcpy_batch
-/// (not merged), its source, destination and size computed on the device from the plan through
-/// transform iterators. Temporary storage comes from a ring of 4 buffers reserved at
-/// construction, each reused only after the event of its last use has completed.
+/// cub::DeviceMemcpy::Batched: device-side batched copies of the same runs as memcpy_batch (not
+/// merged), their source, destination and size computed on the device from the plan through
+/// transform iterators. Each call takes as many chunks as fit the copies reserved for: one per
+/// token of 16 chunks, or one chunk's per-row copies if more (so HND takes fewer chunks per
+/// call). Each operation slot has its own temporary storage, reserved at construction: an
+/// operation's calls and layers run in order on its one stream, and the cache reuses a slot only
+/// after its previous operation completed, so no call waits on the host.
 struct cub_batched {
   static constexpr const char* name = "cub_batched";
   static constexpr std::size_t window = 16;
   class state {
    public:
-    explicit state(const engine_setup& s) : cap_(s.window_copies(window)) {
+    explicit state(const engine_setup& s)
+        : cap_(std::max(s.window_segments(window) * s.block_size,
+                        s.segments_per_chunk * s.block_size * s.heads)),
+          ops_(std::max<std::size_t>(s.max_ops, 1)),
+          device_(s.device) {
+      device_guard g(device_);  // built before the tier's own guard: allocate on its device
       using detail_gpu::copy_part;
       const thrust::counting_iterator<std::uint64_t> k(0);
       const transfer::batch_plan none{};
@@ -236,51 +413,48 @@ struct cub_batched {
                 static_cast<std::int64_t>(cap_), nullptr),
             "cub::DeviceMemcpy::Batched (temporary storage size)");
       bytes_ = std::max<std::size_t>(bytes, 1);
-      for (auto& b : ring_) {
-        check(cudaMalloc(&b.temp, bytes_), "cudaMalloc (cub temporary storage)");
-        check(cudaEventCreateWithFlags(&b.used, cudaEventDisableTiming), "cudaEventCreate");
-      }
+      void* p = nullptr;
+      check(cudaMalloc(&p, bytes_ * ops_), "cudaMalloc (cub temporary storage)");
+      temp_ = static_cast<std::byte*>(p);
     }
     state(const state&) = delete;
     state& operator=(const state&) = delete;
     ~state() {
-      for (auto& b : ring_) {
-        if (b.used) cudaEventSynchronize(b.used), cudaEventDestroy(b.used);
-        if (b.temp) cudaFree(b.temp);
-      }
+      device_guard g(device_, std::nothrow);
+      if (temp_) cudaFree(temp_);  // the tier waited for its operations first
     }
+    /// Temporary storage of one operation slot.
+    [[nodiscard]] std::size_t temp_bytes() const noexcept { return bytes_; }
     void enqueue(const transfer::batch_plan& dev, const transfer::batch_plan& /*host*/,
-                 transfer::way w, std::uint32_t /*vb*/, cudaStream_t s) {
+                 transfer::way w, std::uint32_t /*vb*/, cudaStream_t s, std::uint32_t op) {
       using detail_gpu::copy_part;
       const std::uint32_t per = dev.copies_per_segment();
-      detail_gpu::for_windows(dev, window, [&](const transfer::batch_plan& p) {
+      std::byte* temp = temp_ + std::size_t{op % ops_} * bytes_;
+      // As many chunks per call as fit the copies reserved for (at least one).
+      const std::uint64_t per_chunk =
+          std::uint64_t{dev.layer_end - dev.layer_begin} * dev.planes * dev.blocks_per_chunk * per;
+      const std::size_t chunks =
+          std::max<std::size_t>(cap_ / std::max<std::uint64_t>(per_chunk, 1), 1);
+      detail_gpu::for_windows(dev, chunks, [&](const transfer::batch_plan& p) {
         const std::uint64_t n = p.segments() * per;
         if (n == 0) return;
-        std::lock_guard lk(mu_);
-        buffer& b = ring_[next_++ % ring_.size()];
-        check(cudaEventSynchronize(b.used), "cudaEventSynchronize (cub temporary storage)");
         const thrust::counting_iterator<std::uint64_t> k(0);
         std::size_t bytes = bytes_;
         check(cub::DeviceMemcpy::Batched(
-                  b.temp, bytes, thrust::make_transform_iterator(k, copy_part<0>{p, w, per}),
+                  temp, bytes, thrust::make_transform_iterator(k, copy_part<0>{p, w, per}),
                   thrust::make_transform_iterator(k, copy_part<1>{p, w, per}),
                   thrust::make_transform_iterator(k, copy_part<2>{p, w, per}),
                   static_cast<std::int64_t>(n), s),
               "cub::DeviceMemcpy::Batched");
-        check(cudaEventRecord(b.used, s), "cudaEventRecord");
       });
     }
 
    private:
-    struct buffer {
-      void* temp = nullptr;
-      cudaEvent_t used = nullptr;
-    };
     std::size_t cap_;
+    std::size_t ops_;
+    int device_;
     std::size_t bytes_ = 0;
-    std::mutex mu_;
-    std::array<buffer, 4> ring_{};
-    std::size_t next_ = 0;
+    std::byte* temp_ = nullptr;
   };
 };
 
@@ -291,7 +465,7 @@ template <class E>
 concept copy_engine_policy = requires(typename E::state& st, const transfer::batch_plan& p,
                                       cudaStream_t s) {
   { E::name } -> std::convertible_to<const char*>;
-  st.enqueue(p, p, transfer::way::to_chunk, 16u, s);
+  st.enqueue(p, p, transfer::way::to_chunk, 16u, s, 0u);
 };
 
 }  // namespace kvtier::gpu
@@ -305,6 +479,66 @@ concept copy_engine_policy = requires(typename E::state& st, const transfer::bat
 // The asynchronous transfer machinery a GPU tier gives the cache: per operation, a descriptor
 // staging area (pinned host and device), events, and the stream the operation runs on.
 
+// ---- begin kvtier/transfer/inflight_stores.hpp
+// Which engine blocks the stores in flight still read, per operation slot. Stores and retrieves
+// run on separate streams, so a retrieve is not ordered after an earlier store's copy by stream
+// order; it waits for the stores whose blocks it writes into, and for no other. Plain C++ (the
+// GPU transfers hold one; host tests drive it directly).
+
+
+namespace kvtier::transfer {
+
+class inflight_stores {
+ public:
+  /// Room for `ops` slots of at most `max_blocks` block ids each, reserved here.
+  inflight_stores(std::size_t ops, std::size_t max_blocks) : slots_(ops) {
+    for (slot& s : slots_) s.blocks.reserve(max_blocks);
+  }
+
+  /// Operation `op` is a store reading `blocks` (at most max_blocks) until end(op)'s copy
+  /// completes; live once its first copy is enqueued (copied()).
+  void begin(std::uint32_t op, std::span<const std::int32_t> blocks) {
+    std::lock_guard lk(mu_);
+    slot& s = slots_[op];
+    s.live = false;
+    s.blocks.assign(blocks.begin(), blocks.end());
+    std::sort(s.blocks.begin(), s.blocks.end());
+  }
+  /// Op has enqueued a copy; its event now covers it.
+  void copied(std::uint32_t op) {
+    std::lock_guard lk(mu_);
+    slots_[op].live = !slots_[op].blocks.empty();
+  }
+  /// Op no longer reads engine blocks (its copies completed, or it is a retrieve now).
+  void clear(std::uint32_t op) noexcept {
+    std::lock_guard lk(mu_);
+    slots_[op].live = false;
+  }
+  /// Calls `fn(store_op)` for every live store other than `op` that reads one of `blocks`.
+  template <class Fn>
+  void for_overlapping(std::uint32_t op, std::span<const std::int32_t> blocks, Fn&& fn) const {
+    std::lock_guard lk(mu_);
+    for (std::uint32_t o = 0; o < slots_.size(); ++o) {
+      const slot& s = slots_[o];
+      if (o == op || !s.live) continue;
+      const bool hit = std::any_of(blocks.begin(), blocks.end(), [&](std::int32_t b) {
+        return std::binary_search(s.blocks.begin(), s.blocks.end(), b);
+      });
+      if (hit) fn(o);
+    }
+  }
+
+ private:
+  struct slot {
+    std::vector<std::int32_t> blocks;  ///< sorted
+    bool live = false;
+  };
+  mutable std::mutex mu_;
+  std::vector<slot> slots_;
+};
+
+}  // namespace kvtier::transfer
+// ---- end kvtier/transfer/inflight_stores.hpp
 
 
 
@@ -312,9 +546,11 @@ namespace kvtier::gpu {
 
 /// How a store, retrieve or layer pipeline is ordered with the engine's GPU work.
 ///
-/// With `run_on_stream` false (the default) the copy runs on kvtier's own transfer stream: a
-/// store's copy starts once `stream` has reached the point of the call (the KV it copies is
-/// computed), and `stream` waits for a retrieve's copy before the work the engine enqueues next.
+/// With `run_on_stream` false (the default) the copy runs on one of kvtier's own transfer streams
+/// (one for stores, one for retrieves, both of the highest priority): a store's copy starts once
+/// `stream` has reached the point of the call (the KV it copies is computed); a retrieve's copy
+/// also starts only once `stream` has reached the point of the call, and `stream` waits for it
+/// before the work the engine enqueues next.
 /// With `run_on_stream` true the copy is enqueued on `stream` itself. Either way, `signal`,
 /// when set, is recorded once the whole copy has completed (an event the engine owns).
 struct stream_order {
@@ -325,24 +561,6 @@ struct stream_order {
 
 /// Where an asynchronous operation stands.
 enum class async_state { pending, done, failed };
-
-/// Makes `device` current for a scope and restores the previous one.
-class device_guard {
- public:
-  explicit device_guard(int device) {
-    check(cudaGetDevice(&prev_), "cudaGetDevice");
-    if (prev_ != device) check(cudaSetDevice(device), "cudaSetDevice");
-  }
-  device_guard(const device_guard&) = delete;
-  device_guard& operator=(const device_guard&) = delete;
-  ~device_guard() {
-    int now = prev_;
-    if (cudaGetDevice(&now) == cudaSuccess && now != prev_) cudaSetDevice(prev_);
-  }
-
- private:
-  int prev_ = 0;
-};
 
 /// The device a tier config names (-1: the current one), checked.
 inline int resolve_device(int device, const char* tier) {
@@ -378,16 +596,24 @@ class transfers {
         slot_alignment_(slot_alignment),
         max_tensors_(2 * ctx.format.layers),
         ops_(ctx.max_ops),
+        stores_(ctx.max_ops, ctx.max_chunks * (ctx.format.chunk_tokens / ctx.block_size)),
         engine_(engine_setup{
             ctx.max_chunks,
             ctx.format.layers * ctx.format.kv_planes * (ctx.format.chunk_tokens / ctx.block_size),
-            ctx.block_size * static_cast<std::uint32_t>(ctx.format.heads), device,
+            ctx.block_size, static_cast<std::uint32_t>(ctx.format.heads), ctx.max_ops, device,
             multiprocessors(device)}),
         slots_(slots),
         slot_bytes_(slot_bytes) {
     device_guard g(device_);
     try {
-      check(cudaStreamCreateWithFlags(&own_, cudaStreamNonBlocking), "cudaStreamCreate");
+      // Highest priority: a copy's blocks are scheduled ahead of compute that fills the GPU.
+      int least = 0, greatest = 0;
+      check(cudaDeviceGetStreamPriorityRange(&least, &greatest),
+            "cudaDeviceGetStreamPriorityRange");
+      for (cudaStream_t* st : {&store_stream_, &retrieve_stream_}) {
+        check(cudaStreamCreateWithPriority(st, cudaStreamNonBlocking, greatest),
+              "cudaStreamCreateWithPriority");
+      }
       staging_bytes_ = tensors_bytes() + chunks_bytes() + ids_bytes();
       void* p = nullptr;
       check(cudaHostAlloc(&p, staging_bytes_ * ops_.size(), cudaHostAllocDefault),
@@ -395,10 +621,11 @@ class transfers {
       host_stage_ = static_cast<std::byte*>(p);
       check(cudaMalloc(&p, staging_bytes_ * ops_.size()), "cudaMalloc (descriptor staging)");
       dev_stage_ = static_cast<std::byte*>(p);
-      validated_.resize(max_tensors_);
+      for (auto& t : validated_) t.tensors.resize(max_tensors_);
       for (op_state& o : ops_) {
         o.layer_events.resize(format_.layers);
-        for (cudaEvent_t* e : {&o.done, &o.joined}) {
+        o.blocks.reserve(max_chunks_ * blocks_per_chunk_);
+        for (cudaEvent_t* e : {&o.done, &o.joined, &o.copied}) {
           check(cudaEventCreateWithFlags(e, cudaEventDisableTiming), "cudaEventCreate");
         }
         for (cudaEvent_t& e : o.layer_events) {
@@ -415,22 +642,33 @@ class transfers {
   ~transfers() { release(); }
 
   [[nodiscard]] int device() const noexcept { return device_; }
-  [[nodiscard]] cudaStream_t transfer_stream() const noexcept { return own_; }
+  /// The stream a copy in direction `w` runs on unless its order has run_on_stream: stores and
+  /// retrieves have one each, so a retrieve never queues behind a store's copy.
+  [[nodiscard]] cudaStream_t transfer_stream(transfer::way w) const noexcept {
+    return w == transfer::way::to_chunk ? store_stream_ : retrieve_stream_;
+  }
+  /// The copy engine's state (its reservations, for tests).
+  [[nodiscard]] const typename Engine::state& engine() const noexcept { return engine_; }
 
  private:
   void release() noexcept {
-    cudaSetDevice(device_);
-    if (own_) cudaStreamSynchronize(own_);
+    device_guard g(device_, std::nothrow);
+    for (cudaStream_t st : {store_stream_, retrieve_stream_}) {
+      if (st) cudaStreamSynchronize(st);
+    }
     for (op_state& o : ops_) {
       if (o.done) cudaEventSynchronize(o.done), cudaEventDestroy(o.done);
       if (o.joined) cudaEventDestroy(o.joined);
+      if (o.copied) cudaEventDestroy(o.copied);
       for (cudaEvent_t e : o.layer_events) {
         if (e) cudaEventDestroy(e);
       }
     }
     if (dev_stage_) cudaFree(dev_stage_);
     if (host_stage_) cudaFreeHost(host_stage_);
-    if (own_) cudaStreamDestroy(own_);
+    for (cudaStream_t st : {store_stream_, retrieve_stream_}) {
+      if (st) cudaStreamDestroy(st);
+    }
   }
 
  public:
@@ -439,7 +677,7 @@ class transfers {
     op_state& s = ops_[op];
     s.order = o;
     s.way = w;
-    s.stream = o.run_on_stream ? o.stream : own_;
+    s.stream = o.run_on_stream ? o.stream : transfer_stream(w);
   }
 
   /// Writes the descriptors of `count` chunks (`chunk_at(i)` -> transfer::staged_chunk) and the
@@ -462,13 +700,22 @@ class transfers {
     auto* host_ids = reinterpret_cast<std::int32_t*>(host + tensors_bytes() + chunks_bytes());
     for (std::size_t i = 0; i < tensors.size(); ++i) host_tensors[i] = tensors[i];
     std::uint32_t ids = 0;
+    s.blocks.clear();
     for (std::size_t i = 0; i < count; ++i) {
       const transfer::staged_chunk c = chunk_at(i);
       host_chunks[i] = {slots_ + std::size_t{c.slot} * slot_bytes_, c.tokens, ids};
       const std::size_t first_block = c.first_token / block_size_;
       const std::size_t blocks = (c.tokens + block_size_ - 1) / block_size_;
-      for (std::size_t j = 0; j < blocks; ++j) host_ids[ids + j] = table[first_block + j];
+      for (std::size_t j = 0; j < blocks; ++j) {
+        host_ids[ids + j] = table[first_block + j];
+        s.blocks.push_back(table[first_block + j]);
+      }
       ids += static_cast<std::uint32_t>(blocks_per_chunk_);
+    }
+    if (s.way == transfer::way::to_chunk) {
+      stores_.begin(op, s.blocks);
+    } else {
+      stores_.clear(op);
     }
     s.host_plan = plan(eng, host_tensors, host_chunks, host_ids, count);
     s.dev_plan =
@@ -481,10 +728,14 @@ class transfers {
           "cudaMemcpyAsync (descriptors)");
   }
 
-  /// Throws invalid_argument unless every tensor is device memory of this tier's device and the
-  /// copy engine can run on the stream `o` names. The last tensor table that passed is
-  /// remembered: an engine passing the same tensors every call pays the pointer queries once.
+  /// Throws invalid_argument unless every tensor is device memory of this tier's device, the
+  /// stream `o` names belongs to that device (CUDA 12.8+; the legacy and per-thread default
+  /// streams are the tier device's, which kvtier makes current for its calls) and the copy
+  /// engine can run on it. The last `remembered_tables` tensor tables that passed are
+  /// remembered: an engine passing the same few tables (per layer group, per model) pays the
+  /// pointer queries once for each.
   void validate(std::span<void* const> tensors, const stream_order& o) const {
+    check_stream(o.stream);
     if (std::is_same_v<Engine, copy_engine::memcpy_batch> && o.run_on_stream &&
         (o.stream == nullptr || o.stream == cudaStreamLegacy)) {
       throw invalid_argument(
@@ -498,25 +749,40 @@ class transfers {
     }
     {
       std::lock_guard lk(validated_mu_);
-      if (std::equal(tensors.begin(), tensors.end(), validated_.begin(),
-                     validated_.begin() + static_cast<std::ptrdiff_t>(validated_count_))) {
-        return;
+      for (const validated_table& t : validated_) {
+        if (t.count == tensors.size() &&
+            std::equal(tensors.begin(), tensors.end(), t.tensors.begin())) {
+          return;
+        }
       }
     }
     device_guard g(device_);
     for (std::size_t i = 0; i < tensors.size(); ++i) check_device_pointer(tensors[i], i);
     std::lock_guard lk(validated_mu_);
-    std::copy(tensors.begin(), tensors.end(), validated_.begin());
-    validated_count_ = tensors.size();
+    validated_table& t = validated_[next_validated_++ % validated_.size()];
+    std::copy(tensors.begin(), tensors.end(), t.tensors.begin());
+    t.count = tensors.size();
   }
+  /// Tensor tables validate() remembers.
+  static constexpr std::size_t remembered_tables = 4;
 
-  /// Op's stream waits for the work the engine's stream holds now (no-op on the engine stream).
+  /// Op's stream waits for the work the engine's stream holds now (nothing to do on the engine
+  /// stream). A retrieve's also waits for the copies enqueued so far by stores in flight that
+  /// read one of the blocks it writes (they run on the store stream, so stream order does not
+  /// cover them), and for no other store: a retrieve is not held up by unrelated stores.
   void join(std::uint32_t op) {
     op_state& s = ops_[op];
-    if (s.order.run_on_stream) return;
     device_guard g(device_);
-    check(cudaEventRecord(s.joined, s.order.stream), "cudaEventRecord (join)");
-    check(cudaStreamWaitEvent(s.stream, s.joined, 0), "cudaStreamWaitEvent (join)");
+    if (!s.order.run_on_stream) {
+      check(cudaEventRecord(s.joined, s.order.stream), "cudaEventRecord (join)");
+      check(cudaStreamWaitEvent(s.stream, s.joined, 0), "cudaStreamWaitEvent (join)");
+    }
+    if (s.way == transfer::way::to_engine) {
+      stores_.for_overlapping(op, s.blocks, [&](std::uint32_t store) {
+        check(cudaStreamWaitEvent(s.stream, ops_[store].copied, 0),
+              "cudaStreamWaitEvent (store reading the blocks)");
+      });
+    }
   }
 
   /// Enqueues layers [begin, end) of op's staged chunks.
@@ -526,7 +792,11 @@ class transfers {
     transfer::batch_plan d = s.dev_plan, h = s.host_plan;
     d.layer_begin = h.layer_begin = layer_begin;
     d.layer_end = h.layer_end = layer_end;
-    engine_.enqueue(d, h, s.way, s.vector_bytes, s.stream);
+    engine_.enqueue(d, h, s.way, s.vector_bytes, s.stream, op);
+    if (s.way == transfer::way::to_chunk) {
+      check(cudaEventRecord(s.copied, s.stream), "cudaEventRecord (store copied)");
+      stores_.copied(op);
+    }
   }
 
   /// Records layer `l`'s event after what op has enqueued; for a retrieve on kvtier's stream the
@@ -559,25 +829,32 @@ class transfers {
   /// its slots can be reused.
   void cancel(std::uint32_t op) noexcept {
     op_state& s = ops_[op];
-    cudaSetDevice(device_);
+    device_guard g(device_, std::nothrow);
     if (cudaEventRecord(s.done, s.stream) == cudaSuccess) cudaEventSynchronize(s.done);
     (void)cudaGetLastError();
+    stores_.clear(op);
   }
 
   [[nodiscard]] async_state poll(std::uint32_t op) noexcept {
     const cudaError_t e = cudaEventQuery(ops_[op].done);
-    if (e == cudaSuccess) return async_state::done;
     if (e == cudaErrorNotReady) return async_state::pending;
+    stores_.clear(op);
+    if (e == cudaSuccess) return async_state::done;
     (void)cudaGetLastError();
     return async_state::failed;
   }
-  void wait(std::uint32_t op) noexcept { (void)cudaEventSynchronize(ops_[op].done); }
+  void wait(std::uint32_t op) noexcept {
+    (void)cudaEventSynchronize(ops_[op].done);
+    stores_.clear(op);
+  }
 
  private:
   struct op_state {
     cudaEvent_t done = nullptr;
     cudaEvent_t joined = nullptr;
+    cudaEvent_t copied = nullptr;  ///< a store's copies enqueued so far
     std::vector<cudaEvent_t> layer_events;
+    std::vector<std::int32_t> blocks;  ///< the engine blocks op's batch names
     stream_order order{};
     cudaStream_t stream = nullptr;
     transfer::way way = transfer::way::to_chunk;
@@ -615,6 +892,29 @@ class transfers {
     return p;
   }
 
+  // Not checked while the stream is being captured (cudaStreamGetDevice is not allowed then on
+  // every driver, and a refused call invalidates the capture), nor when the driver lacks the
+  // call (a toolkit newer than the driver).
+  void check_stream(cudaStream_t st) const {
+    if (st == nullptr || st == cudaStreamLegacy || st == cudaStreamPerThread) return;
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(st, &capture) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return;
+    }
+    if (capture != cudaStreamCaptureStatusNone) return;
+    int dev = -1;
+    bool known = false;
+    if (detail_gpu::stream_device(st, dev, known) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return;
+    }
+    if (known && dev != device_) {
+      throw invalid_argument("kvtier: stream_order.stream is on device " + std::to_string(dev) +
+                             ", the tier on device " + std::to_string(device_));
+    }
+  }
+
   void check_device_pointer(void* p, std::size_t i) const {
     cudaPointerAttributes a{};
     check(cudaPointerGetAttributes(&a, p), "cudaPointerGetAttributes (engine_kv tensor)");
@@ -638,13 +938,19 @@ class transfers {
   std::size_t slot_alignment_;
   std::size_t max_tensors_;
   std::vector<op_state> ops_;
+  transfer::inflight_stores stores_;
+  struct validated_table {
+    std::vector<void*> tensors;  ///< max_tensors_ entries, `count` used
+    std::size_t count = 0;
+  };
   mutable std::mutex validated_mu_;
-  mutable std::vector<void*> validated_;  ///< the tensor table last validated (max_tensors_)
-  mutable std::size_t validated_count_ = 0;
+  mutable std::array<validated_table, remembered_tables> validated_{};  ///< the last that passed
+  mutable std::size_t next_validated_ = 0;
   typename Engine::state engine_;
   std::byte* slots_;
   std::size_t slot_bytes_;
-  cudaStream_t own_ = nullptr;
+  cudaStream_t store_stream_ = nullptr;
+  cudaStream_t retrieve_stream_ = nullptr;
   std::size_t staging_bytes_ = 0;
   std::byte* host_stage_ = nullptr;
   std::byte* dev_stage_ = nullptr;
@@ -733,7 +1039,7 @@ struct basic_device {
     }
     ~impl() {
       this->stop();
-      cudaSetDevice(this->device_);
+      gpu::device_guard g(this->device_, std::nothrow);
       cudaFree(pool_);
     }
 
@@ -813,7 +1119,7 @@ struct basic_pinned_host {
 
    private:
     void unpin() noexcept {
-      cudaSetDevice(this->device_);
+      gpu::device_guard g(this->device_, std::nothrow);
       if (host_ && how_ == pinning::host_alloc) {
         cudaFreeHost(host_);
       } else if (host_) {

@@ -8,6 +8,7 @@
 
 #include <kvtier/kvtier.hpp>
 #include <kvtier/transfer/batch_plan.hpp>
+#include <kvtier/transfer/copy_runs.hpp>
 
 #include <cstring>
 #include <deque>
@@ -28,25 +29,16 @@ struct alignas(16) v16 {
   std::uint64_t a, b;
 };
 
+/// The access width run_batch last moved a kernel batch in (16, 8, 4, 2 or 1).
+inline std::uint32_t last_width = 0;
+
 /// Runs batch `p` on the host as the GPU would.
 inline void run_batch(const kvtier::transfer::batch_plan& p, kvtier::transfer::way w,
                       std::uint32_t vb, emu_engine e) {
   namespace tr = kvtier::transfer;
   for (std::uint64_t i = 0; i < p.segments(); ++i) {
     const tr::segment s = p.at(i);
-    if (e == emu_engine::copy_list) {
-      for (std::uint32_t k = 0; k < p.copies_per_segment(); ++k) {
-        std::byte *eng = nullptr, *c = nullptr;
-        const std::size_t n = p.copy_at(s, k, eng, c);
-        if (n == 0) continue;
-        if (w == tr::way::to_chunk) {
-          std::memcpy(c, eng, n);
-        } else {
-          std::memcpy(eng, c, n);
-        }
-      }
-      continue;
-    }
+    if (e == emu_engine::copy_list) break;  // the whole batch below, as memcpy_batch
     // As the kernel with 3 thread blocks of 256 threads per segment (more parts than the
     // kernel picks for these small segments, so every lane mapping is exercised).
     auto lanes = [&](auto vec, auto way_tag, auto dense_tag) {
@@ -73,13 +65,28 @@ inline void run_batch(const kvtier::transfer::batch_plan& p, kvtier::transfer::w
         by_way(vec, std::false_type{});
       }
     };
-    if (vb >= 16) {
-      by_dense(v16{});
-    } else if (vb >= 4) {
-      by_dense(std::uint32_t{});
-    } else {
-      by_dense(std::uint8_t{});
-    }
+    // The kernel's dispatch: the widest access the batch's alignment allows.
+    tr::for_vector_width(vb, [&](auto width) {
+      constexpr std::uint32_t W = decltype(width)::value;
+      last_width = W;
+      using V = std::conditional_t<
+          W == 16, v16,
+          std::conditional_t<
+              W == 8, std::uint64_t,
+              std::conditional_t<W == 4, std::uint32_t,
+                                 std::conditional_t<W == 2, std::uint16_t, std::uint8_t>>>>;
+      by_dense(V{});
+    });
+  }
+  if (e == emu_engine::copy_list) {
+    // memcpy_batch's copy list: merged runs, gathered a few at a time as into its arrays.
+    constexpr std::size_t cap = 7;
+    void* dst[cap];
+    void* src[cap];
+    std::size_t size[cap];
+    tr::gather_copies(p, w, cap, dst, src, size, [&](std::size_t n) {
+      for (std::size_t i = 0; i < n; ++i) std::memcpy(dst[i], src[i], size[i]);
+    });
   }
 }
 

@@ -7,6 +7,8 @@
 #include "emulated_gpu.hpp"
 #include "support.hpp"
 
+#include <kvtier/transfer/inflight_stores.hpp>
+
 namespace ly = kvtier::layout;
 namespace tr = kvtier::transfer;
 
@@ -55,7 +57,9 @@ void check_slots_match_host_gather(C& cache, const test::engine<L>& eng,
 TEST_CASE_TEMPLATE("batched GPU index logic moves every layout byte-exactly (kernel and copy list)",
                    L, KVTIER_ALL_LAYOUTS) {
   for (auto engine : {test::emu_engine::kernel, test::emu_engine::copy_list}) {
-    for (auto [head, dtype] : {std::pair{8u, 2u}, std::pair{3u, 2u}, std::pair{5u, 1u}}) {
+    // Rows of 16, 8, 6 and 5 bytes: the kernel moves them in 16-, 8-, 2- and 1-byte accesses.
+    for (auto [head, dtype, width] : {std::tuple{8u, 2u, 16u}, std::tuple{4u, 2u, 8u},
+                                      std::tuple{3u, 2u, 2u}, std::tuple{5u, 1u, 1u}}) {
       CAPTURE(static_cast<int>(engine));
       CAPTURE(head);
       const auto m = model_for<L>(head, dtype);
@@ -69,8 +73,10 @@ TEST_CASE_TEMPLATE("batched GPU index logic moves every layout byte-exactly (ker
       REQUIRE(cache.store(toks, eng.kv(), bt) == toks.size());
       auto& x = cache.template tier<0>().transfers();
       CHECK(x.batches == 0);  // queued, not run
+      test::last_width = 0;
       x.run();
       CHECK(x.batches == 1);  // 6 chunks x 3 layers in one batch
+      if (engine == test::emu_engine::kernel) CHECK(test::last_width == width);
       check_slots_match_host_gather(cache, eng, bt, toks);
       auto l = cache.lookup(toks);
       REQUIRE(l.tokens() == toks.size());
@@ -153,6 +159,121 @@ TEST_CASE("batch plan: segment order, dense detection, copy granularity, vector 
   ly::ref odd = vn.resolved();
   odd.row_bytes = 6;
   CHECK(tr::vector_bytes(odd, t.data(), 1, 4096) == 2);
+}
+
+TEST_CASE("the kernel's access width is the widest the alignment allows: 16, 8, 4, 2 or 1") {
+  const auto width = [](std::uint32_t vb) {
+    std::uint32_t w = 0;
+    tr::for_vector_width(vb, [&](auto c) { w = c; });
+    return w;
+  };
+  CHECK(width(16) == 16);
+  CHECK(width(8) == 8);
+  CHECK(width(4) == 4);
+  CHECK(width(2) == 2);
+  CHECK(width(1) == 1);
+}
+
+TEST_CASE("memcpy_batch's copy list: merged runs, handed over whenever the arrays fill") {
+  const kvtier::model_shape m{2, 4, 64, 2, 16};
+  test::engine<ly::vllm_flash_hnd> hnd(m, 8, 1);
+  test::engine<ly::vllm_flash_nhd> nhd(m, 8, 1);
+  std::vector<std::byte> slot(2 * m.layers * 2 * 32 * 4 * 128);
+  const tr::batch_chunk chunks[2] = {{slot.data(), 32, 0}, {slot.data() + slot.size() / 2, 20, 2}};
+  const std::int32_t ids[4] = {5, 1, 7, 3};
+  const auto plan_for = [&](const auto& eng, const auto& view) {
+    tr::batch_plan p;
+    p.eng = view.resolved();
+    p.tensors = eng.kv().tensors.data();
+    p.chunks = chunks;
+    p.block_ids = ids;
+    p.chunk_count = 2;
+    p.planes = 2;
+    p.blocks_per_chunk = 2;
+    p.layer_begin = 0;
+    p.layer_end = 2;
+    return p;
+  };
+  const ly::view<ly::vllm_flash_hnd> vh(m, hnd.kv());
+  const tr::batch_plan p = plan_for(hnd, vh);
+  // The copies the plan defines, one per (segment, token, head) row: 52 tokens x 4 heads x 2
+  // layers x 2 planes, 128 bytes each. HND rows are never adjacent on the engine side.
+  std::vector<std::pair<void*, std::size_t>> want;
+  for (std::uint64_t i = 0; i < p.segments(); ++i) {
+    for (std::uint32_t k = 0; k < p.copies_per_segment(); ++k) {
+      std::byte *e = nullptr, *c = nullptr;
+      const std::size_t n = p.copy_at(p.at(i), k, e, c);
+      if (n > 0) want.emplace_back(c, n);
+    }
+  }
+  REQUIRE(want.size() == 52 * 4 * 2 * 2);
+  for (std::size_t cap : {std::size_t{1}, std::size_t{7}, std::size_t{100}, want.size()}) {
+    CAPTURE(cap);
+    std::vector<void*> dst(cap), src(cap);
+    std::vector<std::size_t> size(cap);
+    std::vector<std::pair<void*, std::size_t>> got;
+    std::size_t calls = 0;
+    const std::size_t flushes = tr::gather_copies(p, tr::way::to_chunk, cap, dst.data(), src.data(),
+                                                  size.data(), [&](std::size_t n) {
+                                                    ++calls;
+                                                    CHECK(n > 0);
+                                                    CHECK(n <= cap);
+                                                    for (std::size_t i = 0; i < n; ++i)
+                                                      got.emplace_back(dst[i], size[i]);
+                                                  });
+    CHECK(flushes == calls);
+    CHECK(calls == (want.size() + cap - 1) / cap);
+    CHECK(got == want);
+  }
+  // NHD: one run per block, and a chunk's consecutive blocks merge only when the engine's blocks
+  // are adjacent too (none here: ids 5, 1 / 7, 3).
+  const ly::view<ly::vllm_flash_nhd> vn(m, nhd.kv());
+  const tr::batch_plan q = plan_for(nhd, vn);
+  std::vector<void*> dst(64), src(64);
+  std::vector<std::size_t> size(64);
+  std::size_t runs = 0, bytes = 0;
+  tr::gather_copies(q, tr::way::to_engine, 64, dst.data(), src.data(), size.data(),
+                    [&](std::size_t n) {
+                      runs += n;
+                      for (std::size_t i = 0; i < n; ++i) bytes += size[i];
+                    });
+  CHECK(runs == q.segments());
+  CHECK(bytes == 52 * 2 * 2 * 4 * 128);
+  const std::int32_t adjacent[4] = {2, 3, 6, 7};
+  tr::batch_plan r = q;
+  r.block_ids = adjacent;
+  runs = 0;
+  tr::gather_copies(r, tr::way::to_engine, 64, dst.data(), src.data(), size.data(),
+                    [&](std::size_t n) { runs += n; });
+  CHECK(runs == q.segments() / 2);  // each chunk's two blocks are one run per (layer, plane)
+}
+
+TEST_CASE("a retrieve waits only for the stores in flight that read the blocks it writes") {
+  kvtier::transfer::inflight_stores st(4, 8);
+  const std::int32_t store_a[3] = {7, 2, 9}, store_b[2] = {4, 5}, retrieve[3] = {1, 9, 3};
+  const auto overlapping = [&](std::uint32_t op, std::span<const std::int32_t> blocks) {
+    std::vector<std::uint32_t> out;
+    st.for_overlapping(op, blocks, [&](std::uint32_t o) { out.push_back(o); });
+    return out;
+  };
+  st.begin(0, store_a);
+  st.begin(1, store_b);
+  CHECK(overlapping(2, retrieve).empty());  // staged, nothing enqueued yet
+  st.copied(0);
+  st.copied(1);
+  CHECK(overlapping(2, retrieve) == std::vector<std::uint32_t>{0});  // block 9; not b
+  CHECK(overlapping(2, store_b) == std::vector<std::uint32_t>{1});
+  CHECK(overlapping(1, store_b).empty());  // never itself
+  st.clear(0);                             // a's copies completed
+  CHECK(overlapping(2, retrieve).empty());
+  st.begin(0, retrieve);  // the slot reused by another store: live again only once it copies
+  CHECK(overlapping(2, std::span<const std::int32_t>(store_a + 2, 1)).empty());  // block 9
+  st.copied(0);
+  CHECK(overlapping(2, std::span<const std::int32_t>(store_a + 2, 1)) ==
+        std::vector<std::uint32_t>{0});
+  st.begin(3, {});  // a store of no blocks is never live
+  st.copied(3);
+  CHECK(overlapping(2, retrieve) == std::vector<std::uint32_t>{0});
 }
 
 TEST_CASE("a GPU store is published only once its copy has completed") {

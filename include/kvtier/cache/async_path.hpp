@@ -322,8 +322,9 @@ class async_path {
   /// Starts operation `op`'s batch in direction `w` ordered by `o`, staging `n` chunks
   /// (`chunk(i)` gives the i-th one's staged_chunk). A retrieve's copies are ordered here, once,
   /// after the work already on the engine's stream: they write into engine blocks that kernels
-  /// queued before the call may still read or write (blocks a finished request just freed, a
-  /// store still copying from them). A store joins the engine's stream at each layer it copies
+  /// queued before the call may still read or write (blocks a finished request just freed), and
+  /// the GPU tier's join also orders them after stores in flight from those blocks. A store
+  /// joins the engine's stream at each layer it copies
   /// (after the KV it reads is computed). On failure the operation ends as failed and the error
   /// propagates.
   template <class View, class Tensors, class Table, class Chunk>

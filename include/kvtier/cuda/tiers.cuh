@@ -18,6 +18,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <new>
 #include <string>
 
 namespace kvtier::tier {
@@ -98,7 +99,7 @@ struct basic_device {
     }
     ~impl() {
       this->stop();
-      cudaSetDevice(this->device_);
+      gpu::device_guard g(this->device_, std::nothrow);
       cudaFree(pool_);
     }
 
@@ -178,7 +179,7 @@ struct basic_pinned_host {
 
    private:
     void unpin() noexcept {
-      cudaSetDevice(this->device_);
+      gpu::device_guard g(this->device_, std::nothrow);
       if (host_ && how_ == pinning::host_alloc) {
         cudaFreeHost(host_);
       } else if (host_) {

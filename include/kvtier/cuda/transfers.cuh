@@ -3,19 +3,23 @@
 // staging area (pinned host and device), events, and the stream the operation runs on.
 
 #include "kvtier/cuda/copy_engine.cuh"
+#include "kvtier/cuda/runtime_api.hpp"
 #include "kvtier/error.hpp"
 #include "kvtier/layout/block_span.hpp"
 #include "kvtier/model.hpp"
 #include "kvtier/tier/context.hpp"
 #include "kvtier/transfer/batch_plan.hpp"
+#include "kvtier/transfer/inflight_stores.hpp"
 
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <mutex>
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
+#include <new>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -25,9 +29,11 @@ namespace kvtier::gpu {
 
 /// How a store, retrieve or layer pipeline is ordered with the engine's GPU work.
 ///
-/// With `run_on_stream` false (the default) the copy runs on kvtier's own transfer stream: a
-/// store's copy starts once `stream` has reached the point of the call (the KV it copies is
-/// computed), and `stream` waits for a retrieve's copy before the work the engine enqueues next.
+/// With `run_on_stream` false (the default) the copy runs on one of kvtier's own transfer streams
+/// (one for stores, one for retrieves, both of the highest priority): a store's copy starts once
+/// `stream` has reached the point of the call (the KV it copies is computed); a retrieve's copy
+/// also starts only once `stream` has reached the point of the call, and `stream` waits for it
+/// before the work the engine enqueues next.
 /// With `run_on_stream` true the copy is enqueued on `stream` itself. Either way, `signal`,
 /// when set, is recorded once the whole copy has completed (an event the engine owns).
 struct stream_order {
@@ -38,24 +44,6 @@ struct stream_order {
 
 /// Where an asynchronous operation stands.
 enum class async_state { pending, done, failed };
-
-/// Makes `device` current for a scope and restores the previous one.
-class device_guard {
- public:
-  explicit device_guard(int device) {
-    check(cudaGetDevice(&prev_), "cudaGetDevice");
-    if (prev_ != device) check(cudaSetDevice(device), "cudaSetDevice");
-  }
-  device_guard(const device_guard&) = delete;
-  device_guard& operator=(const device_guard&) = delete;
-  ~device_guard() {
-    int now = prev_;
-    if (cudaGetDevice(&now) == cudaSuccess && now != prev_) cudaSetDevice(prev_);
-  }
-
- private:
-  int prev_ = 0;
-};
 
 /// The device a tier config names (-1: the current one), checked.
 inline int resolve_device(int device, const char* tier) {
@@ -91,16 +79,24 @@ class transfers {
         slot_alignment_(slot_alignment),
         max_tensors_(2 * ctx.format.layers),
         ops_(ctx.max_ops),
+        stores_(ctx.max_ops, ctx.max_chunks * (ctx.format.chunk_tokens / ctx.block_size)),
         engine_(engine_setup{
             ctx.max_chunks,
             ctx.format.layers * ctx.format.kv_planes * (ctx.format.chunk_tokens / ctx.block_size),
-            ctx.block_size * static_cast<std::uint32_t>(ctx.format.heads), device,
+            ctx.block_size, static_cast<std::uint32_t>(ctx.format.heads), ctx.max_ops, device,
             multiprocessors(device)}),
         slots_(slots),
         slot_bytes_(slot_bytes) {
     device_guard g(device_);
     try {
-      check(cudaStreamCreateWithFlags(&own_, cudaStreamNonBlocking), "cudaStreamCreate");
+      // Highest priority: a copy's blocks are scheduled ahead of compute that fills the GPU.
+      int least = 0, greatest = 0;
+      check(cudaDeviceGetStreamPriorityRange(&least, &greatest),
+            "cudaDeviceGetStreamPriorityRange");
+      for (cudaStream_t* st : {&store_stream_, &retrieve_stream_}) {
+        check(cudaStreamCreateWithPriority(st, cudaStreamNonBlocking, greatest),
+              "cudaStreamCreateWithPriority");
+      }
       staging_bytes_ = tensors_bytes() + chunks_bytes() + ids_bytes();
       void* p = nullptr;
       check(cudaHostAlloc(&p, staging_bytes_ * ops_.size(), cudaHostAllocDefault),
@@ -108,10 +104,11 @@ class transfers {
       host_stage_ = static_cast<std::byte*>(p);
       check(cudaMalloc(&p, staging_bytes_ * ops_.size()), "cudaMalloc (descriptor staging)");
       dev_stage_ = static_cast<std::byte*>(p);
-      validated_.resize(max_tensors_);
+      for (auto& t : validated_) t.tensors.resize(max_tensors_);
       for (op_state& o : ops_) {
         o.layer_events.resize(format_.layers);
-        for (cudaEvent_t* e : {&o.done, &o.joined}) {
+        o.blocks.reserve(max_chunks_ * blocks_per_chunk_);
+        for (cudaEvent_t* e : {&o.done, &o.joined, &o.copied}) {
           check(cudaEventCreateWithFlags(e, cudaEventDisableTiming), "cudaEventCreate");
         }
         for (cudaEvent_t& e : o.layer_events) {
@@ -128,22 +125,33 @@ class transfers {
   ~transfers() { release(); }
 
   [[nodiscard]] int device() const noexcept { return device_; }
-  [[nodiscard]] cudaStream_t transfer_stream() const noexcept { return own_; }
+  /// The stream a copy in direction `w` runs on unless its order has run_on_stream: stores and
+  /// retrieves have one each, so a retrieve never queues behind a store's copy.
+  [[nodiscard]] cudaStream_t transfer_stream(transfer::way w) const noexcept {
+    return w == transfer::way::to_chunk ? store_stream_ : retrieve_stream_;
+  }
+  /// The copy engine's state (its reservations, for tests).
+  [[nodiscard]] const typename Engine::state& engine() const noexcept { return engine_; }
 
  private:
   void release() noexcept {
-    cudaSetDevice(device_);
-    if (own_) cudaStreamSynchronize(own_);
+    device_guard g(device_, std::nothrow);
+    for (cudaStream_t st : {store_stream_, retrieve_stream_}) {
+      if (st) cudaStreamSynchronize(st);
+    }
     for (op_state& o : ops_) {
       if (o.done) cudaEventSynchronize(o.done), cudaEventDestroy(o.done);
       if (o.joined) cudaEventDestroy(o.joined);
+      if (o.copied) cudaEventDestroy(o.copied);
       for (cudaEvent_t e : o.layer_events) {
         if (e) cudaEventDestroy(e);
       }
     }
     if (dev_stage_) cudaFree(dev_stage_);
     if (host_stage_) cudaFreeHost(host_stage_);
-    if (own_) cudaStreamDestroy(own_);
+    for (cudaStream_t st : {store_stream_, retrieve_stream_}) {
+      if (st) cudaStreamDestroy(st);
+    }
   }
 
  public:
@@ -152,7 +160,7 @@ class transfers {
     op_state& s = ops_[op];
     s.order = o;
     s.way = w;
-    s.stream = o.run_on_stream ? o.stream : own_;
+    s.stream = o.run_on_stream ? o.stream : transfer_stream(w);
   }
 
   /// Writes the descriptors of `count` chunks (`chunk_at(i)` -> transfer::staged_chunk) and the
@@ -175,13 +183,22 @@ class transfers {
     auto* host_ids = reinterpret_cast<std::int32_t*>(host + tensors_bytes() + chunks_bytes());
     for (std::size_t i = 0; i < tensors.size(); ++i) host_tensors[i] = tensors[i];
     std::uint32_t ids = 0;
+    s.blocks.clear();
     for (std::size_t i = 0; i < count; ++i) {
       const transfer::staged_chunk c = chunk_at(i);
       host_chunks[i] = {slots_ + std::size_t{c.slot} * slot_bytes_, c.tokens, ids};
       const std::size_t first_block = c.first_token / block_size_;
       const std::size_t blocks = (c.tokens + block_size_ - 1) / block_size_;
-      for (std::size_t j = 0; j < blocks; ++j) host_ids[ids + j] = table[first_block + j];
+      for (std::size_t j = 0; j < blocks; ++j) {
+        host_ids[ids + j] = table[first_block + j];
+        s.blocks.push_back(table[first_block + j]);
+      }
       ids += static_cast<std::uint32_t>(blocks_per_chunk_);
+    }
+    if (s.way == transfer::way::to_chunk) {
+      stores_.begin(op, s.blocks);
+    } else {
+      stores_.clear(op);
     }
     s.host_plan = plan(eng, host_tensors, host_chunks, host_ids, count);
     s.dev_plan =
@@ -194,10 +211,14 @@ class transfers {
           "cudaMemcpyAsync (descriptors)");
   }
 
-  /// Throws invalid_argument unless every tensor is device memory of this tier's device and the
-  /// copy engine can run on the stream `o` names. The last tensor table that passed is
-  /// remembered: an engine passing the same tensors every call pays the pointer queries once.
+  /// Throws invalid_argument unless every tensor is device memory of this tier's device, the
+  /// stream `o` names belongs to that device (CUDA 12.8+; the legacy and per-thread default
+  /// streams are the tier device's, which kvtier makes current for its calls) and the copy
+  /// engine can run on it. The last `remembered_tables` tensor tables that passed are
+  /// remembered: an engine passing the same few tables (per layer group, per model) pays the
+  /// pointer queries once for each.
   void validate(std::span<void* const> tensors, const stream_order& o) const {
+    check_stream(o.stream);
     if (std::is_same_v<Engine, copy_engine::memcpy_batch> && o.run_on_stream &&
         (o.stream == nullptr || o.stream == cudaStreamLegacy)) {
       throw invalid_argument(
@@ -211,25 +232,40 @@ class transfers {
     }
     {
       std::lock_guard lk(validated_mu_);
-      if (std::equal(tensors.begin(), tensors.end(), validated_.begin(),
-                     validated_.begin() + static_cast<std::ptrdiff_t>(validated_count_))) {
-        return;
+      for (const validated_table& t : validated_) {
+        if (t.count == tensors.size() &&
+            std::equal(tensors.begin(), tensors.end(), t.tensors.begin())) {
+          return;
+        }
       }
     }
     device_guard g(device_);
     for (std::size_t i = 0; i < tensors.size(); ++i) check_device_pointer(tensors[i], i);
     std::lock_guard lk(validated_mu_);
-    std::copy(tensors.begin(), tensors.end(), validated_.begin());
-    validated_count_ = tensors.size();
+    validated_table& t = validated_[next_validated_++ % validated_.size()];
+    std::copy(tensors.begin(), tensors.end(), t.tensors.begin());
+    t.count = tensors.size();
   }
+  /// Tensor tables validate() remembers.
+  static constexpr std::size_t remembered_tables = 4;
 
-  /// Op's stream waits for the work the engine's stream holds now (no-op on the engine stream).
+  /// Op's stream waits for the work the engine's stream holds now (nothing to do on the engine
+  /// stream). A retrieve's also waits for the copies enqueued so far by stores in flight that
+  /// read one of the blocks it writes (they run on the store stream, so stream order does not
+  /// cover them), and for no other store: a retrieve is not held up by unrelated stores.
   void join(std::uint32_t op) {
     op_state& s = ops_[op];
-    if (s.order.run_on_stream) return;
     device_guard g(device_);
-    check(cudaEventRecord(s.joined, s.order.stream), "cudaEventRecord (join)");
-    check(cudaStreamWaitEvent(s.stream, s.joined, 0), "cudaStreamWaitEvent (join)");
+    if (!s.order.run_on_stream) {
+      check(cudaEventRecord(s.joined, s.order.stream), "cudaEventRecord (join)");
+      check(cudaStreamWaitEvent(s.stream, s.joined, 0), "cudaStreamWaitEvent (join)");
+    }
+    if (s.way == transfer::way::to_engine) {
+      stores_.for_overlapping(op, s.blocks, [&](std::uint32_t store) {
+        check(cudaStreamWaitEvent(s.stream, ops_[store].copied, 0),
+              "cudaStreamWaitEvent (store reading the blocks)");
+      });
+    }
   }
 
   /// Enqueues layers [begin, end) of op's staged chunks.
@@ -239,7 +275,11 @@ class transfers {
     transfer::batch_plan d = s.dev_plan, h = s.host_plan;
     d.layer_begin = h.layer_begin = layer_begin;
     d.layer_end = h.layer_end = layer_end;
-    engine_.enqueue(d, h, s.way, s.vector_bytes, s.stream);
+    engine_.enqueue(d, h, s.way, s.vector_bytes, s.stream, op);
+    if (s.way == transfer::way::to_chunk) {
+      check(cudaEventRecord(s.copied, s.stream), "cudaEventRecord (store copied)");
+      stores_.copied(op);
+    }
   }
 
   /// Records layer `l`'s event after what op has enqueued; for a retrieve on kvtier's stream the
@@ -272,25 +312,32 @@ class transfers {
   /// its slots can be reused.
   void cancel(std::uint32_t op) noexcept {
     op_state& s = ops_[op];
-    cudaSetDevice(device_);
+    device_guard g(device_, std::nothrow);
     if (cudaEventRecord(s.done, s.stream) == cudaSuccess) cudaEventSynchronize(s.done);
     (void)cudaGetLastError();
+    stores_.clear(op);
   }
 
   [[nodiscard]] async_state poll(std::uint32_t op) noexcept {
     const cudaError_t e = cudaEventQuery(ops_[op].done);
-    if (e == cudaSuccess) return async_state::done;
     if (e == cudaErrorNotReady) return async_state::pending;
+    stores_.clear(op);
+    if (e == cudaSuccess) return async_state::done;
     (void)cudaGetLastError();
     return async_state::failed;
   }
-  void wait(std::uint32_t op) noexcept { (void)cudaEventSynchronize(ops_[op].done); }
+  void wait(std::uint32_t op) noexcept {
+    (void)cudaEventSynchronize(ops_[op].done);
+    stores_.clear(op);
+  }
 
  private:
   struct op_state {
     cudaEvent_t done = nullptr;
     cudaEvent_t joined = nullptr;
+    cudaEvent_t copied = nullptr;  ///< a store's copies enqueued so far
     std::vector<cudaEvent_t> layer_events;
+    std::vector<std::int32_t> blocks;  ///< the engine blocks op's batch names
     stream_order order{};
     cudaStream_t stream = nullptr;
     transfer::way way = transfer::way::to_chunk;
@@ -328,6 +375,29 @@ class transfers {
     return p;
   }
 
+  // Not checked while the stream is being captured (cudaStreamGetDevice is not allowed then on
+  // every driver, and a refused call invalidates the capture), nor when the driver lacks the
+  // call (a toolkit newer than the driver).
+  void check_stream(cudaStream_t st) const {
+    if (st == nullptr || st == cudaStreamLegacy || st == cudaStreamPerThread) return;
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(st, &capture) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return;
+    }
+    if (capture != cudaStreamCaptureStatusNone) return;
+    int dev = -1;
+    bool known = false;
+    if (detail_gpu::stream_device(st, dev, known) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return;
+    }
+    if (known && dev != device_) {
+      throw invalid_argument("kvtier: stream_order.stream is on device " + std::to_string(dev) +
+                             ", the tier on device " + std::to_string(device_));
+    }
+  }
+
   void check_device_pointer(void* p, std::size_t i) const {
     cudaPointerAttributes a{};
     check(cudaPointerGetAttributes(&a, p), "cudaPointerGetAttributes (engine_kv tensor)");
@@ -351,13 +421,19 @@ class transfers {
   std::size_t slot_alignment_;
   std::size_t max_tensors_;
   std::vector<op_state> ops_;
+  transfer::inflight_stores stores_;
+  struct validated_table {
+    std::vector<void*> tensors;  ///< max_tensors_ entries, `count` used
+    std::size_t count = 0;
+  };
   mutable std::mutex validated_mu_;
-  mutable std::vector<void*> validated_;  ///< the tensor table last validated (max_tensors_)
-  mutable std::size_t validated_count_ = 0;
+  mutable std::array<validated_table, remembered_tables> validated_{};  ///< the last that passed
+  mutable std::size_t next_validated_ = 0;
   typename Engine::state engine_;
   std::byte* slots_;
   std::size_t slot_bytes_;
-  cudaStream_t own_ = nullptr;
+  cudaStream_t store_stream_ = nullptr;
+  cudaStream_t retrieve_stream_ = nullptr;
   std::size_t staging_bytes_ = 0;
   std::byte* host_stage_ = nullptr;
   std::byte* dev_stage_ = nullptr;

@@ -13,6 +13,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 namespace kvtier::transfer {
 
@@ -206,6 +207,24 @@ KVTIER_HOST_DEVICE inline void move_segment(const batch_plan& p, const segment& 
   std::uint32_t v = 16;
   while (v > 1 && (bits & (v - 1)) != 0) v /= 2;
   return v;
+}
+
+/// Calls `fn(std::integral_constant<std::uint32_t, W>{})` with the access width W (16, 8, 4, 2
+/// or 1 bytes) that a batch whose addresses are all `vb`-byte aligned (vector_bytes) moves in:
+/// the widest that `vb` allows. The kernel launch and the host emulation both dispatch here.
+template <class Fn>
+constexpr void for_vector_width(std::uint32_t vb, Fn&& fn) {
+  if (vb >= 16) {
+    fn(std::integral_constant<std::uint32_t, 16>{});
+  } else if (vb >= 8) {
+    fn(std::integral_constant<std::uint32_t, 8>{});
+  } else if (vb >= 4) {
+    fn(std::integral_constant<std::uint32_t, 4>{});
+  } else if (vb >= 2) {
+    fn(std::integral_constant<std::uint32_t, 2>{});
+  } else {
+    fn(std::integral_constant<std::uint32_t, 1>{});
+  }
 }
 
 }  // namespace kvtier::transfer
