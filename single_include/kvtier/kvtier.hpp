@@ -258,6 +258,59 @@ struct cache_state {
 // one write_batch call, without the lock. A queued chunk is referenced in the first tier (the
 // writer reads its slot in place) until its write is done.
 
+// ---- begin kvtier/detail/checked.hpp
+// Checked arithmetic for sizes computed from what an engine passes (model shape, settings,
+// tensor extents and strides, capacities), and reservations that fail with a kvtier::error
+// saying how much was asked for.
+
+
+#include <utility>
+
+namespace kvtier::detail {
+
+/// `a * b`; throws invalid_argument "kvtier: <what> (<a> x <b>) overflows 2^64" when it does not
+/// fit.
+[[nodiscard]] inline std::size_t checked_mul(std::size_t a, std::size_t b, const char* what) {
+  std::size_t r = 0;
+  if (__builtin_mul_overflow(a, b, &r)) {
+    throw invalid_argument(std::string("kvtier: ") + what + " (" + std::to_string(a) + " x " +
+                           std::to_string(b) + ") overflows 2^64");
+  }
+  return r;
+}
+
+/// `a + b`, checked as checked_mul.
+[[nodiscard]] inline std::size_t checked_add(std::size_t a, std::size_t b, const char* what) {
+  std::size_t r = 0;
+  if (__builtin_add_overflow(a, b, &r)) {
+    throw invalid_argument(std::string("kvtier: ") + what + " (" + std::to_string(a) + " + " +
+                           std::to_string(b) + ") overflows 2^64");
+  }
+  return r;
+}
+
+/// `v` rounded up to a multiple of `a` (> 0), checked as checked_mul.
+[[nodiscard]] inline std::size_t checked_round_up(std::size_t v, std::size_t a, const char* what) {
+  return checked_add(v, a - 1, what) / a * a;
+}
+
+/// Returns `f()`, which reserves about `bytes` bytes for `what`; a std::bad_alloc or
+/// std::length_error it throws becomes a kvtier::error naming `what` and `bytes`.
+template <class F>
+decltype(auto) reserving(const char* what, std::size_t bytes, F&& f) {
+  try {
+    return std::forward<F>(f)();
+  } catch (const std::bad_alloc&) {
+    throw error(std::string("kvtier: cannot reserve ") + std::to_string(bytes) + " bytes for " +
+                what + " (out of memory)");
+  } catch (const std::length_error&) {
+    throw error(std::string("kvtier: cannot reserve ") + std::to_string(bytes) + " bytes for " +
+                what + " (longer than a vector holds)");
+  }
+}
+
+}  // namespace kvtier::detail
+// ---- end kvtier/detail/checked.hpp
 // ---- begin kvtier/detail/index_entry.hpp
 // One chunk's record in a tier's index, linked by Boost.Intrusive hooks (no allocation).
 
@@ -491,6 +544,7 @@ struct read_job {
 }  // namespace kvtier::tier
 // ---- end kvtier/tier/context.hpp
 
+#include <algorithm>
 #include <thread>
 
 namespace kvtier::detail {
@@ -505,12 +559,15 @@ class writers {
   static constexpr std::size_t window =
       batch_chunks;  ///< chunks one write_batch call takes at most
 
-  /// Starts each lower tier's threads; each queue holds `depth` chunks.
+  /// Starts each lower tier's threads; each queue holds `depth` chunks, or as many as the first
+  /// tier holds when that is fewer (a chunk is queued at most once per tier).
   writers(Chain& chain, state_type& st, const layout::chunk_format& f, std::size_t depth)
       : chain_(chain), st_(st), format_(f) {
+    depth = std::min(depth, chain.first_index().capacity());
     try {
       for (std::size_t t = 1; t < tier_count; ++t) {
-        rings_[t].slots.resize(depth);
+        reserving("a write queue (cache_config.write_queue_depth)", depth * sizeof(std::uint32_t),
+                  [&] { rings_[t].slots.resize(depth); });
         for (std::size_t w = 0; w < chain.writers(t); ++w) {
           rings_[t].threads.emplace_back([this, t] { loop(t); });
         }
@@ -1229,7 +1286,6 @@ KVTIER_HOST_DEVICE inline void move_segment(const batch_plan& p, const segment& 
 
 #include <chrono>
 #include <type_traits>
-#include <utility>
 
 namespace kvtier::detail {
 
@@ -1587,7 +1643,6 @@ class async_path {
 // Thread-safe, allocates nothing (except the salt's bytes, at construction).
 
 
-#include <algorithm>
 
 namespace kvtier::detail {
 
@@ -1688,8 +1743,18 @@ struct cache_config {
 
 namespace detail {
 
+/// The largest chunk a cache takes, in bytes (2^40): far above any model's (a 256-token chunk of
+/// 128 layers x 128 heads x 128 elements in bf16 is 2^31), low enough that no size derived from
+/// it (slots rounded up to pages, records, tier capacities) can overflow.
+inline constexpr std::size_t max_chunk_bytes = std::size_t{1} << 40;
+/// The largest cache_config.max_tokens (2^32 tokens in one sequence).
+inline constexpr std::size_t max_tokens_limit = std::size_t{1} << 32;
+/// The largest write and prefetch queue depth (a queue never holds more than the first tier's
+/// chunks, which are at most 2^32-1).
+inline constexpr std::size_t max_queue_depth = UINT32_MAX;
+
 /// The model, if every field is set, the block size fits the chunk size (and opt::block_tokens
-/// when given) and a chunk's size fits 64 bits.
+/// when given) and a chunk's size is at most max_chunk_bytes.
 template <std::size_t ChunkTokens, std::size_t BlockTokens, std::size_t KvPlanes>
 model_shape checked_model(const model_shape& m) {
   const std::pair<const char*, std::uint32_t> fields[] = {{"layers", m.layers},
@@ -1710,27 +1775,40 @@ model_shape checked_model(const model_shape& m) {
                            std::to_string(m.block_size));
   }
   std::size_t bytes = KvPlanes * ChunkTokens;
+  bool over = false;
   for (std::size_t f : {std::size_t{m.layers}, std::size_t{m.kv_heads}, std::size_t{m.head_size},
                         std::size_t{m.dtype_size}}) {
-    if (__builtin_mul_overflow(bytes, f, &bytes)) {
-      throw invalid_argument("kvtier: model_shape makes a chunk larger than 2^64 bytes");
-    }
+    over = __builtin_mul_overflow(bytes, f, &bytes) || over;
+  }
+  if (over || bytes > max_chunk_bytes) {
+    throw invalid_argument(
+        "kvtier: model_shape (layers " + std::to_string(m.layers) + ", kv_heads " +
+        std::to_string(m.kv_heads) + ", head_size " + std::to_string(m.head_size) +
+        ", dtype_size " + std::to_string(m.dtype_size) + ") makes a chunk of " +
+        (over ? std::string("more than 2^64") : std::to_string(bytes)) +
+        " bytes, above the limit of " + std::to_string(max_chunk_bytes) + " (2^40)");
   }
   return m;
 }
 
 /// The settings, if every count is in range.
 inline cache_config checked_config(const cache_config& c) {
-  if (c.max_tokens == 0) throw invalid_argument("kvtier: cache_config.max_tokens is 0");
+  if (c.max_tokens == 0 || c.max_tokens > max_tokens_limit) {
+    throw invalid_argument("kvtier: cache_config.max_tokens " + std::to_string(c.max_tokens) +
+                           " is out of range 1..2^32 (" + std::to_string(max_tokens_limit) + ")");
+  }
   if (c.max_inflight == 0 || c.max_inflight >= UINT32_MAX) {
     throw invalid_argument("kvtier: cache_config.max_inflight " + std::to_string(c.max_inflight) +
                            " is out of range 1..2^32-2");
   }
-  if (c.write_queue_depth == 0) {
-    throw invalid_argument("kvtier: cache_config.write_queue_depth is 0");
-  }
-  if (c.prefetch_queue_depth == 0) {
-    throw invalid_argument("kvtier: cache_config.prefetch_queue_depth is 0");
+  const std::pair<const char*, std::size_t> depths[] = {
+      {"write_queue_depth", c.write_queue_depth}, {"prefetch_queue_depth", c.prefetch_queue_depth}};
+  for (auto [name, value] : depths) {
+    if (value == 0 || value > max_queue_depth) {
+      throw invalid_argument(std::string("kvtier: cache_config.") + name + " " +
+                             std::to_string(value) + " is out of range 1..2^32-1 (" +
+                             std::to_string(max_queue_depth) + ")");
+    }
   }
   return c;
 }
@@ -2023,12 +2101,15 @@ class prefetcher {
  public:
   static constexpr std::size_t window = batch_chunks;  ///< chunks one read batch takes at most
 
-  /// Starts the reader thread (when the chain has lower tiers); the queue holds `depth` chunks.
+  /// Starts the reader thread (when the chain has lower tiers); the queue holds `depth` chunks,
+  /// or as many as the first tier holds when that is fewer (each holds a first-tier entry).
   prefetcher(Chain& chain, state_type& st, write_policy<Chain>& policy, promoter<Chain>& prom,
              const layout::chunk_format& f, std::size_t depth)
       : chain_(chain), st_(st), policy_(policy), promoter_(prom), format_(f) {
     if constexpr (Chain::has_lower) {
-      ring_ = std::make_unique<job[]>(depth);
+      depth = std::min(depth, chain.first_index().capacity());
+      reserving("the prefetch queue (cache_config.prefetch_queue_depth)", depth * sizeof(job),
+                [&] { ring_ = std::make_unique<job[]>(depth); });
       depth_ = depth;
       reader_ = std::thread([this] { loop(); });
     }
@@ -2174,17 +2255,15 @@ class chunk_index {
   using bucket_type = typename set_type::bucket_type;
 
   explicit chunk_index(std::size_t capacity)
-      : capacity_(capacity),
-        entries_(std::make_unique<index_entry[]>(capacity)),
+      : capacity_(checked_capacity(capacity)),
+        entries_(reserving("a tier index", capacity * sizeof(index_entry),
+                           [&] { return std::make_unique<index_entry[]>(capacity); })),
         // One bucket per 1-2 entries: chains stay short and index metadata stays within 64 bytes
         // per chunk (56-byte entry + at most 8 bytes of buckets).
         bucket_count_(std::bit_floor(capacity < 8 ? std::size_t{8} : capacity)),
-        buckets_(std::make_unique<bucket_type[]>(bucket_count_)),
+        buckets_(reserving("a tier index", bucket_count_ * sizeof(bucket_type),
+                           [&] { return std::make_unique<bucket_type[]>(bucket_count_); })),
         set_(typename set_type::bucket_traits(buckets_.get(), bucket_count_)) {
-    if (capacity == 0 || capacity > UINT32_MAX) {
-      throw invalid_argument("kvtier: tier capacity of " + std::to_string(capacity) +
-                             " chunks is out of range 1.." + std::to_string(UINT32_MAX));
-    }
     for (std::size_t i = 0; i < capacity; ++i) free_.push_back(entries_[i]);
   }
   ~chunk_index() {
@@ -2316,6 +2395,14 @@ class chunk_index {
   }
 
  private:
+  // Checked before anything is reserved for it.
+  static std::size_t checked_capacity(std::size_t capacity) {
+    if (capacity == 0 || capacity > UINT32_MAX) {
+      throw invalid_argument("kvtier: tier capacity of " + std::to_string(capacity) +
+                             " chunks is out of range 1.." + std::to_string(UINT32_MAX));
+    }
+    return capacity;
+  }
   void make_zombie(index_entry& e) noexcept {
     set_.erase(set_.iterator_to(e));
     e.state = entry_state::zombie;
@@ -2702,6 +2789,10 @@ class tier_chain {
 
 namespace kvtier::layout {
 
+/// The most bytes one engine tensor may span, first element to last (2^56: no 64-bit process
+/// addresses more), so that every offset computed into it fits 64 bits.
+inline constexpr std::uint64_t max_tensor_bytes = std::uint64_t{1} << 56;
+
 /// The engine's tensors checked against layout L and the model: tensor count, null pointers,
 /// rank, every extent, and (when the engine gives them) strides. Throws
 /// kvtier::invalid_argument naming the first offending value and what the layout expects.
@@ -2751,7 +2842,7 @@ class view {
                                ", layout " + lname + " expects " + std::to_string(want[d]));
       }
     }
-    const std::array<std::int64_t, tr::rank> st = strides(kv, want, lname);
+    const std::array<std::int64_t, tr::rank> st = strides(kv, want, lname, m.dtype_size);
     const auto s = [&](dim d) -> std::size_t {
       return tr::has(d) ? static_cast<std::size_t>(st[tr::index(d)]) * m.dtype_size : 0;
     };
@@ -2759,7 +2850,7 @@ class view {
     r_.layers = m.layers;
     r_.heads = m.kv_heads;
     r_.block_size = m.block_size;
-    r_.row_bytes = m.head_size * m.dtype_size;
+    r_.row_bytes = std::size_t{m.head_size} * m.dtype_size;
     r_.blocks = static_cast<std::uint64_t>(blocks);
     r_.layer_stride = s(dim::layer);
     r_.head_stride = s(dim::head);
@@ -2816,17 +2907,34 @@ class view {
     return "";
   }
 
-  // The engine's strides (elements), checked, or the dense row-major strides of `shape`.
+  // The engine's strides (elements), checked, or the dense row-major strides of `shape`. Either
+  // way the tensor spans at most max_tensor_bytes, so no offset computed from them overflows.
   static std::array<std::int64_t, tr::rank> strides(const engine_kv& kv,
                                                     const std::array<std::int64_t, tr::rank>& shape,
-                                                    const std::string& lname) {
+                                                    const std::string& lname,
+                                                    std::size_t dtype_size) {
     std::array<std::int64_t, tr::rank> st{};
     std::int64_t dense = 1;
+    bool dense_over = false;  // only an error without the engine's strides
+    std::size_t over_dim = 0;
     for (std::size_t d = tr::rank; d-- > 0;) {
       st[d] = dense;
-      dense *= shape[d];
+      if (!dense_over && __builtin_mul_overflow(dense, shape[d], &dense)) {
+        dense_over = true;
+        over_dim = d;
+      }
     }
-    if (kv.strides.empty()) return st;
+    if (kv.strides.empty()) {
+      if (dense_over) {
+        throw invalid_argument("kvtier: engine_kv shape[" + std::to_string(over_dim) + "] (" +
+                               dim_name(L::dims[over_dim]) + ") is " +
+                               std::to_string(shape[over_dim]) +
+                               ", which makes a tensor of more than 2^63 elements; the limit is " +
+                               std::to_string(max_tensor_bytes) + " bytes (2^56)");
+      }
+      check_span(shape, st, dtype_size);
+      return st;
+    }
     if (kv.strides.size() != tr::rank) {
       throw invalid_argument("kvtier: engine_kv strides have rank " +
                              std::to_string(kv.strides.size()) + ", shape has rank " +
@@ -2838,8 +2946,17 @@ class view {
                              dim_name(L::dims[last]) + ") is " + std::to_string(kv.strides[last]) +
                              ", layout " + lname + " needs 1 (contiguous rows)");
     }
+    for (std::size_t d = 0; d < tr::rank; ++d) {
+      if (kv.strides[d] < 0) {
+        throw invalid_argument("kvtier: engine_kv strides[" + std::to_string(d) + "] (" +
+                               dim_name(L::dims[d]) + ") is " + std::to_string(kv.strides[d]) +
+                               ", layout " + lname + " needs non-negative strides");
+      }
+    }
+    check_span(shape, std::span<const std::int64_t, tr::rank>(kv.strides.data(), tr::rank),
+               dtype_size);
     // No two elements may share an address: ordered by stride, each dim must step over the
-    // whole extent of the next smaller one.
+    // whole extent of the next smaller one. (check_span bounds every product below.)
     std::array<std::size_t, tr::rank> order{};
     for (std::size_t d = 0; d < tr::rank; ++d) order[d] = d;
     std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
@@ -2861,6 +2978,28 @@ class view {
     }
     for (std::size_t d = 0; d < tr::rank; ++d) st[d] = kv.strides[d];
     return st;
+  }
+
+  // Throws unless the bytes from a tensor's first element to its last fit max_tensor_bytes,
+  // naming the dim whose extent and stride take it over. Strides are non-negative.
+  static void check_span(const std::array<std::int64_t, tr::rank>& shape,
+                         std::span<const std::int64_t, tr::rank> st, std::size_t dtype_size) {
+    std::uint64_t last = 0;  // offset of the last element, in elements
+    for (std::size_t d = 0; d < tr::rank; ++d) {
+      std::uint64_t step = 0, bytes = 0;
+      const bool over = __builtin_mul_overflow(static_cast<std::uint64_t>(shape[d] - 1),
+                                               static_cast<std::uint64_t>(st[d]), &step) ||
+                        __builtin_add_overflow(last, step, &last) ||
+                        __builtin_mul_overflow(last + 1, std::uint64_t{dtype_size}, &bytes) ||
+                        bytes > max_tensor_bytes;
+      if (over) {
+        throw invalid_argument(
+            "kvtier: engine_kv shape[" + std::to_string(d) + "] (" + dim_name(L::dims[d]) +
+            ") is " + std::to_string(shape[d]) + " with stride " + std::to_string(st[d]) +
+            ": the tensor spans more than the limit of " + std::to_string(max_tensor_bytes) +
+            " bytes (2^56, more than any address space)");
+      }
+    }
   }
 
   void* const* tensors_ = nullptr;
@@ -3059,7 +3198,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   using retrieve_pipeline = typename async_type::retrieve_pipeline;
 
   cache_impl(const model_shape& model, const salt& s, const tier_configs& tiers = {},
-             const cache_config& cfg = {})
+             const cache_config& cfg = {}) try
       : model_(checked_model<ChunkTokens, BlockTokens, layout::traits<Layout>::kv_planes>(model)),
         cfg_(checked_config(cfg)),
         format_(layout::chunk_format::from(model, ChunkTokens, layout::traits<Layout>::kv_planes)),
@@ -3073,6 +3212,12 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
         prefetcher_(chain_, st_, policy_, promoter_, format_, cfg_.prefetch_queue_depth),
         async_(chain_, st_, ops_, policy_, model_.layers) {
     chain_.init_stats(st_.stats);
+  } catch (const std::bad_alloc&) {
+    // The parts name what they reserve; this is for what they do not (a thread, a path).
+    throw error("kvtier: out of memory constructing the cache (max_tokens " +
+                std::to_string(cfg.max_tokens) + ", max_inflight " +
+                std::to_string(cfg.max_inflight) + ", write_queue_depth " +
+                std::to_string(cfg.write_queue_depth) + ")");
   }
   /// Waits for GPU copies, finishes queued writes to lower tiers (bounded by the queue depths)
   /// and stops; queued prefetches are abandoned. Under write_back, chunks not yet written back
@@ -3874,10 +4019,9 @@ class slab {
   slab() = default;
   slab(std::size_t slots, std::size_t slot_bytes, std::size_t alignment, bool lock,
        std::pmr::memory_resource* upstream = nullptr, bool prefault = false)
-      : slot_bytes_(round_up(slot_bytes, alignment)),
+      : slot_bytes_(detail::checked_round_up(slot_bytes, alignment, "slab slot bytes")),
         slots_(slots),
-        region_(checked_bytes(slots, round_up(slot_bytes, alignment)), alignment, lock, upstream,
-                prefault) {}
+        region_(checked_bytes(slots, slot_bytes_), alignment, lock, upstream, prefault) {}
 
   [[nodiscard]] std::byte* data(std::uint32_t slot) const noexcept {
     return region_.data() + static_cast<std::size_t>(slot) * slot_bytes_;
@@ -3891,10 +4035,10 @@ class slab {
   }
 
   /// Slots of `chunk_bytes` (rounded up to `alignment`) that `capacity_bytes` holds; throws
-  /// invalid_argument naming `tier` when it holds none.
+  /// invalid_argument naming `tier` when it holds none (or the rounding overflows).
   [[nodiscard]] static std::size_t slots_in(std::size_t capacity_bytes, std::size_t chunk_bytes,
                                             std::size_t alignment, const char* tier) {
-    const std::size_t slot = round_up(chunk_bytes, alignment);
+    const std::size_t slot = detail::checked_round_up(chunk_bytes, alignment, "chunk slot bytes");
     if (capacity_bytes < slot) {
       throw invalid_argument(std::string("kvtier: ") + tier + " capacity_bytes " +
                              std::to_string(capacity_bytes) + " holds no chunk of " +
@@ -5356,6 +5500,13 @@ struct local_disk {
       return c;
     }
     static std::size_t slots_for(const config& c, std::size_t slot_bytes) {
+      // Every record's offset must fit off_t.
+      constexpr std::size_t max_file = std::size_t{1} << 62;
+      if (c.capacity_bytes > max_file) {
+        throw invalid_argument("kvtier: local_disk capacity_bytes " +
+                               std::to_string(c.capacity_bytes) + " is above the limit of " +
+                               std::to_string(max_file) + " (2^62)");
+      }
       if (c.capacity_bytes < slot_bytes) {
         throw invalid_argument("kvtier: local_disk capacity_bytes " +
                                std::to_string(c.capacity_bytes) + " holds no record of " +

@@ -35,6 +35,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
+#include <new>
 #include <span>
 #include <string>
 #include <tuple>
@@ -81,7 +82,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   using retrieve_pipeline = typename async_type::retrieve_pipeline;
 
   cache_impl(const model_shape& model, const salt& s, const tier_configs& tiers = {},
-             const cache_config& cfg = {})
+             const cache_config& cfg = {}) try
       : model_(checked_model<ChunkTokens, BlockTokens, layout::traits<Layout>::kv_planes>(model)),
         cfg_(checked_config(cfg)),
         format_(layout::chunk_format::from(model, ChunkTokens, layout::traits<Layout>::kv_planes)),
@@ -95,6 +96,12 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
         prefetcher_(chain_, st_, policy_, promoter_, format_, cfg_.prefetch_queue_depth),
         async_(chain_, st_, ops_, policy_, model_.layers) {
     chain_.init_stats(st_.stats);
+  } catch (const std::bad_alloc&) {
+    // The parts name what they reserve; this is for what they do not (a thread, a path).
+    throw error("kvtier: out of memory constructing the cache (max_tokens " +
+                std::to_string(cfg.max_tokens) + ", max_inflight " +
+                std::to_string(cfg.max_inflight) + ", write_queue_depth " +
+                std::to_string(cfg.write_queue_depth) + ")");
   }
   /// Waits for GPU copies, finishes queued writes to lower tiers (bounded by the queue depths)
   /// and stops; queued prefetches are abandoned. Under write_back, chunks not yet written back

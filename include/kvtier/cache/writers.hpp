@@ -5,10 +5,12 @@
 // writer reads its slot in place) until its write is done.
 
 #include "kvtier/cache/state.hpp"
+#include "kvtier/detail/checked.hpp"
 #include "kvtier/detail/index_entry.hpp"
 #include "kvtier/layout/chunk_format.hpp"
 #include "kvtier/tier/context.hpp"
 
+#include <algorithm>
 #include <array>
 #include <condition_variable>
 #include <cstddef>
@@ -29,12 +31,15 @@ class writers {
   static constexpr std::size_t window =
       batch_chunks;  ///< chunks one write_batch call takes at most
 
-  /// Starts each lower tier's threads; each queue holds `depth` chunks.
+  /// Starts each lower tier's threads; each queue holds `depth` chunks, or as many as the first
+  /// tier holds when that is fewer (a chunk is queued at most once per tier).
   writers(Chain& chain, state_type& st, const layout::chunk_format& f, std::size_t depth)
       : chain_(chain), st_(st), format_(f) {
+    depth = std::min(depth, chain.first_index().capacity());
     try {
       for (std::size_t t = 1; t < tier_count; ++t) {
-        rings_[t].slots.resize(depth);
+        reserving("a write queue (cache_config.write_queue_depth)", depth * sizeof(std::uint32_t),
+                  [&] { rings_[t].slots.resize(depth); });
         for (std::size_t w = 0; w < chain.writers(t); ++w) {
           rings_[t].threads.emplace_back([this, t] { loop(t); });
         }

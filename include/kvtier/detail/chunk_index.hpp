@@ -2,6 +2,7 @@
 // A tier's index: a preallocated entry pool in an intrusive hash set, eviction list and free
 // list. Not thread-safe: the cache calls it under its lock. Allocates only in the constructor.
 
+#include "kvtier/detail/checked.hpp"
 #include "kvtier/detail/index_entry.hpp"
 #include "kvtier/error.hpp"
 
@@ -23,17 +24,15 @@ class chunk_index {
   using bucket_type = typename set_type::bucket_type;
 
   explicit chunk_index(std::size_t capacity)
-      : capacity_(capacity),
-        entries_(std::make_unique<index_entry[]>(capacity)),
+      : capacity_(checked_capacity(capacity)),
+        entries_(reserving("a tier index", capacity * sizeof(index_entry),
+                           [&] { return std::make_unique<index_entry[]>(capacity); })),
         // One bucket per 1-2 entries: chains stay short and index metadata stays within 64 bytes
         // per chunk (56-byte entry + at most 8 bytes of buckets).
         bucket_count_(std::bit_floor(capacity < 8 ? std::size_t{8} : capacity)),
-        buckets_(std::make_unique<bucket_type[]>(bucket_count_)),
+        buckets_(reserving("a tier index", bucket_count_ * sizeof(bucket_type),
+                           [&] { return std::make_unique<bucket_type[]>(bucket_count_); })),
         set_(typename set_type::bucket_traits(buckets_.get(), bucket_count_)) {
-    if (capacity == 0 || capacity > UINT32_MAX) {
-      throw invalid_argument("kvtier: tier capacity of " + std::to_string(capacity) +
-                             " chunks is out of range 1.." + std::to_string(UINT32_MAX));
-    }
     for (std::size_t i = 0; i < capacity; ++i) free_.push_back(entries_[i]);
   }
   ~chunk_index() {
@@ -165,6 +164,14 @@ class chunk_index {
   }
 
  private:
+  // Checked before anything is reserved for it.
+  static std::size_t checked_capacity(std::size_t capacity) {
+    if (capacity == 0 || capacity > UINT32_MAX) {
+      throw invalid_argument("kvtier: tier capacity of " + std::to_string(capacity) +
+                             " chunks is out of range 1.." + std::to_string(UINT32_MAX));
+    }
+    return capacity;
+  }
   void make_zombie(index_entry& e) noexcept {
     set_.erase(set_.iterator_to(e));
     e.state = entry_state::zombie;

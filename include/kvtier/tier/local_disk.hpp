@@ -305,6 +305,13 @@ struct local_disk {
       return c;
     }
     static std::size_t slots_for(const config& c, std::size_t slot_bytes) {
+      // Every record's offset must fit off_t.
+      constexpr std::size_t max_file = std::size_t{1} << 62;
+      if (c.capacity_bytes > max_file) {
+        throw invalid_argument("kvtier: local_disk capacity_bytes " +
+                               std::to_string(c.capacity_bytes) + " is above the limit of " +
+                               std::to_string(max_file) + " (2^62)");
+      }
       if (c.capacity_bytes < slot_bytes) {
         throw invalid_argument("kvtier: local_disk capacity_bytes " +
                                std::to_string(c.capacity_bytes) + " holds no record of " +
