@@ -683,7 +683,7 @@ class writers {
         if (ix != nullptr) {
           index_entry& e = ix->at(jobs[j].slot);
           if (ok) {
-            ix->publish(e);
+            chain_.publish_locked(t, e);
           } else {
             ix->abort(e);
           }
@@ -1402,7 +1402,7 @@ class async_path {
         if (!rs[i].wrote) continue;
         index_entry& e = ix.at(rs[i].slot);
         if (ok && a.ok) {
-          ix.publish(e);
+          chain_.publish_locked(0, e);
           ++st_.stats.tiers[0].writes;
           policy_.on_stored_locked(e);
         } else {
@@ -1953,7 +1953,7 @@ class promoter {
     const std::size_t bytes = format_.bytes(e.tokens);
     const bool ok = st == tier::read_status::ok;
     if (ok) {
-      first.publish(e);
+      chain_.publish_locked(0, e);
       ++stats.tiers[t].promotions;
       stats.tiers[t].bytes_read += bytes;
       ++stats.tiers[0].writes;
@@ -2717,6 +2717,21 @@ class tier_chain {
     return removed;
   }
 
+  /// Publishes tier t's writing entry `e`, pinned as often as the chunk is in the other indexed
+  /// tiers holding it. A pin covers a chunk in every tier, including those it reaches after the
+  /// pin (a promotion, a write-through), so every ready copy of a chunk has the same pin count
+  /// and an unpin undoes exactly one pin wherever the chunk is. Under the lock.
+  void publish_locked(std::size_t t, index_entry& e) noexcept {
+    index_[t]->publish(e);
+    for (std::size_t u = 0; u < tier_count; ++u) {
+      if (u == t || index_[u] == nullptr) continue;
+      if (const index_entry* o = index_[u]->find_ready(e.key)) {
+        e.pins = o->pins;  // the writer's reference keeps `e` off the eviction list
+        return;
+      }
+    }
+  }
+
   /// Drops an operation's reference to the chunk `r` names (none for a remote or dropped one).
   void unref_locked(const chunk_ref& r) noexcept {
     if (r.tier == dropped_tier || index_[r.tier] == nullptr) return;
@@ -3372,7 +3387,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     for (std::size_t i = r.first; i < placed; ++i) {
       if (!rs[i].wrote) continue;
       index_entry& e = ix.at(rs[i].slot);
-      ix.publish(e);
+      chain_.publish_locked(0, e);
       ++st_.stats.tiers[0].writes;
       policy_.on_stored_locked(e);
       ix.unref(e);
@@ -4271,8 +4286,9 @@ namespace kvtier {
 ///    only once all its bytes are in. Returns the tokens stored or already held, a prefix: when
 ///    nothing more is evictable it stores what fits.
 ///  - `release(lease&)`: gives the lease's chunks back without loading them.
-///  - `pin(tokens)` / `unpin(tokens)`: a pinned chunk is never evicted from any tier that holds it
-///    when pinned. pin returns the tokens of the pinned prefix; unpin the tokens unpinned.
+///  - `pin(tokens)` / `unpin(tokens)`: a pinned chunk is never evicted from any tier that holds it,
+///    including tiers it reaches after the pin (promotion, write-through); each unpin undoes one
+///    pin. pin returns the tokens of the pinned prefix; unpin the tokens unpinned.
 ///  - `clear(tokens)` / `clear()`: removes unpinned chunks from every tier (bytes under a lease
 ///    stay valid until it ends). Return the tokens / chunk copies removed.
 ///  - `flush()`: waits until queued write-through has finished.

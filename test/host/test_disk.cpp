@@ -264,3 +264,69 @@ TEST_CASE("a chunk cleared while its write-through is queued is not written to d
   CHECK(on_disk == 0);
   CHECK(cache.stats().tiers[1].used_chunks == 0);
 }
+
+// Issue 16, item 2: pins belonged to tiers, not to their holders. A pin taken while the chunk
+// was only on disk, then unpinned after the chunk was promoted, dropped another caller's host
+// pin, and two stores later that caller's pinned chunk was evicted. A pin now covers the chunk
+// in every tier, including the ones it reaches later, so each unpin undoes exactly one pin.
+TEST_CASE("an unpin undoes its own pin, not another holder's, across a promotion") {
+  fixture f;
+  const auto x = test::tokens(16, 7);
+  REQUIRE(f.cache.store(x, f.eng.kv(), f.bt) == 16);
+  f.cache.flush();
+  f.push_out();
+  REQUIRE(f.cache.lookup(x).hits_in(1) == 1);  // only on disk now
+  CHECK(f.cache.pin(x) == 16);                 // holder A, while the chunk is on disk only
+  {
+    auto l = f.cache.lookup(x);  // promoted into the host tier by the retrieve
+    test::engine<nhd> dst(test::small_model, 64, 5);
+    REQUIRE(f.cache.retrieve(l, dst.kv(), f.bt) == 16);
+  }
+  REQUIRE(f.cache.lookup(x).hits_in(0) == 1);
+  CHECK(f.cache.pin(x) == 16);    // holder B, with the chunk in the host tier
+  CHECK(f.cache.unpin(x) == 16);  // A lets go
+  // Two stores of 4 chunks each would evict every unpinned host chunk.
+  for (std::uint32_t s = 1001; s <= 1002; ++s) {
+    f.cache.store(test::tokens(64, s), f.eng.kv(), f.bt);
+    f.cache.flush();
+  }
+  CHECK(f.cache.lookup(x).hits_in(0) == 1);  // B's pin still holds it in host memory
+  CHECK(f.cache.unpin(x) == 16);             // B lets go
+  CHECK(f.cache.unpin(x) == 0);              // nothing left to undo
+  for (std::uint32_t s = 1003; s <= 1004; ++s) {
+    f.cache.store(test::tokens(64, s), f.eng.kv(), f.bt);
+    f.cache.flush();
+  }
+  CHECK(f.cache.lookup(x).hits_in(0) == 0);  // unpinned everywhere: evicted as usual
+}
+
+TEST_CASE("a disk copy written after a pin is pinned too, and the unpin releases both") {
+  const auto dir = test::temp_dir("disk-pin");
+  // The disk takes a chunk only once a lookup hit it: the write comes after the pin.
+  C cache{
+      test::small_model,
+      test::small_salt,
+      {{4 * slot}, disk::config{.path = dir, .capacity_bytes = 8 * record, .admit_after_hits = 1}}};
+  test::engine<nhd> eng{test::small_model, 64, 1};
+  const auto bt = test::shuffled_table(16, 64, 3);
+  const auto x = test::tokens(16, 8);
+  REQUIRE(cache.store(x, eng.kv(), bt) == 16);
+  REQUIRE(cache.pin(x) == 16);
+  cache.flush();
+  REQUIRE(cache.stats().tiers[1].writes == 0);
+  REQUIRE(cache.lookup(x).hits_in(0) == 1);  // the hit that admits it
+  cache.flush();
+  REQUIRE(cache.stats().tiers[1].writes == 1);
+  kvtier::chunk_key k;
+  REQUIRE(cache.keys(x, {&k, 1}) == 1);
+  auto pins = [&](auto& ix) {
+    const auto* e = ix.find_ready(k);
+    return e ? e->pins : 99u;
+  };
+  CHECK(pins(cache.tier<0>().index()) == 1);
+  CHECK(pins(cache.tier<1>().index()) == 1);  // was 0: the disk copy was evictable
+  CHECK(cache.unpin(x) == 16);
+  CHECK(pins(cache.tier<0>().index()) == 0);
+  CHECK(pins(cache.tier<1>().index()) == 0);
+  CHECK(cache.unpin(x) == 0);
+}

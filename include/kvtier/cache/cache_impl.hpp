@@ -256,7 +256,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     for (std::size_t i = r.first; i < placed; ++i) {
       if (!rs[i].wrote) continue;
       index_entry& e = ix.at(rs[i].slot);
-      ix.publish(e);
+      chain_.publish_locked(0, e);
       ++st_.stats.tiers[0].writes;
       policy_.on_stored_locked(e);
       ix.unref(e);

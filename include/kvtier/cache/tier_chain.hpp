@@ -153,6 +153,21 @@ class tier_chain {
     return removed;
   }
 
+  /// Publishes tier t's writing entry `e`, pinned as often as the chunk is in the other indexed
+  /// tiers holding it. A pin covers a chunk in every tier, including those it reaches after the
+  /// pin (a promotion, a write-through), so every ready copy of a chunk has the same pin count
+  /// and an unpin undoes exactly one pin wherever the chunk is. Under the lock.
+  void publish_locked(std::size_t t, index_entry& e) noexcept {
+    index_[t]->publish(e);
+    for (std::size_t u = 0; u < tier_count; ++u) {
+      if (u == t || index_[u] == nullptr) continue;
+      if (const index_entry* o = index_[u]->find_ready(e.key)) {
+        e.pins = o->pins;  // the writer's reference keeps `e` off the eviction list
+        return;
+      }
+    }
+  }
+
   /// Drops an operation's reference to the chunk `r` names (none for a remote or dropped one).
   void unref_locked(const chunk_ref& r) noexcept {
     if (r.tier == dropped_tier || index_[r.tier] == nullptr) return;

@@ -155,7 +155,7 @@ class writers {
         if (ix != nullptr) {
           index_entry& e = ix->at(jobs[j].slot);
           if (ok) {
-            ix->publish(e);
+            chain_.publish_locked(t, e);
           } else {
             ix->abort(e);
           }
