@@ -221,6 +221,9 @@ struct cache_stats {
   std::uint64_t busy = 0;               ///< calls refused because max_inflight were in flight
   std::uint64_t prefetched = 0;         ///< chunks prefetch() loaded into the first tier
   std::uint64_t prefetch_dropped = 0;   ///< prefetch() calls that stopped early (queue, room)
+  /// Queued lower-tier writes dropped because the first tier needed their chunks' slots (a lower
+  /// tier that is slow, hung or unreachable); also in that tier's dropped_writes.
+  std::uint64_t writes_dropped_for_room = 0;
   std::array<tier_stats, Tiers> tiers{};
 };
 
@@ -256,7 +259,11 @@ struct cache_state {
 // Background writers: per lower tier, a bounded queue of first-tier chunks waiting to be written
 // there, and `writers` threads that take up to a window of them at a time and write them with
 // one write_batch call, without the lock. A queued chunk is referenced in the first tier (the
-// writer reads its slot in place) until its write is done.
+// writer reads its slot in place) until its write is done. So that a lower tier that is slow,
+// hung or gone cannot starve the first tier, writes (queued or in progress) hold at most
+// write_hold_percent of its slots when it needs room: beyond that, a queued write whose chunk
+// nothing else uses is dropped (counted) and its slot used (drop_queued_locked); and writes in
+// progress never hold more.
 
 // ---- begin kvtier/detail/checked.hpp
 // Checked arithmetic for sizes computed from what an engine passes (model shape, settings,
@@ -561,8 +568,16 @@ class writers {
 
   /// Starts each lower tier's threads; each queue holds `depth` chunks, or as many as the first
   /// tier holds when that is fewer (a chunk is queued at most once per tier).
-  writers(Chain& chain, state_type& st, const layout::chunk_format& f, std::size_t depth)
-      : chain_(chain), st_(st), format_(f) {
+  /// Writes hold at most `hold_percent` of the first tier's slots (at least one) when it needs
+  /// room (see drop_queued_locked).
+  writers(Chain& chain, state_type& st, const layout::chunk_format& f, std::size_t depth,
+          unsigned hold_percent = 100)
+      : chain_(chain),
+        st_(st),
+        format_(f),
+        hold_limit_(std::max<std::size_t>(
+            1, chain.first_index().capacity() / 100 * hold_percent +
+                   chain.first_index().capacity() % 100 * hold_percent / 100)) {
     depth = std::min(depth, chain.first_index().capacity());
     try {
       for (std::size_t t = 1; t < tier_count; ++t) {
@@ -594,6 +609,36 @@ class writers {
     if (evict_after) e.evict_after_write = 1;
     return true;
   }
+  /// The first tier needs a slot and every one is referenced: when writes (queued and in
+  /// progress, all tiers; a chunk queued for two tiers counts twice) hold more than the bound,
+  /// drops one queued write whose chunk nothing else references, which makes that chunk
+  /// evictable (a write-back victim is then evicted unwritten). Counted in the tier's
+  /// dropped_writes and in writes_dropped_for_room. false when none was dropped. Under the lock.
+  bool drop_queued_locked() noexcept {
+    std::size_t pending = 0;
+    for (std::size_t t = 1; t < tier_count; ++t) pending += rings_[t].count + rings_[t].active;
+    if (pending <= hold_limit_) return false;
+    index_type& first = chain_.first_index();
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      ring& r = rings_[t];
+      for (std::size_t i = 0; i < r.count; ++i) {
+        const std::size_t pos = (r.head + i) % r.slots.size();
+        index_entry& e = first.at(r.slots[pos]);
+        if (e.refs != 1 || e.pins != 0 || e.state != entry_state::ready) continue;
+        r.slots[pos] = r.slots[r.head];  // the head takes its place: the rest keep their order
+        r.head = (r.head + 1) % r.slots.size();
+        --r.count;
+        ++st_.stats.tiers[t].dropped_writes;
+        ++st_.stats.writes_dropped_for_room;
+        first.unref(e);
+        return true;
+      }
+    }
+    return false;
+  }
+  /// Most first-tier slots writes may hold, and how many chunks writers have taken now.
+  [[nodiscard]] std::size_t hold_limit() const noexcept { return hold_limit_; }
+  [[nodiscard]] std::size_t writing_locked() const noexcept { return writing_; }
   /// Wakes the writers for what was queued.
   void notify() noexcept { work_cv_.notify_all(); }
   /// True when no chunk is queued or being written. Under the lock.
@@ -640,15 +685,19 @@ class writers {
     std::array<std::uint32_t, window> job_of{};
     std::unique_lock lk(st_.mu);
     for (;;) {
-      work_cv_.wait(lk, [&] { return stop_ || rg.count > 0; });
+      // Writes in progress hold first-tier slots: no more than hold_limit_ of them at once.
+      work_cv_.wait(
+          lk, [&] { return (rg.count > 0 && writing_ < hold_limit_) || (stop_ && rg.count == 0); });
       if (rg.count == 0) break;  // stopping, and everything queued was written
+      const std::size_t take = std::min(window, hold_limit_ - writing_);
       std::size_t n = 0, m = 0;
-      for (; rg.count > 0 && n < window; ++n) {
+      for (; rg.count > 0 && n < take; ++n) {
         hs[n] = rg.slots[rg.head];
         rg.head = (rg.head + 1) % rg.slots.size();
         --rg.count;
       }
       rg.active += n;
+      writing_ += n;
       for (std::size_t i = 0; i < n; ++i) {
         index_entry& he = first.at(hs[i]);
         // A chunk cleared while queued is not written: clear must not be undone by a late write.
@@ -714,7 +763,10 @@ class writers {
         }
       }
       rg.active -= n;
+      const bool was_full = writing_ >= hold_limit_;
+      writing_ -= n;
       if (idle_locked()) idle_cv_.notify_all();
+      if (was_full) work_cv_.notify_all();  // other writers may wait for room
     }
     idle_cv_.notify_all();
   }
@@ -726,6 +778,8 @@ class writers {
   std::condition_variable work_cv_;  // write work or stop
   std::condition_variable idle_cv_;  // writers drained
   bool stop_ = false;
+  const std::size_t hold_limit_;  // first-tier slots writes in progress may hold
+  std::size_t writing_ = 0;       // chunks taken by writer threads and not finished, all tiers
 };
 
 }  // namespace kvtier::detail
@@ -758,14 +812,15 @@ class write_policy {
   [[nodiscard]] write_mode mode() const noexcept { return mode_; }
 
   /// A first-tier entry for a new chunk, evicting the eviction policy's victim when none is
-  /// free; nullptr when everything is leased, pinned or being written. Under write_back, a
+  /// free, else dropping a queued lower-tier write to free one (writers::drop_queued_locked);
+  /// nullptr when everything is leased, pinned or being written. Under write_back, a
   /// victim that still owes a lower tier its bytes is queued for writing instead (its slot frees
   /// when the write completes) and the next victim is tried; when its queue is full it is evicted
   /// unwritten (a counted dropped write).
   index_entry* allocate_first_locked() noexcept {
     auto& evicted = st_.stats.tiers[0].evictions;
     if constexpr (has_lower) {
-      return chain_.first_index().allocate(evicted, [this](index_entry& v) {
+      const auto keep = [this](index_entry& v) {
         if (mode_ != write_mode::write_back || v.owed == 0) return false;
         bool kept = false;
         for (std::size_t t = 1; t < tier_count; ++t) {
@@ -780,7 +835,13 @@ class write_policy {
         // one, and the victim's slot frees only once its write is done.
         if (kept) writers_.notify();
         return kept;
-      });
+      };
+      for (;;) {
+        index_entry* e = chain_.first_index().allocate(evicted, keep);
+        // Everything is referenced: writes still queued for a lower tier that is behind (slow,
+        // hung, gone) give their chunks' slots back rather than starve the first tier.
+        if (e != nullptr || !writers_.drop_queued_locked()) return e;
+      }
     } else {
       return chain_.first_index().allocate(evicted);
     }
@@ -1739,6 +1800,13 @@ struct cache_config {
   write_mode mode = write_mode::write_through;
   /// Chunks waiting to be loaded by prefetch(); when full, prefetch starts no more (counted).
   std::size_t prefetch_queue_depth = 256;
+  /// Most of the first tier's slots (percent, 1..100, at least one slot) that chunks waiting for
+  /// lower-tier writes may hold when the first tier needs room: beyond it, a queued write is
+  /// dropped (counted in writes_dropped_for_room) and its chunk's slot reused, and writes in
+  /// progress never hold more. So a slow, hung or unreachable lower tier never stops the first
+  /// tier from caching. With 100, writes may hold every slot (a store then stores nothing until
+  /// one finishes).
+  unsigned write_hold_percent = 50;
 };
 
 namespace detail {
@@ -1809,6 +1877,10 @@ inline cache_config checked_config(const cache_config& c) {
                              std::to_string(value) + " is out of range 1..2^32-1 (" +
                              std::to_string(max_queue_depth) + ")");
     }
+  }
+  if (c.write_hold_percent == 0 || c.write_hold_percent > 100) {
+    throw invalid_argument("kvtier: cache_config.write_hold_percent " +
+                           std::to_string(c.write_hold_percent) + " is out of range 1..100");
   }
   return c;
 }
@@ -3221,7 +3293,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
         chain_(tiers, tier::context{format_, chunker_.salt_key(), model_.block_size,
                                     max_chunks(cfg_, ChunkTokens), cfg_.max_inflight}),
         ops_(max_chunks(cfg_, ChunkTokens), cfg_.max_inflight),
-        writers_(chain_, st_, format_, cfg_.write_queue_depth),
+        writers_(chain_, st_, format_, cfg_.write_queue_depth, cfg_.write_hold_percent),
         policy_(chain_, st_, writers_, cfg_.mode),
         promoter_(chain_, st_, policy_, format_),
         prefetcher_(chain_, st_, policy_, promoter_, format_, cfg_.prefetch_queue_depth),

@@ -90,7 +90,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
         chain_(tiers, tier::context{format_, chunker_.salt_key(), model_.block_size,
                                     max_chunks(cfg_, ChunkTokens), cfg_.max_inflight}),
         ops_(max_chunks(cfg_, ChunkTokens), cfg_.max_inflight),
-        writers_(chain_, st_, format_, cfg_.write_queue_depth),
+        writers_(chain_, st_, format_, cfg_.write_queue_depth, cfg_.write_hold_percent),
         policy_(chain_, st_, writers_, cfg_.mode),
         promoter_(chain_, st_, policy_, format_),
         prefetcher_(chain_, st_, policy_, promoter_, format_, cfg_.prefetch_queue_depth),

@@ -31,6 +31,13 @@ struct cache_config {
   write_mode mode = write_mode::write_through;
   /// Chunks waiting to be loaded by prefetch(); when full, prefetch starts no more (counted).
   std::size_t prefetch_queue_depth = 256;
+  /// Most of the first tier's slots (percent, 1..100, at least one slot) that chunks waiting for
+  /// lower-tier writes may hold when the first tier needs room: beyond it, a queued write is
+  /// dropped (counted in writes_dropped_for_room) and its chunk's slot reused, and writes in
+  /// progress never hold more. So a slow, hung or unreachable lower tier never stops the first
+  /// tier from caching. With 100, writes may hold every slot (a store then stores nothing until
+  /// one finishes).
+  unsigned write_hold_percent = 50;
 };
 
 namespace detail {
@@ -101,6 +108,10 @@ inline cache_config checked_config(const cache_config& c) {
                              std::to_string(value) + " is out of range 1..2^32-1 (" +
                              std::to_string(max_queue_depth) + ")");
     }
+  }
+  if (c.write_hold_percent == 0 || c.write_hold_percent > 100) {
+    throw invalid_argument("kvtier: cache_config.write_hold_percent " +
+                           std::to_string(c.write_hold_percent) + " is out of range 1..100");
   }
   return c;
 }
