@@ -339,7 +339,8 @@ enum class entry_state : std::uint8_t {
 
 /// Entry i of a tier owns slot i of that tier's storage. An entry is in the eviction list
 /// exactly when it is ready, unreferenced and unpinned, so the list's victim is always evictable.
-/// The list hook doubles as the free-list hook (an entry is never in both).
+/// The list hook doubles as the free-list hook and the hook of the list of zombies whose records
+/// are to be invalidated in storage (an entry is in at most one of them).
 struct index_entry : bi::unordered_set_base_hook<bi::link_mode<bi::normal_link>>,
                      bi::list_base_hook<bi::link_mode<bi::normal_link>> {
   chunk_key key{};
@@ -641,10 +642,11 @@ class writers {
   [[nodiscard]] std::size_t writing_locked() const noexcept { return writing_; }
   /// Wakes the writers for what was queued.
   void notify() noexcept { work_cv_.notify_all(); }
-  /// True when no chunk is queued or being written. Under the lock.
+  /// True when no chunk is queued or being written, and no cleared record waits to be
+  /// invalidated. Under the lock.
   [[nodiscard]] bool idle_locked() const noexcept {
     for (std::size_t t = 1; t < tier_count; ++t) {
-      if (rings_[t].count != 0 || rings_[t].active != 0) return false;
+      if (rings_[t].count != 0 || rings_[t].active != 0 || invalidating(t)) return false;
     }
     return true;
   }
@@ -659,7 +661,8 @@ class writers {
   struct ring {
     std::vector<std::uint32_t> slots;  // first-tier slots waiting to be written
     std::size_t head = 0, count = 0;
-    std::size_t active = 0;  // taken by a writer, not finished
+    std::size_t active = 0;        // taken by a writer, not finished
+    std::size_t invalidating = 0;  // cleared records a writer is invalidating
     std::vector<std::thread> threads;
   };
 
@@ -675,6 +678,11 @@ class writers {
     }
   }
 
+  [[nodiscard]] bool invalidating(std::size_t t) const noexcept {
+    const index_type* ix = chain_.index(t);
+    return rings_[t].invalidating != 0 || (ix != nullptr && ix->invalidations_pending());
+  }
+
   void loop(std::size_t t) {
     ring& rg = rings_[t];
     index_type& first = chain_.first_index();
@@ -686,8 +694,23 @@ class writers {
     std::unique_lock lk(st_.mu);
     for (;;) {
       // Writes in progress hold first-tier slots: no more than hold_limit_ of them at once.
-      work_cv_.wait(
-          lk, [&] { return (rg.count > 0 && writing_ < hold_limit_) || (stop_ && rg.count == 0); });
+      work_cv_.wait(lk, [&] {
+        return (ix != nullptr && ix->invalidations_pending()) ||
+               (rg.count > 0 && writing_ < hold_limit_) || (stop_ && rg.count == 0);
+      });
+      if (ix != nullptr && ix->invalidations_pending()) {
+        // Cleared records of a durable tier: invalidated in storage before their slots are
+        // reused, so a clear lasts across a restart.
+        const std::size_t k = ix->take_invalidations(hs.data(), window);
+        rg.invalidating += k;
+        lk.unlock();
+        chain_.invalidate(t, {hs.data(), k});
+        lk.lock();
+        for (std::size_t i = 0; i < k; ++i) ix->finish_invalidation(hs[i]);
+        rg.invalidating -= k;
+        if (idle_locked()) idle_cv_.notify_all();
+        continue;
+      }
       if (rg.count == 0) break;  // stopping, and everything queued was written
       const std::size_t take = std::min(window, hold_limit_ - writing_);
       std::size_t n = 0, m = 0;
@@ -733,10 +756,13 @@ class writers {
           index_entry& e = ix->at(jobs[j].slot);
           if (ok) {
             chain_.publish_locked(t, e);
+            ix->unref(e);
+          } else if (cleared && jobs[j].ok && chain_.durable(t)) {
+            ix->abort_durably(e);  // the record is in storage: invalidated before reuse
           } else {
             ix->abort(e);
+            ix->unref(e);
           }
-          ix->unref(e);
         } else if (cleared && jobs[j].ok) {
           undo[nundo++] = jobs[j].key;
         }
@@ -2342,6 +2368,7 @@ class chunk_index {
     set_.clear();
     free_.clear();
     evictable_.clear();
+    invalidate_.clear();
   }
   chunk_index(const chunk_index&) = delete;
   chunk_index& operator=(const chunk_index&) = delete;
@@ -2457,6 +2484,41 @@ class chunk_index {
     settle(e);
     return true;
   }
+  /// Removes a ready, unpinned entry from lookup, as remove(), and queues its slot for its record
+  /// in storage to be invalidated (a tier whose records outlive the process): the slot is not
+  /// reused before finish_invalidation(slot). Returns false (and changes nothing) for a pinned or
+  /// writing entry.
+  bool remove_durably(index_entry& e) noexcept {
+    if (e.pins != 0 || e.state != entry_state::ready) return false;
+    if (e.evictable()) evictable_.erase(evictable_.iterator_to(e));
+    make_zombie(e);
+    ++e.refs;  // the invalidation's, dropped by finish_invalidation
+    invalidate_.push_back(e);
+    return true;
+  }
+  /// A writing entry whose record was written but must not stay (cleared meanwhile): leaves
+  /// lookup and queues its slot for invalidation; the writer's reference becomes the
+  /// invalidation's.
+  void abort_durably(index_entry& e) noexcept {
+    make_zombie(e);
+    invalidate_.push_back(e);
+  }
+  /// Whether slots wait for their records to be invalidated.
+  [[nodiscard]] bool invalidations_pending() const noexcept { return !invalidate_.empty(); }
+  /// Takes up to `max` slots queued for invalidation into `out`; returns how many.
+  std::size_t take_invalidations(std::uint32_t* out, std::size_t max) noexcept {
+    std::size_t n = 0;
+    for (; n < max && !invalidate_.empty(); ++n) {
+      index_entry& e = invalidate_.front();
+      invalidate_.pop_front();
+      out[n] = slot(e);
+    }
+    return n;
+  }
+  /// The record of a slot from take_invalidations is invalidated (or the attempt failed): the
+  /// slot is freed once nothing else references it.
+  void finish_invalidation(std::uint32_t s) noexcept { unref(entries_[s]); }
+
   /// Removes a ready entry from lookup even if pinned (its bytes failed verification).
   void discard(index_entry& e) noexcept {
     if (e.state != entry_state::ready) return;
@@ -2497,6 +2559,7 @@ class chunk_index {
   set_type set_;
   eviction_list evictable_;
   eviction_list free_;
+  eviction_list invalidate_;  // zombies whose records in storage are still to be invalidated
 };
 
 }  // namespace kvtier::detail
@@ -2598,7 +2661,10 @@ concept memory_tier = detail_concepts::has_index<I> && detail_concepts::has_data
 /// (as memory_tier; read_job::slot and write_job::slot are entries of it), `read_batch`,
 /// `write_batch` (see the rules above). Optional: `std::size_t recovered() const` and
 /// `std::size_t dropped_at_open() const`, records found intact and dropped when the index was
-/// rebuilt from storage at construction (reported in stats).
+/// rebuilt from storage at construction (reported in stats), and
+/// `void invalidate(std::span<const std::uint32_t> slots) noexcept` for a tier whose records
+/// outlive the process: called (no lock held, from the tier's writer threads) with the slots of
+/// cleared chunks before they are reused, it must make their records unrecoverable.
 template <class I>
 concept indexed_lower_tier = detail_concepts::has_index<I> && detail_concepts::has_read_batch<I> &&
     detail_concepts::has_write_batch<I>;
@@ -2737,6 +2803,25 @@ class tier_chain {
     with_lower_impl(t - 1, f, std::index_sequence_for<Lower...>{});
   }
 
+  /// Whether indexed tier t keeps records that outlive the process and can invalidate them
+  /// (`invalidate(std::span<const std::uint32_t> slots)`, the local disk).
+  [[nodiscard]] bool durable(std::size_t t) const noexcept { return durable_[t]; }
+  /// Removes entry `e` of the index `ix` (one of this chain's) from lookup, for a clear: as
+  /// chunk_index::remove, and in a durable tier its record is then invalidated in storage by
+  /// that tier's writer threads (wake them after) before its slot is reused. Under the lock.
+  bool remove_locked(index_type& ix, index_entry& e) noexcept {
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      if (index_[t] == &ix && durable_[t]) return ix.remove_durably(e);
+    }
+    return ix.remove(e);
+  }
+  /// Durable tier t invalidates the records of `slots` in storage (no lock held).
+  void invalidate(std::size_t t, std::span<const std::uint32_t> slots) {
+    with_lower(t, [&](auto& impl) {
+      if constexpr (requires { impl.invalidate(slots); }) impl.invalidate(slots);
+    });
+  }
+
   /// Lower tier t's batch calls (no lock held; see tier/concepts.hpp).
   void read(std::size_t t, std::span<tier::read_job> jobs) {
     with_lower(t, [&](auto& impl) { impl.read_batch(jobs); });
@@ -2826,6 +2911,9 @@ class tier_chain {
   void set_index() noexcept {
     if constexpr (is_indexed<decltype(*std::get<I>(lower_))>) {
       index_[I + 1] = &std::get<I>(lower_)->index();
+      durable_[I + 1] = requires(std::span<const std::uint32_t> s) {
+        std::get<I>(lower_)->invalidate(s);
+      };
     }
   }
   template <class F, std::size_t... I>
@@ -2862,6 +2950,7 @@ class tier_chain {
   std::unique_ptr<first_impl> first_;
   std::tuple<std::unique_ptr<typename Lower::template impl<Eviction>>...> lower_;
   std::array<index_type*, tier_count> index_{};  // nullptr for a remote tier
+  std::array<bool, tier_count> durable_{};
   std::array<std::uint32_t, tier_count> admit_{};
   std::array<std::size_t, tier_count> writers_{};
   std::uint8_t lower_mask_ = 0;
@@ -3639,8 +3728,10 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
 
   std::size_t clear(std::span<const token_id> tokens) {
     return for_each_chunk(
-        "clear", tokens, false, [](index_type& ix, index_entry& e) { return ix.remove(e); },
+        "clear", tokens, false,
+        [this](index_type& ix, index_entry& e) { return chain_.remove_locked(ix, e); },
         [&](std::span<const chunk_key> ks, std::size_t done) {
+          policy_.notify();  // the writers invalidate cleared records on disk
           // Remote tiers have no local index: their chunks are deleted by key. A chunk only a
           // remote tier held counts too (full chunks; the tail last).
           const std::size_t removed = chain_.remove_remote(ks);
@@ -3657,10 +3748,11 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       if (ix == nullptr) continue;
       for (std::uint32_t s = 0; s < ix->capacity(); ++s) {
         index_entry& e = ix->at(s);
-        if (e.state == entry_state::ready && ix->remove(e)) ++removed;
+        if (e.state == entry_state::ready && chain_.remove_locked(*ix, e)) ++removed;
       }
     }
     lk.unlock();
+    policy_.notify();  // the writers invalidate cleared records on disk
     if constexpr (remote_count > 0) removed += chain_.remove_all_remote();
     return removed;
   }
@@ -5421,6 +5513,24 @@ struct local_disk {
       }
     }
 
+    /// Makes the records in `slots` unrecoverable, as cheaply as a header write: each slot's
+    /// header page is zeroed (what recovery takes for a never-written slot), synced under
+    /// durability::each_batch. The cache calls it for cleared chunks before reusing their slots,
+    /// so a clear lasts across a restart. No lock held.
+    void invalidate(std::span<const std::uint32_t> slots) noexcept {
+      alignas(4096) const page zero{};
+      std::array<detail::io_op, max_batch> ops;
+      for (std::size_t b = 0; b < slots.size(); b += max_batch) {
+        const std::size_t n = std::min(max_batch, slots.size() - b);
+        for (std::size_t k = 0; k < n; ++k) {
+          ops[k] = {fd_for(zero.data(), 4096), true, const_cast<std::byte*>(zero.data()), 4096,
+                    base(slots[b + k])};
+        }
+        io_.run({ops.data(), n});
+      }
+      if (cfg_.sync == durability::each_batch) (void)::fdatasync(fd_);
+    }
+
     /// Reads each job's record into its `dst` and proves it is the job key's: intact header for
     /// this key, salt, format and length, and a matching payload checksum. No lock held.
     void read_batch(std::span<read_job> jobs) noexcept {
@@ -5535,14 +5645,27 @@ struct local_disk {
           detail::record_header h;
           std::memcpy(&h, pages[k].data(), sizeof h);
           if (h.version == 0 && h.header_checksum == 0) continue;  // never written or cleared
+          const std::uint32_t s = static_cast<std::uint32_t>(w + k);
+          // A whole header over a payload the file does not hold (a write cut short by a full
+          // filesystem, without preallocation) is torn, not a hit.
           const bool intact = h.tokens > 0 && h.tokens <= ctx_.format.chunk_tokens &&
                               detail::header_matches(h, h.key, ctx_.salt, fp, h.tokens,
-                                                     ctx_.format.bytes(h.tokens));
-          if (!intact || index_.find(h.key) != nullptr) {
+                                                     ctx_.format.bytes(h.tokens)) &&
+                              static_cast<std::size_t>(base(s)) + detail::record_header_bytes +
+                                      padded(ctx_.format.bytes(h.tokens)) <=
+                                  static_cast<std::size_t>(st.st_size);
+          if (!intact) {
             ++dropped_;
             continue;
           }
-          index_.claim(static_cast<std::uint32_t>(w + k), h.key, h.tokens);
+          if (index_.find(h.key) != nullptr) {
+            // A second record of one key (stored again after a clear whose invalidation a crash
+            // cut off): the same chunk, not an error. The first is kept, this one invalidated.
+            alignas(4096) const page zero{};
+            (void)::pwrite(fd_, zero.data(), zero.size(), base(s));
+            continue;
+          }
+          index_.claim(s, h.key, h.tokens);
           ++recovered_;
         }
       }
@@ -5572,6 +5695,12 @@ struct local_disk {
     }
 
     static config checked(const config& c) {
+      if (const auto nul = c.path.native().find('\0'); nul != std::string::npos) {
+        std::string shown = c.path.native();
+        shown.replace(nul, 1, "\\0");
+        throw invalid_argument("kvtier: local_disk path '" + shown + "' has a NUL byte at offset " +
+                               std::to_string(nul) + " (the system would truncate it there)");
+      }
       if (c.queue_depth == 0 || c.queue_depth > 4096) {
         throw invalid_argument("kvtier: local_disk queue_depth " + std::to_string(c.queue_depth) +
                                " is out of range 1..4096");

@@ -330,3 +330,92 @@ TEST_CASE("a disk copy written after a pin is pinned too, and the unpin releases
   CHECK(pins(cache.tier<1>().index()) == 0);
   CHECK(cache.unpin(x) == 0);
 }
+
+// Issue 16, item 5: a clear lasts on disk. clear(tokens) and clear() used to drop only the disk
+// tier's index entries, leaving intact records that a cache rebuilt over the same directory
+// recovered and hit again. The cleared records are now invalidated (their header pages zeroed)
+// before their slots are reused.
+TEST_CASE("a clear lasts across a restart, and a chunk stored again after it is one record") {
+  const auto dir = test::temp_dir("disk-clear");
+  test::engine<nhd> eng{test::small_model, 64, 1};
+  const auto bt = test::shuffled_table(16, 64, 3);
+  const auto p = test::tokens(48, 11), q = test::tokens(32, 12), r = test::tokens(16, 13);
+  const std::vector<kvtier::token_id> p1(p.begin(), p.begin() + 16);
+  {
+    C cache{test::small_model, test::small_salt, {{4 * slot}, {dir, 8 * record}}};
+    for (const auto* t : {&p, &q, &r}) {  // each written through before the next
+      REQUIRE(cache.store(*t, eng.kv(), bt) == t->size());
+      cache.flush();
+    }
+    REQUIRE(cache.stats().tiers[1].used_chunks == 6);
+    CHECK(cache.clear(p1) == 16);  // p's first chunk, from the host tier and the disk
+    CHECK(cache.clear(q) == 32);
+    REQUIRE(cache.store(r, eng.kv(), bt) == 16);  // still held: nothing new
+    cache.clear(r);
+    REQUIRE(cache.store(r, eng.kv(), bt) == 16);  // stored again after its clear
+    cache.flush();
+  }
+  C cache{test::small_model, test::small_salt, {{4 * slot}, {dir, 8 * record}}};
+  const auto s = cache.stats();
+  CHECK(s.tiers[1].recovered == 3);      // p's last two chunks and r, once
+  CHECK(s.tiers[1].errors == 0);         // r's two records (if both remained) are no error
+  CHECK(cache.lookup(p).tokens() == 0);  // the prefix starts with the cleared chunk
+  CHECK(cache.lookup(q).tokens() == 0);
+  auto l = cache.lookup(r);
+  CHECK(l.hits_in(1) == 1);
+  test::engine<nhd> dst(test::small_model, 64, 5);
+  CHECK(cache.retrieve(l, dst.kv(), bt) == 16);
+  CHECK(test::same_tokens(eng, bt, dst, bt, 0, 16));
+  // clear() of everything lasts too.
+  cache.clear();
+  cache.flush();
+}
+
+TEST_CASE("clear() of every chunk lasts across a restart") {
+  const auto dir = test::temp_dir("disk-clear-all");
+  test::engine<nhd> eng{test::small_model, 64, 1};
+  const auto bt = test::shuffled_table(16, 64, 3);
+  {
+    C cache{test::small_model, test::small_salt, {{4 * slot}, {dir, 8 * record}}};
+    REQUIRE(cache.store(test::tokens(64, 21), eng.kv(), bt) == 64);
+    cache.flush();
+    CHECK(cache.clear() == 8);  // 4 chunks in host memory and on disk
+  }
+  C cache{test::small_model, test::small_salt, {{4 * slot}, {dir, 8 * record}}};
+  CHECK(cache.stats().tiers[1].recovered == 0);
+  CHECK(cache.lookup(test::tokens(64, 21)).tokens() == 0);
+}
+
+// Issue 16, item 4: disk edge cases.
+TEST_CASE("recovery rejects a whole header over a payload the file does not hold") {
+  const auto dir = test::temp_dir("disk-short");
+  test::engine<nhd> eng{test::small_model, 64, 1};
+  const auto bt = test::shuffled_table(16, 64, 3);
+  const auto x = test::tokens(16, 31);
+  std::filesystem::path file;
+  {
+    C cache{test::small_model,
+            test::small_salt,
+            {{4 * slot},
+             disk::config{.path = dir, .capacity_bytes = 8 * record, .preallocate = false}}};
+    REQUIRE(cache.store(x, eng.kv(), bt) == 16);
+    cache.flush();
+    file = cache.tier<1>().file();
+  }
+  // As a write cut short by a full filesystem leaves it: the header, and 100 payload bytes.
+  std::filesystem::resize_file(file, 4096 + 100);
+  C cache{test::small_model, test::small_salt, {{4 * slot}, {dir, 8 * record}}};
+  const auto s = cache.stats();
+  CHECK(s.tiers[1].recovered == 0);  // was 1: a hit that then failed to read
+  CHECK(s.tiers[1].errors == 1);
+  CHECK(cache.lookup(x).tokens() == 0);
+}
+
+TEST_CASE("a disk path with an embedded NUL is refused, not truncated") {
+  const auto dir = test::temp_dir("disk-nul");
+  const std::string bad = dir.string() + std::string("\0/elsewhere", 11);
+  CHECK_THROWS_WITH_AS(
+      C(test::small_model, test::small_salt, {{4 * slot}, {bad, 8 * record}}),
+      test::contains("has a NUL byte at offset " + std::to_string(dir.string().size())),
+      kvtier::invalid_argument);
+}

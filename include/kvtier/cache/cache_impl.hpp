@@ -436,8 +436,10 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
 
   std::size_t clear(std::span<const token_id> tokens) {
     return for_each_chunk(
-        "clear", tokens, false, [](index_type& ix, index_entry& e) { return ix.remove(e); },
+        "clear", tokens, false,
+        [this](index_type& ix, index_entry& e) { return chain_.remove_locked(ix, e); },
         [&](std::span<const chunk_key> ks, std::size_t done) {
+          policy_.notify();  // the writers invalidate cleared records on disk
           // Remote tiers have no local index: their chunks are deleted by key. A chunk only a
           // remote tier held counts too (full chunks; the tail last).
           const std::size_t removed = chain_.remove_remote(ks);
@@ -454,10 +456,11 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       if (ix == nullptr) continue;
       for (std::uint32_t s = 0; s < ix->capacity(); ++s) {
         index_entry& e = ix->at(s);
-        if (e.state == entry_state::ready && ix->remove(e)) ++removed;
+        if (e.state == entry_state::ready && chain_.remove_locked(*ix, e)) ++removed;
       }
     }
     lk.unlock();
+    policy_.notify();  // the writers invalidate cleared records on disk
     if constexpr (remote_count > 0) removed += chain_.remove_all_remote();
     return removed;
   }

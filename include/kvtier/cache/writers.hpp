@@ -110,10 +110,11 @@ class writers {
   [[nodiscard]] std::size_t writing_locked() const noexcept { return writing_; }
   /// Wakes the writers for what was queued.
   void notify() noexcept { work_cv_.notify_all(); }
-  /// True when no chunk is queued or being written. Under the lock.
+  /// True when no chunk is queued or being written, and no cleared record waits to be
+  /// invalidated. Under the lock.
   [[nodiscard]] bool idle_locked() const noexcept {
     for (std::size_t t = 1; t < tier_count; ++t) {
-      if (rings_[t].count != 0 || rings_[t].active != 0) return false;
+      if (rings_[t].count != 0 || rings_[t].active != 0 || invalidating(t)) return false;
     }
     return true;
   }
@@ -128,7 +129,8 @@ class writers {
   struct ring {
     std::vector<std::uint32_t> slots;  // first-tier slots waiting to be written
     std::size_t head = 0, count = 0;
-    std::size_t active = 0;  // taken by a writer, not finished
+    std::size_t active = 0;        // taken by a writer, not finished
+    std::size_t invalidating = 0;  // cleared records a writer is invalidating
     std::vector<std::thread> threads;
   };
 
@@ -144,6 +146,11 @@ class writers {
     }
   }
 
+  [[nodiscard]] bool invalidating(std::size_t t) const noexcept {
+    const index_type* ix = chain_.index(t);
+    return rings_[t].invalidating != 0 || (ix != nullptr && ix->invalidations_pending());
+  }
+
   void loop(std::size_t t) {
     ring& rg = rings_[t];
     index_type& first = chain_.first_index();
@@ -155,8 +162,23 @@ class writers {
     std::unique_lock lk(st_.mu);
     for (;;) {
       // Writes in progress hold first-tier slots: no more than hold_limit_ of them at once.
-      work_cv_.wait(
-          lk, [&] { return (rg.count > 0 && writing_ < hold_limit_) || (stop_ && rg.count == 0); });
+      work_cv_.wait(lk, [&] {
+        return (ix != nullptr && ix->invalidations_pending()) ||
+               (rg.count > 0 && writing_ < hold_limit_) || (stop_ && rg.count == 0);
+      });
+      if (ix != nullptr && ix->invalidations_pending()) {
+        // Cleared records of a durable tier: invalidated in storage before their slots are
+        // reused, so a clear lasts across a restart.
+        const std::size_t k = ix->take_invalidations(hs.data(), window);
+        rg.invalidating += k;
+        lk.unlock();
+        chain_.invalidate(t, {hs.data(), k});
+        lk.lock();
+        for (std::size_t i = 0; i < k; ++i) ix->finish_invalidation(hs[i]);
+        rg.invalidating -= k;
+        if (idle_locked()) idle_cv_.notify_all();
+        continue;
+      }
       if (rg.count == 0) break;  // stopping, and everything queued was written
       const std::size_t take = std::min(window, hold_limit_ - writing_);
       std::size_t n = 0, m = 0;
@@ -202,10 +224,13 @@ class writers {
           index_entry& e = ix->at(jobs[j].slot);
           if (ok) {
             chain_.publish_locked(t, e);
+            ix->unref(e);
+          } else if (cleared && jobs[j].ok && chain_.durable(t)) {
+            ix->abort_durably(e);  // the record is in storage: invalidated before reuse
           } else {
             ix->abort(e);
+            ix->unref(e);
           }
-          ix->unref(e);
         } else if (cleared && jobs[j].ok) {
           undo[nundo++] = jobs[j].key;
         }

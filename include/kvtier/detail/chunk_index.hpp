@@ -39,6 +39,7 @@ class chunk_index {
     set_.clear();
     free_.clear();
     evictable_.clear();
+    invalidate_.clear();
   }
   chunk_index(const chunk_index&) = delete;
   chunk_index& operator=(const chunk_index&) = delete;
@@ -154,6 +155,41 @@ class chunk_index {
     settle(e);
     return true;
   }
+  /// Removes a ready, unpinned entry from lookup, as remove(), and queues its slot for its record
+  /// in storage to be invalidated (a tier whose records outlive the process): the slot is not
+  /// reused before finish_invalidation(slot). Returns false (and changes nothing) for a pinned or
+  /// writing entry.
+  bool remove_durably(index_entry& e) noexcept {
+    if (e.pins != 0 || e.state != entry_state::ready) return false;
+    if (e.evictable()) evictable_.erase(evictable_.iterator_to(e));
+    make_zombie(e);
+    ++e.refs;  // the invalidation's, dropped by finish_invalidation
+    invalidate_.push_back(e);
+    return true;
+  }
+  /// A writing entry whose record was written but must not stay (cleared meanwhile): leaves
+  /// lookup and queues its slot for invalidation; the writer's reference becomes the
+  /// invalidation's.
+  void abort_durably(index_entry& e) noexcept {
+    make_zombie(e);
+    invalidate_.push_back(e);
+  }
+  /// Whether slots wait for their records to be invalidated.
+  [[nodiscard]] bool invalidations_pending() const noexcept { return !invalidate_.empty(); }
+  /// Takes up to `max` slots queued for invalidation into `out`; returns how many.
+  std::size_t take_invalidations(std::uint32_t* out, std::size_t max) noexcept {
+    std::size_t n = 0;
+    for (; n < max && !invalidate_.empty(); ++n) {
+      index_entry& e = invalidate_.front();
+      invalidate_.pop_front();
+      out[n] = slot(e);
+    }
+    return n;
+  }
+  /// The record of a slot from take_invalidations is invalidated (or the attempt failed): the
+  /// slot is freed once nothing else references it.
+  void finish_invalidation(std::uint32_t s) noexcept { unref(entries_[s]); }
+
   /// Removes a ready entry from lookup even if pinned (its bytes failed verification).
   void discard(index_entry& e) noexcept {
     if (e.state != entry_state::ready) return;
@@ -194,6 +230,7 @@ class chunk_index {
   set_type set_;
   eviction_list evictable_;
   eviction_list free_;
+  eviction_list invalidate_;  // zombies whose records in storage are still to be invalidated
 };
 
 }  // namespace kvtier::detail

@@ -21,7 +21,8 @@ enum class entry_state : std::uint8_t {
 
 /// Entry i of a tier owns slot i of that tier's storage. An entry is in the eviction list
 /// exactly when it is ready, unreferenced and unpinned, so the list's victim is always evictable.
-/// The list hook doubles as the free-list hook (an entry is never in both).
+/// The list hook doubles as the free-list hook and the hook of the list of zombies whose records
+/// are to be invalidated in storage (an entry is in at most one of them).
 struct index_entry : bi::unordered_set_base_hook<bi::link_mode<bi::normal_link>>,
                      bi::list_base_hook<bi::link_mode<bi::normal_link>> {
   chunk_key key{};
