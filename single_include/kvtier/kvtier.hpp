@@ -536,6 +536,9 @@ struct write_job {
   const std::byte* src = nullptr;
   std::size_t bytes = 0;
   bool ok = false;
+  /// Set (with ok false) when the storage had no room for the record (ENOSPC): the cache then
+  /// stops handing the tier the slots it has never filled, and evicts instead.
+  bool no_space = false;
 };
 
 /// Read chunk `key`'s record into `dst` and prove it is that chunk's; `dst` is a first-tier
@@ -747,7 +750,9 @@ class writers {
       lk.lock();
       std::array<chunk_key, window> undo;  // written, but cleared meanwhile (remote tiers)
       std::size_t nundo = 0;
+      bool no_space = false;
       for (std::size_t j = 0; j < m; ++j) {
+        no_space = no_space || jobs[j].no_space;
         // The writer's reference kept the chunk from eviction, so a chunk no longer ready was
         // cleared while being written: it must not appear in this tier afterwards.
         const bool cleared = first.at(hs[job_of[j]]).state != entry_state::ready;
@@ -774,6 +779,9 @@ class writers {
           ++stats.tiers[t].errors;
         }
       }
+      // The tier's storage is full: its never-filled slots are set aside, so later chunks evict
+      // (and reuse slots the storage holds) instead of failing one by one.
+      if (no_space && ix != nullptr) ix->retire_free();
       if (nundo > 0) {
         lk.unlock();
         chain_.remove_from(t, {undo.data(), nundo});
@@ -2369,6 +2377,7 @@ class chunk_index {
     free_.clear();
     evictable_.clear();
     invalidate_.clear();
+    retired_.clear();
   }
   chunk_index(const chunk_index&) = delete;
   chunk_index& operator=(const chunk_index&) = delete;
@@ -2519,6 +2528,19 @@ class chunk_index {
   /// slot is freed once nothing else references it.
   void finish_invalidation(std::uint32_t s) noexcept { unref(entries_[s]); }
 
+  /// The storage is full (a write failed with ENOSPC): the free entries are set aside, so that
+  /// new chunks evict the policy's victims, whose slots the storage holds, rather than fail one
+  /// by one on slots it has no room for. Entries freed later are used again.
+  void retire_free() noexcept {
+    while (!free_.empty()) {
+      index_entry& e = free_.front();
+      free_.pop_front();
+      retired_.push_back(e);
+    }
+  }
+  /// Entries set aside by retire_free().
+  [[nodiscard]] std::size_t retired() const noexcept { return retired_.size(); }
+
   /// Removes a ready entry from lookup even if pinned (its bytes failed verification).
   void discard(index_entry& e) noexcept {
     if (e.state != entry_state::ready) return;
@@ -2560,6 +2582,7 @@ class chunk_index {
   eviction_list evictable_;
   eviction_list free_;
   eviction_list invalidate_;  // zombies whose records in storage are still to be invalidated
+  eviction_list retired_;     // free entries set aside when the storage filled up
 };
 
 }  // namespace kvtier::detail
@@ -5575,6 +5598,9 @@ struct local_disk {
       if (cfg_.sync == durability::each_batch) synced = ::fdatasync(fd_) == 0;
       for (std::size_t i = 0; i < jobs.size(); ++i) {
         jobs[i].ok = synced && ops[2 * i].res >= 0 && ops[2 * i + 1].res >= 0;
+        for (const long res : {ops[2 * i].res, ops[2 * i + 1].res}) {
+          if (res == -ENOSPC || res == -EDQUOT) jobs[i].no_space = true;
+        }
       }
     }
 

@@ -181,3 +181,74 @@ TEST_CASE("write_hold_percent 100 lets writes in progress hold every slot; 0 and
   cache.flush();
   CHECK(cache.stats().tiers[1].writes == 4);
 }
+
+namespace {
+// An indexed lower tier whose storage holds `room` records: a write into a slot at or past it
+// fails with no_space, as a local disk without preallocation does once the file system is full.
+struct filling {
+  static constexpr const char* name = "filling";
+  static constexpr bool is_memory = false;
+  struct config {
+    std::size_t capacity = 8;
+    std::size_t room = 4;
+  };
+  template <class Eviction>
+  class impl {
+   public:
+    impl(const config& c, const kvtier::tier::context& ctx)
+        : room_(c.room), index_(c.capacity), keys_(c.capacity), bytes_(c.capacity) {
+      (void)ctx;
+    }
+    kvtier::detail::chunk_index<Eviction>& index() noexcept { return index_; }
+    void write_batch(std::span<kvtier::tier::write_job> jobs) {
+      std::lock_guard lk(mu_);
+      for (auto& j : jobs) {
+        j.ok = j.slot < room_;
+        j.no_space = !j.ok;
+        if (!j.ok) continue;
+        keys_[j.slot] = j.key;
+        bytes_[j.slot].assign(j.src, j.src + j.bytes);
+      }
+    }
+    void read_batch(std::span<kvtier::tier::read_job> jobs) {
+      std::lock_guard lk(mu_);
+      for (auto& j : jobs) {
+        const bool ok = keys_[j.slot] == j.key && bytes_[j.slot].size() == j.bytes;
+        if (ok) std::copy(bytes_[j.slot].begin(), bytes_[j.slot].end(), j.dst);
+        j.status = ok ? kvtier::tier::read_status::ok : kvtier::tier::read_status::corrupt;
+      }
+    }
+
+   private:
+    std::size_t room_;
+    kvtier::detail::chunk_index<Eviction> index_;
+    std::vector<chunk_key> keys_;
+    std::vector<std::vector<std::byte>> bytes_;
+    std::mutex mu_;
+  };
+};
+}  // namespace
+
+// Issue 16, item 4: once the storage is full, new chunks went to free slots it had no room for
+// and failed, one after another, rather than evicting.
+TEST_CASE("a lower tier that runs out of space evicts instead of failing every new chunk") {
+  kvtier::cache<o::chunk_tokens<16>, o::tiers<host, filling>> cache(
+      test::small_model, test::small_salt, {{4 * slot}, {8, 4}});
+  test::engine<nhd> eng(test::small_model, 16, 1);
+  const auto bt = test::shuffled_table(4, 16, 2);
+  for (std::uint32_t i = 0; i < 8; ++i) {
+    REQUIRE(cache.store(test::tokens(16, 400 + i), eng.kv(), bt) == 16);
+    cache.flush();
+  }
+  const auto s = cache.stats();
+  CHECK(s.tiers[1].errors == 1);  // the first write with no room (was 4: every later one too)
+  CHECK(s.tiers[1].writes == 7);
+  CHECK(s.tiers[1].used_chunks == 4);
+  CHECK(cache.tier<1>().index().retired() == 4);  // slots 4 (the failed one) to 7
+  // The newest chunks are in the lower tier: chunk 8's record was written by evicting.
+  CHECK(cache.tier<1>().index().find_ready([&] {
+    kvtier::chunk_key k;
+    (void)cache.keys(test::tokens(16, 407), {&k, 1});
+    return k;
+  }()) != nullptr);
+}

@@ -215,7 +215,9 @@ class writers {
       lk.lock();
       std::array<chunk_key, window> undo;  // written, but cleared meanwhile (remote tiers)
       std::size_t nundo = 0;
+      bool no_space = false;
       for (std::size_t j = 0; j < m; ++j) {
+        no_space = no_space || jobs[j].no_space;
         // The writer's reference kept the chunk from eviction, so a chunk no longer ready was
         // cleared while being written: it must not appear in this tier afterwards.
         const bool cleared = first.at(hs[job_of[j]]).state != entry_state::ready;
@@ -242,6 +244,9 @@ class writers {
           ++stats.tiers[t].errors;
         }
       }
+      // The tier's storage is full: its never-filled slots are set aside, so later chunks evict
+      // (and reuse slots the storage holds) instead of failing one by one.
+      if (no_space && ix != nullptr) ix->retire_free();
       if (nundo > 0) {
         lk.unlock();
         chain_.remove_from(t, {undo.data(), nundo});

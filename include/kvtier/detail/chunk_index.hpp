@@ -40,6 +40,7 @@ class chunk_index {
     free_.clear();
     evictable_.clear();
     invalidate_.clear();
+    retired_.clear();
   }
   chunk_index(const chunk_index&) = delete;
   chunk_index& operator=(const chunk_index&) = delete;
@@ -190,6 +191,19 @@ class chunk_index {
   /// slot is freed once nothing else references it.
   void finish_invalidation(std::uint32_t s) noexcept { unref(entries_[s]); }
 
+  /// The storage is full (a write failed with ENOSPC): the free entries are set aside, so that
+  /// new chunks evict the policy's victims, whose slots the storage holds, rather than fail one
+  /// by one on slots it has no room for. Entries freed later are used again.
+  void retire_free() noexcept {
+    while (!free_.empty()) {
+      index_entry& e = free_.front();
+      free_.pop_front();
+      retired_.push_back(e);
+    }
+  }
+  /// Entries set aside by retire_free().
+  [[nodiscard]] std::size_t retired() const noexcept { return retired_.size(); }
+
   /// Removes a ready entry from lookup even if pinned (its bytes failed verification).
   void discard(index_entry& e) noexcept {
     if (e.state != entry_state::ready) return;
@@ -231,6 +245,7 @@ class chunk_index {
   eviction_list evictable_;
   eviction_list free_;
   eviction_list invalidate_;  // zombies whose records in storage are still to be invalidated
+  eviction_list retired_;     // free entries set aside when the storage filled up
 };
 
 }  // namespace kvtier::detail

@@ -200,6 +200,9 @@ struct local_disk {
       if (cfg_.sync == durability::each_batch) synced = ::fdatasync(fd_) == 0;
       for (std::size_t i = 0; i < jobs.size(); ++i) {
         jobs[i].ok = synced && ops[2 * i].res >= 0 && ops[2 * i + 1].res >= 0;
+        for (const long res : {ops[2 * i].res, ops[2 * i + 1].res}) {
+          if (res == -ENOSPC || res == -EDQUOT) jobs[i].no_space = true;
+        }
       }
     }
 
