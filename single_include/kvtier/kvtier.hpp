@@ -350,7 +350,10 @@ struct index_entry : bi::unordered_set_base_hook<bi::link_mode<bi::normal_link>>
   entry_state state = entry_state::free;
   // Tier-chain policy state, used in the first tier only:
   std::uint8_t hits = 0;  ///< lookups that hit this chunk since it came in (saturates at 255)
-  std::uint8_t owed = 0;  ///< bit t: lower tier t has not been sent this chunk yet
+  /// First tier: bit t set while lower tier t has not been sent this chunk yet. A durable lower
+  /// tier: nonzero on a cleared (zombie) entry whose record is to be invalidated once no
+  /// reader references it (chunk_index::remove_durably).
+  std::uint8_t owed = 0;
   std::uint8_t evict_after_write = 0;  ///< write-back: free the slot once its write completes
 
   [[nodiscard]] bool evictable() const noexcept {
@@ -655,6 +658,7 @@ class writers {
   }
   /// Waits, with `lk` on the cache's lock, until idle_locked().
   void wait_idle(std::unique_lock<std::mutex>& lk) {
+    work_cv_.notify_all();  // work queued by a call that notified no one (a lease's last unref)
     idle_cv_.wait(lk, [this] { return idle_locked(); });
   }
   /// Chunks queued for tier t now (for tests and diagnostics). Under the lock.
@@ -2494,15 +2498,15 @@ class chunk_index {
     return true;
   }
   /// Removes a ready, unpinned entry from lookup, as remove(), and queues its slot for its record
-  /// in storage to be invalidated (a tier whose records outlive the process): the slot is not
-  /// reused before finish_invalidation(slot). Returns false (and changes nothing) for a pinned or
-  /// writing entry.
+  /// in storage to be invalidated (a tier whose records outlive the process) once no reader
+  /// references it (a lease's bytes stay readable until it ends): the slot is not reused before
+  /// finish_invalidation(slot). Returns false (and changes nothing) for a pinned or writing entry.
   bool remove_durably(index_entry& e) noexcept {
     if (e.pins != 0 || e.state != entry_state::ready) return false;
     if (e.evictable()) evictable_.erase(evictable_.iterator_to(e));
     make_zombie(e);
-    ++e.refs;  // the invalidation's, dropped by finish_invalidation
-    invalidate_.push_back(e);
+    e.owed = 1;  // settle() queues it for invalidation instead of freeing it
+    settle(e);
     return true;
   }
   /// A writing entry whose record was written but must not stay (cleared meanwhile): leaves
@@ -2562,11 +2566,16 @@ class chunk_index {
   void make_zombie(index_entry& e) noexcept {
     set_.erase(set_.iterator_to(e));
     e.state = entry_state::zombie;
+    e.owed = 0;  // nothing is owed of a removed chunk; remove_durably then marks it
   }
   // Puts an entry whose refs or pins just dropped where it now belongs.
   void settle(index_entry& e) noexcept {
     if (e.refs != 0) return;
-    if (e.state == entry_state::zombie) {
+    if (e.state == entry_state::zombie && e.owed != 0) {
+      e.owed = 0;
+      ++e.refs;  // the invalidation's, dropped by finish_invalidation
+      invalidate_.push_back(e);
+    } else if (e.state == entry_state::zombie) {
       e.state = entry_state::free;
       free_.push_back(e);
     } else if (e.evictable()) {

@@ -419,3 +419,29 @@ TEST_CASE("a disk path with an embedded NUL is refused, not truncated") {
       test::contains("has a NUL byte at offset " + std::to_string(dir.string().size())),
       kvtier::invalid_argument);
 }
+
+TEST_CASE("a leased disk chunk that is cleared stays readable until the lease ends") {
+  const auto dir = test::temp_dir("disk-clear-lease");
+  test::engine<nhd> eng{test::small_model, 64, 1};
+  const auto bt = test::shuffled_table(16, 64, 3);
+  const auto x = test::tokens(16, 41);
+  {
+    C cache{test::small_model, test::small_salt, {{4 * slot}, {dir, 8 * record}}};
+    REQUIRE(cache.store(x, eng.kv(), bt) == 16);
+    cache.flush();
+    REQUIRE(cache.store(test::tokens(64, 42), eng.kv(), bt) == 64);  // x only on disk now
+    cache.flush();
+    auto l = cache.lookup(x);
+    REQUIRE(l.hits_in(1) == 1);
+    CHECK(cache.clear(x) == 16);
+    cache.flush();  // the record is not invalidated under the lease
+    test::engine<nhd> dst(test::small_model, 64, 5);
+    CHECK(cache.retrieve(l, dst.kv(), bt) == 16);
+    CHECK(test::same_tokens(eng, bt, dst, bt, 0, 16));
+    CHECK(cache.stats().tiers[1].errors == 0);
+    cache.flush();  // now it is
+  }
+  C cache{test::small_model, test::small_salt, {{4 * slot}, {dir, 8 * record}}};
+  CHECK(cache.stats().tiers[1].recovered == 4);  // the other four chunks, not x
+  CHECK(cache.lookup(x).tokens() == 0);
+}

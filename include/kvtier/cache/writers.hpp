@@ -120,6 +120,7 @@ class writers {
   }
   /// Waits, with `lk` on the cache's lock, until idle_locked().
   void wait_idle(std::unique_lock<std::mutex>& lk) {
+    work_cv_.notify_all();  // work queued by a call that notified no one (a lease's last unref)
     idle_cv_.wait(lk, [this] { return idle_locked(); });
   }
   /// Chunks queued for tier t now (for tests and diagnostics). Under the lock.

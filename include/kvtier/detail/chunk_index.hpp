@@ -157,15 +157,15 @@ class chunk_index {
     return true;
   }
   /// Removes a ready, unpinned entry from lookup, as remove(), and queues its slot for its record
-  /// in storage to be invalidated (a tier whose records outlive the process): the slot is not
-  /// reused before finish_invalidation(slot). Returns false (and changes nothing) for a pinned or
-  /// writing entry.
+  /// in storage to be invalidated (a tier whose records outlive the process) once no reader
+  /// references it (a lease's bytes stay readable until it ends): the slot is not reused before
+  /// finish_invalidation(slot). Returns false (and changes nothing) for a pinned or writing entry.
   bool remove_durably(index_entry& e) noexcept {
     if (e.pins != 0 || e.state != entry_state::ready) return false;
     if (e.evictable()) evictable_.erase(evictable_.iterator_to(e));
     make_zombie(e);
-    ++e.refs;  // the invalidation's, dropped by finish_invalidation
-    invalidate_.push_back(e);
+    e.owed = 1;  // settle() queues it for invalidation instead of freeing it
+    settle(e);
     return true;
   }
   /// A writing entry whose record was written but must not stay (cleared meanwhile): leaves
@@ -225,11 +225,16 @@ class chunk_index {
   void make_zombie(index_entry& e) noexcept {
     set_.erase(set_.iterator_to(e));
     e.state = entry_state::zombie;
+    e.owed = 0;  // nothing is owed of a removed chunk; remove_durably then marks it
   }
   // Puts an entry whose refs or pins just dropped where it now belongs.
   void settle(index_entry& e) noexcept {
     if (e.refs != 0) return;
-    if (e.state == entry_state::zombie) {
+    if (e.state == entry_state::zombie && e.owed != 0) {
+      e.owed = 0;
+      ++e.refs;  // the invalidation's, dropped by finish_invalidation
+      invalidate_.push_back(e);
+    } else if (e.state == entry_state::zombie) {
       e.state = entry_state::free;
       free_.push_back(e);
     } else if (e.evictable()) {

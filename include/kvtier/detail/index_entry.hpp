@@ -32,7 +32,10 @@ struct index_entry : bi::unordered_set_base_hook<bi::link_mode<bi::normal_link>>
   entry_state state = entry_state::free;
   // Tier-chain policy state, used in the first tier only:
   std::uint8_t hits = 0;  ///< lookups that hit this chunk since it came in (saturates at 255)
-  std::uint8_t owed = 0;  ///< bit t: lower tier t has not been sent this chunk yet
+  /// First tier: bit t set while lower tier t has not been sent this chunk yet. A durable lower
+  /// tier: nonzero on a cleared (zombie) entry whose record is to be invalidated once no
+  /// reader references it (chunk_index::remove_durably).
+  std::uint8_t owed = 0;
   std::uint8_t evict_after_write = 0;  ///< write-back: free the slot once its write completes
 
   [[nodiscard]] bool evictable() const noexcept {
