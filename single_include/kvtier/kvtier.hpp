@@ -626,19 +626,23 @@ class writers {
     for (std::size_t t = 1; t < tier_count; ++t) pending += rings_[t].count + rings_[t].active;
     if (pending <= hold_limit_) return false;
     index_type& first = chain_.first_index();
-    for (std::size_t t = 1; t < tier_count; ++t) {
-      ring& r = rings_[t];
-      for (std::size_t i = 0; i < r.count; ++i) {
-        const std::size_t pos = (r.head + i) % r.slots.size();
-        index_entry& e = first.at(r.slots[pos]);
-        if (e.refs != 1 || e.pins != 0 || e.state != entry_state::ready) continue;
-        r.slots[pos] = r.slots[r.head];  // the head takes its place: the rest keep their order
-        r.head = (r.head + 1) % r.slots.size();
-        --r.count;
-        ++st_.stats.tiers[t].dropped_writes;
-        ++st_.stats.writes_dropped_for_room;
-        first.unref(e);
-        return true;
+    // First a write whose drop frees its chunk; else any (a chunk queued for two tiers, or
+    // leased: the next call may then free it).
+    for (const bool sole : {true, false}) {
+      for (std::size_t t = 1; t < tier_count; ++t) {
+        ring& r = rings_[t];
+        for (std::size_t i = 0; i < r.count; ++i) {
+          const std::size_t pos = (r.head + i) % r.slots.size();
+          index_entry& e = first.at(r.slots[pos]);
+          if ((sole && e.refs != 1) || e.pins != 0 || e.state != entry_state::ready) continue;
+          r.slots[pos] = r.slots[r.head];  // the head takes its place: the rest keep their order
+          r.head = (r.head + 1) % r.slots.size();
+          --r.count;
+          ++st_.stats.tiers[t].dropped_writes;
+          ++st_.stats.writes_dropped_for_room;
+          first.unref(e);
+          return true;
+        }
       }
     }
     return false;

@@ -124,6 +124,28 @@ struct as_type {
 TEST_CASE_TEMPLATE_INVOKE(stores_over, as_type<behaviour::slow>, as_type<behaviour::hung>,
                           as_type<behaviour::gone>);
 
+TEST_CASE("two hung lower tiers, each sent every chunk, do not starve the first tier either") {
+  control a, b;
+  using C2 = kvtier::cache<o::chunk_tokens<16>, o::tiers<host, stalling, stalling>>;
+  C2 cache(test::small_model, test::small_salt,
+           {{16 * slot}, {behaviour::hung, &a}, {behaviour::hung, &b}});
+  test::engine<nhd> eng(test::small_model, 16, 1);
+  const auto bt = test::shuffled_table(4, 16, 2);
+  std::size_t empty = 0;
+  for (std::uint32_t i = 0; i < 60; ++i) {
+    empty += cache.store(test::tokens(16, 500 + i), eng.kv(), bt) == 0;
+  }
+  CHECK(empty == 0);
+  CHECK(cache.lookup(test::tokens(16, 559)).hits_in(0) == 1);
+  a.release();
+  b.release();
+  cache.flush();
+  const auto s = cache.stats();
+  CHECK(s.writes_dropped_for_room > 0);
+  CHECK(s.tiers[1].writes + s.tiers[1].dropped_writes == 60);
+  CHECK(s.tiers[2].writes + s.tiers[2].dropped_writes == 60);
+}
+
 TEST_CASE("while a lower tier hangs, its writes hold at most write_hold_percent of the slots") {
   control ctl;
   kvtier::cache_config cfg;
