@@ -69,6 +69,7 @@ kvtier::cache_config operator_config() {
   c.max_inflight = 64;           // live leases + concurrent calls; beyond it a miss (stats().busy)
   c.write_queue_depth = 1024;    // chunks queued per lower tier; when full writes drop (counted)
   c.prefetch_queue_depth = 256;  // chunks prefetch() may have queued for loading
+  c.write_hold_percent = 50;     // most host slots lower-tier writes in progress may hold
   c.store_partial_tail = false;  // true: also the last, partial chunk (a hit only when exact)
   // write_through: a lower tier gets a chunk when it is stored (or admitted). write_back: when
   // the host tier evicts it, and on flush(): less traffic, but a crash loses what was owed.

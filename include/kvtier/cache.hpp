@@ -41,8 +41,9 @@ namespace kvtier {
 ///    only once all its bytes are in. Returns the tokens stored or already held, a prefix: when
 ///    nothing more is evictable it stores what fits.
 ///  - `release(lease&)`: gives the lease's chunks back without loading them.
-///  - `pin(tokens)` / `unpin(tokens)`: a pinned chunk is never evicted from any tier that holds it
-///    when pinned. pin returns the tokens of the pinned prefix; unpin the tokens unpinned.
+///  - `pin(tokens)` / `unpin(tokens)`: a pinned chunk is never evicted from any tier that holds it,
+///    including tiers it reaches after the pin (promotion, write-through); each unpin undoes one
+///    pin. pin returns the tokens of the pinned prefix; unpin the tokens unpinned.
 ///  - `clear(tokens)` / `clear()`: removes unpinned chunks from every tier (bytes under a lease
 ///    stay valid until it ends). Return the tokens / chunk copies removed.
 ///  - `flush()`: waits until queued write-through has finished.

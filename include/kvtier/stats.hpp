@@ -39,6 +39,9 @@ struct cache_stats {
   std::uint64_t busy = 0;               ///< calls refused because max_inflight were in flight
   std::uint64_t prefetched = 0;         ///< chunks prefetch() loaded into the first tier
   std::uint64_t prefetch_dropped = 0;   ///< prefetch() calls that stopped early (queue, room)
+  /// Queued lower-tier writes dropped because the first tier needed their chunks' slots (a lower
+  /// tier that is slow, hung or unreachable); also in that tier's dropped_writes.
+  std::uint64_t writes_dropped_for_room = 0;
   std::array<tier_stats, Tiers> tiers{};
 };
 

@@ -221,6 +221,9 @@ struct cache_stats {
   std::uint64_t busy = 0;               ///< calls refused because max_inflight were in flight
   std::uint64_t prefetched = 0;         ///< chunks prefetch() loaded into the first tier
   std::uint64_t prefetch_dropped = 0;   ///< prefetch() calls that stopped early (queue, room)
+  /// Queued lower-tier writes dropped because the first tier needed their chunks' slots (a lower
+  /// tier that is slow, hung or unreachable); also in that tier's dropped_writes.
+  std::uint64_t writes_dropped_for_room = 0;
   std::array<tier_stats, Tiers> tiers{};
 };
 
@@ -256,8 +259,65 @@ struct cache_state {
 // Background writers: per lower tier, a bounded queue of first-tier chunks waiting to be written
 // there, and `writers` threads that take up to a window of them at a time and write them with
 // one write_batch call, without the lock. A queued chunk is referenced in the first tier (the
-// writer reads its slot in place) until its write is done.
+// writer reads its slot in place) until its write is done. So that a lower tier that is slow,
+// hung or gone cannot starve the first tier, writes (queued or in progress) hold at most
+// write_hold_percent of its slots when it needs room: beyond that, a queued write whose chunk
+// nothing else uses is dropped (counted) and its slot used (drop_queued_locked); and writes in
+// progress never hold more.
 
+// ---- begin kvtier/detail/checked.hpp
+// Checked arithmetic for sizes computed from what an engine passes (model shape, settings,
+// tensor extents and strides, capacities), and reservations that fail with a kvtier::error
+// saying how much was asked for.
+
+
+#include <utility>
+
+namespace kvtier::detail {
+
+/// `a * b`; throws invalid_argument "kvtier: <what> (<a> x <b>) overflows 2^64" when it does not
+/// fit.
+[[nodiscard]] inline std::size_t checked_mul(std::size_t a, std::size_t b, const char* what) {
+  std::size_t r = 0;
+  if (__builtin_mul_overflow(a, b, &r)) {
+    throw invalid_argument(std::string("kvtier: ") + what + " (" + std::to_string(a) + " x " +
+                           std::to_string(b) + ") overflows 2^64");
+  }
+  return r;
+}
+
+/// `a + b`, checked as checked_mul.
+[[nodiscard]] inline std::size_t checked_add(std::size_t a, std::size_t b, const char* what) {
+  std::size_t r = 0;
+  if (__builtin_add_overflow(a, b, &r)) {
+    throw invalid_argument(std::string("kvtier: ") + what + " (" + std::to_string(a) + " + " +
+                           std::to_string(b) + ") overflows 2^64");
+  }
+  return r;
+}
+
+/// `v` rounded up to a multiple of `a` (> 0), checked as checked_mul.
+[[nodiscard]] inline std::size_t checked_round_up(std::size_t v, std::size_t a, const char* what) {
+  return checked_add(v, a - 1, what) / a * a;
+}
+
+/// Returns `f()`, which reserves about `bytes` bytes for `what`; a std::bad_alloc or
+/// std::length_error it throws becomes a kvtier::error naming `what` and `bytes`.
+template <class F>
+decltype(auto) reserving(const char* what, std::size_t bytes, F&& f) {
+  try {
+    return std::forward<F>(f)();
+  } catch (const std::bad_alloc&) {
+    throw error(std::string("kvtier: cannot reserve ") + std::to_string(bytes) + " bytes for " +
+                what + " (out of memory)");
+  } catch (const std::length_error&) {
+    throw error(std::string("kvtier: cannot reserve ") + std::to_string(bytes) + " bytes for " +
+                what + " (longer than a vector holds)");
+  }
+}
+
+}  // namespace kvtier::detail
+// ---- end kvtier/detail/checked.hpp
 // ---- begin kvtier/detail/index_entry.hpp
 // One chunk's record in a tier's index, linked by Boost.Intrusive hooks (no allocation).
 
@@ -279,7 +339,8 @@ enum class entry_state : std::uint8_t {
 
 /// Entry i of a tier owns slot i of that tier's storage. An entry is in the eviction list
 /// exactly when it is ready, unreferenced and unpinned, so the list's victim is always evictable.
-/// The list hook doubles as the free-list hook (an entry is never in both).
+/// The list hook doubles as the free-list hook and the hook of the list of zombies whose records
+/// are to be invalidated in storage (an entry is in at most one of them).
 struct index_entry : bi::unordered_set_base_hook<bi::link_mode<bi::normal_link>>,
                      bi::list_base_hook<bi::link_mode<bi::normal_link>> {
   chunk_key key{};
@@ -289,7 +350,10 @@ struct index_entry : bi::unordered_set_base_hook<bi::link_mode<bi::normal_link>>
   entry_state state = entry_state::free;
   // Tier-chain policy state, used in the first tier only:
   std::uint8_t hits = 0;  ///< lookups that hit this chunk since it came in (saturates at 255)
-  std::uint8_t owed = 0;  ///< bit t: lower tier t has not been sent this chunk yet
+  /// First tier: bit t set while lower tier t has not been sent this chunk yet. A durable lower
+  /// tier: nonzero on a cleared (zombie) entry whose record is to be invalidated once no
+  /// reader references it (chunk_index::remove_durably).
+  std::uint8_t owed = 0;
   std::uint8_t evict_after_write = 0;  ///< write-back: free the slot once its write completes
 
   [[nodiscard]] bool evictable() const noexcept {
@@ -475,6 +539,9 @@ struct write_job {
   const std::byte* src = nullptr;
   std::size_t bytes = 0;
   bool ok = false;
+  /// Set (with ok false) when the storage had no room for the record (ENOSPC): the cache then
+  /// stops handing the tier the slots it has never filled, and evicts instead.
+  bool no_space = false;
 };
 
 /// Read chunk `key`'s record into `dst` and prove it is that chunk's; `dst` is a first-tier
@@ -491,6 +558,7 @@ struct read_job {
 }  // namespace kvtier::tier
 // ---- end kvtier/tier/context.hpp
 
+#include <algorithm>
 #include <thread>
 
 namespace kvtier::detail {
@@ -505,12 +573,23 @@ class writers {
   static constexpr std::size_t window =
       batch_chunks;  ///< chunks one write_batch call takes at most
 
-  /// Starts each lower tier's threads; each queue holds `depth` chunks.
-  writers(Chain& chain, state_type& st, const layout::chunk_format& f, std::size_t depth)
-      : chain_(chain), st_(st), format_(f) {
+  /// Starts each lower tier's threads; each queue holds `depth` chunks, or as many as the first
+  /// tier holds when that is fewer (a chunk is queued at most once per tier).
+  /// Writes hold at most `hold_percent` of the first tier's slots (at least one) when it needs
+  /// room (see drop_queued_locked).
+  writers(Chain& chain, state_type& st, const layout::chunk_format& f, std::size_t depth,
+          unsigned hold_percent = 100)
+      : chain_(chain),
+        st_(st),
+        format_(f),
+        hold_limit_(std::max<std::size_t>(
+            1, chain.first_index().capacity() / 100 * hold_percent +
+                   chain.first_index().capacity() % 100 * hold_percent / 100)) {
+    depth = std::min(depth, chain.first_index().capacity());
     try {
       for (std::size_t t = 1; t < tier_count; ++t) {
-        rings_[t].slots.resize(depth);
+        reserving("a write queue (cache_config.write_queue_depth)", depth * sizeof(std::uint32_t),
+                  [&] { rings_[t].slots.resize(depth); });
         for (std::size_t w = 0; w < chain.writers(t); ++w) {
           rings_[t].threads.emplace_back([this, t] { loop(t); });
         }
@@ -537,17 +616,53 @@ class writers {
     if (evict_after) e.evict_after_write = 1;
     return true;
   }
+  /// The first tier needs a slot and every one is referenced: when writes (queued and in
+  /// progress, all tiers; a chunk queued for two tiers counts twice) hold more than the bound,
+  /// drops one queued write whose chunk nothing else references, which makes that chunk
+  /// evictable (a write-back victim is then evicted unwritten). Counted in the tier's
+  /// dropped_writes and in writes_dropped_for_room. false when none was dropped. Under the lock.
+  bool drop_queued_locked() noexcept {
+    std::size_t pending = 0;
+    for (std::size_t t = 1; t < tier_count; ++t) pending += rings_[t].count + rings_[t].active;
+    if (pending <= hold_limit_) return false;
+    index_type& first = chain_.first_index();
+    // First a write whose drop frees its chunk; else any (a chunk queued for two tiers, or
+    // leased: the next call may then free it).
+    for (const bool sole : {true, false}) {
+      for (std::size_t t = 1; t < tier_count; ++t) {
+        ring& r = rings_[t];
+        for (std::size_t i = 0; i < r.count; ++i) {
+          const std::size_t pos = (r.head + i) % r.slots.size();
+          index_entry& e = first.at(r.slots[pos]);
+          if ((sole && e.refs != 1) || e.pins != 0 || e.state != entry_state::ready) continue;
+          r.slots[pos] = r.slots[r.head];  // the head takes its place: the rest keep their order
+          r.head = (r.head + 1) % r.slots.size();
+          --r.count;
+          ++st_.stats.tiers[t].dropped_writes;
+          ++st_.stats.writes_dropped_for_room;
+          first.unref(e);
+          return true;
+        }
+      }
+    }
+    return false;
+  }
+  /// Most first-tier slots writes may hold, and how many chunks writers have taken now.
+  [[nodiscard]] std::size_t hold_limit() const noexcept { return hold_limit_; }
+  [[nodiscard]] std::size_t writing_locked() const noexcept { return writing_; }
   /// Wakes the writers for what was queued.
   void notify() noexcept { work_cv_.notify_all(); }
-  /// True when no chunk is queued or being written. Under the lock.
+  /// True when no chunk is queued or being written, and no cleared record waits to be
+  /// invalidated. Under the lock.
   [[nodiscard]] bool idle_locked() const noexcept {
     for (std::size_t t = 1; t < tier_count; ++t) {
-      if (rings_[t].count != 0 || rings_[t].active != 0) return false;
+      if (rings_[t].count != 0 || rings_[t].active != 0 || invalidating(t)) return false;
     }
     return true;
   }
   /// Waits, with `lk` on the cache's lock, until idle_locked().
   void wait_idle(std::unique_lock<std::mutex>& lk) {
+    work_cv_.notify_all();  // work queued by a call that notified no one (a lease's last unref)
     idle_cv_.wait(lk, [this] { return idle_locked(); });
   }
   /// Chunks queued for tier t now (for tests and diagnostics). Under the lock.
@@ -557,7 +672,8 @@ class writers {
   struct ring {
     std::vector<std::uint32_t> slots;  // first-tier slots waiting to be written
     std::size_t head = 0, count = 0;
-    std::size_t active = 0;  // taken by a writer, not finished
+    std::size_t active = 0;        // taken by a writer, not finished
+    std::size_t invalidating = 0;  // cleared records a writer is invalidating
     std::vector<std::thread> threads;
   };
 
@@ -573,6 +689,11 @@ class writers {
     }
   }
 
+  [[nodiscard]] bool invalidating(std::size_t t) const noexcept {
+    const index_type* ix = chain_.index(t);
+    return rings_[t].invalidating != 0 || (ix != nullptr && ix->invalidations_pending());
+  }
+
   void loop(std::size_t t) {
     ring& rg = rings_[t];
     index_type& first = chain_.first_index();
@@ -583,15 +704,34 @@ class writers {
     std::array<std::uint32_t, window> job_of{};
     std::unique_lock lk(st_.mu);
     for (;;) {
-      work_cv_.wait(lk, [&] { return stop_ || rg.count > 0; });
+      // Writes in progress hold first-tier slots: no more than hold_limit_ of them at once.
+      work_cv_.wait(lk, [&] {
+        return (ix != nullptr && ix->invalidations_pending()) ||
+               (rg.count > 0 && writing_ < hold_limit_) || (stop_ && rg.count == 0);
+      });
+      if (ix != nullptr && ix->invalidations_pending()) {
+        // Cleared records of a durable tier: invalidated in storage before their slots are
+        // reused, so a clear lasts across a restart.
+        const std::size_t k = ix->take_invalidations(hs.data(), window);
+        rg.invalidating += k;
+        lk.unlock();
+        chain_.invalidate(t, {hs.data(), k});
+        lk.lock();
+        for (std::size_t i = 0; i < k; ++i) ix->finish_invalidation(hs[i]);
+        rg.invalidating -= k;
+        if (idle_locked()) idle_cv_.notify_all();
+        continue;
+      }
       if (rg.count == 0) break;  // stopping, and everything queued was written
+      const std::size_t take = std::min(window, hold_limit_ - writing_);
       std::size_t n = 0, m = 0;
-      for (; rg.count > 0 && n < window; ++n) {
+      for (; rg.count > 0 && n < take; ++n) {
         hs[n] = rg.slots[rg.head];
         rg.head = (rg.head + 1) % rg.slots.size();
         --rg.count;
       }
       rg.active += n;
+      writing_ += n;
       for (std::size_t i = 0; i < n; ++i) {
         index_entry& he = first.at(hs[i]);
         // A chunk cleared while queued is not written: clear must not be undone by a late write.
@@ -618,7 +758,9 @@ class writers {
       lk.lock();
       std::array<chunk_key, window> undo;  // written, but cleared meanwhile (remote tiers)
       std::size_t nundo = 0;
+      bool no_space = false;
       for (std::size_t j = 0; j < m; ++j) {
+        no_space = no_space || jobs[j].no_space;
         // The writer's reference kept the chunk from eviction, so a chunk no longer ready was
         // cleared while being written: it must not appear in this tier afterwards.
         const bool cleared = first.at(hs[job_of[j]]).state != entry_state::ready;
@@ -626,11 +768,14 @@ class writers {
         if (ix != nullptr) {
           index_entry& e = ix->at(jobs[j].slot);
           if (ok) {
-            ix->publish(e);
+            chain_.publish_locked(t, e);
+            ix->unref(e);
+          } else if (cleared && jobs[j].ok && chain_.durable(t)) {
+            ix->abort_durably(e);  // the record is in storage: invalidated before reuse
           } else {
             ix->abort(e);
+            ix->unref(e);
           }
-          ix->unref(e);
         } else if (cleared && jobs[j].ok) {
           undo[nundo++] = jobs[j].key;
         }
@@ -642,6 +787,9 @@ class writers {
           ++stats.tiers[t].errors;
         }
       }
+      // The tier's storage is full: its never-filled slots are set aside, so later chunks evict
+      // (and reuse slots the storage holds) instead of failing one by one.
+      if (no_space && ix != nullptr) ix->retire_free();
       if (nundo > 0) {
         lk.unlock();
         chain_.remove_from(t, {undo.data(), nundo});
@@ -657,7 +805,10 @@ class writers {
         }
       }
       rg.active -= n;
+      const bool was_full = writing_ >= hold_limit_;
+      writing_ -= n;
       if (idle_locked()) idle_cv_.notify_all();
+      if (was_full) work_cv_.notify_all();  // other writers may wait for room
     }
     idle_cv_.notify_all();
   }
@@ -669,6 +820,8 @@ class writers {
   std::condition_variable work_cv_;  // write work or stop
   std::condition_variable idle_cv_;  // writers drained
   bool stop_ = false;
+  const std::size_t hold_limit_;  // first-tier slots writes in progress may hold
+  std::size_t writing_ = 0;       // chunks taken by writer threads and not finished, all tiers
 };
 
 }  // namespace kvtier::detail
@@ -701,14 +854,15 @@ class write_policy {
   [[nodiscard]] write_mode mode() const noexcept { return mode_; }
 
   /// A first-tier entry for a new chunk, evicting the eviction policy's victim when none is
-  /// free; nullptr when everything is leased, pinned or being written. Under write_back, a
+  /// free, else dropping a queued lower-tier write to free one (writers::drop_queued_locked);
+  /// nullptr when everything is leased, pinned or being written. Under write_back, a
   /// victim that still owes a lower tier its bytes is queued for writing instead (its slot frees
   /// when the write completes) and the next victim is tried; when its queue is full it is evicted
   /// unwritten (a counted dropped write).
   index_entry* allocate_first_locked() noexcept {
     auto& evicted = st_.stats.tiers[0].evictions;
     if constexpr (has_lower) {
-      return chain_.first_index().allocate(evicted, [this](index_entry& v) {
+      const auto keep = [this](index_entry& v) {
         if (mode_ != write_mode::write_back || v.owed == 0) return false;
         bool kept = false;
         for (std::size_t t = 1; t < tier_count; ++t) {
@@ -723,7 +877,13 @@ class write_policy {
         // one, and the victim's slot frees only once its write is done.
         if (kept) writers_.notify();
         return kept;
-      });
+      };
+      for (;;) {
+        index_entry* e = chain_.first_index().allocate(evicted, keep);
+        // Everything is referenced: writes still queued for a lower tier that is behind (slow,
+        // hung, gone) give their chunks' slots back rather than starve the first tier.
+        if (e != nullptr || !writers_.drop_queued_locked()) return e;
+      }
     } else {
       return chain_.first_index().allocate(evicted);
     }
@@ -1247,7 +1407,6 @@ constexpr void for_vector_width(std::uint32_t vb, Fn&& fn) {
 // ---- end kvtier/transfer/batch_plan.hpp
 
 #include <chrono>
-#include <utility>
 
 namespace kvtier::detail {
 
@@ -1364,7 +1523,7 @@ class async_path {
         if (!rs[i].wrote) continue;
         index_entry& e = ix.at(rs[i].slot);
         if (ok && a.ok) {
-          ix.publish(e);
+          chain_.publish_locked(0, e);
           ++st_.stats.tiers[0].writes;
           policy_.on_stored_locked(e);
         } else {
@@ -1606,7 +1765,6 @@ class async_path {
 // Thread-safe, allocates nothing (except the salt's bytes, at construction).
 
 
-#include <algorithm>
 
 namespace kvtier::detail {
 
@@ -1703,12 +1861,29 @@ struct cache_config {
   write_mode mode = write_mode::write_through;
   /// Chunks waiting to be loaded by prefetch(); when full, prefetch starts no more (counted).
   std::size_t prefetch_queue_depth = 256;
+  /// Most of the first tier's slots (percent, 1..100, at least one slot) that chunks waiting for
+  /// lower-tier writes may hold when the first tier needs room: beyond it, a queued write is
+  /// dropped (counted in writes_dropped_for_room) and its chunk's slot reused, and writes in
+  /// progress never hold more. So a slow, hung or unreachable lower tier never stops the first
+  /// tier from caching. With 100, writes may hold every slot (a store then stores nothing until
+  /// one finishes).
+  unsigned write_hold_percent = 50;
 };
 
 namespace detail {
 
+/// The largest chunk a cache takes, in bytes (2^40): far above any model's (a 256-token chunk of
+/// 128 layers x 128 heads x 128 elements in bf16 is 2^31), low enough that no size derived from
+/// it (slots rounded up to pages, records, tier capacities) can overflow.
+inline constexpr std::size_t max_chunk_bytes = std::size_t{1} << 40;
+/// The largest cache_config.max_tokens (2^32 tokens in one sequence).
+inline constexpr std::size_t max_tokens_limit = std::size_t{1} << 32;
+/// The largest write and prefetch queue depth (a queue never holds more than the first tier's
+/// chunks, which are at most 2^32-1).
+inline constexpr std::size_t max_queue_depth = UINT32_MAX;
+
 /// The model, if every field is set, the block size fits the chunk size (and opt::block_tokens
-/// when given) and a chunk's size fits 64 bits.
+/// when given) and a chunk's size is at most max_chunk_bytes.
 template <std::size_t ChunkTokens, std::size_t BlockTokens, std::size_t KvPlanes>
 model_shape checked_model(const model_shape& m) {
   const std::pair<const char*, std::uint32_t> fields[] = {{"layers", m.layers},
@@ -1729,27 +1904,44 @@ model_shape checked_model(const model_shape& m) {
                            std::to_string(m.block_size));
   }
   std::size_t bytes = KvPlanes * ChunkTokens;
+  bool over = false;
   for (std::size_t f : {std::size_t{m.layers}, std::size_t{m.kv_heads}, std::size_t{m.head_size},
                         std::size_t{m.dtype_size}}) {
-    if (__builtin_mul_overflow(bytes, f, &bytes)) {
-      throw invalid_argument("kvtier: model_shape makes a chunk larger than 2^64 bytes");
-    }
+    over = __builtin_mul_overflow(bytes, f, &bytes) || over;
+  }
+  if (over || bytes > max_chunk_bytes) {
+    throw invalid_argument(
+        "kvtier: model_shape (layers " + std::to_string(m.layers) + ", kv_heads " +
+        std::to_string(m.kv_heads) + ", head_size " + std::to_string(m.head_size) +
+        ", dtype_size " + std::to_string(m.dtype_size) + ") makes a chunk of " +
+        (over ? std::string("more than 2^64") : std::to_string(bytes)) +
+        " bytes, above the limit of " + std::to_string(max_chunk_bytes) + " (2^40)");
   }
   return m;
 }
 
 /// The settings, if every count is in range.
 inline cache_config checked_config(const cache_config& c) {
-  if (c.max_tokens == 0) throw invalid_argument("kvtier: cache_config.max_tokens is 0");
+  if (c.max_tokens == 0 || c.max_tokens > max_tokens_limit) {
+    throw invalid_argument("kvtier: cache_config.max_tokens " + std::to_string(c.max_tokens) +
+                           " is out of range 1..2^32 (" + std::to_string(max_tokens_limit) + ")");
+  }
   if (c.max_inflight == 0 || c.max_inflight >= UINT32_MAX) {
     throw invalid_argument("kvtier: cache_config.max_inflight " + std::to_string(c.max_inflight) +
                            " is out of range 1..2^32-2");
   }
-  if (c.write_queue_depth == 0) {
-    throw invalid_argument("kvtier: cache_config.write_queue_depth is 0");
+  const std::pair<const char*, std::size_t> depths[] = {
+      {"write_queue_depth", c.write_queue_depth}, {"prefetch_queue_depth", c.prefetch_queue_depth}};
+  for (auto [name, value] : depths) {
+    if (value == 0 || value > max_queue_depth) {
+      throw invalid_argument(std::string("kvtier: cache_config.") + name + " " +
+                             std::to_string(value) + " is out of range 1..2^32-1 (" +
+                             std::to_string(max_queue_depth) + ")");
+    }
   }
-  if (c.prefetch_queue_depth == 0) {
-    throw invalid_argument("kvtier: cache_config.prefetch_queue_depth is 0");
+  if (c.write_hold_percent == 0 || c.write_hold_percent > 100) {
+    throw invalid_argument("kvtier: cache_config.write_hold_percent " +
+                           std::to_string(c.write_hold_percent) + " is out of range 1..100");
   }
   return c;
 }
@@ -1894,7 +2086,7 @@ class promoter {
     const std::size_t bytes = format_.bytes(e.tokens);
     const bool ok = st == tier::read_status::ok;
     if (ok) {
-      first.publish(e);
+      chain_.publish_locked(0, e);
       ++stats.tiers[t].promotions;
       stats.tiers[t].bytes_read += bytes;
       ++stats.tiers[0].writes;
@@ -2042,12 +2234,15 @@ class prefetcher {
  public:
   static constexpr std::size_t window = batch_chunks;  ///< chunks one read batch takes at most
 
-  /// Starts the reader thread (when the chain has lower tiers); the queue holds `depth` chunks.
+  /// Starts the reader thread (when the chain has lower tiers); the queue holds `depth` chunks,
+  /// or as many as the first tier holds when that is fewer (each holds a first-tier entry).
   prefetcher(Chain& chain, state_type& st, write_policy<Chain>& policy, promoter<Chain>& prom,
              const layout::chunk_format& f, std::size_t depth)
       : chain_(chain), st_(st), policy_(policy), promoter_(prom), format_(f) {
     if constexpr (Chain::has_lower) {
-      ring_ = std::make_unique<job[]>(depth);
+      depth = std::min(depth, chain.first_index().capacity());
+      reserving("the prefetch queue (cache_config.prefetch_queue_depth)", depth * sizeof(job),
+                [&] { ring_ = std::make_unique<job[]>(depth); });
       depth_ = depth;
       reader_ = std::thread([this] { loop(); });
     }
@@ -2193,23 +2388,23 @@ class chunk_index {
   using bucket_type = typename set_type::bucket_type;
 
   explicit chunk_index(std::size_t capacity)
-      : capacity_(capacity),
-        entries_(std::make_unique<index_entry[]>(capacity)),
+      : capacity_(checked_capacity(capacity)),
+        entries_(reserving("a tier index", capacity * sizeof(index_entry),
+                           [&] { return std::make_unique<index_entry[]>(capacity); })),
         // One bucket per 1-2 entries: chains stay short and index metadata stays within 64 bytes
         // per chunk (56-byte entry + at most 8 bytes of buckets).
         bucket_count_(std::bit_floor(capacity < 8 ? std::size_t{8} : capacity)),
-        buckets_(std::make_unique<bucket_type[]>(bucket_count_)),
+        buckets_(reserving("a tier index", bucket_count_ * sizeof(bucket_type),
+                           [&] { return std::make_unique<bucket_type[]>(bucket_count_); })),
         set_(typename set_type::bucket_traits(buckets_.get(), bucket_count_)) {
-    if (capacity == 0 || capacity > UINT32_MAX) {
-      throw invalid_argument("kvtier: tier capacity of " + std::to_string(capacity) +
-                             " chunks is out of range 1.." + std::to_string(UINT32_MAX));
-    }
     for (std::size_t i = 0; i < capacity; ++i) free_.push_back(entries_[i]);
   }
   ~chunk_index() {
     set_.clear();
     free_.clear();
     evictable_.clear();
+    invalidate_.clear();
+    retired_.clear();
   }
   chunk_index(const chunk_index&) = delete;
   chunk_index& operator=(const chunk_index&) = delete;
@@ -2325,6 +2520,54 @@ class chunk_index {
     settle(e);
     return true;
   }
+  /// Removes a ready, unpinned entry from lookup, as remove(), and queues its slot for its record
+  /// in storage to be invalidated (a tier whose records outlive the process) once no reader
+  /// references it (a lease's bytes stay readable until it ends): the slot is not reused before
+  /// finish_invalidation(slot). Returns false (and changes nothing) for a pinned or writing entry.
+  bool remove_durably(index_entry& e) noexcept {
+    if (e.pins != 0 || e.state != entry_state::ready) return false;
+    if (e.evictable()) evictable_.erase(evictable_.iterator_to(e));
+    make_zombie(e);
+    e.owed = 1;  // settle() queues it for invalidation instead of freeing it
+    settle(e);
+    return true;
+  }
+  /// A writing entry whose record was written but must not stay (cleared meanwhile): leaves
+  /// lookup and queues its slot for invalidation; the writer's reference becomes the
+  /// invalidation's.
+  void abort_durably(index_entry& e) noexcept {
+    make_zombie(e);
+    invalidate_.push_back(e);
+  }
+  /// Whether slots wait for their records to be invalidated.
+  [[nodiscard]] bool invalidations_pending() const noexcept { return !invalidate_.empty(); }
+  /// Takes up to `max` slots queued for invalidation into `out`; returns how many.
+  std::size_t take_invalidations(std::uint32_t* out, std::size_t max) noexcept {
+    std::size_t n = 0;
+    for (; n < max && !invalidate_.empty(); ++n) {
+      index_entry& e = invalidate_.front();
+      invalidate_.pop_front();
+      out[n] = slot(e);
+    }
+    return n;
+  }
+  /// The record of a slot from take_invalidations is invalidated (or the attempt failed): the
+  /// slot is freed once nothing else references it.
+  void finish_invalidation(std::uint32_t s) noexcept { unref(entries_[s]); }
+
+  /// The storage is full (a write failed with ENOSPC): the free entries are set aside, so that
+  /// new chunks evict the policy's victims, whose slots the storage holds, rather than fail one
+  /// by one on slots it has no room for. Entries freed later are used again.
+  void retire_free() noexcept {
+    while (!free_.empty()) {
+      index_entry& e = free_.front();
+      free_.pop_front();
+      retired_.push_back(e);
+    }
+  }
+  /// Entries set aside by retire_free().
+  [[nodiscard]] std::size_t retired() const noexcept { return retired_.size(); }
+
   /// Removes a ready entry from lookup even if pinned (its bytes failed verification).
   void discard(index_entry& e) noexcept {
     if (e.state != entry_state::ready) return;
@@ -2335,14 +2578,27 @@ class chunk_index {
   }
 
  private:
+  // Checked before anything is reserved for it.
+  static std::size_t checked_capacity(std::size_t capacity) {
+    if (capacity == 0 || capacity > UINT32_MAX) {
+      throw invalid_argument("kvtier: tier capacity of " + std::to_string(capacity) +
+                             " chunks is out of range 1.." + std::to_string(UINT32_MAX));
+    }
+    return capacity;
+  }
   void make_zombie(index_entry& e) noexcept {
     set_.erase(set_.iterator_to(e));
     e.state = entry_state::zombie;
+    e.owed = 0;  // nothing is owed of a removed chunk; remove_durably then marks it
   }
   // Puts an entry whose refs or pins just dropped where it now belongs.
   void settle(index_entry& e) noexcept {
     if (e.refs != 0) return;
-    if (e.state == entry_state::zombie) {
+    if (e.state == entry_state::zombie && e.owed != 0) {
+      e.owed = 0;
+      ++e.refs;  // the invalidation's, dropped by finish_invalidation
+      invalidate_.push_back(e);
+    } else if (e.state == entry_state::zombie) {
       e.state = entry_state::free;
       free_.push_back(e);
     } else if (e.evictable()) {
@@ -2357,6 +2613,8 @@ class chunk_index {
   set_type set_;
   eviction_list evictable_;
   eviction_list free_;
+  eviction_list invalidate_;  // zombies whose records in storage are still to be invalidated
+  eviction_list retired_;     // free entries set aside when the storage filled up
 };
 
 }  // namespace kvtier::detail
@@ -2458,7 +2716,10 @@ concept memory_tier = detail_concepts::has_index<I> && detail_concepts::has_data
 /// (as memory_tier; read_job::slot and write_job::slot are entries of it), `read_batch`,
 /// `write_batch` (see the rules above). Optional: `std::size_t recovered() const` and
 /// `std::size_t dropped_at_open() const`, records found intact and dropped when the index was
-/// rebuilt from storage at construction (reported in stats).
+/// rebuilt from storage at construction (reported in stats), and
+/// `void invalidate(std::span<const std::uint32_t> slots) noexcept` for a tier whose records
+/// outlive the process: called (no lock held, from the tier's writer threads) with the slots of
+/// cleared chunks before they are reused, it must make their records unrecoverable.
 template <class I>
 concept indexed_lower_tier = detail_concepts::has_index<I> && detail_concepts::has_read_batch<I> &&
     detail_concepts::has_write_batch<I>;
@@ -2605,6 +2866,25 @@ class tier_chain {
     with_lower_impl(t - 1, f, std::index_sequence_for<Lower...>{});
   }
 
+  /// Whether indexed tier t keeps records that outlive the process and can invalidate them
+  /// (`invalidate(std::span<const std::uint32_t> slots)`, the local disk).
+  [[nodiscard]] bool durable(std::size_t t) const noexcept { return durable_[t]; }
+  /// Removes entry `e` of the index `ix` (one of this chain's) from lookup, for a clear: as
+  /// chunk_index::remove, and in a durable tier its record is then invalidated in storage by
+  /// that tier's writer threads (wake them after) before its slot is reused. Under the lock.
+  bool remove_locked(index_type& ix, index_entry& e) noexcept {
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      if (index_[t] == &ix && durable_[t]) return ix.remove_durably(e);
+    }
+    return ix.remove(e);
+  }
+  /// Durable tier t invalidates the records of `slots` in storage (no lock held).
+  void invalidate(std::size_t t, std::span<const std::uint32_t> slots) {
+    with_lower(t, [&](auto& impl) {
+      if constexpr (requires { impl.invalidate(slots); }) impl.invalidate(slots);
+    });
+  }
+
   /// Lower tier t's batch calls (no lock held; see tier/concepts.hpp).
   void read(std::size_t t, std::span<tier::read_job> jobs) {
     with_lower(t, [&](auto& impl) { impl.read_batch(jobs); });
@@ -2684,6 +2964,21 @@ class tier_chain {
     return removed;
   }
 
+  /// Publishes tier t's writing entry `e`, pinned as often as the chunk is in the other indexed
+  /// tiers holding it. A pin covers a chunk in every tier, including those it reaches after the
+  /// pin (a promotion, a write-through), so every ready copy of a chunk has the same pin count
+  /// and an unpin undoes exactly one pin wherever the chunk is. Under the lock.
+  void publish_locked(std::size_t t, index_entry& e) noexcept {
+    index_[t]->publish(e);
+    for (std::size_t u = 0; u < tier_count; ++u) {
+      if (u == t || index_[u] == nullptr) continue;
+      if (const index_entry* o = index_[u]->find_ready(e.key)) {
+        e.pins = o->pins;  // the writer's reference keeps `e` off the eviction list
+        return;
+      }
+    }
+  }
+
   /// Drops an operation's reference to the chunk `r` names (none for a remote or dropped one).
   void unref_locked(const chunk_ref& r) noexcept {
     if (r.tier == dropped_tier || index_[r.tier] == nullptr) return;
@@ -2706,6 +3001,9 @@ class tier_chain {
   void set_index() noexcept {
     if constexpr (is_indexed<decltype(*std::get<I>(lower_))>) {
       index_[I + 1] = &std::get<I>(lower_)->index();
+      durable_[I + 1] = requires(std::span<const std::uint32_t> s) {
+        std::get<I>(lower_)->invalidate(s);
+      };
     }
   }
   template <class F, std::size_t... I>
@@ -2742,6 +3040,7 @@ class tier_chain {
   std::unique_ptr<first_impl> first_;
   std::tuple<std::unique_ptr<typename Lower::template impl<Eviction>>...> lower_;
   std::array<index_type*, tier_count> index_{};  // nullptr for a remote tier
+  std::array<bool, tier_count> durable_{};
   std::array<std::uint32_t, tier_count> admit_{};
   std::array<std::size_t, tier_count> writers_{};
   std::uint8_t lower_mask_ = 0;
@@ -2755,6 +3054,10 @@ class tier_chain {
 
 
 namespace kvtier::layout {
+
+/// The most bytes one engine tensor may span, first element to last (2^56: no 64-bit process
+/// addresses more), so that every offset computed into it fits 64 bits.
+inline constexpr std::uint64_t max_tensor_bytes = std::uint64_t{1} << 56;
 
 /// The engine's tensors checked against layout L and the model: tensor count, null pointers,
 /// rank, every extent, and (when the engine gives them) strides. Throws
@@ -2805,7 +3108,7 @@ class view {
                                ", layout " + lname + " expects " + std::to_string(want[d]));
       }
     }
-    const std::array<std::int64_t, tr::rank> st = strides(kv, want, lname);
+    const std::array<std::int64_t, tr::rank> st = strides(kv, want, lname, m.dtype_size);
     const auto s = [&](dim d) -> std::size_t {
       return tr::has(d) ? static_cast<std::size_t>(st[tr::index(d)]) * m.dtype_size : 0;
     };
@@ -2813,7 +3116,7 @@ class view {
     r_.layers = m.layers;
     r_.heads = m.kv_heads;
     r_.block_size = m.block_size;
-    r_.row_bytes = m.head_size * m.dtype_size;
+    r_.row_bytes = std::size_t{m.head_size} * m.dtype_size;
     r_.blocks = static_cast<std::uint64_t>(blocks);
     r_.layer_stride = s(dim::layer);
     r_.head_stride = s(dim::head);
@@ -2870,17 +3173,34 @@ class view {
     return "";
   }
 
-  // The engine's strides (elements), checked, or the dense row-major strides of `shape`.
+  // The engine's strides (elements), checked, or the dense row-major strides of `shape`. Either
+  // way the tensor spans at most max_tensor_bytes, so no offset computed from them overflows.
   static std::array<std::int64_t, tr::rank> strides(const engine_kv& kv,
                                                     const std::array<std::int64_t, tr::rank>& shape,
-                                                    const std::string& lname) {
+                                                    const std::string& lname,
+                                                    std::size_t dtype_size) {
     std::array<std::int64_t, tr::rank> st{};
     std::int64_t dense = 1;
+    bool dense_over = false;  // only an error without the engine's strides
+    std::size_t over_dim = 0;
     for (std::size_t d = tr::rank; d-- > 0;) {
       st[d] = dense;
-      dense *= shape[d];
+      if (!dense_over && __builtin_mul_overflow(dense, shape[d], &dense)) {
+        dense_over = true;
+        over_dim = d;
+      }
     }
-    if (kv.strides.empty()) return st;
+    if (kv.strides.empty()) {
+      if (dense_over) {
+        throw invalid_argument("kvtier: engine_kv shape[" + std::to_string(over_dim) + "] (" +
+                               dim_name(L::dims[over_dim]) + ") is " +
+                               std::to_string(shape[over_dim]) +
+                               ", which makes a tensor of more than 2^63 elements; the limit is " +
+                               std::to_string(max_tensor_bytes) + " bytes (2^56)");
+      }
+      check_span(shape, st, dtype_size);
+      return st;
+    }
     if (kv.strides.size() != tr::rank) {
       throw invalid_argument("kvtier: engine_kv strides have rank " +
                              std::to_string(kv.strides.size()) + ", shape has rank " +
@@ -2892,8 +3212,17 @@ class view {
                              dim_name(L::dims[last]) + ") is " + std::to_string(kv.strides[last]) +
                              ", layout " + lname + " needs 1 (contiguous rows)");
     }
+    for (std::size_t d = 0; d < tr::rank; ++d) {
+      if (kv.strides[d] < 0) {
+        throw invalid_argument("kvtier: engine_kv strides[" + std::to_string(d) + "] (" +
+                               dim_name(L::dims[d]) + ") is " + std::to_string(kv.strides[d]) +
+                               ", layout " + lname + " needs non-negative strides");
+      }
+    }
+    check_span(shape, std::span<const std::int64_t, tr::rank>(kv.strides.data(), tr::rank),
+               dtype_size);
     // No two elements may share an address: ordered by stride, each dim must step over the
-    // whole extent of the next smaller one.
+    // whole extent of the next smaller one. (check_span bounds every product below.)
     std::array<std::size_t, tr::rank> order{};
     for (std::size_t d = 0; d < tr::rank; ++d) order[d] = d;
     std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
@@ -2915,6 +3244,28 @@ class view {
     }
     for (std::size_t d = 0; d < tr::rank; ++d) st[d] = kv.strides[d];
     return st;
+  }
+
+  // Throws unless the bytes from a tensor's first element to its last fit max_tensor_bytes,
+  // naming the dim whose extent and stride take it over. Strides are non-negative.
+  static void check_span(const std::array<std::int64_t, tr::rank>& shape,
+                         std::span<const std::int64_t, tr::rank> st, std::size_t dtype_size) {
+    std::uint64_t last = 0;  // offset of the last element, in elements
+    for (std::size_t d = 0; d < tr::rank; ++d) {
+      std::uint64_t step = 0, bytes = 0;
+      const bool over = __builtin_mul_overflow(static_cast<std::uint64_t>(shape[d] - 1),
+                                               static_cast<std::uint64_t>(st[d]), &step) ||
+                        __builtin_add_overflow(last, step, &last) ||
+                        __builtin_mul_overflow(last + 1, std::uint64_t{dtype_size}, &bytes) ||
+                        bytes > max_tensor_bytes;
+      if (over) {
+        throw invalid_argument(
+            "kvtier: engine_kv shape[" + std::to_string(d) + "] (" + dim_name(L::dims[d]) +
+            ") is " + std::to_string(shape[d]) + " with stride " + std::to_string(st[d]) +
+            ": the tensor spans more than the limit of " + std::to_string(max_tensor_bytes) +
+            " bytes (2^56, more than any address space)");
+      }
+    }
   }
 
   void* const* tensors_ = nullptr;
@@ -3153,7 +3504,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   using retrieve_pipeline = typename async_type::retrieve_pipeline;
 
   cache_impl(const model_shape& model, const salt& s, const tier_configs& tiers = {},
-             const cache_config& cfg = {})
+             const cache_config& cfg = {}) try
       : model_(checked_model<ChunkTokens, BlockTokens, layout::traits<Layout>::kv_planes>(model)),
         cfg_(checked_config(cfg)),
         format_(layout::chunk_format::from(model, ChunkTokens, layout::traits<Layout>::kv_planes)),
@@ -3161,12 +3512,18 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
         chain_(tiers, tier::context{format_, chunker_.salt_key(), model_.block_size,
                                     max_chunks(cfg_, ChunkTokens), cfg_.max_inflight}),
         ops_(max_chunks(cfg_, ChunkTokens), cfg_.max_inflight),
-        writers_(chain_, st_, format_, cfg_.write_queue_depth),
+        writers_(chain_, st_, format_, cfg_.write_queue_depth, cfg_.write_hold_percent),
         policy_(chain_, st_, writers_, cfg_.mode),
         promoter_(chain_, st_, policy_, format_),
         prefetcher_(chain_, st_, policy_, promoter_, format_, cfg_.prefetch_queue_depth),
         async_(chain_, st_, ops_, policy_, model_.layers) {
     chain_.init_stats(st_.stats);
+  } catch (const std::bad_alloc&) {
+    // The parts name what they reserve; this is for what they do not (a thread, a path).
+    throw error("kvtier: out of memory constructing the cache (max_tokens " +
+                std::to_string(cfg.max_tokens) + ", max_inflight " +
+                std::to_string(cfg.max_inflight) + ", write_queue_depth " +
+                std::to_string(cfg.write_queue_depth) + ")");
   }
   /// Waits for GPU copies, finishes queued writes to lower tiers (bounded by the queue depths)
   /// and stops; queued prefetches are abandoned. Under write_back, chunks not yet written back
@@ -3336,7 +3693,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     for (std::size_t i = r.first; i < placed; ++i) {
       if (!rs[i].wrote) continue;
       index_entry& e = ix.at(rs[i].slot);
-      ix.publish(e);
+      chain_.publish_locked(0, e);
       ++st_.stats.tiers[0].writes;
       policy_.on_stored_locked(e);
       ix.unref(e);
@@ -3516,8 +3873,10 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
 
   std::size_t clear(std::span<const token_id> tokens) {
     return for_each_chunk(
-        "clear", tokens, false, [](index_type& ix, index_entry& e) { return ix.remove(e); },
+        "clear", tokens, false,
+        [this](index_type& ix, index_entry& e) { return chain_.remove_locked(ix, e); },
         [&](std::span<const chunk_key> ks, std::size_t done) {
+          policy_.notify();  // the writers invalidate cleared records on disk
           // Remote tiers have no local index: their chunks are deleted by key. A chunk only a
           // remote tier held counts too (full chunks; the tail last).
           const std::size_t removed = chain_.remove_remote(ks);
@@ -3534,10 +3893,11 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       if (ix == nullptr) continue;
       for (std::uint32_t s = 0; s < ix->capacity(); ++s) {
         index_entry& e = ix->at(s);
-        if (e.state == entry_state::ready && ix->remove(e)) ++removed;
+        if (e.state == entry_state::ready && chain_.remove_locked(*ix, e)) ++removed;
       }
     }
     lk.unlock();
+    policy_.notify();  // the writers invalidate cleared records on disk
     if constexpr (remote_count > 0) removed += chain_.remove_all_remote();
     return removed;
   }
@@ -4017,10 +4377,9 @@ class slab {
   slab() = default;
   slab(std::size_t slots, std::size_t slot_bytes, std::size_t alignment, bool lock,
        std::pmr::memory_resource* upstream = nullptr, bool prefault = false)
-      : slot_bytes_(round_up(slot_bytes, alignment)),
+      : slot_bytes_(detail::checked_round_up(slot_bytes, alignment, "slab slot bytes")),
         slots_(slots),
-        region_(checked_bytes(slots, round_up(slot_bytes, alignment)), alignment, lock, upstream,
-                prefault) {}
+        region_(checked_bytes(slots, slot_bytes_), alignment, lock, upstream, prefault) {}
 
   [[nodiscard]] std::byte* data(std::uint32_t slot) const noexcept {
     return region_.data() + static_cast<std::size_t>(slot) * slot_bytes_;
@@ -4034,10 +4393,10 @@ class slab {
   }
 
   /// Slots of `chunk_bytes` (rounded up to `alignment`) that `capacity_bytes` holds; throws
-  /// invalid_argument naming `tier` when it holds none.
+  /// invalid_argument naming `tier` when it holds none (or the rounding overflows).
   [[nodiscard]] static std::size_t slots_in(std::size_t capacity_bytes, std::size_t chunk_bytes,
                                             std::size_t alignment, const char* tier) {
-    const std::size_t slot = round_up(chunk_bytes, alignment);
+    const std::size_t slot = detail::checked_round_up(chunk_bytes, alignment, "chunk slot bytes");
     if (capacity_bytes < slot) {
       throw invalid_argument(std::string("kvtier: ") + tier + " capacity_bytes " +
                              std::to_string(capacity_bytes) + " holds no chunk of " +
@@ -4272,8 +4631,9 @@ namespace kvtier {
 ///    only once all its bytes are in. Returns the tokens stored or already held, a prefix: when
 ///    nothing more is evictable it stores what fits.
 ///  - `release(lease&)`: gives the lease's chunks back without loading them.
-///  - `pin(tokens)` / `unpin(tokens)`: a pinned chunk is never evicted from any tier that holds it
-///    when pinned. pin returns the tokens of the pinned prefix; unpin the tokens unpinned.
+///  - `pin(tokens)` / `unpin(tokens)`: a pinned chunk is never evicted from any tier that holds it,
+///    including tiers it reaches after the pin (promotion, write-through); each unpin undoes one
+///    pin. pin returns the tokens of the pinned prefix; unpin the tokens unpinned.
 ///  - `clear(tokens)` / `clear()`: removes unpinned chunks from every tier (bytes under a lease
 ///    stay valid until it ends). Return the tokens / chunk copies removed.
 ///  - `flush()`: waits until queued write-through has finished.
@@ -6980,6 +7340,24 @@ struct local_disk {
       }
     }
 
+    /// Makes the records in `slots` unrecoverable, as cheaply as a header write: each slot's
+    /// header page is zeroed (what recovery takes for a never-written slot), synced under
+    /// durability::each_batch. The cache calls it for cleared chunks before reusing their slots,
+    /// so a clear lasts across a restart. No lock held.
+    void invalidate(std::span<const std::uint32_t> slots) noexcept {
+      alignas(4096) const page zero{};
+      std::array<detail::io_op, max_batch> ops;
+      for (std::size_t b = 0; b < slots.size(); b += max_batch) {
+        const std::size_t n = std::min(max_batch, slots.size() - b);
+        for (std::size_t k = 0; k < n; ++k) {
+          ops[k] = {fd_for(zero.data(), 4096), true, const_cast<std::byte*>(zero.data()), 4096,
+                    base(slots[b + k])};
+        }
+        io_.run({ops.data(), n});
+      }
+      if (cfg_.sync == durability::each_batch) (void)::fdatasync(fd_);
+    }
+
     /// Reads each job's record into its `dst` and proves it is the job key's: intact header for
     /// this key, salt, format and length, and a matching payload checksum. No lock held.
     void read_batch(std::span<read_job> jobs) noexcept {
@@ -7024,6 +7402,9 @@ struct local_disk {
       if (cfg_.sync == durability::each_batch) synced = ::fdatasync(fd_) == 0;
       for (std::size_t i = 0; i < jobs.size(); ++i) {
         jobs[i].ok = synced && ops[2 * i].res >= 0 && ops[2 * i + 1].res >= 0;
+        for (const long res : {ops[2 * i].res, ops[2 * i + 1].res}) {
+          if (res == -ENOSPC || res == -EDQUOT) jobs[i].no_space = true;
+        }
       }
     }
 
@@ -7094,14 +7475,27 @@ struct local_disk {
           detail::record_header h;
           std::memcpy(&h, pages[k].data(), sizeof h);
           if (h.version == 0 && h.header_checksum == 0) continue;  // never written or cleared
+          const std::uint32_t s = static_cast<std::uint32_t>(w + k);
+          // A whole header over a payload the file does not hold (a write cut short by a full
+          // filesystem, without preallocation) is torn, not a hit.
           const bool intact = h.tokens > 0 && h.tokens <= ctx_.format.chunk_tokens &&
                               detail::header_matches(h, h.key, ctx_.salt, fp, h.tokens,
-                                                     ctx_.format.bytes(h.tokens));
-          if (!intact || index_.find(h.key) != nullptr) {
+                                                     ctx_.format.bytes(h.tokens)) &&
+                              static_cast<std::size_t>(base(s)) + detail::record_header_bytes +
+                                      padded(ctx_.format.bytes(h.tokens)) <=
+                                  static_cast<std::size_t>(st.st_size);
+          if (!intact) {
             ++dropped_;
             continue;
           }
-          index_.claim(static_cast<std::uint32_t>(w + k), h.key, h.tokens);
+          if (index_.find(h.key) != nullptr) {
+            // A second record of one key (stored again after a clear whose invalidation a crash
+            // cut off): the same chunk, not an error. The first is kept, this one invalidated.
+            alignas(4096) const page zero{};
+            (void)::pwrite(fd_, zero.data(), zero.size(), base(s));
+            continue;
+          }
+          index_.claim(s, h.key, h.tokens);
           ++recovered_;
         }
       }
@@ -7131,6 +7525,12 @@ struct local_disk {
     }
 
     static config checked(const config& c) {
+      if (const auto nul = c.path.native().find('\0'); nul != std::string::npos) {
+        std::string shown = c.path.native();
+        shown.replace(nul, 1, "\\0");
+        throw invalid_argument("kvtier: local_disk path '" + shown + "' has a NUL byte at offset " +
+                               std::to_string(nul) + " (the system would truncate it there)");
+      }
       if (c.queue_depth == 0 || c.queue_depth > 4096) {
         throw invalid_argument("kvtier: local_disk queue_depth " + std::to_string(c.queue_depth) +
                                " is out of range 1..4096");
@@ -7147,6 +7547,13 @@ struct local_disk {
       return c;
     }
     static std::size_t slots_for(const config& c, std::size_t slot_bytes) {
+      // Every record's offset must fit off_t.
+      constexpr std::size_t max_file = std::size_t{1} << 62;
+      if (c.capacity_bytes > max_file) {
+        throw invalid_argument("kvtier: local_disk capacity_bytes " +
+                               std::to_string(c.capacity_bytes) + " is above the limit of " +
+                               std::to_string(max_file) + " (2^62)");
+      }
       if (c.capacity_bytes < slot_bytes) {
         throw invalid_argument("kvtier: local_disk capacity_bytes " +
                                std::to_string(c.capacity_bytes) + " holds no record of " +

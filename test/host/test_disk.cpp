@@ -264,3 +264,184 @@ TEST_CASE("a chunk cleared while its write-through is queued is not written to d
   CHECK(on_disk == 0);
   CHECK(cache.stats().tiers[1].used_chunks == 0);
 }
+
+// Issue 16, item 2: pins belonged to tiers, not to their holders. A pin taken while the chunk
+// was only on disk, then unpinned after the chunk was promoted, dropped another caller's host
+// pin, and two stores later that caller's pinned chunk was evicted. A pin now covers the chunk
+// in every tier, including the ones it reaches later, so each unpin undoes exactly one pin.
+TEST_CASE("an unpin undoes its own pin, not another holder's, across a promotion") {
+  fixture f;
+  const auto x = test::tokens(16, 7);
+  REQUIRE(f.cache.store(x, f.eng.kv(), f.bt) == 16);
+  f.cache.flush();
+  f.push_out();
+  REQUIRE(f.cache.lookup(x).hits_in(1) == 1);  // only on disk now
+  CHECK(f.cache.pin(x) == 16);                 // holder A, while the chunk is on disk only
+  {
+    auto l = f.cache.lookup(x);  // promoted into the host tier by the retrieve
+    test::engine<nhd> dst(test::small_model, 64, 5);
+    REQUIRE(f.cache.retrieve(l, dst.kv(), f.bt) == 16);
+  }
+  REQUIRE(f.cache.lookup(x).hits_in(0) == 1);
+  CHECK(f.cache.pin(x) == 16);    // holder B, with the chunk in the host tier
+  CHECK(f.cache.unpin(x) == 16);  // A lets go
+  // Two stores of 4 chunks each would evict every unpinned host chunk.
+  for (std::uint32_t s = 1001; s <= 1002; ++s) {
+    f.cache.store(test::tokens(64, s), f.eng.kv(), f.bt);
+    f.cache.flush();
+  }
+  CHECK(f.cache.lookup(x).hits_in(0) == 1);  // B's pin still holds it in host memory
+  CHECK(f.cache.unpin(x) == 16);             // B lets go
+  CHECK(f.cache.unpin(x) == 0);              // nothing left to undo
+  for (std::uint32_t s = 1003; s <= 1004; ++s) {
+    f.cache.store(test::tokens(64, s), f.eng.kv(), f.bt);
+    f.cache.flush();
+  }
+  CHECK(f.cache.lookup(x).hits_in(0) == 0);  // unpinned everywhere: evicted as usual
+}
+
+TEST_CASE("a disk copy written after a pin is pinned too, and the unpin releases both") {
+  const auto dir = test::temp_dir("disk-pin");
+  // The disk takes a chunk only once a lookup hit it: the write comes after the pin.
+  C cache{
+      test::small_model,
+      test::small_salt,
+      {{4 * slot}, disk::config{.path = dir, .capacity_bytes = 8 * record, .admit_after_hits = 1}}};
+  test::engine<nhd> eng{test::small_model, 64, 1};
+  const auto bt = test::shuffled_table(16, 64, 3);
+  const auto x = test::tokens(16, 8);
+  REQUIRE(cache.store(x, eng.kv(), bt) == 16);
+  REQUIRE(cache.pin(x) == 16);
+  cache.flush();
+  REQUIRE(cache.stats().tiers[1].writes == 0);
+  REQUIRE(cache.lookup(x).hits_in(0) == 1);  // the hit that admits it
+  cache.flush();
+  REQUIRE(cache.stats().tiers[1].writes == 1);
+  kvtier::chunk_key k;
+  REQUIRE(cache.keys(x, {&k, 1}) == 1);
+  auto pins = [&](auto& ix) {
+    const auto* e = ix.find_ready(k);
+    return e ? e->pins : 99u;
+  };
+  CHECK(pins(cache.tier<0>().index()) == 1);
+  CHECK(pins(cache.tier<1>().index()) == 1);  // was 0: the disk copy was evictable
+  CHECK(cache.unpin(x) == 16);
+  CHECK(pins(cache.tier<0>().index()) == 0);
+  CHECK(pins(cache.tier<1>().index()) == 0);
+  CHECK(cache.unpin(x) == 0);
+}
+
+// Issue 16, item 5: a clear lasts on disk. clear(tokens) and clear() used to drop only the disk
+// tier's index entries, leaving intact records that a cache rebuilt over the same directory
+// recovered and hit again. The cleared records are now invalidated (their header pages zeroed)
+// before their slots are reused.
+TEST_CASE("a clear lasts across a restart, and a chunk stored again after it is one record") {
+  const auto dir = test::temp_dir("disk-clear");
+  test::engine<nhd> eng{test::small_model, 64, 1};
+  const auto bt = test::shuffled_table(16, 64, 3);
+  const auto p = test::tokens(48, 11), q = test::tokens(32, 12), r = test::tokens(16, 13);
+  const std::vector<kvtier::token_id> p1(p.begin(), p.begin() + 16);
+  {
+    C cache{test::small_model, test::small_salt, {{4 * slot}, {dir, 8 * record}}};
+    for (const auto* t : {&p, &q, &r}) {  // each written through before the next
+      REQUIRE(cache.store(*t, eng.kv(), bt) == t->size());
+      cache.flush();
+    }
+    REQUIRE(cache.stats().tiers[1].used_chunks == 6);
+    CHECK(cache.clear(p1) == 16);  // p's first chunk, from the host tier and the disk
+    CHECK(cache.clear(q) == 32);
+    REQUIRE(cache.store(r, eng.kv(), bt) == 16);  // still held: nothing new
+    cache.clear(r);
+    REQUIRE(cache.store(r, eng.kv(), bt) == 16);  // stored again after its clear
+    cache.flush();
+  }
+  C cache{test::small_model, test::small_salt, {{4 * slot}, {dir, 8 * record}}};
+  const auto s = cache.stats();
+  CHECK(s.tiers[1].recovered == 3);      // p's last two chunks and r, once
+  CHECK(s.tiers[1].errors == 0);         // r's two records (if both remained) are no error
+  CHECK(cache.lookup(p).tokens() == 0);  // the prefix starts with the cleared chunk
+  CHECK(cache.lookup(q).tokens() == 0);
+  auto l = cache.lookup(r);
+  CHECK(l.hits_in(1) == 1);
+  test::engine<nhd> dst(test::small_model, 64, 5);
+  CHECK(cache.retrieve(l, dst.kv(), bt) == 16);
+  CHECK(test::same_tokens(eng, bt, dst, bt, 0, 16));
+  // clear() of everything lasts too.
+  cache.clear();
+  cache.flush();
+}
+
+TEST_CASE("clear() of every chunk lasts across a restart") {
+  const auto dir = test::temp_dir("disk-clear-all");
+  test::engine<nhd> eng{test::small_model, 64, 1};
+  const auto bt = test::shuffled_table(16, 64, 3);
+  {
+    C cache{test::small_model, test::small_salt, {{4 * slot}, {dir, 8 * record}}};
+    REQUIRE(cache.store(test::tokens(64, 21), eng.kv(), bt) == 64);
+    cache.flush();
+    CHECK(cache.clear() == 8);  // 4 chunks in host memory and on disk
+  }
+  C cache{test::small_model, test::small_salt, {{4 * slot}, {dir, 8 * record}}};
+  CHECK(cache.stats().tiers[1].recovered == 0);
+  CHECK(cache.lookup(test::tokens(64, 21)).tokens() == 0);
+}
+
+// Issue 16, item 4: disk edge cases.
+TEST_CASE("recovery rejects a whole header over a payload the file does not hold") {
+  const auto dir = test::temp_dir("disk-short");
+  test::engine<nhd> eng{test::small_model, 64, 1};
+  const auto bt = test::shuffled_table(16, 64, 3);
+  const auto x = test::tokens(16, 31);
+  std::filesystem::path file;
+  {
+    C cache{test::small_model,
+            test::small_salt,
+            {{4 * slot},
+             disk::config{.path = dir, .capacity_bytes = 8 * record, .preallocate = false}}};
+    REQUIRE(cache.store(x, eng.kv(), bt) == 16);
+    cache.flush();
+    file = cache.tier<1>().file();
+  }
+  // As a write cut short by a full filesystem leaves it: the header, and 100 payload bytes.
+  std::filesystem::resize_file(file, 4096 + 100);
+  C cache{test::small_model, test::small_salt, {{4 * slot}, {dir, 8 * record}}};
+  const auto s = cache.stats();
+  CHECK(s.tiers[1].recovered == 0);  // was 1: a hit that then failed to read
+  CHECK(s.tiers[1].errors == 1);
+  CHECK(cache.lookup(x).tokens() == 0);
+}
+
+TEST_CASE("a disk path with an embedded NUL is refused, not truncated") {
+  const auto dir = test::temp_dir("disk-nul");
+  const std::string bad = dir.string() + std::string("\0/elsewhere", 11);
+  CHECK_THROWS_WITH_AS(
+      C(test::small_model, test::small_salt, {{4 * slot}, {bad, 8 * record}}),
+      test::contains("has a NUL byte at offset " + std::to_string(dir.string().size())),
+      kvtier::invalid_argument);
+}
+
+TEST_CASE("a leased disk chunk that is cleared stays readable until the lease ends") {
+  const auto dir = test::temp_dir("disk-clear-lease");
+  test::engine<nhd> eng{test::small_model, 64, 1};
+  const auto bt = test::shuffled_table(16, 64, 3);
+  const auto x = test::tokens(16, 41);
+  {
+    C cache{test::small_model, test::small_salt, {{4 * slot}, {dir, 8 * record}}};
+    REQUIRE(cache.store(x, eng.kv(), bt) == 16);
+    cache.flush();
+    REQUIRE(cache.store(test::tokens(64, 42), eng.kv(), bt) == 64);  // x only on disk now
+    cache.flush();
+    auto l = cache.lookup(x);
+    REQUIRE(l.hits_in(1) == 1);
+    CHECK(cache.clear(x) == 16);
+    cache.flush();  // the record is not invalidated under the lease
+    test::engine<nhd> dst(test::small_model, 64, 5);
+    CHECK(cache.retrieve(l, dst.kv(), bt) == 16);
+    CHECK(test::same_tokens(eng, bt, dst, bt, 0, 16));
+    CHECK(cache.stats().tiers[1].errors == 0);
+    cache.flush();  // now it is
+  }
+  C cache{test::small_model, test::small_salt, {{4 * slot}, {dir, 8 * record}}};
+  CHECK(cache.stats().tiers[1].recovered == 4);  // the other four chunks, not x
+  CHECK(cache.lookup(x).tokens() == 0);
+}

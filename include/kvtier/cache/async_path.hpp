@@ -137,7 +137,7 @@ class async_path {
         if (!rs[i].wrote) continue;
         index_entry& e = ix.at(rs[i].slot);
         if (ok && a.ok) {
-          ix.publish(e);
+          chain_.publish_locked(0, e);
           ++st_.stats.tiers[0].writes;
           policy_.on_stored_locked(e);
         } else {

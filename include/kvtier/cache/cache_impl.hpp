@@ -35,6 +35,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
+#include <new>
 #include <span>
 #include <string>
 #include <tuple>
@@ -81,7 +82,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   using retrieve_pipeline = typename async_type::retrieve_pipeline;
 
   cache_impl(const model_shape& model, const salt& s, const tier_configs& tiers = {},
-             const cache_config& cfg = {})
+             const cache_config& cfg = {}) try
       : model_(checked_model<ChunkTokens, BlockTokens, layout::traits<Layout>::kv_planes>(model)),
         cfg_(checked_config(cfg)),
         format_(layout::chunk_format::from(model, ChunkTokens, layout::traits<Layout>::kv_planes)),
@@ -89,12 +90,18 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
         chain_(tiers, tier::context{format_, chunker_.salt_key(), model_.block_size,
                                     max_chunks(cfg_, ChunkTokens), cfg_.max_inflight}),
         ops_(max_chunks(cfg_, ChunkTokens), cfg_.max_inflight),
-        writers_(chain_, st_, format_, cfg_.write_queue_depth),
+        writers_(chain_, st_, format_, cfg_.write_queue_depth, cfg_.write_hold_percent),
         policy_(chain_, st_, writers_, cfg_.mode),
         promoter_(chain_, st_, policy_, format_),
         prefetcher_(chain_, st_, policy_, promoter_, format_, cfg_.prefetch_queue_depth),
         async_(chain_, st_, ops_, policy_, model_.layers) {
     chain_.init_stats(st_.stats);
+  } catch (const std::bad_alloc&) {
+    // The parts name what they reserve; this is for what they do not (a thread, a path).
+    throw error("kvtier: out of memory constructing the cache (max_tokens " +
+                std::to_string(cfg.max_tokens) + ", max_inflight " +
+                std::to_string(cfg.max_inflight) + ", write_queue_depth " +
+                std::to_string(cfg.write_queue_depth) + ")");
   }
   /// Waits for GPU copies, finishes queued writes to lower tiers (bounded by the queue depths)
   /// and stops; queued prefetches are abandoned. Under write_back, chunks not yet written back
@@ -264,7 +271,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     for (std::size_t i = r.first; i < placed; ++i) {
       if (!rs[i].wrote) continue;
       index_entry& e = ix.at(rs[i].slot);
-      ix.publish(e);
+      chain_.publish_locked(0, e);
       ++st_.stats.tiers[0].writes;
       policy_.on_stored_locked(e);
       ix.unref(e);
@@ -444,8 +451,10 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
 
   std::size_t clear(std::span<const token_id> tokens) {
     return for_each_chunk(
-        "clear", tokens, false, [](index_type& ix, index_entry& e) { return ix.remove(e); },
+        "clear", tokens, false,
+        [this](index_type& ix, index_entry& e) { return chain_.remove_locked(ix, e); },
         [&](std::span<const chunk_key> ks, std::size_t done) {
+          policy_.notify();  // the writers invalidate cleared records on disk
           // Remote tiers have no local index: their chunks are deleted by key. A chunk only a
           // remote tier held counts too (full chunks; the tail last).
           const std::size_t removed = chain_.remove_remote(ks);
@@ -462,10 +471,11 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       if (ix == nullptr) continue;
       for (std::uint32_t s = 0; s < ix->capacity(); ++s) {
         index_entry& e = ix->at(s);
-        if (e.state == entry_state::ready && ix->remove(e)) ++removed;
+        if (e.state == entry_state::ready && chain_.remove_locked(*ix, e)) ++removed;
       }
     }
     lk.unlock();
+    policy_.notify();  // the writers invalidate cleared records on disk
     if constexpr (remote_count > 0) removed += chain_.remove_all_remote();
     return removed;
   }

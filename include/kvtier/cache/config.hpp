@@ -3,6 +3,7 @@
 // the constructor (model shape, settings), each refused with the bad value named.
 
 #include "kvtier/cache/write_policy.hpp"
+#include "kvtier/detail/checked.hpp"
 #include "kvtier/error.hpp"
 #include "kvtier/model.hpp"
 
@@ -30,12 +31,29 @@ struct cache_config {
   write_mode mode = write_mode::write_through;
   /// Chunks waiting to be loaded by prefetch(); when full, prefetch starts no more (counted).
   std::size_t prefetch_queue_depth = 256;
+  /// Most of the first tier's slots (percent, 1..100, at least one slot) that chunks waiting for
+  /// lower-tier writes may hold when the first tier needs room: beyond it, a queued write is
+  /// dropped (counted in writes_dropped_for_room) and its chunk's slot reused, and writes in
+  /// progress never hold more. So a slow, hung or unreachable lower tier never stops the first
+  /// tier from caching. With 100, writes may hold every slot (a store then stores nothing until
+  /// one finishes).
+  unsigned write_hold_percent = 50;
 };
 
 namespace detail {
 
+/// The largest chunk a cache takes, in bytes (2^40): far above any model's (a 256-token chunk of
+/// 128 layers x 128 heads x 128 elements in bf16 is 2^31), low enough that no size derived from
+/// it (slots rounded up to pages, records, tier capacities) can overflow.
+inline constexpr std::size_t max_chunk_bytes = std::size_t{1} << 40;
+/// The largest cache_config.max_tokens (2^32 tokens in one sequence).
+inline constexpr std::size_t max_tokens_limit = std::size_t{1} << 32;
+/// The largest write and prefetch queue depth (a queue never holds more than the first tier's
+/// chunks, which are at most 2^32-1).
+inline constexpr std::size_t max_queue_depth = UINT32_MAX;
+
 /// The model, if every field is set, the block size fits the chunk size (and opt::block_tokens
-/// when given) and a chunk's size fits 64 bits.
+/// when given) and a chunk's size is at most max_chunk_bytes.
 template <std::size_t ChunkTokens, std::size_t BlockTokens, std::size_t KvPlanes>
 model_shape checked_model(const model_shape& m) {
   const std::pair<const char*, std::uint32_t> fields[] = {{"layers", m.layers},
@@ -56,27 +74,44 @@ model_shape checked_model(const model_shape& m) {
                            std::to_string(m.block_size));
   }
   std::size_t bytes = KvPlanes * ChunkTokens;
+  bool over = false;
   for (std::size_t f : {std::size_t{m.layers}, std::size_t{m.kv_heads}, std::size_t{m.head_size},
                         std::size_t{m.dtype_size}}) {
-    if (__builtin_mul_overflow(bytes, f, &bytes)) {
-      throw invalid_argument("kvtier: model_shape makes a chunk larger than 2^64 bytes");
-    }
+    over = __builtin_mul_overflow(bytes, f, &bytes) || over;
+  }
+  if (over || bytes > max_chunk_bytes) {
+    throw invalid_argument(
+        "kvtier: model_shape (layers " + std::to_string(m.layers) + ", kv_heads " +
+        std::to_string(m.kv_heads) + ", head_size " + std::to_string(m.head_size) +
+        ", dtype_size " + std::to_string(m.dtype_size) + ") makes a chunk of " +
+        (over ? std::string("more than 2^64") : std::to_string(bytes)) +
+        " bytes, above the limit of " + std::to_string(max_chunk_bytes) + " (2^40)");
   }
   return m;
 }
 
 /// The settings, if every count is in range.
 inline cache_config checked_config(const cache_config& c) {
-  if (c.max_tokens == 0) throw invalid_argument("kvtier: cache_config.max_tokens is 0");
+  if (c.max_tokens == 0 || c.max_tokens > max_tokens_limit) {
+    throw invalid_argument("kvtier: cache_config.max_tokens " + std::to_string(c.max_tokens) +
+                           " is out of range 1..2^32 (" + std::to_string(max_tokens_limit) + ")");
+  }
   if (c.max_inflight == 0 || c.max_inflight >= UINT32_MAX) {
     throw invalid_argument("kvtier: cache_config.max_inflight " + std::to_string(c.max_inflight) +
                            " is out of range 1..2^32-2");
   }
-  if (c.write_queue_depth == 0) {
-    throw invalid_argument("kvtier: cache_config.write_queue_depth is 0");
+  const std::pair<const char*, std::size_t> depths[] = {
+      {"write_queue_depth", c.write_queue_depth}, {"prefetch_queue_depth", c.prefetch_queue_depth}};
+  for (auto [name, value] : depths) {
+    if (value == 0 || value > max_queue_depth) {
+      throw invalid_argument(std::string("kvtier: cache_config.") + name + " " +
+                             std::to_string(value) + " is out of range 1..2^32-1 (" +
+                             std::to_string(max_queue_depth) + ")");
+    }
   }
-  if (c.prefetch_queue_depth == 0) {
-    throw invalid_argument("kvtier: cache_config.prefetch_queue_depth is 0");
+  if (c.write_hold_percent == 0 || c.write_hold_percent > 100) {
+    throw invalid_argument("kvtier: cache_config.write_hold_percent " +
+                           std::to_string(c.write_hold_percent) + " is out of range 1..100");
   }
   return c;
 }

@@ -7,6 +7,7 @@
 #include "kvtier/cache/promotion.hpp"
 #include "kvtier/cache/state.hpp"
 #include "kvtier/cache/write_policy.hpp"
+#include "kvtier/detail/checked.hpp"
 #include "kvtier/detail/index_entry.hpp"
 #include "kvtier/layout/chunk_format.hpp"
 #include "kvtier/tier/context.hpp"
@@ -31,12 +32,15 @@ class prefetcher {
  public:
   static constexpr std::size_t window = batch_chunks;  ///< chunks one read batch takes at most
 
-  /// Starts the reader thread (when the chain has lower tiers); the queue holds `depth` chunks.
+  /// Starts the reader thread (when the chain has lower tiers); the queue holds `depth` chunks,
+  /// or as many as the first tier holds when that is fewer (each holds a first-tier entry).
   prefetcher(Chain& chain, state_type& st, write_policy<Chain>& policy, promoter<Chain>& prom,
              const layout::chunk_format& f, std::size_t depth)
       : chain_(chain), st_(st), policy_(policy), promoter_(prom), format_(f) {
     if constexpr (Chain::has_lower) {
-      ring_ = std::make_unique<job[]>(depth);
+      depth = std::min(depth, chain.first_index().capacity());
+      reserving("the prefetch queue (cache_config.prefetch_queue_depth)", depth * sizeof(job),
+                [&] { ring_ = std::make_unique<job[]>(depth); });
       depth_ = depth;
       reader_ = std::thread([this] { loop(); });
     }

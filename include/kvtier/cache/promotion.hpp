@@ -45,7 +45,7 @@ class promoter {
     const std::size_t bytes = format_.bytes(e.tokens);
     const bool ok = st == tier::read_status::ok;
     if (ok) {
-      first.publish(e);
+      chain_.publish_locked(0, e);
       ++stats.tiers[t].promotions;
       stats.tiers[t].bytes_read += bytes;
       ++stats.tiers[0].writes;

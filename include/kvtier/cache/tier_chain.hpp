@@ -109,6 +109,25 @@ class tier_chain {
     with_lower_impl(t - 1, f, std::index_sequence_for<Lower...>{});
   }
 
+  /// Whether indexed tier t keeps records that outlive the process and can invalidate them
+  /// (`invalidate(std::span<const std::uint32_t> slots)`, the local disk).
+  [[nodiscard]] bool durable(std::size_t t) const noexcept { return durable_[t]; }
+  /// Removes entry `e` of the index `ix` (one of this chain's) from lookup, for a clear: as
+  /// chunk_index::remove, and in a durable tier its record is then invalidated in storage by
+  /// that tier's writer threads (wake them after) before its slot is reused. Under the lock.
+  bool remove_locked(index_type& ix, index_entry& e) noexcept {
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      if (index_[t] == &ix && durable_[t]) return ix.remove_durably(e);
+    }
+    return ix.remove(e);
+  }
+  /// Durable tier t invalidates the records of `slots` in storage (no lock held).
+  void invalidate(std::size_t t, std::span<const std::uint32_t> slots) {
+    with_lower(t, [&](auto& impl) {
+      if constexpr (requires { impl.invalidate(slots); }) impl.invalidate(slots);
+    });
+  }
+
   /// Lower tier t's batch calls (no lock held; see tier/concepts.hpp).
   void read(std::size_t t, std::span<tier::read_job> jobs) {
     with_lower(t, [&](auto& impl) { impl.read_batch(jobs); });
@@ -188,6 +207,21 @@ class tier_chain {
     return removed;
   }
 
+  /// Publishes tier t's writing entry `e`, pinned as often as the chunk is in the other indexed
+  /// tiers holding it. A pin covers a chunk in every tier, including those it reaches after the
+  /// pin (a promotion, a write-through), so every ready copy of a chunk has the same pin count
+  /// and an unpin undoes exactly one pin wherever the chunk is. Under the lock.
+  void publish_locked(std::size_t t, index_entry& e) noexcept {
+    index_[t]->publish(e);
+    for (std::size_t u = 0; u < tier_count; ++u) {
+      if (u == t || index_[u] == nullptr) continue;
+      if (const index_entry* o = index_[u]->find_ready(e.key)) {
+        e.pins = o->pins;  // the writer's reference keeps `e` off the eviction list
+        return;
+      }
+    }
+  }
+
   /// Drops an operation's reference to the chunk `r` names (none for a remote or dropped one).
   void unref_locked(const chunk_ref& r) noexcept {
     if (r.tier == dropped_tier || index_[r.tier] == nullptr) return;
@@ -210,6 +244,9 @@ class tier_chain {
   void set_index() noexcept {
     if constexpr (is_indexed<decltype(*std::get<I>(lower_))>) {
       index_[I + 1] = &std::get<I>(lower_)->index();
+      durable_[I + 1] = requires(std::span<const std::uint32_t> s) {
+        std::get<I>(lower_)->invalidate(s);
+      };
     }
   }
   template <class F, std::size_t... I>
@@ -246,6 +283,7 @@ class tier_chain {
   std::unique_ptr<first_impl> first_;
   std::tuple<std::unique_ptr<typename Lower::template impl<Eviction>>...> lower_;
   std::array<index_type*, tier_count> index_{};  // nullptr for a remote tier
+  std::array<bool, tier_count> durable_{};
   std::array<std::uint32_t, tier_count> admit_{};
   std::array<std::size_t, tier_count> writers_{};
   std::uint8_t lower_mask_ = 0;

@@ -40,14 +40,15 @@ class write_policy {
   [[nodiscard]] write_mode mode() const noexcept { return mode_; }
 
   /// A first-tier entry for a new chunk, evicting the eviction policy's victim when none is
-  /// free; nullptr when everything is leased, pinned or being written. Under write_back, a
+  /// free, else dropping a queued lower-tier write to free one (writers::drop_queued_locked);
+  /// nullptr when everything is leased, pinned or being written. Under write_back, a
   /// victim that still owes a lower tier its bytes is queued for writing instead (its slot frees
   /// when the write completes) and the next victim is tried; when its queue is full it is evicted
   /// unwritten (a counted dropped write).
   index_entry* allocate_first_locked() noexcept {
     auto& evicted = st_.stats.tiers[0].evictions;
     if constexpr (has_lower) {
-      return chain_.first_index().allocate(evicted, [this](index_entry& v) {
+      const auto keep = [this](index_entry& v) {
         if (mode_ != write_mode::write_back || v.owed == 0) return false;
         bool kept = false;
         for (std::size_t t = 1; t < tier_count; ++t) {
@@ -62,7 +63,13 @@ class write_policy {
         // one, and the victim's slot frees only once its write is done.
         if (kept) writers_.notify();
         return kept;
-      });
+      };
+      for (;;) {
+        index_entry* e = chain_.first_index().allocate(evicted, keep);
+        // Everything is referenced: writes still queued for a lower tier that is behind (slow,
+        // hung, gone) give their chunks' slots back rather than starve the first tier.
+        if (e != nullptr || !writers_.drop_queued_locked()) return e;
+      }
     } else {
       return chain_.first_index().allocate(evicted);
     }

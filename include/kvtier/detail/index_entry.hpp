@@ -21,7 +21,8 @@ enum class entry_state : std::uint8_t {
 
 /// Entry i of a tier owns slot i of that tier's storage. An entry is in the eviction list
 /// exactly when it is ready, unreferenced and unpinned, so the list's victim is always evictable.
-/// The list hook doubles as the free-list hook (an entry is never in both).
+/// The list hook doubles as the free-list hook and the hook of the list of zombies whose records
+/// are to be invalidated in storage (an entry is in at most one of them).
 struct index_entry : bi::unordered_set_base_hook<bi::link_mode<bi::normal_link>>,
                      bi::list_base_hook<bi::link_mode<bi::normal_link>> {
   chunk_key key{};
@@ -31,7 +32,10 @@ struct index_entry : bi::unordered_set_base_hook<bi::link_mode<bi::normal_link>>
   entry_state state = entry_state::free;
   // Tier-chain policy state, used in the first tier only:
   std::uint8_t hits = 0;  ///< lookups that hit this chunk since it came in (saturates at 255)
-  std::uint8_t owed = 0;  ///< bit t: lower tier t has not been sent this chunk yet
+  /// First tier: bit t set while lower tier t has not been sent this chunk yet. A durable lower
+  /// tier: nonzero on a cleared (zombie) entry whose record is to be invalidated once no
+  /// reader references it (chunk_index::remove_durably).
+  std::uint8_t owed = 0;
   std::uint8_t evict_after_write = 0;  ///< write-back: free the slot once its write completes
 
   [[nodiscard]] bool evictable() const noexcept {

@@ -10,9 +10,14 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <string>
 
 namespace kvtier::layout {
+
+/// The most bytes one engine tensor may span, first element to last (2^56: no 64-bit process
+/// addresses more), so that every offset computed into it fits 64 bits.
+inline constexpr std::uint64_t max_tensor_bytes = std::uint64_t{1} << 56;
 
 /// The engine's tensors checked against layout L and the model: tensor count, null pointers,
 /// rank, every extent, and (when the engine gives them) strides. Throws
@@ -63,7 +68,7 @@ class view {
                                ", layout " + lname + " expects " + std::to_string(want[d]));
       }
     }
-    const std::array<std::int64_t, tr::rank> st = strides(kv, want, lname);
+    const std::array<std::int64_t, tr::rank> st = strides(kv, want, lname, m.dtype_size);
     const auto s = [&](dim d) -> std::size_t {
       return tr::has(d) ? static_cast<std::size_t>(st[tr::index(d)]) * m.dtype_size : 0;
     };
@@ -71,7 +76,7 @@ class view {
     r_.layers = m.layers;
     r_.heads = m.kv_heads;
     r_.block_size = m.block_size;
-    r_.row_bytes = m.head_size * m.dtype_size;
+    r_.row_bytes = std::size_t{m.head_size} * m.dtype_size;
     r_.blocks = static_cast<std::uint64_t>(blocks);
     r_.layer_stride = s(dim::layer);
     r_.head_stride = s(dim::head);
@@ -128,17 +133,34 @@ class view {
     return "";
   }
 
-  // The engine's strides (elements), checked, or the dense row-major strides of `shape`.
+  // The engine's strides (elements), checked, or the dense row-major strides of `shape`. Either
+  // way the tensor spans at most max_tensor_bytes, so no offset computed from them overflows.
   static std::array<std::int64_t, tr::rank> strides(const engine_kv& kv,
                                                     const std::array<std::int64_t, tr::rank>& shape,
-                                                    const std::string& lname) {
+                                                    const std::string& lname,
+                                                    std::size_t dtype_size) {
     std::array<std::int64_t, tr::rank> st{};
     std::int64_t dense = 1;
+    bool dense_over = false;  // only an error without the engine's strides
+    std::size_t over_dim = 0;
     for (std::size_t d = tr::rank; d-- > 0;) {
       st[d] = dense;
-      dense *= shape[d];
+      if (!dense_over && __builtin_mul_overflow(dense, shape[d], &dense)) {
+        dense_over = true;
+        over_dim = d;
+      }
     }
-    if (kv.strides.empty()) return st;
+    if (kv.strides.empty()) {
+      if (dense_over) {
+        throw invalid_argument("kvtier: engine_kv shape[" + std::to_string(over_dim) + "] (" +
+                               dim_name(L::dims[over_dim]) + ") is " +
+                               std::to_string(shape[over_dim]) +
+                               ", which makes a tensor of more than 2^63 elements; the limit is " +
+                               std::to_string(max_tensor_bytes) + " bytes (2^56)");
+      }
+      check_span(shape, st, dtype_size);
+      return st;
+    }
     if (kv.strides.size() != tr::rank) {
       throw invalid_argument("kvtier: engine_kv strides have rank " +
                              std::to_string(kv.strides.size()) + ", shape has rank " +
@@ -150,8 +172,17 @@ class view {
                              dim_name(L::dims[last]) + ") is " + std::to_string(kv.strides[last]) +
                              ", layout " + lname + " needs 1 (contiguous rows)");
     }
+    for (std::size_t d = 0; d < tr::rank; ++d) {
+      if (kv.strides[d] < 0) {
+        throw invalid_argument("kvtier: engine_kv strides[" + std::to_string(d) + "] (" +
+                               dim_name(L::dims[d]) + ") is " + std::to_string(kv.strides[d]) +
+                               ", layout " + lname + " needs non-negative strides");
+      }
+    }
+    check_span(shape, std::span<const std::int64_t, tr::rank>(kv.strides.data(), tr::rank),
+               dtype_size);
     // No two elements may share an address: ordered by stride, each dim must step over the
-    // whole extent of the next smaller one.
+    // whole extent of the next smaller one. (check_span bounds every product below.)
     std::array<std::size_t, tr::rank> order{};
     for (std::size_t d = 0; d < tr::rank; ++d) order[d] = d;
     std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
@@ -173,6 +204,28 @@ class view {
     }
     for (std::size_t d = 0; d < tr::rank; ++d) st[d] = kv.strides[d];
     return st;
+  }
+
+  // Throws unless the bytes from a tensor's first element to its last fit max_tensor_bytes,
+  // naming the dim whose extent and stride take it over. Strides are non-negative.
+  static void check_span(const std::array<std::int64_t, tr::rank>& shape,
+                         std::span<const std::int64_t, tr::rank> st, std::size_t dtype_size) {
+    std::uint64_t last = 0;  // offset of the last element, in elements
+    for (std::size_t d = 0; d < tr::rank; ++d) {
+      std::uint64_t step = 0, bytes = 0;
+      const bool over = __builtin_mul_overflow(static_cast<std::uint64_t>(shape[d] - 1),
+                                               static_cast<std::uint64_t>(st[d]), &step) ||
+                        __builtin_add_overflow(last, step, &last) ||
+                        __builtin_mul_overflow(last + 1, std::uint64_t{dtype_size}, &bytes) ||
+                        bytes > max_tensor_bytes;
+      if (over) {
+        throw invalid_argument(
+            "kvtier: engine_kv shape[" + std::to_string(d) + "] (" + dim_name(L::dims[d]) +
+            ") is " + std::to_string(shape[d]) + " with stride " + std::to_string(st[d]) +
+            ": the tensor spans more than the limit of " + std::to_string(max_tensor_bytes) +
+            " bytes (2^56, more than any address space)");
+      }
+    }
   }
 
   void* const* tensors_ = nullptr;

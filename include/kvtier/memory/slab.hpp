@@ -1,6 +1,7 @@
 #pragma once
 // Fixed-size chunk slots over one region.
 
+#include "kvtier/detail/checked.hpp"
 #include "kvtier/memory/region.hpp"
 
 #include <cstddef>
@@ -17,10 +18,9 @@ class slab {
   slab() = default;
   slab(std::size_t slots, std::size_t slot_bytes, std::size_t alignment, bool lock,
        std::pmr::memory_resource* upstream = nullptr, bool prefault = false)
-      : slot_bytes_(round_up(slot_bytes, alignment)),
+      : slot_bytes_(detail::checked_round_up(slot_bytes, alignment, "slab slot bytes")),
         slots_(slots),
-        region_(checked_bytes(slots, round_up(slot_bytes, alignment)), alignment, lock, upstream,
-                prefault) {}
+        region_(checked_bytes(slots, slot_bytes_), alignment, lock, upstream, prefault) {}
 
   [[nodiscard]] std::byte* data(std::uint32_t slot) const noexcept {
     return region_.data() + static_cast<std::size_t>(slot) * slot_bytes_;
@@ -34,10 +34,10 @@ class slab {
   }
 
   /// Slots of `chunk_bytes` (rounded up to `alignment`) that `capacity_bytes` holds; throws
-  /// invalid_argument naming `tier` when it holds none.
+  /// invalid_argument naming `tier` when it holds none (or the rounding overflows).
   [[nodiscard]] static std::size_t slots_in(std::size_t capacity_bytes, std::size_t chunk_bytes,
                                             std::size_t alignment, const char* tier) {
-    const std::size_t slot = round_up(chunk_bytes, alignment);
+    const std::size_t slot = detail::checked_round_up(chunk_bytes, alignment, "chunk slot bytes");
     if (capacity_bytes < slot) {
       throw invalid_argument(std::string("kvtier: ") + tier + " capacity_bytes " +
                              std::to_string(capacity_bytes) + " holds no chunk of " +

@@ -101,7 +101,10 @@ concept memory_tier = detail_concepts::has_index<I> && detail_concepts::has_data
 /// (as memory_tier; read_job::slot and write_job::slot are entries of it), `read_batch`,
 /// `write_batch` (see the rules above). Optional: `std::size_t recovered() const` and
 /// `std::size_t dropped_at_open() const`, records found intact and dropped when the index was
-/// rebuilt from storage at construction (reported in stats).
+/// rebuilt from storage at construction (reported in stats), and
+/// `void invalidate(std::span<const std::uint32_t> slots) noexcept` for a tier whose records
+/// outlive the process: called (no lock held, from the tier's writer threads) with the slots of
+/// cleared chunks before they are reused, it must make their records unrecoverable.
 template <class I>
 concept indexed_lower_tier = detail_concepts::has_index<I> && detail_concepts::has_read_batch<I> &&
     detail_concepts::has_write_batch<I>;

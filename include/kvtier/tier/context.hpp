@@ -33,6 +33,9 @@ struct write_job {
   const std::byte* src = nullptr;
   std::size_t bytes = 0;
   bool ok = false;
+  /// Set (with ok false) when the storage had no room for the record (ENOSPC): the cache then
+  /// stops handing the tier the slots it has never filled, and evicts instead.
+  bool no_space = false;
 };
 
 /// Read chunk `key`'s record into `dst` and prove it is that chunk's; `dst` is a first-tier

@@ -138,6 +138,24 @@ struct local_disk {
       }
     }
 
+    /// Makes the records in `slots` unrecoverable, as cheaply as a header write: each slot's
+    /// header page is zeroed (what recovery takes for a never-written slot), synced under
+    /// durability::each_batch. The cache calls it for cleared chunks before reusing their slots,
+    /// so a clear lasts across a restart. No lock held.
+    void invalidate(std::span<const std::uint32_t> slots) noexcept {
+      alignas(4096) const page zero{};
+      std::array<detail::io_op, max_batch> ops;
+      for (std::size_t b = 0; b < slots.size(); b += max_batch) {
+        const std::size_t n = std::min(max_batch, slots.size() - b);
+        for (std::size_t k = 0; k < n; ++k) {
+          ops[k] = {fd_for(zero.data(), 4096), true, const_cast<std::byte*>(zero.data()), 4096,
+                    base(slots[b + k])};
+        }
+        io_.run({ops.data(), n});
+      }
+      if (cfg_.sync == durability::each_batch) (void)::fdatasync(fd_);
+    }
+
     /// Reads each job's record into its `dst` and proves it is the job key's: intact header for
     /// this key, salt, format and length, and a matching payload checksum. No lock held.
     void read_batch(std::span<read_job> jobs) noexcept {
@@ -182,6 +200,9 @@ struct local_disk {
       if (cfg_.sync == durability::each_batch) synced = ::fdatasync(fd_) == 0;
       for (std::size_t i = 0; i < jobs.size(); ++i) {
         jobs[i].ok = synced && ops[2 * i].res >= 0 && ops[2 * i + 1].res >= 0;
+        for (const long res : {ops[2 * i].res, ops[2 * i + 1].res}) {
+          if (res == -ENOSPC || res == -EDQUOT) jobs[i].no_space = true;
+        }
       }
     }
 
@@ -252,14 +273,27 @@ struct local_disk {
           detail::record_header h;
           std::memcpy(&h, pages[k].data(), sizeof h);
           if (h.version == 0 && h.header_checksum == 0) continue;  // never written or cleared
+          const std::uint32_t s = static_cast<std::uint32_t>(w + k);
+          // A whole header over a payload the file does not hold (a write cut short by a full
+          // filesystem, without preallocation) is torn, not a hit.
           const bool intact = h.tokens > 0 && h.tokens <= ctx_.format.chunk_tokens &&
                               detail::header_matches(h, h.key, ctx_.salt, fp, h.tokens,
-                                                     ctx_.format.bytes(h.tokens));
-          if (!intact || index_.find(h.key) != nullptr) {
+                                                     ctx_.format.bytes(h.tokens)) &&
+                              static_cast<std::size_t>(base(s)) + detail::record_header_bytes +
+                                      padded(ctx_.format.bytes(h.tokens)) <=
+                                  static_cast<std::size_t>(st.st_size);
+          if (!intact) {
             ++dropped_;
             continue;
           }
-          index_.claim(static_cast<std::uint32_t>(w + k), h.key, h.tokens);
+          if (index_.find(h.key) != nullptr) {
+            // A second record of one key (stored again after a clear whose invalidation a crash
+            // cut off): the same chunk, not an error. The first is kept, this one invalidated.
+            alignas(4096) const page zero{};
+            (void)::pwrite(fd_, zero.data(), zero.size(), base(s));
+            continue;
+          }
+          index_.claim(s, h.key, h.tokens);
           ++recovered_;
         }
       }
@@ -289,6 +323,12 @@ struct local_disk {
     }
 
     static config checked(const config& c) {
+      if (const auto nul = c.path.native().find('\0'); nul != std::string::npos) {
+        std::string shown = c.path.native();
+        shown.replace(nul, 1, "\\0");
+        throw invalid_argument("kvtier: local_disk path '" + shown + "' has a NUL byte at offset " +
+                               std::to_string(nul) + " (the system would truncate it there)");
+      }
       if (c.queue_depth == 0 || c.queue_depth > 4096) {
         throw invalid_argument("kvtier: local_disk queue_depth " + std::to_string(c.queue_depth) +
                                " is out of range 1..4096");
@@ -305,6 +345,13 @@ struct local_disk {
       return c;
     }
     static std::size_t slots_for(const config& c, std::size_t slot_bytes) {
+      // Every record's offset must fit off_t.
+      constexpr std::size_t max_file = std::size_t{1} << 62;
+      if (c.capacity_bytes > max_file) {
+        throw invalid_argument("kvtier: local_disk capacity_bytes " +
+                               std::to_string(c.capacity_bytes) + " is above the limit of " +
+                               std::to_string(max_file) + " (2^62)");
+      }
       if (c.capacity_bytes < slot_bytes) {
         throw invalid_argument("kvtier: local_disk capacity_bytes " +
                                std::to_string(c.capacity_bytes) + " holds no record of " +
