@@ -2,9 +2,11 @@
 # Installs what kvtier's build, tests and examples need, from Debian packages, when missing.
 set -euo pipefail
 need=()
-# clang: the headers tests compile kvtier's public headers with clang++ as well as g++.
-for pkg in cmake make g++ clang python3 doctest-dev libboost-dev libxxhash-dev gnuplot-nox \
-    liburing-dev libhiredis-dev redis-server; do
+# clang: the headers tests compile kvtier's public headers with clang++ as well as g++;
+# libclang-rt-dev: its sanitizer and libFuzzer runtimes, for the fuzz tests (only recommended
+# by clang, so --no-install-recommends would leave them out).
+for pkg in cmake make g++ clang libclang-rt-dev python3 doctest-dev libboost-dev libxxhash-dev \
+    gnuplot-nox liburing-dev libhiredis-dev redis-server; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 # A toolchain already on PATH (e.g. a newer cmake or python3 from elsewhere) is fine too.
