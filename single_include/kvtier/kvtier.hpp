@@ -6888,6 +6888,16 @@ struct io_op {
   long res = 0;
 };
 
+/// A hook into every transfer of an io_engine, for fault injection (tier::local_disk's
+/// config::faults; tests): after each operation has completed, after(op) may change what it
+/// did — its result (an error such as -EIO or -ENOSPC, a short count), the bytes a read brought
+/// in, what the file now holds (a torn record) — or take time (a slow or hung device). Called
+/// from the thread that ran the batch, concurrently for concurrent batches.
+struct io_fault_hook {
+  virtual ~io_fault_hook() = default;
+  virtual void after(io_op& op) noexcept = 0;
+};
+
 class io_engine {
  public:
   enum class backend { io_uring, threads };
@@ -6955,10 +6965,20 @@ class io_engine {
   bool run(std::span<io_op> ops) noexcept {
     for (auto& op : ops) op.res = 0;
 #if KVTIER_HAS_IO_URING
-    if (backend_ == backend::io_uring) return run_uring(ops);
+    const bool ok = backend_ == backend::io_uring ? run_uring(ops) : run_threads(ops);
+#else
+    const bool ok = run_threads(ops);
 #endif
-    return run_threads(ops);
+    if (faults_ == nullptr) return ok;
+    bool all = true;
+    for (auto& op : ops) {
+      faults_->after(op);
+      all = all && op.res == static_cast<long>(op.len);
+    }
+    return all;
   }
+  /// Every later transfer goes through `f` (nullptr: none). Set before any transfer runs.
+  void set_faults(io_fault_hook* f) noexcept { faults_ = f; }
 
  private:
   struct segment_state {
@@ -7212,6 +7232,7 @@ class io_engine {
 
   unsigned depth_;
   std::size_t segment_;
+  io_fault_hook* faults_ = nullptr;
   backend backend_ = backend::threads;
 
   std::mutex mu_;
@@ -7271,7 +7292,14 @@ struct local_disk {
     unsigned writers = 2;     ///< threads writing records (each with a batch in flight)
     bool preallocate = true;  ///< reserve the file's blocks at open (fallocate): no block
                               ///< allocation on the write path, no ENOSPC inside a record
+    /// Fault injection for tests: every transfer of the tier (recovery, reads, writes,
+    /// invalidations) goes through this hook once done (see disk_fault_hook). nullptr: none.
+    detail::io_fault_hook* faults = nullptr;
   };
+  /// What config::faults points to: `void after(io_op& op) noexcept` may change a completed
+  /// transfer's result, its bytes or the file, or delay it.
+  using fault_hook = detail::io_fault_hook;
+  using io_op = detail::io_op;
 
   /// Records per write_batch/read_batch call the tier handles in one submission.
   static constexpr std::size_t max_batch = 8;
@@ -7286,6 +7314,7 @@ struct local_disk {
               memory::slab::round_up(detail::record_header_bytes + ctx.format.chunk_bytes(), 4096)),
           index_(slots_for(c, slot_bytes_)),
           io_(c.lanes, c.queue_depth, c.segment_bytes, c.use_io_uring) {
+      io_.set_faults(c.faults);
       std::error_code ec;
       std::filesystem::create_directories(c.path, ec);
       if (ec) {
@@ -7378,6 +7407,10 @@ struct local_disk {
       return aligned && direct_fd_ >= 0 ? direct_fd_ : fd_;
     }
     static std::size_t padded(std::size_t n) noexcept { return memory::slab::round_up(n, 4096); }
+    // A transfer that moved every byte it was asked to.
+    static bool whole(const detail::io_op& op) noexcept {
+      return op.res == static_cast<long>(op.len);
+    }
 
     void write_some(std::span<write_job> jobs) noexcept {
       alignas(4096) std::array<page, max_batch> pages{};
@@ -7401,7 +7434,7 @@ struct local_disk {
       bool synced = true;
       if (cfg_.sync == durability::each_batch) synced = ::fdatasync(fd_) == 0;
       for (std::size_t i = 0; i < jobs.size(); ++i) {
-        jobs[i].ok = synced && ops[2 * i].res >= 0 && ops[2 * i + 1].res >= 0;
+        jobs[i].ok = synced && whole(ops[2 * i]) && whole(ops[2 * i + 1]);
         for (const long res : {ops[2 * i].res, ops[2 * i + 1].res}) {
           if (res == -ENOSPC || res == -EDQUOT) jobs[i].no_space = true;
         }
@@ -7427,8 +7460,8 @@ struct local_disk {
           j.status = read_status::corrupt;  // the file ends inside this record: torn
           continue;
         }
-        if (hr < 0 || pr < 0) {
-          j.status = read_status::io_error;
+        if (!whole(ops[2 * i]) || !whole(ops[2 * i + 1])) {
+          j.status = read_status::io_error;  // failed, or fewer bytes than asked (never used)
           continue;
         }
         detail::record_header h;
@@ -7468,7 +7501,7 @@ struct local_disk {
         }
         io_.run({ops.data(), n});
         for (std::size_t k = 0; k < n; ++k) {
-          if (ops[k].res < 0) {  // a short last slot or an unreadable one
+          if (!whole(ops[k])) {  // a short last slot or an unreadable one
             ++dropped_;
             continue;
           }

@@ -41,6 +41,16 @@ struct io_op {
   long res = 0;
 };
 
+/// A hook into every transfer of an io_engine, for fault injection (tier::local_disk's
+/// config::faults; tests): after each operation has completed, after(op) may change what it
+/// did — its result (an error such as -EIO or -ENOSPC, a short count), the bytes a read brought
+/// in, what the file now holds (a torn record) — or take time (a slow or hung device). Called
+/// from the thread that ran the batch, concurrently for concurrent batches.
+struct io_fault_hook {
+  virtual ~io_fault_hook() = default;
+  virtual void after(io_op& op) noexcept = 0;
+};
+
 class io_engine {
  public:
   enum class backend { io_uring, threads };
@@ -108,10 +118,20 @@ class io_engine {
   bool run(std::span<io_op> ops) noexcept {
     for (auto& op : ops) op.res = 0;
 #if KVTIER_HAS_IO_URING
-    if (backend_ == backend::io_uring) return run_uring(ops);
+    const bool ok = backend_ == backend::io_uring ? run_uring(ops) : run_threads(ops);
+#else
+    const bool ok = run_threads(ops);
 #endif
-    return run_threads(ops);
+    if (faults_ == nullptr) return ok;
+    bool all = true;
+    for (auto& op : ops) {
+      faults_->after(op);
+      all = all && op.res == static_cast<long>(op.len);
+    }
+    return all;
   }
+  /// Every later transfer goes through `f` (nullptr: none). Set before any transfer runs.
+  void set_faults(io_fault_hook* f) noexcept { faults_ = f; }
 
  private:
   struct segment_state {
@@ -365,6 +385,7 @@ class io_engine {
 
   unsigned depth_;
   std::size_t segment_;
+  io_fault_hook* faults_ = nullptr;
   backend backend_ = backend::threads;
 
   std::mutex mu_;
