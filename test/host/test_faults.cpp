@@ -2,7 +2,7 @@
 // short transfers, a full device, torn records, bit flips in what a read brings in, and a device
 // that hangs, at random under threads that store and load; every loaded byte is checked, and a
 // restart over the same file (no faults) loads only exact chunks.
-#include "support.hpp"
+#include "stress.hpp"
 
 #include <unistd.h>
 
@@ -15,32 +15,13 @@ using nhd = kvtier::layout::vllm_flash_nhd;
 using host = kvtier::tier::host;
 using disk = kvtier::tier::local_disk;
 
+using stress::N;
+
 namespace {
 
-constexpr std::size_t N = 16;
 using cache_t = kvtier::cache<o::chunk_tokens<N>, o::tiers<host, disk>>;
-
-std::vector<kvtier::token_id> prompt(std::size_t p) {
-  auto t = test::tokens(2 * N, static_cast<std::uint32_t>(9000 + p % 3));
-  const auto suffix = test::tokens(N + (p % 3) * N, static_cast<std::uint32_t>(9100 + p));
-  t.insert(t.end(), suffix.begin(), suffix.end());
-  return t;
-}
-
-template <class Cache>
-void fill(const Cache& c, test::engine<nhd>& eng, const std::vector<std::int32_t>& bt,
-          const std::vector<kvtier::token_id>& toks) {
-  std::vector<kvtier::chunk_key> keys(c.chunk_count(toks.size()));
-  c.keys(toks, keys);
-  const std::size_t row = test::small_model.head_size * test::small_model.dtype_size;
-  for (std::size_t t = 0; t < keys.size() * N; ++t) {
-    std::mt19937_64 rng(keys[t / N].lo ^ (t % N) * 0x9E3779B97F4A7C15ull);
-    eng.for_token(bt, t, [&](const std::byte* p) {
-      auto* w = const_cast<std::byte*>(p);
-      for (std::size_t i = 0; i < row; ++i) w[i] = static_cast<std::byte>(rng());
-    });
-  }
-}
+using stress::fill;
+using stress::prompt;
 
 // Each completed transfer, with probability 1/period per kind, becomes one fault.
 class random_faults final : public disk::fault_hook {

@@ -2,6 +2,7 @@
 // and load exact bytes, verification of every value, TTL, clear, admission, a server restart
 // survived without restarting the cache, and Redis Cluster with ASK and MOVED redirections.
 #include "support.hpp"
+#include "../host/stress.hpp"
 
 #include <thread>
 
@@ -281,4 +282,18 @@ TEST_CASE("prefetch from redis loads chunks into the host tier; a missing chunk 
   const auto bt2 = test::shuffled_table(16, 64, 4);
   CHECK(reader.retrieve(l, dst.kv(), bt2) == 48);
   CHECK(test::same_tokens(f.eng, f.bt, dst, bt2, 0, 48));
+}
+
+TEST_CASE("stress: tiny host, disk and redis tiers under 4 threads: every byte, pin and lease") {
+  using chain_t =
+      kvtier::cache<o::chunk_tokens<16>, o::tiers<host, kvtier::tier::local_disk, remote>>;
+  chain_t cache(
+      test::small_model, test::small_salt,
+      {{10 * slot}, {test::temp_dir("redis-stress"), 12 * 8192}, single_config("stress")});
+  stress::run(cache, false, 4, 300);
+  cache.flush();
+  const auto s = cache.stats();
+  CHECK(s.tiers[2].writes > 0);
+  CHECK(s.tiers[2].errors == 0);
+  CHECK(s.tiers[1].evictions > 0);  // 12 disk slots: chunks live on in redis only
 }
