@@ -18,7 +18,7 @@
 //   tier_chain    the tiers and their settings    lease         a lookup's run
 //   writers       background lower-tier writes    write_policy  write-through/back, admission
 //   promoter      lower tier -> first tier        prefetcher    background promotion
-//   async_path    GPU copies and layer pipelines
+//   async_path    GPU copies and layer pipelines  in_place      reads from tiers in memory
 
 // ---- begin kvtier/cache/async_path.hpp
 // The asynchronous first tier (the GPU tiers): a store or retrieve enqueues its copies and
@@ -1960,6 +1960,30 @@ inline void check_tokens(const char* what, std::size_t n, const cache_config& c)
   }
 }
 
+/// A store's chunks [first, n) (those starting before first_token are skipped: the engine may
+/// no longer hold their blocks), and its view of the engine's tensors.
+template <class View>
+struct store_range {
+  View v;
+  std::size_t n, first;
+};
+/// The range of a store of `tokens` tokens (`n` chunks), after checking the tokens, the tensors
+/// and the block table.
+template <class View, std::size_t ChunkTokens>
+store_range<View> check_store(const model_shape& model, const cache_config& cfg, std::size_t tokens,
+                              std::size_t n, const engine_kv& kv, block_table table,
+                              std::size_t first_token) {
+  check_tokens("store", tokens, cfg);
+  if (first_token > tokens) {
+    throw invalid_argument("kvtier: store first_token " + std::to_string(first_token) +
+                           " is past the " + std::to_string(tokens) + " tokens");
+  }
+  store_range<View> r{View(model, kv), n, (first_token + ChunkTokens - 1) / ChunkTokens};
+  const std::size_t end = r.n == 0 ? 0 : std::min(r.n * ChunkTokens, tokens);
+  r.v.check_block_table(table, std::min(r.first * ChunkTokens, end), end);
+  return r;
+}
+
 /// Refuses a lookup from a chunk past the tokens' `n` chunks.
 inline void check_first_chunk(const char* what, std::size_t first, std::size_t n) {
   if (first > n) {
@@ -1972,6 +1996,594 @@ inline void check_first_chunk(const char* what, std::size_t first, std::size_t n
 }  // namespace detail
 }  // namespace kvtier
 // ---- end kvtier/cache/config.hpp
+// ---- begin kvtier/cache/in_place.hpp
+// Reading in place: lower tiers whose chunks are in this process's memory (tier::shared_host,
+// `maps_reads`) are not promoted into the first tier. A retrieve scatters their chunks straight
+// into the engine's blocks, verified as they are copied, and a store skips the leading chunks
+// they already hold. Without the cache's lock except to count.
+
+// ---- begin kvtier/transfer/host_copy.hpp
+// Host copy engine: gathers a chunk's tokens from engine blocks into the chunk format and
+// scatters them back, with memcpy over the largest contiguous runs the two layouts share.
+
+// ---- begin kvtier/detail/record.hpp
+// The self-describing record a non-memory tier keeps per chunk: a fixed header that carries the
+// key, salt, format fingerprint, length and checksums, followed by the chunk's bytes.
+
+// ---- begin kvtier/detail/xxhash.hpp
+// xxHash, inlined (XXH_INLINE_ALL) so a header-only kvtier links nothing; safe next to an engine
+// that includes xxhash.h itself (the header supports both modes in one translation unit).
+
+#ifndef XXH_INLINE_ALL
+#define XXH_INLINE_ALL
+#define KVTIER_DEFINED_XXH_INLINE_ALL
+#endif
+#include <xxhash.h>
+#ifdef KVTIER_DEFINED_XXH_INLINE_ALL
+#undef XXH_INLINE_ALL
+#undef KVTIER_DEFINED_XXH_INLINE_ALL
+#endif
+// ---- end kvtier/detail/xxhash.hpp
+
+#include <cstring>
+
+namespace kvtier::detail {
+
+inline constexpr char record_magic[8] = {'K', 'V', 'T', 'I', 'E', 'R', 'R', '1'};
+inline constexpr std::uint32_t record_version = 1;
+/// Header space in front of each payload on disk: one page, so the payload stays aligned for
+/// O_DIRECT. A remote record's header takes just sizeof(record_header).
+inline constexpr std::size_t record_header_bytes = 4096;
+
+/// Serialized little-endian at the start of the header page.
+struct record_header {
+  char magic[8];
+  std::uint32_t version;
+  std::uint32_t header_bytes;
+  chunk_key key;
+  chunk_key salt;
+  std::uint64_t format_fingerprint;
+  std::uint32_t tokens;
+  std::uint32_t reserved;
+  std::uint64_t payload_bytes;
+  std::uint64_t payload_checksum;
+  std::uint64_t header_checksum;  ///< XXH3-64 of every field above
+};
+static_assert(sizeof(record_header) == 88, "record_header must have no padding: it is hashed");
+static_assert(sizeof(record_header) <= record_header_bytes);
+
+/// Payload checksum, seeded by the key so bytes moved under another key fail the check too.
+[[nodiscard]] inline std::uint64_t payload_checksum(const chunk_key& k, const std::byte* p,
+                                                    std::size_t n) noexcept {
+  return XXH3_64bits_withSeed(p, n, k.lo ^ k.hi);
+}
+
+/// payload_checksum taken piece by piece (the same value over the same bytes, in order), so a
+/// copy can hash each piece while it is in cache.
+class payload_hasher {
+ public:
+  explicit payload_hasher(const chunk_key& k) noexcept {
+    XXH3_INITSTATE(&st_);
+    XXH3_64bits_reset_withSeed(&st_, k.lo ^ k.hi);
+  }
+  void update(const std::byte* p, std::size_t n) noexcept { XXH3_64bits_update(&st_, p, n); }
+  [[nodiscard]] std::uint64_t digest() const noexcept { return XXH3_64bits_digest(&st_); }
+
+ private:
+  XXH3_state_t st_;
+};
+
+[[nodiscard]] inline std::uint64_t header_checksum(const record_header& h) noexcept {
+  return XXH3_64bits(&h, offsetof(record_header, header_checksum));
+}
+
+[[nodiscard]] inline record_header make_record_header(
+    const chunk_key& key, const chunk_key& salt, std::uint64_t fingerprint, std::uint32_t tokens,
+    const std::byte* p, std::size_t n, std::size_t header_bytes = record_header_bytes) noexcept {
+  record_header h{};
+  std::memcpy(h.magic, record_magic, sizeof h.magic);
+  h.version = record_version;
+  h.header_bytes = static_cast<std::uint32_t>(header_bytes);
+  h.key = key;
+  h.salt = salt;
+  h.format_fingerprint = fingerprint;
+  h.tokens = tokens;
+  h.payload_bytes = n;
+  h.payload_checksum = payload_checksum(key, p, n);
+  h.header_checksum = header_checksum(h);
+  return h;
+}
+
+/// True when `h` is an intact header of exactly this record (key, salt, format, length).
+[[nodiscard]] inline bool header_matches(const record_header& h, const chunk_key& key,
+                                         const chunk_key& salt, std::uint64_t fingerprint,
+                                         std::uint32_t tokens, std::size_t n,
+                                         std::size_t header_bytes = record_header_bytes) noexcept {
+  return std::memcmp(h.magic, record_magic, sizeof h.magic) == 0 && h.version == record_version &&
+         h.header_bytes == header_bytes && h.header_checksum == header_checksum(h) &&
+         h.key == key && h.salt == salt && h.format_fingerprint == fingerprint &&
+         h.tokens == tokens && h.payload_bytes == n;
+}
+
+}  // namespace kvtier::detail
+// ---- end kvtier/detail/record.hpp
+// ---- begin kvtier/layout/view.hpp
+// A validated view of the engine's KV tensors through a layout policy.
+
+
+
+namespace kvtier::layout {
+
+/// The most bytes one engine tensor may span, first element to last (2^56: no 64-bit process
+/// addresses more), so that every offset computed into it fits 64 bits.
+inline constexpr std::uint64_t max_tensor_bytes = std::uint64_t{1} << 56;
+
+/// The engine's tensors checked against layout L and the model: tensor count, null pointers,
+/// rank, every extent, and (when the engine gives them) strides. Throws
+/// kvtier::invalid_argument naming the first offending value and what the layout expects.
+/// Cheap to build (no allocation); valid while the engine_kv's memory is.
+template <class L>
+class view {
+  using tr = traits<L>;
+
+ public:
+  view(const model_shape& m, const engine_kv& kv) {
+    const std::string lname = L::name;
+    const std::size_t want_tensors = tensor_count(L::scope, m);
+    if (kv.tensors.size() != want_tensors) {
+      throw invalid_argument("kvtier: engine_kv has " + std::to_string(kv.tensors.size()) +
+                             " tensors, layout " + lname + " expects " +
+                             std::to_string(want_tensors) + scope_text());
+    }
+    for (std::size_t i = 0; i < kv.tensors.size(); ++i) {
+      if (kv.tensors[i] == nullptr) {
+        throw invalid_argument("kvtier: engine_kv tensor " + std::to_string(i) + " is null");
+      }
+    }
+    if (tr::kv_planes == 1 && m.kv_heads != 1) {
+      throw invalid_argument("kvtier: model_shape.kv_heads is " + std::to_string(m.kv_heads) +
+                             ", layout " + lname +
+                             " holds one latent row per token (no K/V split) and expects 1");
+    }
+    if (kv.shape.size() != tr::rank) {
+      throw invalid_argument("kvtier: engine_kv shape has rank " + std::to_string(kv.shape.size()) +
+                             ", layout " + lname + " expects rank " + std::to_string(tr::rank));
+    }
+    // The block count comes from the dim that grows with it (in tokens for a token pool).
+    const std::size_t bd = tr::blocks_dim;
+    const std::int64_t unit = extent(L::dims[bd], m, 1);
+    const std::int64_t grown = kv.shape[bd];
+    if (grown <= 0 || grown % unit != 0) {
+      throw invalid_argument("kvtier: engine_kv shape[" + std::to_string(bd) + "] (" +
+                             dim_name(L::dims[bd]) + ") is " + std::to_string(grown) + ", layout " +
+                             lname + " expects a positive multiple of " + std::to_string(unit));
+    }
+    const std::int64_t blocks = grown / unit;
+    const auto want = shape_of<L>(m, blocks);
+    for (std::size_t d = 0; d < tr::rank; ++d) {
+      if (kv.shape[d] != want[d]) {
+        throw invalid_argument("kvtier: engine_kv shape[" + std::to_string(d) + "] (" +
+                               dim_name(L::dims[d]) + ") is " + std::to_string(kv.shape[d]) +
+                               ", layout " + lname + " expects " + std::to_string(want[d]));
+      }
+    }
+    const std::array<std::int64_t, tr::rank> st = strides(kv, want, lname, m.dtype_size);
+    const auto s = [&](dim d) -> std::size_t {
+      return tr::has(d) ? static_cast<std::size_t>(st[tr::index(d)]) * m.dtype_size : 0;
+    };
+    r_.scope = L::scope;
+    r_.layers = m.layers;
+    r_.heads = m.kv_heads;
+    r_.block_size = m.block_size;
+    r_.row_bytes = std::size_t{m.head_size} * m.dtype_size;
+    r_.blocks = static_cast<std::uint64_t>(blocks);
+    r_.layer_stride = s(dim::layer);
+    r_.head_stride = s(dim::head);
+    if (tr::has(dim::token)) {
+      r_.token_stride = s(dim::token);
+      r_.block_stride = r_.token_stride * m.block_size;
+    } else {
+      r_.token_stride = s(dim::slot);
+      r_.block_stride = s(dim::block);
+    }
+    r_.kv_stride = tr::has(dim::kv_elem) ? std::size_t{m.head_size} * m.dtype_size : s(dim::kv);
+    tensors_ = kv.tensors.data();
+  }
+
+  [[nodiscard]] const ref& resolved() const noexcept { return r_; }
+
+  /// Base address of (layer, kv, block) and its strides. `block` must be < blocks().
+  [[nodiscard]] std::byte* base(std::size_t layer, std::size_t kv, std::size_t block,
+                                block_span& s) const noexcept {
+    s = r_.span(layer, kv, block);
+    return static_cast<std::byte*>(tensors_[s.tensor]) + s.offset;
+  }
+
+  /// Checks the blocks of tokens [begin, end): the table reaches them and every id is in range.
+  /// Blocks before `begin` are not looked at (the engine may have freed them).
+  void check_block_table(block_table table, std::size_t begin, std::size_t end) const {
+    if (end <= begin) return;
+    const std::size_t need = (end + r_.block_size - 1) / r_.block_size;
+    if (table.size() < need) {
+      throw invalid_argument("kvtier: block table has " + std::to_string(table.size()) +
+                             " blocks, " + std::to_string(end) + " tokens need " +
+                             std::to_string(need) + " (block size " +
+                             std::to_string(r_.block_size) + ")");
+    }
+    for (std::size_t i = begin / r_.block_size; i < need; ++i) {
+      if (table[i] < 0 || static_cast<std::uint64_t>(table[i]) >= r_.blocks) {
+        throw invalid_argument("kvtier: block table[" + std::to_string(i) + "] is block id " +
+                               std::to_string(table[i]) + ", engine has blocks 0.." +
+                               std::to_string(r_.blocks - 1));
+      }
+    }
+  }
+
+ private:
+  static std::string scope_text() {
+    switch (L::scope) {
+      case tensors::one:
+        return " (one for all layers)";
+      case tensors::per_layer:
+        return " (one per layer)";
+      case tensors::per_layer_kv:
+        return " (one per layer for K, then one per layer for V)";
+    }
+    return "";
+  }
+
+  // The engine's strides (elements), checked, or the dense row-major strides of `shape`. Either
+  // way the tensor spans at most max_tensor_bytes, so no offset computed from them overflows.
+  static std::array<std::int64_t, tr::rank> strides(const engine_kv& kv,
+                                                    const std::array<std::int64_t, tr::rank>& shape,
+                                                    const std::string& lname,
+                                                    std::size_t dtype_size) {
+    std::array<std::int64_t, tr::rank> st{};
+    std::int64_t dense = 1;
+    bool dense_over = false;  // only an error without the engine's strides
+    std::size_t over_dim = 0;
+    for (std::size_t d = tr::rank; d-- > 0;) {
+      st[d] = dense;
+      if (!dense_over && __builtin_mul_overflow(dense, shape[d], &dense)) {
+        dense_over = true;
+        over_dim = d;
+      }
+    }
+    if (kv.strides.empty()) {
+      if (dense_over) {
+        throw invalid_argument("kvtier: engine_kv shape[" + std::to_string(over_dim) + "] (" +
+                               dim_name(L::dims[over_dim]) + ") is " +
+                               std::to_string(shape[over_dim]) +
+                               ", which makes a tensor of more than 2^63 elements; the limit is " +
+                               std::to_string(max_tensor_bytes) + " bytes (2^56)");
+      }
+      check_span(shape, st, dtype_size);
+      return st;
+    }
+    if (kv.strides.size() != tr::rank) {
+      throw invalid_argument("kvtier: engine_kv strides have rank " +
+                             std::to_string(kv.strides.size()) + ", shape has rank " +
+                             std::to_string(tr::rank));
+    }
+    const std::size_t last = tr::rank - 1;
+    if (kv.strides[last] != 1) {
+      throw invalid_argument("kvtier: engine_kv strides[" + std::to_string(last) + "] (" +
+                             dim_name(L::dims[last]) + ") is " + std::to_string(kv.strides[last]) +
+                             ", layout " + lname + " needs 1 (contiguous rows)");
+    }
+    for (std::size_t d = 0; d < tr::rank; ++d) {
+      if (kv.strides[d] < 0) {
+        throw invalid_argument("kvtier: engine_kv strides[" + std::to_string(d) + "] (" +
+                               dim_name(L::dims[d]) + ") is " + std::to_string(kv.strides[d]) +
+                               ", layout " + lname + " needs non-negative strides");
+      }
+    }
+    check_span(shape, std::span<const std::int64_t, tr::rank>(kv.strides.data(), tr::rank),
+               dtype_size);
+    // No two elements may share an address: ordered by stride, each dim must step over the
+    // whole extent of the next smaller one. (check_span bounds every product below.)
+    std::array<std::size_t, tr::rank> order{};
+    for (std::size_t d = 0; d < tr::rank; ++d) order[d] = d;
+    std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+      return kv.strides[a] != kv.strides[b] ? kv.strides[a] < kv.strides[b] : a > b;
+    });
+    std::int64_t span = 1;  // elements covered by the dims checked so far
+    for (std::size_t i = 0; i < tr::rank; ++i) {
+      const std::size_t d = order[i];
+      if (kv.strides[d] < 0 || (shape[d] > 1 && kv.strides[d] < span)) {
+        throw invalid_argument("kvtier: engine_kv strides[" + std::to_string(d) + "] (" +
+                               dim_name(L::dims[d]) + ") is " + std::to_string(kv.strides[d]) +
+                               ", which overlaps the dims inside it (" + std::to_string(span) +
+                               " elements); layout " + lname +
+                               " needs non-overlapping "
+                               "strides, dense ones are " +
+                               std::to_string(st[d]));
+      }
+      if (shape[d] > 1) span = kv.strides[d] * shape[d];
+    }
+    for (std::size_t d = 0; d < tr::rank; ++d) st[d] = kv.strides[d];
+    return st;
+  }
+
+  // Throws unless the bytes from a tensor's first element to its last fit max_tensor_bytes,
+  // naming the dim whose extent and stride take it over. Strides are non-negative.
+  static void check_span(const std::array<std::int64_t, tr::rank>& shape,
+                         std::span<const std::int64_t, tr::rank> st, std::size_t dtype_size) {
+    std::uint64_t last = 0;  // offset of the last element, in elements
+    for (std::size_t d = 0; d < tr::rank; ++d) {
+      std::uint64_t step = 0, bytes = 0;
+      const bool over = __builtin_mul_overflow(static_cast<std::uint64_t>(shape[d] - 1),
+                                               static_cast<std::uint64_t>(st[d]), &step) ||
+                        __builtin_add_overflow(last, step, &last) ||
+                        __builtin_mul_overflow(last + 1, std::uint64_t{dtype_size}, &bytes) ||
+                        bytes > max_tensor_bytes;
+      if (over) {
+        throw invalid_argument(
+            "kvtier: engine_kv shape[" + std::to_string(d) + "] (" + dim_name(L::dims[d]) +
+            ") is " + std::to_string(shape[d]) + " with stride " + std::to_string(st[d]) +
+            ": the tensor spans more than the limit of " + std::to_string(max_tensor_bytes) +
+            " bytes (2^56, more than any address space)");
+      }
+    }
+  }
+
+  void* const* tensors_ = nullptr;
+  ref r_{};
+};
+
+}  // namespace kvtier::layout
+// ---- end kvtier/layout/view.hpp
+
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+namespace kvtier::transfer {
+
+namespace detail {
+
+#if defined(__SSE2__)
+// Copies 64 bytes with streaming stores; `dst` is 16-byte aligned.
+inline void stream64(std::byte* dst, const std::byte* src) noexcept {
+  const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16));
+  const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 32));
+  const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 48));
+  _mm_stream_si128(reinterpret_cast<__m128i*>(dst), a);
+  _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 16), b);
+  _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 32), c);
+  _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 48), d);
+}
+#endif
+
+/// Copies n bytes. Copies of 256 bytes or more use streaming (non-temporal) stores where the
+/// target has them: chunk bytes are not read again soon by this core, and streaming skips the
+/// read-for-ownership of every destination line. Runs of 8 KiB or more are copied two pages at
+/// a time, interleaved, with the source prefetched, which keeps several DRAM pages open at once
+/// (glibc's memcpy does the same, but only above a size threshold far larger than a block).
+/// Measured in bench/host_tier.cpp and docs/performance.md. The caller must fence() before
+/// publishing what it wrote.
+inline void copy_bytes(std::byte* dst, const std::byte* src, std::size_t n) noexcept {
+#if defined(__SSE2__)
+  if (n >= 256) {
+    const std::size_t head = (16 - (reinterpret_cast<std::uintptr_t>(dst) & 15)) & 15;
+    std::memcpy(dst, src, head);
+    dst += head, src += head, n -= head;
+    constexpr std::size_t page = 4096, pages = 2;
+    std::size_t i = 0;
+    for (; i + pages * page <= n; i += pages * page) {
+      for (std::size_t j = 0; j < page; j += 64) {
+        for (std::size_t p = 0; p < pages; ++p) {
+          const std::byte* s = src + i + p * page + j;
+          _mm_prefetch(reinterpret_cast<const char*>(s + 512), _MM_HINT_T0);
+          stream64(dst + i + p * page + j, s);
+        }
+      }
+    }
+    for (; i + 64 <= n; i += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(src + i + 1024), _MM_HINT_T0);
+      stream64(dst + i, src + i);
+    }
+    std::memcpy(dst + i, src + i, n - i);
+    return;
+  }
+#endif
+  std::memcpy(dst, src, n);
+}
+
+/// Orders streaming stores before what follows (publishing a chunk to other threads).
+inline void fence() noexcept {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+/// Copies `tokens` x `heads` rows of `row` bytes between two token/head-strided places, merging
+/// into one memcpy per token or one per run when both sides are contiguous.
+inline void copy_rows(std::byte* dst, std::size_t dst_token, std::size_t dst_head,
+                      const std::byte* src, std::size_t src_token, std::size_t src_head,
+                      std::size_t tokens, std::size_t heads, std::size_t row) noexcept {
+  const bool dst_heads_dense = dst_head == row, src_heads_dense = src_head == row;
+  if (dst_heads_dense && src_heads_dense) {
+    const std::size_t token = heads * row;
+    if (dst_token == token && src_token == token) {
+      copy_bytes(dst, src, tokens * token);
+      return;
+    }
+    for (std::size_t t = 0; t < tokens; ++t) {
+      copy_bytes(dst + t * dst_token, src + t * src_token, token);
+    }
+    return;
+  }
+  // Heads strided on one side (HND): walk heads outside so the strided side reads forward.
+  for (std::size_t h = 0; h < heads; ++h) {
+    std::byte* d = dst + h * dst_head;
+    const std::byte* s = src + h * src_head;
+    for (std::size_t t = 0; t < tokens; ++t) copy_bytes(d + t * dst_token, s + t * src_token, row);
+  }
+}
+
+enum class direction { gather, scatter };
+
+/// A plane hook that does nothing.
+struct no_hook {
+  void operator()(const std::byte*, std::size_t) const noexcept {}
+};
+
+/// Moves one chunk between the engine's blocks and the chunk format. `before(p, n)` is called
+/// with each (layer, K/V) plane of the chunk, in chunk order (so over the whole chunk, once),
+/// just before that plane is moved.
+template <direction Dir, class L, class Hook = no_hook>
+void move_chunk(const layout::view<L>& v, const layout::chunk_format& f, block_table table,
+                std::size_t first_token, std::size_t tokens, std::byte* chunk,
+                Hook&& before = {}) noexcept {
+  const layout::ref& e = v.resolved();
+  const std::size_t row = f.row_bytes(), ctoken = f.token_bytes(), bs = e.block_size;
+  for (std::size_t l = 0; l < f.layers; ++l) {
+    for (std::size_t kv = 0; kv < f.kv_planes; ++kv) {
+      before(chunk + f.offset(l, kv, 0, tokens), tokens * ctoken);
+      std::size_t t = 0;
+      while (t < tokens) {
+        const std::size_t tok = first_token + t;
+        const std::size_t block = static_cast<std::size_t>(table[tok / bs]);
+        const std::size_t slot = tok % bs;
+        const std::size_t run = std::min(bs - slot, tokens - t);
+        layout::block_span s;
+        std::byte* eng = v.base(l, kv, block, s) + slot * s.token_stride;
+        std::byte* c = chunk + f.offset(l, kv, t, tokens);
+        if constexpr (Dir == direction::gather) {
+          copy_rows(c, ctoken, row, eng, s.token_stride, s.head_stride, run, e.heads, row);
+        } else {
+          copy_rows(eng, s.token_stride, s.head_stride, c, ctoken, row, run, e.heads, row);
+        }
+        t += run;
+      }
+    }
+  }
+  fence();
+}
+
+}  // namespace detail
+
+/// Copies tokens [first_token, first_token + tokens) of the request whose blocks are `table`
+/// from the engine into `chunk` (chunk format, `tokens` tokens). The view and table must have
+/// been validated. Thread-safe for disjoint destinations; allocates nothing.
+template <class L>
+void gather(const layout::view<L>& v, const layout::chunk_format& f, block_table table,
+            std::size_t first_token, std::size_t tokens, std::byte* chunk) noexcept {
+  detail::move_chunk<detail::direction::gather>(v, f, table, first_token, tokens, chunk);
+}
+
+/// The inverse of gather: writes `chunk` into the engine's blocks.
+template <class L>
+void scatter(const layout::view<L>& v, const layout::chunk_format& f, block_table table,
+             std::size_t first_token, std::size_t tokens, const std::byte* chunk) noexcept {
+  detail::move_chunk<detail::direction::scatter>(v, f, table, first_token, tokens,
+                                                 const_cast<std::byte*>(chunk));
+}
+
+/// scatter, which also returns the payload checksum of `chunk` (detail::payload_checksum under
+/// `key`), each plane hashed just before it is copied out, while it is in cache: the check of a
+/// chunk read in place costs about one pass over it instead of two.
+template <class L>
+std::uint64_t scatter_summed(const layout::view<L>& v, const layout::chunk_format& f,
+                             block_table table, std::size_t first_token, std::size_t tokens,
+                             const std::byte* chunk, const chunk_key& key) noexcept {
+  kvtier::detail::payload_hasher h(key);
+  detail::move_chunk<detail::direction::scatter>(
+      v, f, table, first_token, tokens, const_cast<std::byte*>(chunk),
+      [&h](const std::byte* p, std::size_t n) { h.update(p, n); });
+  return h.digest();
+}
+
+}  // namespace kvtier::transfer
+// ---- end kvtier/transfer/host_copy.hpp
+
+
+namespace kvtier::detail {
+
+template <class Chain>
+class in_place_reader {
+  static constexpr std::size_t tier_count = Chain::tier_count;
+  using state_type = cache_state<tier_count>;
+
+ public:
+  static constexpr std::size_t window = batch_chunks;
+  /// Per chunk of a window: 0 not read in place, 1 loaded, 2 failed (the prefix ends there).
+  using outcome = std::array<std::uint8_t, window>;
+
+  in_place_reader(Chain& chain, state_type& st, const layout::chunk_format& f,
+                  std::size_t chunk_tokens) noexcept
+      : chain_(chain), st_(st), format_(f), chunk_tokens_(chunk_tokens) {}
+
+  /// A store of chunks [first, n) of `ks`: the leading ones a tier reading in place holds are
+  /// stored already (another process stored them; copying them would write them twice, here and
+  /// in every tier below). Their refs become dropped_tier; returns the first chunk to store.
+  std::size_t skip_held(const chunk_key* ks, chunk_ref* rs, std::size_t first, std::size_t n) {
+    const std::size_t held = chain_.probe_mapped({ks + first, n - first});
+    for (std::size_t i = first; i < first + held; ++i) rs[i] = {0, dropped_tier, 0};
+    return first + held;
+  }
+
+  /// Scatters the chunks [lo, hi) of a lease (keys `ks`, refs `rs`; chunk i is chunk
+  /// first_chunk + i of a run ending at token abs_end) held by tiers that read in place straight
+  /// from there into the engine's blocks, each verified as it is copied; sets out[i - lo]. A
+  /// failed chunk's bytes may already be in the blocks of tokens retrieve does not report as
+  /// loaded (the engine computes those anew). Their refs become dropped_tier (a remote tier's
+  /// chunk holds no reference here).
+  template <class View>
+  void load(const chunk_key* ks, chunk_ref* rs, std::size_t first_chunk, std::size_t lo,
+            std::size_t hi, std::size_t abs_end, const View& v, block_table table, outcome& out) {
+    auto tokens_at = [&](std::size_t c) {
+      return std::min(chunk_tokens_, abs_end - c * chunk_tokens_);
+    };
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      if (!chain_.mapped(t)) continue;
+      std::array<tier::read_job, window> jobs;
+      std::array<std::uint32_t, window> at{};
+      std::size_t nj = 0;
+      for (std::size_t i = lo; i < hi; ++i) {
+        if (rs[i].tier != t) continue;
+        const std::size_t ntok = tokens_at(first_chunk + i);
+        jobs[nj] = {0, ks[i], static_cast<std::uint32_t>(ntok), nullptr, format_.bytes(ntok)};
+        at[nj++] = static_cast<std::uint32_t>(i);
+      }
+      if (nj == 0) continue;
+      chain_.read_mapped(t, {jobs.data(), nj},
+                         [&](std::size_t j, const std::byte* src, bool verify) -> std::uint64_t {
+                           const std::size_t c = first_chunk + at[j];
+                           const std::size_t first_token = c * chunk_tokens_, ntok = tokens_at(c);
+                           if (verify) {
+                             return transfer::scatter_summed(v, format_, table, first_token, ntok,
+                                                             src, jobs[j].key);
+                           }
+                           transfer::scatter(v, format_, table, first_token, ntok, src);
+                           return 0;
+                         });
+      std::size_t read = 0, errors = 0;
+      for (std::size_t j = 0; j < nj; ++j) {
+        const bool ok = jobs[j].status == tier::read_status::ok;
+        out[at[j] - lo] = ok ? 1 : 2;
+        if (ok) read += jobs[j].bytes;
+        if (!ok && jobs[j].status != tier::read_status::missing) ++errors;
+        rs[at[j]] = {0, dropped_tier, 0};
+      }
+      std::lock_guard lk(st_.mu);
+      st_.stats.tiers[t].bytes_read += read;
+      st_.stats.tiers[t].errors += errors;
+    }
+  }
+
+ private:
+  Chain& chain_;
+  state_type& st_;
+  const layout::chunk_format format_;
+  const std::size_t chunk_tokens_;
+};
+
+}  // namespace kvtier::detail
+// ---- end kvtier/cache/in_place.hpp
 // ---- begin kvtier/cache/lease.hpp
 // The result of a lookup: the cached run, its chunks protected from eviction until retrieve() or
 // release() consumes it (or it is destroyed). It names the operation slot that holds the run's
@@ -2027,6 +2639,16 @@ class basic_lease {
     chunks_ = std::exchange(o.chunks_, 0);
     tokens_ = std::exchange(o.tokens_, 0);
     first_ = std::exchange(o.first_, 0);
+  }
+  // The leading chunks of the run that end at or before `end_token`, and the token where the
+  // last of them ends (first_token() when none does).
+  [[nodiscard]] std::pair<std::size_t, std::size_t> chunks_ending_by(
+      std::size_t end_token) const noexcept {
+    constexpr std::size_t n = Cache::chunk_tokens;
+    auto end_of = [&](std::size_t i) { return std::min((first_ + i + 1) * n, this->end_token()); };
+    std::size_t count = chunks_;
+    while (count > 0 && end_of(count - 1) > end_token) --count;
+    return {count, count == 0 ? first_token() : end_of(count - 1)};
   }
   // Forgets the run (its chunks were released or handed on).
   void clear() noexcept {
@@ -3048,419 +3670,6 @@ class tier_chain {
 
 }  // namespace kvtier::detail
 // ---- end kvtier/cache/tier_chain.hpp
-// ---- begin kvtier/layout/view.hpp
-// A validated view of the engine's KV tensors through a layout policy.
-
-
-
-namespace kvtier::layout {
-
-/// The most bytes one engine tensor may span, first element to last (2^56: no 64-bit process
-/// addresses more), so that every offset computed into it fits 64 bits.
-inline constexpr std::uint64_t max_tensor_bytes = std::uint64_t{1} << 56;
-
-/// The engine's tensors checked against layout L and the model: tensor count, null pointers,
-/// rank, every extent, and (when the engine gives them) strides. Throws
-/// kvtier::invalid_argument naming the first offending value and what the layout expects.
-/// Cheap to build (no allocation); valid while the engine_kv's memory is.
-template <class L>
-class view {
-  using tr = traits<L>;
-
- public:
-  view(const model_shape& m, const engine_kv& kv) {
-    const std::string lname = L::name;
-    const std::size_t want_tensors = tensor_count(L::scope, m);
-    if (kv.tensors.size() != want_tensors) {
-      throw invalid_argument("kvtier: engine_kv has " + std::to_string(kv.tensors.size()) +
-                             " tensors, layout " + lname + " expects " +
-                             std::to_string(want_tensors) + scope_text());
-    }
-    for (std::size_t i = 0; i < kv.tensors.size(); ++i) {
-      if (kv.tensors[i] == nullptr) {
-        throw invalid_argument("kvtier: engine_kv tensor " + std::to_string(i) + " is null");
-      }
-    }
-    if (tr::kv_planes == 1 && m.kv_heads != 1) {
-      throw invalid_argument("kvtier: model_shape.kv_heads is " + std::to_string(m.kv_heads) +
-                             ", layout " + lname +
-                             " holds one latent row per token (no K/V split) and expects 1");
-    }
-    if (kv.shape.size() != tr::rank) {
-      throw invalid_argument("kvtier: engine_kv shape has rank " + std::to_string(kv.shape.size()) +
-                             ", layout " + lname + " expects rank " + std::to_string(tr::rank));
-    }
-    // The block count comes from the dim that grows with it (in tokens for a token pool).
-    const std::size_t bd = tr::blocks_dim;
-    const std::int64_t unit = extent(L::dims[bd], m, 1);
-    const std::int64_t grown = kv.shape[bd];
-    if (grown <= 0 || grown % unit != 0) {
-      throw invalid_argument("kvtier: engine_kv shape[" + std::to_string(bd) + "] (" +
-                             dim_name(L::dims[bd]) + ") is " + std::to_string(grown) + ", layout " +
-                             lname + " expects a positive multiple of " + std::to_string(unit));
-    }
-    const std::int64_t blocks = grown / unit;
-    const auto want = shape_of<L>(m, blocks);
-    for (std::size_t d = 0; d < tr::rank; ++d) {
-      if (kv.shape[d] != want[d]) {
-        throw invalid_argument("kvtier: engine_kv shape[" + std::to_string(d) + "] (" +
-                               dim_name(L::dims[d]) + ") is " + std::to_string(kv.shape[d]) +
-                               ", layout " + lname + " expects " + std::to_string(want[d]));
-      }
-    }
-    const std::array<std::int64_t, tr::rank> st = strides(kv, want, lname, m.dtype_size);
-    const auto s = [&](dim d) -> std::size_t {
-      return tr::has(d) ? static_cast<std::size_t>(st[tr::index(d)]) * m.dtype_size : 0;
-    };
-    r_.scope = L::scope;
-    r_.layers = m.layers;
-    r_.heads = m.kv_heads;
-    r_.block_size = m.block_size;
-    r_.row_bytes = std::size_t{m.head_size} * m.dtype_size;
-    r_.blocks = static_cast<std::uint64_t>(blocks);
-    r_.layer_stride = s(dim::layer);
-    r_.head_stride = s(dim::head);
-    if (tr::has(dim::token)) {
-      r_.token_stride = s(dim::token);
-      r_.block_stride = r_.token_stride * m.block_size;
-    } else {
-      r_.token_stride = s(dim::slot);
-      r_.block_stride = s(dim::block);
-    }
-    r_.kv_stride = tr::has(dim::kv_elem) ? std::size_t{m.head_size} * m.dtype_size : s(dim::kv);
-    tensors_ = kv.tensors.data();
-  }
-
-  [[nodiscard]] const ref& resolved() const noexcept { return r_; }
-
-  /// Base address of (layer, kv, block) and its strides. `block` must be < blocks().
-  [[nodiscard]] std::byte* base(std::size_t layer, std::size_t kv, std::size_t block,
-                                block_span& s) const noexcept {
-    s = r_.span(layer, kv, block);
-    return static_cast<std::byte*>(tensors_[s.tensor]) + s.offset;
-  }
-
-  /// Checks the blocks of tokens [begin, end): the table reaches them and every id is in range.
-  /// Blocks before `begin` are not looked at (the engine may have freed them).
-  void check_block_table(block_table table, std::size_t begin, std::size_t end) const {
-    if (end <= begin) return;
-    const std::size_t need = (end + r_.block_size - 1) / r_.block_size;
-    if (table.size() < need) {
-      throw invalid_argument("kvtier: block table has " + std::to_string(table.size()) +
-                             " blocks, " + std::to_string(end) + " tokens need " +
-                             std::to_string(need) + " (block size " +
-                             std::to_string(r_.block_size) + ")");
-    }
-    for (std::size_t i = begin / r_.block_size; i < need; ++i) {
-      if (table[i] < 0 || static_cast<std::uint64_t>(table[i]) >= r_.blocks) {
-        throw invalid_argument("kvtier: block table[" + std::to_string(i) + "] is block id " +
-                               std::to_string(table[i]) + ", engine has blocks 0.." +
-                               std::to_string(r_.blocks - 1));
-      }
-    }
-  }
-
- private:
-  static std::string scope_text() {
-    switch (L::scope) {
-      case tensors::one:
-        return " (one for all layers)";
-      case tensors::per_layer:
-        return " (one per layer)";
-      case tensors::per_layer_kv:
-        return " (one per layer for K, then one per layer for V)";
-    }
-    return "";
-  }
-
-  // The engine's strides (elements), checked, or the dense row-major strides of `shape`. Either
-  // way the tensor spans at most max_tensor_bytes, so no offset computed from them overflows.
-  static std::array<std::int64_t, tr::rank> strides(const engine_kv& kv,
-                                                    const std::array<std::int64_t, tr::rank>& shape,
-                                                    const std::string& lname,
-                                                    std::size_t dtype_size) {
-    std::array<std::int64_t, tr::rank> st{};
-    std::int64_t dense = 1;
-    bool dense_over = false;  // only an error without the engine's strides
-    std::size_t over_dim = 0;
-    for (std::size_t d = tr::rank; d-- > 0;) {
-      st[d] = dense;
-      if (!dense_over && __builtin_mul_overflow(dense, shape[d], &dense)) {
-        dense_over = true;
-        over_dim = d;
-      }
-    }
-    if (kv.strides.empty()) {
-      if (dense_over) {
-        throw invalid_argument("kvtier: engine_kv shape[" + std::to_string(over_dim) + "] (" +
-                               dim_name(L::dims[over_dim]) + ") is " +
-                               std::to_string(shape[over_dim]) +
-                               ", which makes a tensor of more than 2^63 elements; the limit is " +
-                               std::to_string(max_tensor_bytes) + " bytes (2^56)");
-      }
-      check_span(shape, st, dtype_size);
-      return st;
-    }
-    if (kv.strides.size() != tr::rank) {
-      throw invalid_argument("kvtier: engine_kv strides have rank " +
-                             std::to_string(kv.strides.size()) + ", shape has rank " +
-                             std::to_string(tr::rank));
-    }
-    const std::size_t last = tr::rank - 1;
-    if (kv.strides[last] != 1) {
-      throw invalid_argument("kvtier: engine_kv strides[" + std::to_string(last) + "] (" +
-                             dim_name(L::dims[last]) + ") is " + std::to_string(kv.strides[last]) +
-                             ", layout " + lname + " needs 1 (contiguous rows)");
-    }
-    for (std::size_t d = 0; d < tr::rank; ++d) {
-      if (kv.strides[d] < 0) {
-        throw invalid_argument("kvtier: engine_kv strides[" + std::to_string(d) + "] (" +
-                               dim_name(L::dims[d]) + ") is " + std::to_string(kv.strides[d]) +
-                               ", layout " + lname + " needs non-negative strides");
-      }
-    }
-    check_span(shape, std::span<const std::int64_t, tr::rank>(kv.strides.data(), tr::rank),
-               dtype_size);
-    // No two elements may share an address: ordered by stride, each dim must step over the
-    // whole extent of the next smaller one. (check_span bounds every product below.)
-    std::array<std::size_t, tr::rank> order{};
-    for (std::size_t d = 0; d < tr::rank; ++d) order[d] = d;
-    std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
-      return kv.strides[a] != kv.strides[b] ? kv.strides[a] < kv.strides[b] : a > b;
-    });
-    std::int64_t span = 1;  // elements covered by the dims checked so far
-    for (std::size_t i = 0; i < tr::rank; ++i) {
-      const std::size_t d = order[i];
-      if (kv.strides[d] < 0 || (shape[d] > 1 && kv.strides[d] < span)) {
-        throw invalid_argument("kvtier: engine_kv strides[" + std::to_string(d) + "] (" +
-                               dim_name(L::dims[d]) + ") is " + std::to_string(kv.strides[d]) +
-                               ", which overlaps the dims inside it (" + std::to_string(span) +
-                               " elements); layout " + lname +
-                               " needs non-overlapping "
-                               "strides, dense ones are " +
-                               std::to_string(st[d]));
-      }
-      if (shape[d] > 1) span = kv.strides[d] * shape[d];
-    }
-    for (std::size_t d = 0; d < tr::rank; ++d) st[d] = kv.strides[d];
-    return st;
-  }
-
-  // Throws unless the bytes from a tensor's first element to its last fit max_tensor_bytes,
-  // naming the dim whose extent and stride take it over. Strides are non-negative.
-  static void check_span(const std::array<std::int64_t, tr::rank>& shape,
-                         std::span<const std::int64_t, tr::rank> st, std::size_t dtype_size) {
-    std::uint64_t last = 0;  // offset of the last element, in elements
-    for (std::size_t d = 0; d < tr::rank; ++d) {
-      std::uint64_t step = 0, bytes = 0;
-      const bool over = __builtin_mul_overflow(static_cast<std::uint64_t>(shape[d] - 1),
-                                               static_cast<std::uint64_t>(st[d]), &step) ||
-                        __builtin_add_overflow(last, step, &last) ||
-                        __builtin_mul_overflow(last + 1, std::uint64_t{dtype_size}, &bytes) ||
-                        bytes > max_tensor_bytes;
-      if (over) {
-        throw invalid_argument(
-            "kvtier: engine_kv shape[" + std::to_string(d) + "] (" + dim_name(L::dims[d]) +
-            ") is " + std::to_string(shape[d]) + " with stride " + std::to_string(st[d]) +
-            ": the tensor spans more than the limit of " + std::to_string(max_tensor_bytes) +
-            " bytes (2^56, more than any address space)");
-      }
-    }
-  }
-
-  void* const* tensors_ = nullptr;
-  ref r_{};
-};
-
-}  // namespace kvtier::layout
-// ---- end kvtier/layout/view.hpp
-// ---- begin kvtier/transfer/host_copy.hpp
-// Host copy engine: gathers a chunk's tokens from engine blocks into the chunk format and
-// scatters them back, with memcpy over the largest contiguous runs the two layouts share.
-
-// ---- begin kvtier/detail/xxhash.hpp
-// xxHash, inlined (XXH_INLINE_ALL) so a header-only kvtier links nothing; safe next to an engine
-// that includes xxhash.h itself (the header supports both modes in one translation unit).
-
-#ifndef XXH_INLINE_ALL
-#define XXH_INLINE_ALL
-#define KVTIER_DEFINED_XXH_INLINE_ALL
-#endif
-#include <xxhash.h>
-#ifdef KVTIER_DEFINED_XXH_INLINE_ALL
-#undef XXH_INLINE_ALL
-#undef KVTIER_DEFINED_XXH_INLINE_ALL
-#endif
-// ---- end kvtier/detail/xxhash.hpp
-
-#include <cstring>
-
-#if defined(__SSE2__)
-#include <immintrin.h>
-#endif
-
-namespace kvtier::transfer {
-
-namespace detail {
-
-#if defined(__SSE2__)
-// Copies 64 bytes with streaming stores; `dst` is 16-byte aligned.
-inline void stream64(std::byte* dst, const std::byte* src) noexcept {
-  const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16));
-  const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 32));
-  const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 48));
-  _mm_stream_si128(reinterpret_cast<__m128i*>(dst), a);
-  _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 16), b);
-  _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 32), c);
-  _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 48), d);
-}
-#endif
-
-/// Copies n bytes. Copies of 256 bytes or more use streaming (non-temporal) stores where the
-/// target has them: chunk bytes are not read again soon by this core, and streaming skips the
-/// read-for-ownership of every destination line. Runs of 8 KiB or more are copied two pages at
-/// a time, interleaved, with the source prefetched, which keeps several DRAM pages open at once
-/// (glibc's memcpy does the same, but only above a size threshold far larger than a block).
-/// Measured in bench/host_tier.cpp and docs/performance.md. The caller must fence() before
-/// publishing what it wrote.
-inline void copy_bytes(std::byte* dst, const std::byte* src, std::size_t n) noexcept {
-#if defined(__SSE2__)
-  if (n >= 256) {
-    const std::size_t head = (16 - (reinterpret_cast<std::uintptr_t>(dst) & 15)) & 15;
-    std::memcpy(dst, src, head);
-    dst += head, src += head, n -= head;
-    constexpr std::size_t page = 4096, pages = 2;
-    std::size_t i = 0;
-    for (; i + pages * page <= n; i += pages * page) {
-      for (std::size_t j = 0; j < page; j += 64) {
-        for (std::size_t p = 0; p < pages; ++p) {
-          const std::byte* s = src + i + p * page + j;
-          _mm_prefetch(reinterpret_cast<const char*>(s + 512), _MM_HINT_T0);
-          stream64(dst + i + p * page + j, s);
-        }
-      }
-    }
-    for (; i + 64 <= n; i += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(src + i + 1024), _MM_HINT_T0);
-      stream64(dst + i, src + i);
-    }
-    std::memcpy(dst + i, src + i, n - i);
-    return;
-  }
-#endif
-  std::memcpy(dst, src, n);
-}
-
-/// Orders streaming stores before what follows (publishing a chunk to other threads).
-inline void fence() noexcept {
-#if defined(__SSE2__)
-  _mm_sfence();
-#endif
-}
-
-/// Copies `tokens` x `heads` rows of `row` bytes between two token/head-strided places, merging
-/// into one memcpy per token or one per run when both sides are contiguous.
-inline void copy_rows(std::byte* dst, std::size_t dst_token, std::size_t dst_head,
-                      const std::byte* src, std::size_t src_token, std::size_t src_head,
-                      std::size_t tokens, std::size_t heads, std::size_t row) noexcept {
-  const bool dst_heads_dense = dst_head == row, src_heads_dense = src_head == row;
-  if (dst_heads_dense && src_heads_dense) {
-    const std::size_t token = heads * row;
-    if (dst_token == token && src_token == token) {
-      copy_bytes(dst, src, tokens * token);
-      return;
-    }
-    for (std::size_t t = 0; t < tokens; ++t) {
-      copy_bytes(dst + t * dst_token, src + t * src_token, token);
-    }
-    return;
-  }
-  // Heads strided on one side (HND): walk heads outside so the strided side reads forward.
-  for (std::size_t h = 0; h < heads; ++h) {
-    std::byte* d = dst + h * dst_head;
-    const std::byte* s = src + h * src_head;
-    for (std::size_t t = 0; t < tokens; ++t) copy_bytes(d + t * dst_token, s + t * src_token, row);
-  }
-}
-
-enum class direction { gather, scatter };
-
-/// A plane hook that does nothing.
-struct no_hook {
-  void operator()(const std::byte*, std::size_t) const noexcept {}
-};
-
-/// Moves one chunk between the engine's blocks and the chunk format. `before(p, n)` is called
-/// with each (layer, K/V) plane of the chunk, in chunk order (so over the whole chunk, once),
-/// just before that plane is moved.
-template <direction Dir, class L, class Hook = no_hook>
-void move_chunk(const layout::view<L>& v, const layout::chunk_format& f, block_table table,
-                std::size_t first_token, std::size_t tokens, std::byte* chunk,
-                Hook&& before = {}) noexcept {
-  const layout::ref& e = v.resolved();
-  const std::size_t row = f.row_bytes(), ctoken = f.token_bytes(), bs = e.block_size;
-  for (std::size_t l = 0; l < f.layers; ++l) {
-    for (std::size_t kv = 0; kv < f.kv_planes; ++kv) {
-      before(chunk + f.offset(l, kv, 0, tokens), tokens * ctoken);
-      std::size_t t = 0;
-      while (t < tokens) {
-        const std::size_t tok = first_token + t;
-        const std::size_t block = static_cast<std::size_t>(table[tok / bs]);
-        const std::size_t slot = tok % bs;
-        const std::size_t run = std::min(bs - slot, tokens - t);
-        layout::block_span s;
-        std::byte* eng = v.base(l, kv, block, s) + slot * s.token_stride;
-        std::byte* c = chunk + f.offset(l, kv, t, tokens);
-        if constexpr (Dir == direction::gather) {
-          copy_rows(c, ctoken, row, eng, s.token_stride, s.head_stride, run, e.heads, row);
-        } else {
-          copy_rows(eng, s.token_stride, s.head_stride, c, ctoken, row, run, e.heads, row);
-        }
-        t += run;
-      }
-    }
-  }
-  fence();
-}
-
-}  // namespace detail
-
-/// Copies tokens [first_token, first_token + tokens) of the request whose blocks are `table`
-/// from the engine into `chunk` (chunk format, `tokens` tokens). The view and table must have
-/// been validated. Thread-safe for disjoint destinations; allocates nothing.
-template <class L>
-void gather(const layout::view<L>& v, const layout::chunk_format& f, block_table table,
-            std::size_t first_token, std::size_t tokens, std::byte* chunk) noexcept {
-  detail::move_chunk<detail::direction::gather>(v, f, table, first_token, tokens, chunk);
-}
-
-/// The inverse of gather: writes `chunk` into the engine's blocks.
-template <class L>
-void scatter(const layout::view<L>& v, const layout::chunk_format& f, block_table table,
-             std::size_t first_token, std::size_t tokens, const std::byte* chunk) noexcept {
-  detail::move_chunk<detail::direction::scatter>(v, f, table, first_token, tokens,
-                                                 const_cast<std::byte*>(chunk));
-}
-
-/// scatter, which also returns the payload checksum of `chunk` (detail::payload_checksum under
-/// `key`), each plane hashed just before it is copied out, while it is in cache: the check of a
-/// chunk read in place costs about one pass over it instead of two.
-template <class L>
-std::uint64_t scatter_summed(const layout::view<L>& v, const layout::chunk_format& f,
-                             block_table table, std::size_t first_token, std::size_t tokens,
-                             const std::byte* chunk, const chunk_key& key) noexcept {
-  XXH3_state_t st;
-  XXH3_INITSTATE(&st);
-  XXH3_64bits_reset_withSeed(&st, key.lo ^ key.hi);
-  detail::move_chunk<detail::direction::scatter>(
-      v, f, table, first_token, tokens, const_cast<std::byte*>(chunk),
-      [&st](const std::byte* p, std::size_t n) { XXH3_64bits_update(&st, p, n); });
-  return XXH3_64bits_digest(&st);
-}
-
-}  // namespace kvtier::transfer
-// ---- end kvtier/transfer/host_copy.hpp
 
 
 namespace kvtier::detail {
@@ -3516,6 +3725,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
         policy_(chain_, st_, writers_, cfg_.mode),
         promoter_(chain_, st_, policy_, format_),
         prefetcher_(chain_, st_, policy_, promoter_, format_, cfg_.prefetch_queue_depth),
+        in_place_(chain_, st_, format_, ChunkTokens),
         async_(chain_, st_, ops_, policy_, model_.layers) {
     chain_.init_stats(st_.stats);
   } catch (const std::bad_alloc&) {
@@ -3632,8 +3842,10 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     // the window is scattered from the first tier into the engine's blocks.
     for (std::size_t w = 0; w < count; w += window) {
       const std::size_t hi = std::min(count, w + window);
-      std::array<std::uint8_t, window> direct{};  // 1: loaded in place, 2: that failed
-      if constexpr (chain_type::has_mapped) load_in_place(l, w, hi, abs_end, v, table, direct);
+      typename in_place_reader<chain_type>::outcome direct{};  // 1: loaded in place, 2: failed
+      if constexpr (chain_type::has_mapped) {
+        in_place_.load(ops_.keys(l.op_) + l.first_, rs, l.first_, w, hi, abs_end, v, table, direct);
+      }
       if constexpr (has_lower) promote(l, w, hi, abs_end);
       std::size_t i = w;
       for (; i < hi && direct[i - w] != 2 && (direct[i - w] == 1 || rs[i].tier == 0); ++i) {
@@ -3662,7 +3874,8 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     if constexpr (async_copies) {
       return store(tokens, kv, table, order_type{}, first_token);
     }
-    const store_range r = check_store(tokens, kv, table, first_token);
+    const auto r = check_store<view_type, ChunkTokens>(
+        model_, cfg_, tokens.size(), chunk_count(tokens.size()), kv, table, first_token);
     if (r.first >= r.n) return 0;
     std::unique_lock lk(st_.mu);
     const std::uint32_t op = begin_op(lk, tokens, r.n);
@@ -3670,14 +3883,10 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     chunk_ref* rs = ops_.refs(op);
     index_type& ix = chain_.first_index();
     std::size_t first = r.first;
-    if constexpr (chain_type::has_mapped) {
-      // The leading chunks a tier in this process's memory holds (tier::shared_host: another
-      // process stored them) are stored already: copying them would write them twice, here
-      // and in every tier below.
+    if constexpr (chain_type::has_mapped) {  // held by a tier read in place: stored already
       lk.unlock();
-      first += chain_.probe_mapped({ops_.keys(op) + first, r.n - first});
+      first = in_place_.skip_held(ops_.keys(op), rs, first, r.n);
       lk.lock();
-      for (std::size_t i = r.first; i < first; ++i) rs[i] = {0, dropped_tier, 0};
     }
     const std::size_t placed = policy_.place_locked(
         ops_.keys(op), rs, first, r.n, [&](std::size_t i) { return tokens_at(i, tokens.size()); });
@@ -3737,7 +3946,8 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   store_pipeline begin_store(std::span<const token_id> tokens, const engine_kv& kv,
                              block_table table, const order_type& o,
                              std::size_t first_token = 0) requires async_copies {
-    const store_range r = check_store(tokens, kv, table, first_token);
+    const auto r = check_store<view_type, ChunkTokens>(
+        model_, cfg_, tokens.size(), chunk_count(tokens.size()), kv, table, first_token);
     chain_.first().transfers().validate(kv.tensors, o);
     typename async_type::pipeline_state p;
     p.a = &async_;
@@ -3952,39 +4162,10 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     }
   }
 
-  // A store's chunks [first, n) (those starting before first_token are skipped: the engine may
-  // no longer hold their blocks), after checking the tokens, tensors and table.
-  struct store_range {
-    view_type v;
-    std::size_t n, first;
-  };
-  store_range check_store(std::span<const token_id> tokens, const engine_kv& kv, block_table table,
-                          std::size_t first_token) const {
-    check_tokens("store", tokens.size(), cfg_);
-    if (first_token > tokens.size()) {
-      throw invalid_argument("kvtier: store first_token " + std::to_string(first_token) +
-                             " is past the " + std::to_string(tokens.size()) + " tokens");
-    }
-    store_range r{view_type(model_, kv), chunk_count(tokens.size()),
-                  (first_token + ChunkTokens - 1) / ChunkTokens};
-    const std::size_t end = r.n == 0 ? 0 : std::min(r.n * ChunkTokens, tokens.size());
-    r.v.check_block_table(table, std::min(r.first * ChunkTokens, end), end);
-    return r;
-  }
-
   // Retrieve: the lease's chunks that end at or before end_token, after checking the table.
   std::size_t chunks_to_load(const lease& l, const view_type& v, block_table table,
                              std::size_t end_token) const {
-    const std::size_t abs_end = l.end_token();
-    std::size_t count = l.chunks_;
-    while (count > 0 &&
-           (l.first_ + count - 1) * ChunkTokens + tokens_at(l.first_ + count - 1, abs_end) >
-               end_token) {
-      --count;
-    }
-    const std::size_t load_end = count == 0 ? l.first_token()
-                                            : (l.first_ + count - 1) * ChunkTokens +
-                                                  tokens_at(l.first_ + count - 1, abs_end);
+    const auto [count, load_end] = l.chunks_ending_by(end_token);
     v.check_block_table(table, l.first_token(), load_end);
     return count;
   }
@@ -4008,54 +4189,6 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     keys(tokens, {ops_.keys(op), n});
     lk.lock();
     return op;
-  }
-
-  // Scatters the lease's chunks [lo, hi) held by lower tiers that read in place
-  // (tier::shared_host) straight from there into the engine's blocks, each verified as it is
-  // copied; no first-tier copy is made. direct[i - lo]: 1 loaded, 2 failed (the prefix ends
-  // there; a failed chunk's bytes may already be in the blocks of tokens retrieve does not
-  // report as loaded, which the engine computes anew). Their refs become dropped_tier (a remote
-  // tier's chunk holds no reference here). Without the lock.
-  void load_in_place(const lease& l, std::size_t lo, std::size_t hi, std::size_t abs_end,
-                     const view_type& v, block_table table,
-                     std::array<std::uint8_t, window>& direct) {
-    chunk_ref* rs = ops_.refs(l.op_);
-    const chunk_key* ks = ops_.keys(l.op_) + l.first_;
-    for (std::size_t t = 1; t < tier_count; ++t) {
-      if (!chain_.mapped(t)) continue;
-      std::array<tier::read_job, window> jobs;
-      std::array<std::uint32_t, window> at{};
-      std::size_t nj = 0;
-      for (std::size_t i = lo; i < hi; ++i) {
-        if (rs[i].tier != t) continue;
-        const std::size_t ntok = tokens_at(l.first_ + i, abs_end);
-        jobs[nj] = {0, ks[i], static_cast<std::uint32_t>(ntok), nullptr, format_.bytes(ntok)};
-        at[nj++] = static_cast<std::uint32_t>(i);
-      }
-      if (nj == 0) continue;
-      chain_.read_mapped(t, {jobs.data(), nj},
-                         [&](std::size_t j, const std::byte* src, bool verify) -> std::uint64_t {
-                           const std::size_t c = l.first_ + at[j];
-                           const std::size_t ntok = tokens_at(c, abs_end);
-                           if (verify) {
-                             return transfer::scatter_summed(v, format_, table, c * ChunkTokens,
-                                                             ntok, src, jobs[j].key);
-                           }
-                           transfer::scatter(v, format_, table, c * ChunkTokens, ntok, src);
-                           return 0;
-                         });
-      std::size_t read = 0, errors = 0;
-      for (std::size_t j = 0; j < nj; ++j) {
-        const bool ok = jobs[j].status == tier::read_status::ok;
-        direct[at[j] - lo] = ok ? 1 : 2;
-        if (ok) read += jobs[j].bytes;
-        if (!ok && jobs[j].status != tier::read_status::missing) ++errors;
-        rs[at[j]] = {0, dropped_tier, 0};
-      }
-      std::lock_guard lk(st_.mu);
-      st_.stats.tiers[t].bytes_read += read;
-      st_.stats.tiers[t].errors += errors;
-    }
   }
 
   // Promotes the lease's chunks [lo, hi) into the first tier (promotion.hpp).
@@ -4137,6 +4270,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   write_policy<chain_type> policy_;
   promoter<chain_type> promoter_;
   prefetcher<chain_type> prefetcher_;
+  in_place_reader<chain_type> in_place_;
   async_type async_;
 };
 
@@ -5144,77 +5278,6 @@ struct vllm_flash_hnd {
 // of a node maps, with no server. A lower tier asked by key (like Redis, at memory speed), under
 // each process's own first tier. Linux (POSIX shared memory, robust mutexes, /proc).
 
-// ---- begin kvtier/detail/record.hpp
-// The self-describing record a non-memory tier keeps per chunk: a fixed header that carries the
-// key, salt, format fingerprint, length and checksums, followed by the chunk's bytes.
-
-
-
-namespace kvtier::detail {
-
-inline constexpr char record_magic[8] = {'K', 'V', 'T', 'I', 'E', 'R', 'R', '1'};
-inline constexpr std::uint32_t record_version = 1;
-/// Header space in front of each payload on disk: one page, so the payload stays aligned for
-/// O_DIRECT. A remote record's header takes just sizeof(record_header).
-inline constexpr std::size_t record_header_bytes = 4096;
-
-/// Serialized little-endian at the start of the header page.
-struct record_header {
-  char magic[8];
-  std::uint32_t version;
-  std::uint32_t header_bytes;
-  chunk_key key;
-  chunk_key salt;
-  std::uint64_t format_fingerprint;
-  std::uint32_t tokens;
-  std::uint32_t reserved;
-  std::uint64_t payload_bytes;
-  std::uint64_t payload_checksum;
-  std::uint64_t header_checksum;  ///< XXH3-64 of every field above
-};
-static_assert(sizeof(record_header) == 88, "record_header must have no padding: it is hashed");
-static_assert(sizeof(record_header) <= record_header_bytes);
-
-/// Payload checksum, seeded by the key so bytes moved under another key fail the check too.
-[[nodiscard]] inline std::uint64_t payload_checksum(const chunk_key& k, const std::byte* p,
-                                                    std::size_t n) noexcept {
-  return XXH3_64bits_withSeed(p, n, k.lo ^ k.hi);
-}
-
-[[nodiscard]] inline std::uint64_t header_checksum(const record_header& h) noexcept {
-  return XXH3_64bits(&h, offsetof(record_header, header_checksum));
-}
-
-[[nodiscard]] inline record_header make_record_header(
-    const chunk_key& key, const chunk_key& salt, std::uint64_t fingerprint, std::uint32_t tokens,
-    const std::byte* p, std::size_t n, std::size_t header_bytes = record_header_bytes) noexcept {
-  record_header h{};
-  std::memcpy(h.magic, record_magic, sizeof h.magic);
-  h.version = record_version;
-  h.header_bytes = static_cast<std::uint32_t>(header_bytes);
-  h.key = key;
-  h.salt = salt;
-  h.format_fingerprint = fingerprint;
-  h.tokens = tokens;
-  h.payload_bytes = n;
-  h.payload_checksum = payload_checksum(key, p, n);
-  h.header_checksum = header_checksum(h);
-  return h;
-}
-
-/// True when `h` is an intact header of exactly this record (key, salt, format, length).
-[[nodiscard]] inline bool header_matches(const record_header& h, const chunk_key& key,
-                                         const chunk_key& salt, std::uint64_t fingerprint,
-                                         std::uint32_t tokens, std::size_t n,
-                                         std::size_t header_bytes = record_header_bytes) noexcept {
-  return std::memcmp(h.magic, record_magic, sizeof h.magic) == 0 && h.version == record_version &&
-         h.header_bytes == header_bytes && h.header_checksum == header_checksum(h) &&
-         h.key == key && h.salt == salt && h.format_fingerprint == fingerprint &&
-         h.tokens == tokens && h.payload_bytes == n;
-}
-
-}  // namespace kvtier::detail
-// ---- end kvtier/detail/record.hpp
 // ---- begin kvtier/tier/shared/index.hpp
 // The structures of a shared host segment, run under its robust lock: the hash of chunk keys,
 // the LRU and free lists, lease records (references tagged with their owner) and the process
@@ -6228,21 +6291,19 @@ class shared_index {
 
 namespace kvtier::detail_shared {
 /// Copies n bytes from src to dst and returns the payload checksum (detail::payload_checksum of
-/// key) of the bytes at `hashed` (dst or src), a piece at a time so that each piece is hashed
+/// key) of the bytes at dst (hash_dst) or src, a piece at a time so that each piece is hashed
 /// while it is still in cache: the same value as hashing the whole buffer, at about the cost of
 /// the copy alone.
 inline std::uint64_t copy_and_sum(std::byte* dst, const std::byte* src, std::size_t n,
                                   const chunk_key& key, bool hash_dst) noexcept {
   constexpr std::size_t piece = 128 * 1024;
-  XXH3_state_t st;
-  XXH3_INITSTATE(&st);
-  XXH3_64bits_reset_withSeed(&st, key.lo ^ key.hi);
+  ::kvtier::detail::payload_hasher h(key);
   for (std::size_t off = 0; off < n; off += piece) {
     const std::size_t len = std::min(piece, n - off);
     std::memcpy(dst + off, src + off, len);
-    XXH3_64bits_update(&st, (hash_dst ? dst : src) + off, len);
+    h.update((hash_dst ? dst : src) + off, len);
   }
-  return XXH3_64bits_digest(&st);
+  return h.digest();
 }
 }  // namespace kvtier::detail_shared
 

@@ -8,11 +8,12 @@
 //   tier_chain    the tiers and their settings    lease         a lookup's run
 //   writers       background lower-tier writes    write_policy  write-through/back, admission
 //   promoter      lower tier -> first tier        prefetcher    background promotion
-//   async_path    GPU copies and layer pipelines
+//   async_path    GPU copies and layer pipelines  in_place      reads from tiers in memory
 
 #include "kvtier/cache/async_path.hpp"
 #include "kvtier/cache/chunker.hpp"
 #include "kvtier/cache/config.hpp"
+#include "kvtier/cache/in_place.hpp"
 #include "kvtier/cache/lease.hpp"
 #include "kvtier/cache/op_table.hpp"
 #include "kvtier/cache/prefetcher.hpp"
@@ -94,6 +95,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
         policy_(chain_, st_, writers_, cfg_.mode),
         promoter_(chain_, st_, policy_, format_),
         prefetcher_(chain_, st_, policy_, promoter_, format_, cfg_.prefetch_queue_depth),
+        in_place_(chain_, st_, format_, ChunkTokens),
         async_(chain_, st_, ops_, policy_, model_.layers) {
     chain_.init_stats(st_.stats);
   } catch (const std::bad_alloc&) {
@@ -210,8 +212,10 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     // the window is scattered from the first tier into the engine's blocks.
     for (std::size_t w = 0; w < count; w += window) {
       const std::size_t hi = std::min(count, w + window);
-      std::array<std::uint8_t, window> direct{};  // 1: loaded in place, 2: that failed
-      if constexpr (chain_type::has_mapped) load_in_place(l, w, hi, abs_end, v, table, direct);
+      typename in_place_reader<chain_type>::outcome direct{};  // 1: loaded in place, 2: failed
+      if constexpr (chain_type::has_mapped) {
+        in_place_.load(ops_.keys(l.op_) + l.first_, rs, l.first_, w, hi, abs_end, v, table, direct);
+      }
       if constexpr (has_lower) promote(l, w, hi, abs_end);
       std::size_t i = w;
       for (; i < hi && direct[i - w] != 2 && (direct[i - w] == 1 || rs[i].tier == 0); ++i) {
@@ -240,7 +244,8 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     if constexpr (async_copies) {
       return store(tokens, kv, table, order_type{}, first_token);
     }
-    const store_range r = check_store(tokens, kv, table, first_token);
+    const auto r = check_store<view_type, ChunkTokens>(
+        model_, cfg_, tokens.size(), chunk_count(tokens.size()), kv, table, first_token);
     if (r.first >= r.n) return 0;
     std::unique_lock lk(st_.mu);
     const std::uint32_t op = begin_op(lk, tokens, r.n);
@@ -248,14 +253,10 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     chunk_ref* rs = ops_.refs(op);
     index_type& ix = chain_.first_index();
     std::size_t first = r.first;
-    if constexpr (chain_type::has_mapped) {
-      // The leading chunks a tier in this process's memory holds (tier::shared_host: another
-      // process stored them) are stored already: copying them would write them twice, here
-      // and in every tier below.
+    if constexpr (chain_type::has_mapped) {  // held by a tier read in place: stored already
       lk.unlock();
-      first += chain_.probe_mapped({ops_.keys(op) + first, r.n - first});
+      first = in_place_.skip_held(ops_.keys(op), rs, first, r.n);
       lk.lock();
-      for (std::size_t i = r.first; i < first; ++i) rs[i] = {0, dropped_tier, 0};
     }
     const std::size_t placed = policy_.place_locked(
         ops_.keys(op), rs, first, r.n, [&](std::size_t i) { return tokens_at(i, tokens.size()); });
@@ -315,7 +316,8 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   store_pipeline begin_store(std::span<const token_id> tokens, const engine_kv& kv,
                              block_table table, const order_type& o,
                              std::size_t first_token = 0) requires async_copies {
-    const store_range r = check_store(tokens, kv, table, first_token);
+    const auto r = check_store<view_type, ChunkTokens>(
+        model_, cfg_, tokens.size(), chunk_count(tokens.size()), kv, table, first_token);
     chain_.first().transfers().validate(kv.tensors, o);
     typename async_type::pipeline_state p;
     p.a = &async_;
@@ -530,39 +532,10 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     }
   }
 
-  // A store's chunks [first, n) (those starting before first_token are skipped: the engine may
-  // no longer hold their blocks), after checking the tokens, tensors and table.
-  struct store_range {
-    view_type v;
-    std::size_t n, first;
-  };
-  store_range check_store(std::span<const token_id> tokens, const engine_kv& kv, block_table table,
-                          std::size_t first_token) const {
-    check_tokens("store", tokens.size(), cfg_);
-    if (first_token > tokens.size()) {
-      throw invalid_argument("kvtier: store first_token " + std::to_string(first_token) +
-                             " is past the " + std::to_string(tokens.size()) + " tokens");
-    }
-    store_range r{view_type(model_, kv), chunk_count(tokens.size()),
-                  (first_token + ChunkTokens - 1) / ChunkTokens};
-    const std::size_t end = r.n == 0 ? 0 : std::min(r.n * ChunkTokens, tokens.size());
-    r.v.check_block_table(table, std::min(r.first * ChunkTokens, end), end);
-    return r;
-  }
-
   // Retrieve: the lease's chunks that end at or before end_token, after checking the table.
   std::size_t chunks_to_load(const lease& l, const view_type& v, block_table table,
                              std::size_t end_token) const {
-    const std::size_t abs_end = l.end_token();
-    std::size_t count = l.chunks_;
-    while (count > 0 &&
-           (l.first_ + count - 1) * ChunkTokens + tokens_at(l.first_ + count - 1, abs_end) >
-               end_token) {
-      --count;
-    }
-    const std::size_t load_end = count == 0 ? l.first_token()
-                                            : (l.first_ + count - 1) * ChunkTokens +
-                                                  tokens_at(l.first_ + count - 1, abs_end);
+    const auto [count, load_end] = l.chunks_ending_by(end_token);
     v.check_block_table(table, l.first_token(), load_end);
     return count;
   }
@@ -586,54 +559,6 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     keys(tokens, {ops_.keys(op), n});
     lk.lock();
     return op;
-  }
-
-  // Scatters the lease's chunks [lo, hi) held by lower tiers that read in place
-  // (tier::shared_host) straight from there into the engine's blocks, each verified as it is
-  // copied; no first-tier copy is made. direct[i - lo]: 1 loaded, 2 failed (the prefix ends
-  // there; a failed chunk's bytes may already be in the blocks of tokens retrieve does not
-  // report as loaded, which the engine computes anew). Their refs become dropped_tier (a remote
-  // tier's chunk holds no reference here). Without the lock.
-  void load_in_place(const lease& l, std::size_t lo, std::size_t hi, std::size_t abs_end,
-                     const view_type& v, block_table table,
-                     std::array<std::uint8_t, window>& direct) {
-    chunk_ref* rs = ops_.refs(l.op_);
-    const chunk_key* ks = ops_.keys(l.op_) + l.first_;
-    for (std::size_t t = 1; t < tier_count; ++t) {
-      if (!chain_.mapped(t)) continue;
-      std::array<tier::read_job, window> jobs;
-      std::array<std::uint32_t, window> at{};
-      std::size_t nj = 0;
-      for (std::size_t i = lo; i < hi; ++i) {
-        if (rs[i].tier != t) continue;
-        const std::size_t ntok = tokens_at(l.first_ + i, abs_end);
-        jobs[nj] = {0, ks[i], static_cast<std::uint32_t>(ntok), nullptr, format_.bytes(ntok)};
-        at[nj++] = static_cast<std::uint32_t>(i);
-      }
-      if (nj == 0) continue;
-      chain_.read_mapped(t, {jobs.data(), nj},
-                         [&](std::size_t j, const std::byte* src, bool verify) -> std::uint64_t {
-                           const std::size_t c = l.first_ + at[j];
-                           const std::size_t ntok = tokens_at(c, abs_end);
-                           if (verify) {
-                             return transfer::scatter_summed(v, format_, table, c * ChunkTokens,
-                                                             ntok, src, jobs[j].key);
-                           }
-                           transfer::scatter(v, format_, table, c * ChunkTokens, ntok, src);
-                           return 0;
-                         });
-      std::size_t read = 0, errors = 0;
-      for (std::size_t j = 0; j < nj; ++j) {
-        const bool ok = jobs[j].status == tier::read_status::ok;
-        direct[at[j] - lo] = ok ? 1 : 2;
-        if (ok) read += jobs[j].bytes;
-        if (!ok && jobs[j].status != tier::read_status::missing) ++errors;
-        rs[at[j]] = {0, dropped_tier, 0};
-      }
-      std::lock_guard lk(st_.mu);
-      st_.stats.tiers[t].bytes_read += read;
-      st_.stats.tiers[t].errors += errors;
-    }
   }
 
   // Promotes the lease's chunks [lo, hi) into the first tier (promotion.hpp).
@@ -715,6 +640,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   write_policy<chain_type> policy_;
   promoter<chain_type> promoter_;
   prefetcher<chain_type> prefetcher_;
+  in_place_reader<chain_type> in_place_;
   async_type async_;
 };
 

@@ -7,6 +7,7 @@
 #include "kvtier/error.hpp"
 #include "kvtier/model.hpp"
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -128,6 +129,30 @@ inline void check_tokens(const char* what, std::size_t n, const cache_config& c)
                            " tokens exceeds cache_config.max_tokens " +
                            std::to_string(c.max_tokens));
   }
+}
+
+/// A store's chunks [first, n) (those starting before first_token are skipped: the engine may
+/// no longer hold their blocks), and its view of the engine's tensors.
+template <class View>
+struct store_range {
+  View v;
+  std::size_t n, first;
+};
+/// The range of a store of `tokens` tokens (`n` chunks), after checking the tokens, the tensors
+/// and the block table.
+template <class View, std::size_t ChunkTokens>
+store_range<View> check_store(const model_shape& model, const cache_config& cfg, std::size_t tokens,
+                              std::size_t n, const engine_kv& kv, block_table table,
+                              std::size_t first_token) {
+  check_tokens("store", tokens, cfg);
+  if (first_token > tokens) {
+    throw invalid_argument("kvtier: store first_token " + std::to_string(first_token) +
+                           " is past the " + std::to_string(tokens) + " tokens");
+  }
+  store_range<View> r{View(model, kv), n, (first_token + ChunkTokens - 1) / ChunkTokens};
+  const std::size_t end = r.n == 0 ? 0 : std::min(r.n * ChunkTokens, tokens);
+  r.v.check_block_table(table, std::min(r.first * ChunkTokens, end), end);
+  return r;
 }
 
 /// Refuses a lookup from a chunk past the tokens' `n` chunks.

@@ -5,6 +5,7 @@
 
 #include "kvtier/cache/op_table.hpp"
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <utility>
@@ -57,6 +58,16 @@ class basic_lease {
     chunks_ = std::exchange(o.chunks_, 0);
     tokens_ = std::exchange(o.tokens_, 0);
     first_ = std::exchange(o.first_, 0);
+  }
+  // The leading chunks of the run that end at or before `end_token`, and the token where the
+  // last of them ends (first_token() when none does).
+  [[nodiscard]] std::pair<std::size_t, std::size_t> chunks_ending_by(
+      std::size_t end_token) const noexcept {
+    constexpr std::size_t n = Cache::chunk_tokens;
+    auto end_of = [&](std::size_t i) { return std::min((first_ + i + 1) * n, this->end_token()); };
+    std::size_t count = chunks_;
+    while (count > 0 && end_of(count - 1) > end_token) --count;
+    return {count, count == 0 ? first_token() : end_of(count - 1)};
   }
   // Forgets the run (its chunks were released or handed on).
   void clear() noexcept {

@@ -40,6 +40,21 @@ static_assert(sizeof(record_header) <= record_header_bytes);
   return XXH3_64bits_withSeed(p, n, k.lo ^ k.hi);
 }
 
+/// payload_checksum taken piece by piece (the same value over the same bytes, in order), so a
+/// copy can hash each piece while it is in cache.
+class payload_hasher {
+ public:
+  explicit payload_hasher(const chunk_key& k) noexcept {
+    XXH3_INITSTATE(&st_);
+    XXH3_64bits_reset_withSeed(&st_, k.lo ^ k.hi);
+  }
+  void update(const std::byte* p, std::size_t n) noexcept { XXH3_64bits_update(&st_, p, n); }
+  [[nodiscard]] std::uint64_t digest() const noexcept { return XXH3_64bits_digest(&st_); }
+
+ private:
+  XXH3_state_t st_;
+};
+
 [[nodiscard]] inline std::uint64_t header_checksum(const record_header& h) noexcept {
   return XXH3_64bits(&h, offsetof(record_header, header_checksum));
 }

@@ -30,21 +30,19 @@
 
 namespace kvtier::detail_shared {
 /// Copies n bytes from src to dst and returns the payload checksum (detail::payload_checksum of
-/// key) of the bytes at `hashed` (dst or src), a piece at a time so that each piece is hashed
+/// key) of the bytes at dst (hash_dst) or src, a piece at a time so that each piece is hashed
 /// while it is still in cache: the same value as hashing the whole buffer, at about the cost of
 /// the copy alone.
 inline std::uint64_t copy_and_sum(std::byte* dst, const std::byte* src, std::size_t n,
                                   const chunk_key& key, bool hash_dst) noexcept {
   constexpr std::size_t piece = 128 * 1024;
-  XXH3_state_t st;
-  XXH3_INITSTATE(&st);
-  XXH3_64bits_reset_withSeed(&st, key.lo ^ key.hi);
+  ::kvtier::detail::payload_hasher h(key);
   for (std::size_t off = 0; off < n; off += piece) {
     const std::size_t len = std::min(piece, n - off);
     std::memcpy(dst + off, src + off, len);
-    XXH3_64bits_update(&st, (hash_dst ? dst : src) + off, len);
+    h.update((hash_dst ? dst : src) + off, len);
   }
-  return XXH3_64bits_digest(&st);
+  return h.digest();
 }
 }  // namespace kvtier::detail_shared
 

@@ -3,7 +3,7 @@
 // scatters them back, with memcpy over the largest contiguous runs the two layouts share.
 
 #include "kvtier/layout/chunk_format.hpp"
-#include "kvtier/detail/xxhash.hpp"
+#include "kvtier/detail/record.hpp"
 #include "kvtier/key/chunk_key.hpp"
 #include "kvtier/layout/view.hpp"
 #include "kvtier/model.hpp"
@@ -168,13 +168,11 @@ template <class L>
 std::uint64_t scatter_summed(const layout::view<L>& v, const layout::chunk_format& f,
                              block_table table, std::size_t first_token, std::size_t tokens,
                              const std::byte* chunk, const chunk_key& key) noexcept {
-  XXH3_state_t st;
-  XXH3_INITSTATE(&st);
-  XXH3_64bits_reset_withSeed(&st, key.lo ^ key.hi);
+  kvtier::detail::payload_hasher h(key);
   detail::move_chunk<detail::direction::scatter>(
       v, f, table, first_token, tokens, const_cast<std::byte*>(chunk),
-      [&st](const std::byte* p, std::size_t n) { XXH3_64bits_update(&st, p, n); });
-  return XXH3_64bits_digest(&st);
+      [&h](const std::byte* p, std::size_t n) { h.update(p, n); });
+  return h.digest();
 }
 
 }  // namespace kvtier::transfer
