@@ -37,6 +37,7 @@ struct cache_stats {
   std::uint64_t bytes_to_engine = 0;    ///< bytes scattered into engine blocks
   std::uint64_t store_partial = 0;      ///< stores that found no room for all their chunks
   std::uint64_t busy = 0;               ///< calls refused because max_inflight were in flight
+  std::uint64_t pins_refused = 0;       ///< pin() calls refused because max_pins were held
   std::uint64_t prefetched = 0;         ///< chunks prefetch() loaded into the first tier
   std::uint64_t prefetch_dropped = 0;   ///< prefetch() calls that stopped early (queue, room)
   /// Queued lower-tier writes dropped because the first tier needed their chunks' slots (a lower

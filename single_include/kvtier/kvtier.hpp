@@ -15,7 +15,7 @@
 // stats. One lock (state) guards every index and counter; it is never held across a copy or I/O.
 //
 //   chunker       chunk counts and keys           op_table      operation slots (keys, refs)
-//   tier_chain    the tiers and their settings    lease         a lookup's run
+//   tier_chain    the tiers and their settings    lease, pin    a lookup's run, a pin's chunks
 //   writers       background lower-tier writes    write_policy  write-through/back, admission
 //   promoter      lower tier -> first tier        prefetcher    background promotion
 //   async_path    GPU copies and layer pipelines  in_place      reads from tiers in memory
@@ -116,22 +116,24 @@ struct chunk_ref {
 /// A chunk_ref's tier after its operation dropped it (a failed promotion): it holds nothing.
 inline constexpr std::uint8_t dropped_tier = 0xff;
 
-/// `max_ops` slots of `max_chunks` keys and refs each, reserved at construction.
+/// `max_ops` slots of `max_chunks` keys and refs each, reserved at construction. `setting` names
+/// the cache_config field that sets `max_ops` (max_inflight for operations, max_pins for pins).
 class op_table {
  public:
   static constexpr std::uint32_t no_op = UINT32_MAX;
 
-  op_table(std::size_t max_chunks, std::size_t max_ops)
+  op_table(std::size_t max_chunks, std::size_t max_ops, const char* setting = "max_inflight")
       : max_chunks_(max_chunks), max_ops_(max_ops) {
+    const std::string name = setting;
     if (max_ops == 0 || max_ops >= no_op) {
-      throw invalid_argument("kvtier: cache_config.max_inflight " + std::to_string(max_ops) +
+      throw invalid_argument("kvtier: cache_config." + name + " " + std::to_string(max_ops) +
                              " is out of range 1..2^32-2");
     }
     if (max_chunks == 0 || max_chunks > std::numeric_limits<std::size_t>::max() / max_ops /
                                             (sizeof(chunk_key) + sizeof(chunk_ref))) {
       throw invalid_argument("kvtier: cache_config.max_tokens makes " + std::to_string(max_chunks) +
-                             " chunks per operation, times " + std::to_string(max_ops) +
-                             " operations (max_inflight): too many to reserve");
+                             " chunks per slot, times " + std::to_string(max_ops) + " slots (" +
+                             name + "): too many to reserve");
     }
     try {
       keys_ = std::make_unique<chunk_key[]>(max_chunks * max_ops);
@@ -140,7 +142,7 @@ class op_table {
     } catch (const std::bad_alloc&) {
       throw error("kvtier: cannot reserve " +
                   std::to_string(max_chunks * max_ops * (sizeof(chunk_key) + sizeof(chunk_ref))) +
-                  " bytes of operation slots (max_tokens x max_inflight)");
+                  " bytes of slots (max_tokens x " + name + ")");
     }
     for (std::size_t i = max_ops; i-- > 0;) free_.push_back(static_cast<std::uint32_t>(i));
   }
@@ -219,6 +221,7 @@ struct cache_stats {
   std::uint64_t bytes_to_engine = 0;    ///< bytes scattered into engine blocks
   std::uint64_t store_partial = 0;      ///< stores that found no room for all their chunks
   std::uint64_t busy = 0;               ///< calls refused because max_inflight were in flight
+  std::uint64_t pins_refused = 0;       ///< pin() calls refused because max_pins were held
   std::uint64_t prefetched = 0;         ///< chunks prefetch() loaded into the first tier
   std::uint64_t prefetch_dropped = 0;   ///< prefetch() calls that stopped early (queue, room)
   /// Queued lower-tier writes dropped because the first tier needed their chunks' slots (a lower
@@ -1848,9 +1851,12 @@ namespace kvtier {
 struct cache_config {
   /// Longest token sequence lookup/store/pin accept; sizes the preallocated key buffers.
   std::size_t max_tokens = 131072;
-  /// Operations in flight at once: live leases plus concurrent store/pin/unpin/clear calls.
+  /// Operations in flight at once: live leases plus concurrent store/clear/prefetch calls.
   /// A call beyond it is refused as a miss (lookup) or stores nothing (store), and is counted.
   std::size_t max_inflight = 64;
+  /// Pins held at once (pin handles not yet unpinned); sizes the pin table (max_tokens keys per
+  /// pin). A pin beyond it pins nothing and is counted (pins_refused).
+  std::size_t max_pins = 64;
   /// Chunks waiting for write-through to lower tiers; when full, writes are dropped (counted)
   /// rather than blocking the engine.
   std::size_t write_queue_depth = 1024;
@@ -2666,6 +2672,83 @@ class basic_lease {
 
 }  // namespace kvtier::detail
 // ---- end kvtier/cache/lease.hpp
+// ---- begin kvtier/cache/pin.hpp
+// The result of pin(): the chunks one pin() call kept from eviction, which only this handle can
+// give back. It names a slot of the cache's pin table, whose preallocated array holds the keys of
+// exactly the chunks this call pinned; unpinning undoes one pin on each of them and touches no
+// other chunk, so a holder can never drop a pin it did not take (a chunk stored after the pin, a
+// chunk another caller pinned). Only the cache reads or changes the slot.
+
+
+
+namespace kvtier::detail {
+
+/// A pin of `Cache`. Move-only; unpins when destroyed or reset; must not outlive its cache. Not
+/// thread-safe (one owner at a time); different handles may be used from different threads.
+template <class Cache>
+class basic_pin {
+ public:
+  basic_pin() = default;
+  basic_pin(basic_pin&& o) noexcept { take(o); }
+  basic_pin& operator=(basic_pin&& o) noexcept {
+    if (this != &o) {
+      reset();
+      take(o);
+    }
+    return *this;
+  }
+  basic_pin(const basic_pin&) = delete;
+  basic_pin& operator=(const basic_pin&) = delete;
+  ~basic_pin() { reset(); }
+
+  /// Tokens of the pinned prefix (0 when nothing was pinned).
+  [[nodiscard]] std::size_t tokens() const noexcept { return tokens_; }
+  /// Chunks of the pinned prefix.
+  [[nodiscard]] std::size_t chunks() const noexcept { return chunks_; }
+  /// True while the pin holds chunks (until unpinned, reset or moved from).
+  [[nodiscard]] bool live() const noexcept { return cache_ != nullptr; }
+  /// Undoes this pin now (same as cache.unpin(*this)).
+  void reset() noexcept {
+    if (cache_) (void)cache_->unpin(*this);
+  }
+
+ private:
+  friend Cache;
+  void take(basic_pin& o) noexcept {
+    cache_ = std::exchange(o.cache_, nullptr);
+    slot_ = std::exchange(o.slot_, op_table::no_op);
+    chunks_ = std::exchange(o.chunks_, 0);
+    tokens_ = std::exchange(o.tokens_, 0);
+  }
+  void clear() noexcept {
+    cache_ = nullptr;
+    slot_ = op_table::no_op;
+    chunks_ = 0;
+    tokens_ = 0;
+  }
+  Cache* cache_ = nullptr;
+  std::uint32_t slot_ = op_table::no_op;
+  std::size_t chunks_ = 0;
+  std::size_t tokens_ = 0;
+};
+
+/// Marks chunk `k` lost in every pin slot that names it, so their unpin skips it: the chunk's last
+/// indexed copy was discarded (failed verification) while pinned, and its pins went with it. A
+/// copy stored later is a new chunk with pins of its own, which those handles must not drop.
+/// A slot's ref i is `dropped_tier` when lost; pin() resets the refs of the chunks it pins.
+/// O(max_pins x max_chunks), for a rare event; under the lock.
+inline void mark_pin_lost(op_table& pins, const chunk_key& k) noexcept {
+  for (std::uint32_t s = 0; s < pins.capacity(); ++s) {
+    const chunk_key* ks = pins.keys(s);
+    chunk_ref* rs = pins.refs(s);
+    for (std::size_t i = 0; i < pins.max_chunks(); ++i) {
+      if (ks[i] == k) rs[i].tier = dropped_tier;
+    }
+  }
+}
+
+}  // namespace kvtier::detail
+// ---- end kvtier/cache/pin.hpp
 // ---- begin kvtier/cache/prefetcher.hpp
 // Prefetch: loading lower-tier chunks into the first tier in the background before a request
 // needs them. prefetch() reserves a writing first-tier entry per chunk under the lock (so a
@@ -2691,9 +2774,10 @@ class promoter {
  public:
   static constexpr std::size_t window = batch_chunks;  ///< chunks promoted per batch at most
 
-  promoter(Chain& chain, state_type& st, write_policy<Chain>& policy,
-           const layout::chunk_format& f) noexcept
-      : chain_(chain), st_(st), policy_(policy), format_(f) {}
+  /// `pins`: the cache's pin table, told of pinned chunks lost with a discarded record.
+  promoter(Chain& chain, state_type& st, write_policy<Chain>& policy, const layout::chunk_format& f,
+           op_table* pins = nullptr) noexcept
+      : chain_(chain), st_(st), policy_(policy), format_(f), pins_(pins) {}
 
   /// The end of bringing a chunk from lower tier t (slot `lslot` there, when indexed) into the
   /// first tier's writing entry `hslot`. On success the entry is published and keeps the
@@ -2720,7 +2804,12 @@ class promoter {
     }
     if (index_type* low = chain_.index(t)) {
       index_entry& le = low->at(lslot);
-      if (st == tier::read_status::corrupt) low->discard(le);
+      if (st == tier::read_status::corrupt) {
+        const bool pinned = le.pins != 0;
+        const chunk_key k = le.key;
+        low->discard(le);
+        if (pinned && pins_ != nullptr && !chain_.held_locked(k)) mark_pin_lost(*pins_, k);
+      }
       low->unref(le);
     }
     return ok;
@@ -2839,6 +2928,7 @@ class promoter {
   state_type& st_;
   write_policy<Chain>& policy_;
   const layout::chunk_format format_;
+  op_table* pins_;
 };
 
 }  // namespace kvtier::detail
@@ -3601,6 +3691,42 @@ class tier_chain {
     }
   }
 
+  /// Pins the leading chunks of `ks[0, n)` that some indexed tier holds ready, once in every
+  /// such tier, up to the first no tier holds; returns how many. Under the lock.
+  std::size_t pin_prefix_locked(const chunk_key* ks, std::size_t n) noexcept {
+    for (std::size_t i = 0; i < n; ++i) {
+      bool any = false;
+      for (index_type* ix : index_) {
+        if (ix == nullptr) continue;
+        if (index_entry* e = ix->find_ready(ks[i])) {
+          ix->pin(*e);
+          any = true;
+        }
+      }
+      if (!any) return i;
+    }
+    return n;
+  }
+  /// Undoes one pin of each chunk of `ks[0, n)` in every indexed tier holding it, except those
+  /// whose ref is dropped_tier (lost with their last copy). Under the lock.
+  void unpin_locked(const chunk_key* ks, const chunk_ref* rs, std::size_t n) noexcept {
+    for (std::size_t i = 0; i < n; ++i) {
+      if (rs[i].tier == dropped_tier) continue;
+      for (index_type* ix : index_) {
+        if (ix == nullptr) continue;
+        if (index_entry* e = ix->find_ready(ks[i])) (void)ix->unpin(*e);
+      }
+    }
+  }
+
+  /// True when some indexed tier holds chunk `k` ready. Under the lock.
+  [[nodiscard]] bool held_locked(const chunk_key& k) noexcept {
+    for (index_type* ix : index_) {
+      if (ix != nullptr && ix->find_ready(k) != nullptr) return true;
+    }
+    return false;
+  }
+
   /// Drops an operation's reference to the chunk `r` names (none for a remote or dropped one).
   void unref_locked(const chunk_ref& r) noexcept {
     if (r.tier == dropped_tier || index_[r.tier] == nullptr) return;
@@ -3708,6 +3834,8 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   using event_type = typename async_type::event_type;
   /// The result of lookup (see lease.hpp).
   using lease = basic_lease<cache_impl>;
+  /// The result of pin (see pin.hpp).
+  using pin_handle = basic_pin<cache_impl>;
   /// Layer-wise GPU copies (see async_path.hpp).
   using store_pipeline = typename async_type::store_pipeline;
   using retrieve_pipeline = typename async_type::retrieve_pipeline;
@@ -3721,9 +3849,10 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
         chain_(tiers, tier::context{format_, chunker_.salt_key(), model_.block_size,
                                     max_chunks(cfg_, ChunkTokens), cfg_.max_inflight}),
         ops_(max_chunks(cfg_, ChunkTokens), cfg_.max_inflight),
+        pins_(max_chunks(cfg_, ChunkTokens), cfg_.max_pins, "max_pins"),
         writers_(chain_, st_, format_, cfg_.write_queue_depth, cfg_.write_hold_percent),
         policy_(chain_, st_, writers_, cfg_.mode),
-        promoter_(chain_, st_, policy_, format_),
+        promoter_(chain_, st_, policy_, format_, &pins_),
         prefetcher_(chain_, st_, policy_, promoter_, format_, cfg_.prefetch_queue_depth),
         in_place_(chain_, st_, format_, ChunkTokens),
         async_(chain_, st_, ops_, policy_, model_.layers) {
@@ -4069,29 +4198,70 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     release_locked(l);
   }
 
-  std::size_t pin(std::span<const token_id> tokens) {
-    return for_each_chunk("pin", tokens, true, [](index_type& ix, index_entry& e) {
-      ix.pin(e);
-      return true;
-    });
+  [[nodiscard]] pin_handle pin(std::span<const token_id> tokens) {
+    check_tokens("pin", tokens.size(), cfg_);
+    pin_handle p;
+    const std::size_t n = chunk_count(tokens.size());
+    if (n == 0) return p;
+    std::unique_lock lk(st_.mu);
+    const std::uint32_t slot = pins_.acquire();
+    if (slot == no_op) {
+      ++st_.stats.pins_refused;
+      return p;
+    }
+    lk.unlock();
+    keys(tokens, {pins_.keys(slot), n});  // n <= max_chunks (check_tokens): cannot throw
+    lk.lock();
+    async_.poll_locked();
+    p.chunks_ = chain_.pin_prefix_locked(pins_.keys(slot), n);
+    std::fill_n(pins_.refs(slot), p.chunks_, chunk_ref{});
+    if (p.chunks_ == 0) {
+      pins_.release(slot);
+      return p;
+    }
+    p.cache_ = this;
+    p.slot_ = slot;
+    p.tokens_ = std::min(p.chunks_ * ChunkTokens, tokens.size());  // the tail chunk comes last
+    return p;
   }
 
-  std::size_t unpin(std::span<const token_id> tokens) {
-    return for_each_chunk("unpin", tokens, false,
-                          [](index_type& ix, index_entry& e) { return ix.unpin(e); });
+  std::size_t unpin(pin_handle& p) noexcept {
+    if (p.cache_ != this) return 0;
+    std::lock_guard lk(st_.mu);
+    chain_.unpin_locked(pins_.keys(p.slot_), pins_.refs(p.slot_), p.chunks_);
+    pins_.release(p.slot_);
+    const std::size_t tokens = p.tokens_;
+    p.clear();
+    return tokens;
   }
 
   std::size_t clear(std::span<const token_id> tokens) {
-    return for_each_chunk(
-        "clear", tokens, false,
-        [this](index_type& ix, index_entry& e) { return chain_.remove_locked(ix, e); },
-        [&](std::span<const chunk_key> ks, std::size_t done) {
-          policy_.notify();  // the writers invalidate cleared records on disk
-          // Remote tiers have no local index: their chunks are deleted by key. A chunk only a
-          // remote tier held counts too (full chunks; the tail last).
-          const std::size_t removed = chain_.remove_remote(ks);
-          return std::max(done, std::min(removed * ChunkTokens, tokens.size()));
-        });
+    check_tokens("clear", tokens.size(), cfg_);
+    const std::size_t n = chunk_count(tokens.size());
+    if (n == 0) return 0;
+    std::unique_lock lk(st_.mu);
+    async_.poll_locked();
+    const std::uint32_t op = begin_op(lk, tokens, n);
+    if (op == no_op) return 0;
+    const chunk_key* ks = ops_.keys(op);
+    std::size_t done = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      bool any = false;
+      for (std::size_t t = 0; t < tier_count; ++t) {
+        index_type* ix = chain_.index(t);
+        if (ix == nullptr) continue;
+        if (index_entry* e = ix->find_ready(ks[i])) any = chain_.remove_locked(*ix, *e) || any;
+      }
+      if (any) done += tokens_at(i, tokens.size());
+    }
+    lk.unlock();
+    policy_.notify();  // the writers invalidate cleared records on disk
+    // Remote tiers are cleared by key; what only they held counts too (the tail chunk last).
+    const std::size_t removed = chain_.remove_remote(std::span<const chunk_key>(ks, n));
+    done = std::max(done, std::min(removed * ChunkTokens, tokens.size()));
+    lk.lock();
+    ops_.release(op);
+    return done;
   }
 
   std::size_t clear() {
@@ -4215,48 +4385,6 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     return n;
   }
 
-  // Under the lock, applies `op(index, entry) -> bool` to each chunk of `tokens` in every
-  // indexed tier holding it ready; returns the tokens of the chunks it was true for in some tier
-  // (only the prefix up to the first chunk it was true for nowhere, when `prefix`). Then, without
-  // the lock, `after(keys, done)` may act on the chunk keys and returns the final count.
-  template <class Op, class After>
-  std::size_t for_each_chunk(const char* what, std::span<const token_id> tokens, bool prefix, Op op,
-                             After after) {
-    check_tokens(what, tokens.size(), cfg_);
-    const std::size_t n = chunk_count(tokens.size());
-    if (n == 0) return 0;
-    std::unique_lock lk(st_.mu);
-    async_.poll_locked();
-    const std::uint32_t op_slot = begin_op(lk, tokens, n);
-    if (op_slot == no_op) return 0;
-    const chunk_key* ks = ops_.keys(op_slot);
-    std::size_t done = 0;
-    for (std::size_t i = 0; i < n; ++i) {
-      bool any = false;
-      for (std::size_t t = 0; t < tier_count; ++t) {
-        index_type* ix = chain_.index(t);
-        if (ix == nullptr) continue;
-        if (index_entry* e = ix->find_ready(ks[i])) any = op(*ix, *e) || any;
-      }
-      if (any) {
-        done += tokens_at(i, tokens.size());
-      } else if (prefix) {
-        break;
-      }
-    }
-    lk.unlock();
-    done = after(std::span<const chunk_key>(ks, n), done);
-    lk.lock();
-    ops_.release(op_slot);
-    return done;
-  }
-  template <class Op>
-  std::size_t for_each_chunk(const char* what, std::span<const token_id> tokens, bool prefix,
-                             Op op) {
-    return for_each_chunk(what, tokens, prefix, op,
-                          [](std::span<const chunk_key>, std::size_t done) { return done; });
-  }
-
   // ---- state: the parts, constructed in this order and destroyed in the reverse ------------
 
   model_shape model_;
@@ -4266,6 +4394,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   cache_state<tier_count> st_;
   chain_type chain_;
   op_table ops_;
+  op_table pins_;  ///< one slot per live pin_handle: the keys of the chunks it pinned
   writers<chain_type> writers_;
   write_policy<chain_type> policy_;
   promoter<chain_type> promoter_;

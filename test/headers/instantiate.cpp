@@ -71,8 +71,8 @@ std::size_t exercise(const kvtier::model_shape& model, const typename Cache::tie
   n += c.retrieve(hit, kv, table);
   auto again = c.lookup(tokens, 1);
   c.release(again);
-  n += c.pin(tokens);
-  n += c.unpin(tokens);
+  auto pin = c.pin(tokens);
+  n += pin.tokens() + c.unpin(pin);
   c.flush();
   n += c.clear(tokens);
   n += c.clear();
@@ -130,7 +130,7 @@ std::size_t exercise_groups(const kvtier::group<mla_disk_t>& mla,
   auto hit = g.lookup(tokens);
   n += hit.tokens();
   n += g.retrieve(hit, kvs, tables);
-  n += g.cache<0>().pin(tokens);
+  n += g.cache<0>().pin(tokens).tokens();
   n += g.rule(1).window_tokens;
   g.flush();
   return n;

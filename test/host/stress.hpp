@@ -61,16 +61,15 @@ void worker(Cache& cache, tally& t, std::uint32_t seed, int iters, bool leases_e
         (void)cache.store(toks, eng.kv(), bt);
         break;
       case 3: {
-        const std::size_t pinned = cache.pin(toks);
+        auto pin = cache.pin(toks);
         for (int k = 0; k < 3; ++k) {
           std::this_thread::yield();
           auto l = cache.lookup(toks);
-          if (l.tokens() < pinned) ++t.pin_broken;  // a pinned chunk was evicted or cleared
+          if (l.tokens() < pin.tokens()) ++t.pin_broken;  // a pinned chunk was evicted or cleared
         }
-        // Unpin exactly what was pinned: unpin(toks) would also drop the pins other threads
-        // hold on chunks of toks this pin did not reach (pins are counts; see the note on
-        // issue 16), which this test caught.
-        (void)cache.unpin(std::span<const kvtier::token_id>(toks).first(pinned));
+        // The handle undoes exactly the chunks it pinned. (Before pin handles, unpin(toks) also
+        // dropped the pins other threads held on chunks of toks this pin had not reached.)
+        (void)cache.unpin(pin);
         break;
       }
       case 4:

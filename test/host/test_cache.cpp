@@ -114,7 +114,8 @@ TEST_CASE("eviction under pressure never touches leased or pinned chunks") {
   auto held = cache.lookup(p1);  // p1 leased
   REQUIRE(held.tokens() == 32);
   REQUIRE(cache.store(p2, eng.kv(), bt) == 32);
-  REQUIRE(cache.pin(p2) == 32);  // p2 pinned
+  auto pin2 = cache.pin(p2);  // p2 pinned
+  REQUIRE(pin2.tokens() == 32);
   // Nothing evictable: the store of p3 stores nothing and says so.
   CHECK(cache.store(p3, eng.kv(), bt) == 0);
   CHECK(cache.stats().store_partial == 1);
@@ -131,8 +132,9 @@ TEST_CASE("eviction under pressure never touches leased or pinned chunks") {
   CHECK(cache.lookup(p1).tokens() == 0);
   CHECK(cache.lookup(p2).tokens() == 32);
   // Unpinned, p2 is evicted in LRU order.
-  CHECK(cache.unpin(p2) == 32);
-  CHECK(cache.unpin(p2) == 0);  // not pinned any more
+  CHECK(cache.unpin(pin2) == 32);
+  CHECK_FALSE(pin2.live());
+  CHECK(cache.unpin(pin2) == 0);  // not pinned any more
   const auto p4 = test::tokens(64, 4);
   CHECK(cache.store(p4, eng.kv(), bt) == 64);
   CHECK(cache.lookup(p2).tokens() == 0);
@@ -147,7 +149,8 @@ TEST_CASE("store stores the prefix that fits and reports it") {
   const auto p = test::tokens(64, 1);
   auto pinned = test::tokens(16, 2);
   REQUIRE(cache.store(pinned, eng.kv(), bt) == 16);
-  REQUIRE(cache.pin(pinned) == 16);
+  const auto pin = cache.pin(pinned);
+  REQUIRE(pin.tokens() == 16);
   // 4 chunks asked, 2 slots usable: the first 2 chunks are stored. A chunk of this very store
   // is never evicted to make room for a later one (it is still being written).
   CHECK(cache.store(p, eng.kv(), bt) == 32);
@@ -183,12 +186,69 @@ TEST_CASE("pin protects a chunk until unpinned; pin stops at the first missing c
   const auto bt = test::shuffled_table(8, 64, 3);
   const auto p = test::tokens(32, 1);
   cache.store(std::span(p).first(16), eng.kv(), bt);
-  CHECK(cache.pin(p) == 16);  // only the first chunk is cached
-  CHECK(cache.pin(test::tokens(32, 9)) == 0);
+  auto pin = cache.pin(p);
+  CHECK(pin.tokens() == 16);  // only the first chunk is cached
+  CHECK(pin.chunks() == 1);
+  CHECK(pin.live());
+  auto none = cache.pin(test::tokens(32, 9));
+  CHECK(none.tokens() == 0);
+  CHECK_FALSE(none.live());
+  CHECK(cache.unpin(none) == 0);
   CHECK(cache.clear(p) == 0);  // clear leaves pinned chunks
-  CHECK(cache.unpin(p) == 16);
+  CHECK(cache.unpin(pin) == 16);
   CHECK(cache.clear(p) == 16);
   CHECK(cache.lookup(p).tokens() == 0);
+}
+
+// Issue 16, item 2: pins were counts that unpin(tokens) dropped on every chunk of `tokens`, so a
+// holder whose pin had reached only the first chunk also dropped the pin another holder had put
+// on the second (stored after the first pin). A pin handle undoes exactly the chunks it pinned.
+TEST_CASE("a pin undoes only the chunks it pinned, never another holder's pin") {
+  using C = kvtier::cache<o::chunk_tokens<16>>;
+  C cache(test::small_model, test::small_salt, {{3 * 4096}});
+  test::engine<nhd> eng(test::small_model, 64, 1);
+  const auto bt = test::shuffled_table(8, 64, 3);
+  const auto p = test::tokens(32, 1);
+  REQUIRE(cache.store(std::span(p).first(16), eng.kv(), bt) == 16);
+  auto a = cache.pin(p);  // holder A reaches the first chunk only
+  REQUIRE(a.tokens() == 16);
+  REQUIRE(cache.store(p, eng.kv(), bt) == 32);
+  auto b = cache.pin(p);  // holder B pins both
+  REQUIRE(b.tokens() == 32);
+  a.reset();  // A lets go: B's pins on both chunks must stay
+  CHECK_FALSE(a.live());
+  CHECK(cache.clear(p) == 0);
+  // Three stores of other chunks into 3 slots evict everything unpinned.
+  for (std::uint32_t s = 50; s < 53; ++s) cache.store(test::tokens(16, s), eng.kv(), bt);
+  CHECK(cache.lookup(p).tokens() == 32);
+  {
+    const auto moved = std::move(b);  // a pin moves with its handle and unpins when destroyed
+    CHECK_FALSE(b.live());
+    CHECK(moved.tokens() == 32);
+  }
+  CHECK(cache.clear(p) == 32);
+}
+
+TEST_CASE("pins beyond max_pins pin nothing and are counted") {
+  using C = kvtier::cache<o::chunk_tokens<16>>;
+  C cache(test::small_model, test::small_salt, {{2 * 4096}},
+          kvtier::cache_config{.max_tokens = 64, .max_pins = 2});
+  test::engine<nhd> eng(test::small_model, 64, 1);
+  const auto bt = test::shuffled_table(8, 64, 3);
+  const auto p = test::tokens(16, 1);
+  REQUIRE(cache.store(p, eng.kv(), bt) == 16);
+  auto a = cache.pin(p), b = cache.pin(p);
+  CHECK((a.tokens() == 16 && b.tokens() == 16));
+  auto c = cache.pin(p);
+  CHECK(c.tokens() == 0);
+  CHECK(cache.stats().pins_refused == 1);
+  a.reset();
+  CHECK(cache.pin(p).tokens() == 16);  // a slot is free again (and given back at once)
+  b.reset();
+  CHECK(cache.clear(p) == 16);  // every pin undone
+  CHECK_THROWS_WITH_AS(
+      C(test::small_model, test::small_salt, {{2 * 4096}}, kvtier::cache_config{.max_pins = 0}),
+      doctest::Contains("max_pins 0"), kvtier::invalid_argument);
 }
 
 TEST_CASE("clear removes chunks; a leased chunk stays readable until its lease ends") {

@@ -55,9 +55,11 @@ void hammer(Cache& cache, int threads, int iters) {
             fill_expected(cache, eng, bt, toks);
             cache.store(toks, eng.kv(), bt);
             break;
-          case 2:
-            if (cache.pin(toks)) cache.unpin(toks);
+          case 2: {
+            auto pin = cache.pin(toks);
+            (void)cache.unpin(pin);
             break;
+          }
           case 3:
             if (rng() % 8 == 0) cache.clear(toks);
             break;

@@ -276,28 +276,61 @@ TEST_CASE("an unpin undoes its own pin, not another holder's, across a promotion
   f.cache.flush();
   f.push_out();
   REQUIRE(f.cache.lookup(x).hits_in(1) == 1);  // only on disk now
-  CHECK(f.cache.pin(x) == 16);                 // holder A, while the chunk is on disk only
+  auto a = f.cache.pin(x);                     // holder A, while the chunk is on disk only
+  CHECK(a.tokens() == 16);
   {
     auto l = f.cache.lookup(x);  // promoted into the host tier by the retrieve
     test::engine<nhd> dst(test::small_model, 64, 5);
     REQUIRE(f.cache.retrieve(l, dst.kv(), f.bt) == 16);
   }
   REQUIRE(f.cache.lookup(x).hits_in(0) == 1);
-  CHECK(f.cache.pin(x) == 16);    // holder B, with the chunk in the host tier
-  CHECK(f.cache.unpin(x) == 16);  // A lets go
+  auto b = f.cache.pin(x);  // holder B, with the chunk in the host tier
+  CHECK(b.tokens() == 16);
+  CHECK(f.cache.unpin(a) == 16);  // A lets go
   // Two stores of 4 chunks each would evict every unpinned host chunk.
   for (std::uint32_t s = 1001; s <= 1002; ++s) {
     f.cache.store(test::tokens(64, s), f.eng.kv(), f.bt);
     f.cache.flush();
   }
   CHECK(f.cache.lookup(x).hits_in(0) == 1);  // B's pin still holds it in host memory
-  CHECK(f.cache.unpin(x) == 16);             // B lets go
-  CHECK(f.cache.unpin(x) == 0);              // nothing left to undo
+  CHECK(f.cache.unpin(b) == 16);             // B lets go
+  CHECK(f.cache.unpin(b) == 0);              // nothing left to undo
   for (std::uint32_t s = 1003; s <= 1004; ++s) {
     f.cache.store(test::tokens(64, s), f.eng.kv(), f.bt);
     f.cache.flush();
   }
   CHECK(f.cache.lookup(x).hits_in(0) == 0);  // unpinned everywhere: evicted as usual
+}
+
+// A pin lost with its chunk: the chunk's only copy (on disk) fails verification and is discarded
+// while A holds a pin on it. Stored again and pinned by B, it is a new chunk: A's unpin must not
+// take B's pin (without the pin table's lost marks, it dropped B's only pin and the chunk was
+// evicted by the next stores).
+TEST_CASE("a pin whose chunk was discarded as corrupt does not undo a later holder's pin") {
+  fixture f;
+  const auto x = test::tokens(16, 7);
+  REQUIRE(f.cache.store(x, f.eng.kv(), f.bt) == 16);
+  f.cache.flush();
+  f.push_out();
+  auto a = f.cache.pin(x);  // holder A, the chunk on disk only
+  REQUIRE(a.tokens() == 16);
+  flip(f.cache.tier<1>().file(), 4096 + 100);  // its record is in disk slot 0
+  {
+    auto l = f.cache.lookup(x);
+    test::engine<nhd> dst(test::small_model, 64, 5);
+    REQUIRE(f.cache.retrieve(l, dst.kv(), f.bt) == 0);  // corrupt: discarded, pins and all
+  }
+  REQUIRE(f.cache.lookup(x).tokens() == 0);
+  REQUIRE(f.cache.store(x, f.eng.kv(), f.bt) == 16);
+  auto b = f.cache.pin(x);  // holder B, on the new copy
+  REQUIRE(b.tokens() == 16);
+  CHECK(f.cache.unpin(a) == 16);
+  for (std::uint32_t s = 1001; s <= 1002; ++s) {
+    f.cache.store(test::tokens(64, s), f.eng.kv(), f.bt);
+    f.cache.flush();
+  }
+  CHECK(f.cache.lookup(x).hits_in(0) == 1);  // B's pin holds it in host memory
+  CHECK(f.cache.unpin(b) == 16);
 }
 
 TEST_CASE("a disk copy written after a pin is pinned too, and the unpin releases both") {
@@ -311,7 +344,8 @@ TEST_CASE("a disk copy written after a pin is pinned too, and the unpin releases
   const auto bt = test::shuffled_table(16, 64, 3);
   const auto x = test::tokens(16, 8);
   REQUIRE(cache.store(x, eng.kv(), bt) == 16);
-  REQUIRE(cache.pin(x) == 16);
+  auto pin = cache.pin(x);
+  REQUIRE(pin.tokens() == 16);
   cache.flush();
   REQUIRE(cache.stats().tiers[1].writes == 0);
   REQUIRE(cache.lookup(x).hits_in(0) == 1);  // the hit that admits it
@@ -325,10 +359,10 @@ TEST_CASE("a disk copy written after a pin is pinned too, and the unpin releases
   };
   CHECK(pins(cache.tier<0>().index()) == 1);
   CHECK(pins(cache.tier<1>().index()) == 1);  // was 0: the disk copy was evictable
-  CHECK(cache.unpin(x) == 16);
+  CHECK(cache.unpin(pin) == 16);
   CHECK(pins(cache.tier<0>().index()) == 0);
   CHECK(pins(cache.tier<1>().index()) == 0);
-  CHECK(cache.unpin(x) == 0);
+  CHECK(cache.unpin(pin) == 0);
 }
 
 // Issue 16, item 5: a clear lasts on disk. clear(tokens) and clear() used to drop only the disk

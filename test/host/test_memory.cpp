@@ -44,8 +44,8 @@ std::uint64_t allocations_over(Cache& cache, test::engine<nhd>& eng,
     (void)cache.retrieve(l, eng.kv(), bt);
     auto l2 = cache.lookup(p);
     cache.release(l2);
-    (void)cache.pin(p);
-    (void)cache.unpin(p);
+    auto pin = cache.pin(p);
+    (void)cache.unpin(pin);
   };
   for (int r = 0; r < 16; ++r) round(r);  // warm up: every path taken once
   cache.flush();

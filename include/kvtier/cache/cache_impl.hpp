@@ -5,7 +5,7 @@
 // stats. One lock (state) guards every index and counter; it is never held across a copy or I/O.
 //
 //   chunker       chunk counts and keys           op_table      operation slots (keys, refs)
-//   tier_chain    the tiers and their settings    lease         a lookup's run
+//   tier_chain    the tiers and their settings    lease, pin    a lookup's run, a pin's chunks
 //   writers       background lower-tier writes    write_policy  write-through/back, admission
 //   promoter      lower tier -> first tier        prefetcher    background promotion
 //   async_path    GPU copies and layer pipelines  in_place      reads from tiers in memory
@@ -16,6 +16,7 @@
 #include "kvtier/cache/in_place.hpp"
 #include "kvtier/cache/lease.hpp"
 #include "kvtier/cache/op_table.hpp"
+#include "kvtier/cache/pin.hpp"
 #include "kvtier/cache/prefetcher.hpp"
 #include "kvtier/cache/promotion.hpp"
 #include "kvtier/cache/state.hpp"
@@ -78,6 +79,8 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   using event_type = typename async_type::event_type;
   /// The result of lookup (see lease.hpp).
   using lease = basic_lease<cache_impl>;
+  /// The result of pin (see pin.hpp).
+  using pin_handle = basic_pin<cache_impl>;
   /// Layer-wise GPU copies (see async_path.hpp).
   using store_pipeline = typename async_type::store_pipeline;
   using retrieve_pipeline = typename async_type::retrieve_pipeline;
@@ -91,9 +94,10 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
         chain_(tiers, tier::context{format_, chunker_.salt_key(), model_.block_size,
                                     max_chunks(cfg_, ChunkTokens), cfg_.max_inflight}),
         ops_(max_chunks(cfg_, ChunkTokens), cfg_.max_inflight),
+        pins_(max_chunks(cfg_, ChunkTokens), cfg_.max_pins, "max_pins"),
         writers_(chain_, st_, format_, cfg_.write_queue_depth, cfg_.write_hold_percent),
         policy_(chain_, st_, writers_, cfg_.mode),
-        promoter_(chain_, st_, policy_, format_),
+        promoter_(chain_, st_, policy_, format_, &pins_),
         prefetcher_(chain_, st_, policy_, promoter_, format_, cfg_.prefetch_queue_depth),
         in_place_(chain_, st_, format_, ChunkTokens),
         async_(chain_, st_, ops_, policy_, model_.layers) {
@@ -439,29 +443,70 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     release_locked(l);
   }
 
-  std::size_t pin(std::span<const token_id> tokens) {
-    return for_each_chunk("pin", tokens, true, [](index_type& ix, index_entry& e) {
-      ix.pin(e);
-      return true;
-    });
+  [[nodiscard]] pin_handle pin(std::span<const token_id> tokens) {
+    check_tokens("pin", tokens.size(), cfg_);
+    pin_handle p;
+    const std::size_t n = chunk_count(tokens.size());
+    if (n == 0) return p;
+    std::unique_lock lk(st_.mu);
+    const std::uint32_t slot = pins_.acquire();
+    if (slot == no_op) {
+      ++st_.stats.pins_refused;
+      return p;
+    }
+    lk.unlock();
+    keys(tokens, {pins_.keys(slot), n});  // n <= max_chunks (check_tokens): cannot throw
+    lk.lock();
+    async_.poll_locked();
+    p.chunks_ = chain_.pin_prefix_locked(pins_.keys(slot), n);
+    std::fill_n(pins_.refs(slot), p.chunks_, chunk_ref{});
+    if (p.chunks_ == 0) {
+      pins_.release(slot);
+      return p;
+    }
+    p.cache_ = this;
+    p.slot_ = slot;
+    p.tokens_ = std::min(p.chunks_ * ChunkTokens, tokens.size());  // the tail chunk comes last
+    return p;
   }
 
-  std::size_t unpin(std::span<const token_id> tokens) {
-    return for_each_chunk("unpin", tokens, false,
-                          [](index_type& ix, index_entry& e) { return ix.unpin(e); });
+  std::size_t unpin(pin_handle& p) noexcept {
+    if (p.cache_ != this) return 0;
+    std::lock_guard lk(st_.mu);
+    chain_.unpin_locked(pins_.keys(p.slot_), pins_.refs(p.slot_), p.chunks_);
+    pins_.release(p.slot_);
+    const std::size_t tokens = p.tokens_;
+    p.clear();
+    return tokens;
   }
 
   std::size_t clear(std::span<const token_id> tokens) {
-    return for_each_chunk(
-        "clear", tokens, false,
-        [this](index_type& ix, index_entry& e) { return chain_.remove_locked(ix, e); },
-        [&](std::span<const chunk_key> ks, std::size_t done) {
-          policy_.notify();  // the writers invalidate cleared records on disk
-          // Remote tiers have no local index: their chunks are deleted by key. A chunk only a
-          // remote tier held counts too (full chunks; the tail last).
-          const std::size_t removed = chain_.remove_remote(ks);
-          return std::max(done, std::min(removed * ChunkTokens, tokens.size()));
-        });
+    check_tokens("clear", tokens.size(), cfg_);
+    const std::size_t n = chunk_count(tokens.size());
+    if (n == 0) return 0;
+    std::unique_lock lk(st_.mu);
+    async_.poll_locked();
+    const std::uint32_t op = begin_op(lk, tokens, n);
+    if (op == no_op) return 0;
+    const chunk_key* ks = ops_.keys(op);
+    std::size_t done = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      bool any = false;
+      for (std::size_t t = 0; t < tier_count; ++t) {
+        index_type* ix = chain_.index(t);
+        if (ix == nullptr) continue;
+        if (index_entry* e = ix->find_ready(ks[i])) any = chain_.remove_locked(*ix, *e) || any;
+      }
+      if (any) done += tokens_at(i, tokens.size());
+    }
+    lk.unlock();
+    policy_.notify();  // the writers invalidate cleared records on disk
+    // Remote tiers are cleared by key; what only they held counts too (the tail chunk last).
+    const std::size_t removed = chain_.remove_remote(std::span<const chunk_key>(ks, n));
+    done = std::max(done, std::min(removed * ChunkTokens, tokens.size()));
+    lk.lock();
+    ops_.release(op);
+    return done;
   }
 
   std::size_t clear() {
@@ -585,48 +630,6 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     return n;
   }
 
-  // Under the lock, applies `op(index, entry) -> bool` to each chunk of `tokens` in every
-  // indexed tier holding it ready; returns the tokens of the chunks it was true for in some tier
-  // (only the prefix up to the first chunk it was true for nowhere, when `prefix`). Then, without
-  // the lock, `after(keys, done)` may act on the chunk keys and returns the final count.
-  template <class Op, class After>
-  std::size_t for_each_chunk(const char* what, std::span<const token_id> tokens, bool prefix, Op op,
-                             After after) {
-    check_tokens(what, tokens.size(), cfg_);
-    const std::size_t n = chunk_count(tokens.size());
-    if (n == 0) return 0;
-    std::unique_lock lk(st_.mu);
-    async_.poll_locked();
-    const std::uint32_t op_slot = begin_op(lk, tokens, n);
-    if (op_slot == no_op) return 0;
-    const chunk_key* ks = ops_.keys(op_slot);
-    std::size_t done = 0;
-    for (std::size_t i = 0; i < n; ++i) {
-      bool any = false;
-      for (std::size_t t = 0; t < tier_count; ++t) {
-        index_type* ix = chain_.index(t);
-        if (ix == nullptr) continue;
-        if (index_entry* e = ix->find_ready(ks[i])) any = op(*ix, *e) || any;
-      }
-      if (any) {
-        done += tokens_at(i, tokens.size());
-      } else if (prefix) {
-        break;
-      }
-    }
-    lk.unlock();
-    done = after(std::span<const chunk_key>(ks, n), done);
-    lk.lock();
-    ops_.release(op_slot);
-    return done;
-  }
-  template <class Op>
-  std::size_t for_each_chunk(const char* what, std::span<const token_id> tokens, bool prefix,
-                             Op op) {
-    return for_each_chunk(what, tokens, prefix, op,
-                          [](std::span<const chunk_key>, std::size_t done) { return done; });
-  }
-
   // ---- state: the parts, constructed in this order and destroyed in the reverse ------------
 
   model_shape model_;
@@ -636,6 +639,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   cache_state<tier_count> st_;
   chain_type chain_;
   op_table ops_;
+  op_table pins_;  ///< one slot per live pin_handle: the keys of the chunks it pinned
   writers<chain_type> writers_;
   write_policy<chain_type> policy_;
   promoter<chain_type> promoter_;

@@ -19,9 +19,12 @@ namespace kvtier {
 struct cache_config {
   /// Longest token sequence lookup/store/pin accept; sizes the preallocated key buffers.
   std::size_t max_tokens = 131072;
-  /// Operations in flight at once: live leases plus concurrent store/pin/unpin/clear calls.
+  /// Operations in flight at once: live leases plus concurrent store/clear/prefetch calls.
   /// A call beyond it is refused as a miss (lookup) or stores nothing (store), and is counted.
   std::size_t max_inflight = 64;
+  /// Pins held at once (pin handles not yet unpinned); sizes the pin table (max_tokens keys per
+  /// pin). A pin beyond it pins nothing and is counted (pins_refused).
+  std::size_t max_pins = 64;
   /// Chunks waiting for write-through to lower tiers; when full, writes are dropped (counted)
   /// rather than blocking the engine.
   std::size_t write_queue_depth = 1024;

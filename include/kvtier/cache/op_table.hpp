@@ -27,22 +27,24 @@ struct chunk_ref {
 /// A chunk_ref's tier after its operation dropped it (a failed promotion): it holds nothing.
 inline constexpr std::uint8_t dropped_tier = 0xff;
 
-/// `max_ops` slots of `max_chunks` keys and refs each, reserved at construction.
+/// `max_ops` slots of `max_chunks` keys and refs each, reserved at construction. `setting` names
+/// the cache_config field that sets `max_ops` (max_inflight for operations, max_pins for pins).
 class op_table {
  public:
   static constexpr std::uint32_t no_op = UINT32_MAX;
 
-  op_table(std::size_t max_chunks, std::size_t max_ops)
+  op_table(std::size_t max_chunks, std::size_t max_ops, const char* setting = "max_inflight")
       : max_chunks_(max_chunks), max_ops_(max_ops) {
+    const std::string name = setting;
     if (max_ops == 0 || max_ops >= no_op) {
-      throw invalid_argument("kvtier: cache_config.max_inflight " + std::to_string(max_ops) +
+      throw invalid_argument("kvtier: cache_config." + name + " " + std::to_string(max_ops) +
                              " is out of range 1..2^32-2");
     }
     if (max_chunks == 0 || max_chunks > std::numeric_limits<std::size_t>::max() / max_ops /
                                             (sizeof(chunk_key) + sizeof(chunk_ref))) {
       throw invalid_argument("kvtier: cache_config.max_tokens makes " + std::to_string(max_chunks) +
-                             " chunks per operation, times " + std::to_string(max_ops) +
-                             " operations (max_inflight): too many to reserve");
+                             " chunks per slot, times " + std::to_string(max_ops) + " slots (" +
+                             name + "): too many to reserve");
     }
     try {
       keys_ = std::make_unique<chunk_key[]>(max_chunks * max_ops);
@@ -51,7 +53,7 @@ class op_table {
     } catch (const std::bad_alloc&) {
       throw error("kvtier: cannot reserve " +
                   std::to_string(max_chunks * max_ops * (sizeof(chunk_key) + sizeof(chunk_ref))) +
-                  " bytes of operation slots (max_tokens x max_inflight)");
+                  " bytes of slots (max_tokens x " + name + ")");
     }
     for (std::size_t i = max_ops; i-- > 0;) free_.push_back(static_cast<std::uint32_t>(i));
   }

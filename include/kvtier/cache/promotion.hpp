@@ -5,6 +5,7 @@
 // rather than read twice. A record that fails verification is dropped from its tier, never used.
 
 #include "kvtier/cache/op_table.hpp"
+#include "kvtier/cache/pin.hpp"
 #include "kvtier/cache/state.hpp"
 #include "kvtier/cache/write_policy.hpp"
 #include "kvtier/detail/index_entry.hpp"
@@ -28,9 +29,10 @@ class promoter {
  public:
   static constexpr std::size_t window = batch_chunks;  ///< chunks promoted per batch at most
 
-  promoter(Chain& chain, state_type& st, write_policy<Chain>& policy,
-           const layout::chunk_format& f) noexcept
-      : chain_(chain), st_(st), policy_(policy), format_(f) {}
+  /// `pins`: the cache's pin table, told of pinned chunks lost with a discarded record.
+  promoter(Chain& chain, state_type& st, write_policy<Chain>& policy, const layout::chunk_format& f,
+           op_table* pins = nullptr) noexcept
+      : chain_(chain), st_(st), policy_(policy), format_(f), pins_(pins) {}
 
   /// The end of bringing a chunk from lower tier t (slot `lslot` there, when indexed) into the
   /// first tier's writing entry `hslot`. On success the entry is published and keeps the
@@ -57,7 +59,12 @@ class promoter {
     }
     if (index_type* low = chain_.index(t)) {
       index_entry& le = low->at(lslot);
-      if (st == tier::read_status::corrupt) low->discard(le);
+      if (st == tier::read_status::corrupt) {
+        const bool pinned = le.pins != 0;
+        const chunk_key k = le.key;
+        low->discard(le);
+        if (pinned && pins_ != nullptr && !chain_.held_locked(k)) mark_pin_lost(*pins_, k);
+      }
       low->unref(le);
     }
     return ok;
@@ -176,6 +183,7 @@ class promoter {
   state_type& st_;
   write_policy<Chain>& policy_;
   const layout::chunk_format format_;
+  op_table* pins_;
 };
 
 }  // namespace kvtier::detail
