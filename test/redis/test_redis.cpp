@@ -154,6 +154,17 @@ TEST_CASE("clear removes chunks from redis too") {
   CHECK(fresh.lookup(q).tokens() == 32);
   CHECK(cache.clear() >= 2);  // q's two chunks in host and in redis
   CHECK(fresh.lookup(q).hits_in(1) == 0);
+  // Issue 16, item 5: a chunk stored again after its clear is there for a restarted cache, once.
+  REQUIRE(cache.store(p, f.eng.kv(), f.bt) == 48);
+  cache.flush();
+  C restarted(test::small_model, test::small_salt, {{16 * slot}, rc});
+  auto l = restarted.lookup(p);
+  CHECK(l.hits_in(1) == 3);
+  test::engine<nhd> dst(test::small_model, 64, 2);
+  CHECK(restarted.retrieve(l, dst.kv(), f.bt) == 48);
+  CHECK(test::same_tokens(f.eng, f.bt, dst, f.bt, 0, 48));
+  CHECK(restarted.stats().tiers[1].errors == 0);
+  CHECK(restarted.lookup(q).tokens() == 0);  // q stays cleared
 }
 
 TEST_CASE("admit_after_hits: redis takes a chunk only once it was hit that often") {

@@ -15,6 +15,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <memory>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -195,6 +196,51 @@ TEST_CASE("two attachments share chunks: a chunk is written once, loaded exact")
   CHECK(view.cached_tokens(toks) == 160);
   CHECK(view.cached_tokens(prompt(1, 100)) == 96);  // 6 full chunks; no partial tail
   CHECK(view.cached_tokens(prompt(2, 100)) == 0);
+}
+
+// Issue 16, item 5: a clear lasts for every process that attaches later, and a chunk stored again
+// after its clear is found once, exact.
+TEST_CASE("a clear lasts for later attachments; a chunk stored again after it loads exact") {
+  segment_guard g{segment_name("clear")};
+  const std::size_t bytes = 64 * slot;
+  engine_t e(model, engine_blocks, 7);
+  const auto toks = prompt(1, 160), other = prompt(2, 64);
+  const auto bt = test::shuffled_table(40, engine_blocks, 3);
+  fill(e, bt, 1, 160);
+  auto keep = std::make_unique<cache_t>(model, salt, configs(g.name, bytes));  // keeps the segment
+  {
+    cache_t a(model, salt, configs(g.name, bytes));
+    REQUIRE(a.store(toks, e.kv(), bt) == 160);
+    fill(e, bt, 2, 64);
+    REQUIRE(a.store(other, e.kv(), bt) == 64);
+    a.flush();
+    CHECK(a.clear(std::span(toks).first(96)) == 96);  // the first 6 chunks of toks
+  }
+  {
+    cache_t b(model, salt, configs(g.name, bytes));  // a "restarted" process
+    CHECK(b.lookup(toks).tokens() == 0);
+    CHECK(b.lookup(other).tokens() == 64);
+    fill(e, bt, 1, 160);
+    REQUIRE(b.store(toks, e.kv(), bt) == 160);  // stored again after its clear
+    b.flush();
+  }
+  {
+    cache_t c(model, salt, configs(g.name, bytes));
+    engine_t e2(model, engine_blocks, 8);
+    e2.wipe(untouched);
+    const auto bt2 = test::shuffled_table(40, engine_blocks, 11);
+    auto hit = c.lookup(toks);
+    CHECK(hit.tokens() == 160);
+    CHECK(c.retrieve(hit, e2.kv(), bt2) == 160);
+    CHECK(wrong_bytes(e2, bt2, 1, 160) == 0);
+    CHECK(c.stats().tiers[1].errors == 0);
+    CHECK(c.tier<1>().stats().ready == 14);  // 10 + 4 chunks, each once
+    CHECK(c.clear() > 0);
+  }
+  cache_t d(model, salt, configs(g.name, bytes));
+  CHECK(d.lookup(toks).tokens() == 0);
+  CHECK(d.lookup(other).tokens() == 0);
+  keep.reset();
 }
 
 TEST_CASE("a segment made for another format, salt or version is refused; bad configs too") {
