@@ -10,8 +10,9 @@ namespace kvtier::codec {
 
 /// Writes the `n` bytes of `in`, elements of `elem` bytes, to `out` plane by plane: byte b of
 /// element i goes to `out[b * (n / elem) + i]`. Bytes past the last whole element are copied as
-/// they are. `in` and `out` do not overlap. O(n), allocates nothing.
-inline void byte_shuffle(const std::byte* in, std::byte* out, std::size_t n,
+/// they are. `in` and `out` do not overlap (`__restrict`: what lets the compiler vectorize). O(n),
+/// allocates nothing.
+inline void byte_shuffle(const std::byte* __restrict in, std::byte* __restrict out, std::size_t n,
                          std::size_t elem) noexcept {
   const std::size_t count = elem ? n / elem : 0;
   if (elem == 2) {
@@ -28,7 +29,7 @@ inline void byte_shuffle(const std::byte* in, std::byte* out, std::size_t n,
 }
 
 /// The inverse of byte_shuffle with the same `n` and `elem`.
-inline void byte_unshuffle(const std::byte* in, std::byte* out, std::size_t n,
+inline void byte_unshuffle(const std::byte* __restrict in, std::byte* __restrict out, std::size_t n,
                            std::size_t elem) noexcept {
   const std::size_t count = elem ? n / elem : 0;
   if (elem == 2) {

@@ -60,10 +60,19 @@ class grouped_int_codec {
     channels_ = kvtier::detail::checked_mul(f.heads, f.head_size, "grouped_int_codec channels");
     (void)max_encoded_bytes(f.chunk_tokens);
     const std::size_t c = channels_;
-    lo_ = kvtier::detail::reserving("grouped_int_codec scratch", c * 8,
+    lo_ = kvtier::detail::reserving("grouped_int_codec scratch", c * 4,
                                     [c] { return std::vector<float>(c); });
-    hi_ = kvtier::detail::reserving("grouped_int_codec scratch", c * 8,
+    hi_ = kvtier::detail::reserving("grouped_int_codec scratch", c * 4,
                                     [c] { return std::vector<float>(c); });
+    row_ = kvtier::detail::reserving("grouped_int_codec scratch", c,
+                                     [c] { return std::vector<std::uint8_t>(c); });
+    if (source == elem_type::fp16) {
+      fp16_float_ = kvtier::detail::reserving("grouped_int_codec's fp16 table", 65536 * 4,
+                                              [] { return std::vector<float>(65536); });
+      for (std::uint32_t h = 0; h < 65536; ++h) {
+        fp16_float_[h] = fp16_to_float(static_cast<std::uint16_t>(h));
+      }
+    }
   }
 
   [[nodiscard]] codec_descriptor descriptor() const noexcept {
@@ -101,23 +110,11 @@ class grouped_int_codec {
     detail::write_header({descriptor(), static_cast<std::uint32_t>(tokens), format_.fingerprint(),
                           size - header_bytes},
                          out.data());
-    const std::byte* s = src.data();
-    std::byte* o = out.data() + header_bytes;
-    const std::size_t plane_elems = tokens * channels_;
-    for (std::size_t l = 0; l < format_.layers; ++l) {
-      for (std::size_t p = 0; p < format_.kv_planes; ++p) {
-        std::byte* params = o;
-        std::byte* codes = o + groups(p, tokens) * 8;
-        if (bits_ == 4) std::memset(codes, 0, code_bytes(tokens));
-        if (p == 0) {
-          encode_per_channel(s, tokens, params, codes);
-        } else {
-          encode_per_token(s, tokens, params, codes);
-        }
-        s += plane_elems * 2;
-        o += plane_bytes(p, tokens);
-      }
-    }
+    const bool fp16 = source_ == elem_type::fp16;
+    if (fp16 && bits_ == 8) encode_all<true, 8>(src.data(), tokens, out.data() + header_bytes);
+    if (fp16 && bits_ == 4) encode_all<true, 4>(src.data(), tokens, out.data() + header_bytes);
+    if (!fp16 && bits_ == 8) encode_all<false, 8>(src.data(), tokens, out.data() + header_bytes);
+    if (!fp16 && bits_ == 4) encode_all<false, 4>(src.data(), tokens, out.data() + header_bytes);
     return size;
   }
 
@@ -132,36 +129,16 @@ class grouped_int_codec {
                   std::to_string(max_encoded_bytes(tokens) - header_bytes));
     }
     detail::check_decode_out(format_, tokens, out.size());
+    const bool fp16 = source_ == elem_type::fp16;
     const std::byte* s = in.data() + header_bytes;
-    std::byte* o = out.data();
-    const std::size_t cg = (channels_ + group_ - 1) / group_;
-    for (std::size_t l = 0; l < format_.layers; ++l) {
-      for (std::size_t p = 0; p < format_.kv_planes; ++p) {
-        const std::byte* params = s;
-        const std::byte* codes = s + groups(p, tokens) * 8;
-        for (std::size_t t = 0; t < tokens; ++t) {
-          for (std::size_t c = 0; c < channels_; ++c) {
-            const std::size_t g = p == 0 ? t / group_ * channels_ + c : t * cg + c / group_;
-            float mn, sc;
-            std::memcpy(&mn, params + g * 8, 4);
-            std::memcpy(&sc, params + g * 8 + 4, 4);
-            const std::uint16_t v =
-                from_float(source_, static_cast<float>(code(codes, t * channels_ + c)) * sc + mn);
-            std::memcpy(o + (t * channels_ + c) * 2, &v, 2);
-          }
-        }
-        s += plane_bytes(p, tokens);
-        o += tokens * channels_ * 2;
-      }
-    }
+    if (fp16 && bits_ == 8) decode_all<true, 8>(s, tokens, out.data());
+    if (fp16 && bits_ == 4) decode_all<true, 4>(s, tokens, out.data());
+    if (!fp16 && bits_ == 8) decode_all<false, 8>(s, tokens, out.data());
+    if (!fp16 && bits_ == 4) decode_all<false, 4>(s, tokens, out.data());
     return tokens;
   }
 
  private:
-  [[nodiscard]] std::size_t code_bytes(std::size_t tokens) const noexcept {
-    const std::size_t n = tokens * channels_;
-    return bits_ == 8 ? n : (n + 1) / 2;
-  }
   [[nodiscard]] std::size_t plane_bytes(std::size_t plane, std::size_t tokens) const {
     using kvtier::detail::checked_add;
     using kvtier::detail::checked_mul;
@@ -174,81 +151,173 @@ class grouped_int_codec {
     return checked_add(checked_mul(groups, 8, "grouped_int group parameters"),
                        bits_ == 8 ? n : n / 2 + n % 2, "grouped_int plane bytes");
   }
-  [[nodiscard]] float elem(const std::byte* plane, std::size_t i) const noexcept {
+
+  template <bool Fp16>
+  [[nodiscard]] float load(const std::byte* plane, std::size_t i) const noexcept {
     std::uint16_t h;
     std::memcpy(&h, plane + 2 * i, 2);
-    return to_float(source_, h);
-  }
-  [[nodiscard]] unsigned code(const std::byte* codes, std::size_t i) const noexcept {
-    const auto b = static_cast<unsigned>(codes[bits_ == 8 ? i : i / 2]);
-    return bits_ == 8 ? b : (b >> ((i & 1) * 4)) & 0xfu;
-  }
-  void put_code(std::byte* codes, std::size_t i, unsigned q) const noexcept {
-    if (bits_ == 8) {
-      codes[i] = static_cast<std::byte>(q);
+    if constexpr (Fp16) {
+      return fp16_float_[h];  // a table: binary16's subnormals and specials branch otherwise
     } else {
-      codes[i / 2] |= static_cast<std::byte>(q << ((i & 1) * 4));
+      return bf16_to_float(h);
     }
   }
-  // (minimum, scale) of a group from its minimum and maximum; the scale's reciprocal, 0 for a
-  // constant group (every code 0, decoded to the minimum exactly).
-  [[nodiscard]] float params(std::byte* at, float lo, float hi) const noexcept {
-    const float levels = bits_ == 8 ? 255.0f : 15.0f;
-    const float sc = (hi - lo) / levels;
+  template <bool Fp16>
+  static void store(std::byte* out, std::size_t i, float v) noexcept {
+    const std::uint16_t h = Fp16 ? float_to_fp16(v) : float_to_bf16(v);
+    std::memcpy(out + 2 * i, &h, 2);
+  }
+  template <unsigned Bits>
+  [[nodiscard]] static unsigned code(const std::byte* codes, std::size_t i) noexcept {
+    if constexpr (Bits == 8) {
+      return static_cast<unsigned>(codes[i]);
+    } else {
+      return (static_cast<unsigned>(codes[i / 2]) >> ((i & 1) * 4)) & 0xfu;
+    }
+  }
+  // Writes the `n` codes of one row, element `first` of the plane onwards; int4 codes go two to
+  // a byte, the even element low, into bytes zeroed beforehand (a row may start or end mid-byte).
+  template <unsigned Bits>
+  static void store_row(const std::uint8_t* q, std::size_t n, std::byte* codes,
+                        std::size_t first) noexcept {
+    if constexpr (Bits == 8) {
+      std::memcpy(codes + first, q, n);
+    } else {
+      std::size_t j = 0;
+      if ((first & 1) != 0 && n > 0) {
+        codes[first / 2] |= static_cast<std::byte>(q[0] << 4);
+        j = 1;
+      }
+      std::byte* o = codes + (first + j) / 2;
+      for (; j + 1 < n; j += 2) *o++ = static_cast<std::byte>(q[j] | (q[j + 1] << 4));
+      if (j < n) *o |= static_cast<std::byte>(q[j]);
+    }
+  }
+  // Stores (minimum, scale) of a group and returns 1 / scale, 0 for a constant group (every code
+  // 0, decoded to the minimum exactly).
+  template <unsigned Bits>
+  [[nodiscard]] static float params(std::byte* at, float lo, float hi) noexcept {
+    if (!(lo <= hi)) lo = hi = 0;  // every element a NaN
+    const float sc = (hi - lo) / static_cast<float>((1u << Bits) - 1);
     std::memcpy(at, &lo, 4);
     std::memcpy(at + 4, &sc, 4);
     return sc > 0 ? 1.0f / sc : 0.0f;
   }
-  [[nodiscard]] unsigned quantize(float x, float lo, float inv) const noexcept {
-    const float levels = bits_ == 8 ? 255.0f : 15.0f;
-    // fmax/fmin also send a NaN to 0: the cast below never sees one.
-    const float r = std::fmin(std::fmax((x - lo) * inv, 0.0f), levels);
-    return static_cast<unsigned>(r + 0.5f);
+  template <unsigned Bits>
+  [[nodiscard]] static std::uint8_t quantize(float x, float lo, float inv) noexcept {
+    constexpr float top = static_cast<float>((1u << Bits) - 1);
+    float r = (x - lo) * inv;
+    r = r > 0.0f ? r : 0.0f;  // also a NaN: the comparison is false
+    r = r < top ? r : top;
+    return static_cast<std::uint8_t>(r + 0.5f);
   }
+
+  template <bool Fp16, unsigned Bits>
+  void encode_all(const std::byte* s, std::size_t tokens, std::byte* o) {
+    const std::size_t plane_elems = tokens * channels_;
+    for (std::size_t l = 0; l < format_.layers; ++l) {
+      for (std::size_t p = 0; p < format_.kv_planes; ++p) {
+        std::byte* codes = o + groups(p, tokens) * 8;
+        if constexpr (Bits == 4) std::memset(codes, 0, (plane_elems + 1) / 2);
+        if (p == 0) {
+          encode_per_channel<Fp16, Bits>(s, tokens, o, codes);
+        } else {
+          encode_per_token<Fp16, Bits>(s, tokens, o, codes);
+        }
+        s += plane_elems * 2;
+        o += plane_bytes(p, tokens);
+      }
+    }
+  }
+  template <bool Fp16, unsigned Bits>
   void encode_per_channel(const std::byte* plane, std::size_t tokens, std::byte* params_out,
                           std::byte* codes) {
     const std::size_t c_n = channels_;
+    float* lo = lo_.data();
+    float* hi = hi_.data();
+    std::uint8_t* q = row_.data();
     for (std::size_t t0 = 0; t0 < tokens; t0 += group_) {
       const std::size_t t1 = std::min(tokens, t0 + group_);
-      std::fill(lo_.begin(), lo_.end(), std::numeric_limits<float>::infinity());
-      std::fill(hi_.begin(), hi_.end(), -std::numeric_limits<float>::infinity());
+      std::fill(lo, lo + c_n, std::numeric_limits<float>::infinity());
+      std::fill(hi, hi + c_n, -std::numeric_limits<float>::infinity());
       for (std::size_t t = t0; t < t1; ++t) {
         for (std::size_t c = 0; c < c_n; ++c) {
-          const float x = elem(plane, t * c_n + c);
-          lo_[c] = std::fmin(lo_[c], x);
-          hi_[c] = std::fmax(hi_[c], x);
+          const float x = load<Fp16>(plane, t * c_n + c);
+          lo[c] = x < lo[c] ? x : lo[c];
+          hi[c] = x > hi[c] ? x : hi[c];
         }
       }
       std::byte* at = params_out + t0 / group_ * c_n * 8;
       for (std::size_t c = 0; c < c_n; ++c) {
-        if (!(lo_[c] <= hi_[c])) lo_[c] = hi_[c] = 0;  // every element a NaN
-        hi_[c] = params(at + c * 8, lo_[c], hi_[c]);   // hi_ now holds 1 / scale
+        const float inv = params<Bits>(at + c * 8, lo[c], hi[c]);
+        lo[c] = lo[c] <= hi[c] ? lo[c] : 0.0f;
+        hi[c] = inv;  // hi now holds 1 / scale
       }
       for (std::size_t t = t0; t < t1; ++t) {
         for (std::size_t c = 0; c < c_n; ++c) {
-          put_code(codes, t * c_n + c, quantize(elem(plane, t * c_n + c), lo_[c], hi_[c]));
+          q[c] = quantize<Bits>(load<Fp16>(plane, t * c_n + c), lo[c], hi[c]);
         }
+        store_row<Bits>(q, c_n, codes, t * c_n);
       }
     }
   }
+  template <bool Fp16, unsigned Bits>
   void encode_per_token(const std::byte* plane, std::size_t tokens, std::byte* params_out,
-                        std::byte* codes) const {
+                        std::byte* codes) {
     const std::size_t c_n = channels_;
     const std::size_t cg = (c_n + group_ - 1) / group_;
+    std::uint8_t* q = row_.data();
     for (std::size_t t = 0; t < tokens; ++t) {
       for (std::size_t g = 0; g < cg; ++g) {
         const std::size_t c0 = g * group_, c1 = std::min(c_n, c0 + group_);
         float lo = std::numeric_limits<float>::infinity(), hi = -lo;
         for (std::size_t c = c0; c < c1; ++c) {
-          const float x = elem(plane, t * c_n + c);
-          lo = std::fmin(lo, x);
-          hi = std::fmax(hi, x);
+          const float x = load<Fp16>(plane, t * c_n + c);
+          lo = x < lo ? x : lo;
+          hi = x > hi ? x : hi;
         }
-        if (!(lo <= hi)) lo = hi = 0;
-        const float inv = params(params_out + (t * cg + g) * 8, lo, hi);
+        const float inv = params<Bits>(params_out + (t * cg + g) * 8, lo, hi);
+        if (!(lo <= hi)) lo = 0;
         for (std::size_t c = c0; c < c1; ++c) {
-          put_code(codes, t * c_n + c, quantize(elem(plane, t * c_n + c), lo, inv));
+          q[c] = quantize<Bits>(load<Fp16>(plane, t * c_n + c), lo, inv);
         }
+      }
+      store_row<Bits>(q, c_n, codes, t * c_n);
+    }
+  }
+
+  template <bool Fp16, unsigned Bits>
+  void decode_all(const std::byte* s, std::size_t tokens, std::byte* o) const {
+    const std::size_t c_n = channels_;
+    const std::size_t cg = (c_n + group_ - 1) / group_;
+    for (std::size_t l = 0; l < format_.layers; ++l) {
+      for (std::size_t p = 0; p < format_.kv_planes; ++p) {
+        const std::byte* params = s;
+        const std::byte* codes = s + groups(p, tokens) * 8;
+        for (std::size_t t = 0; t < tokens; ++t) {
+          const std::size_t row = t * c_n;
+          if (p == 0) {
+            const std::byte* at = params + t / group_ * c_n * 8;
+            for (std::size_t c = 0; c < c_n; ++c) {
+              float mn, sc;
+              std::memcpy(&mn, at + c * 8, 4);
+              std::memcpy(&sc, at + c * 8 + 4, 4);
+              store<Fp16>(o, row + c, static_cast<float>(code<Bits>(codes, row + c)) * sc + mn);
+            }
+          } else {
+            for (std::size_t g = 0; g < cg; ++g) {
+              float mn, sc;
+              std::memcpy(&mn, params + (t * cg + g) * 8, 4);
+              std::memcpy(&sc, params + (t * cg + g) * 8 + 4, 4);
+              const std::size_t c1 = std::min(c_n, (g + 1) * group_);
+              for (std::size_t c = g * group_; c < c1; ++c) {
+                store<Fp16>(o, row + c, static_cast<float>(code<Bits>(codes, row + c)) * sc + mn);
+              }
+            }
+          }
+        }
+        s += plane_bytes(p, tokens);
+        o += tokens * c_n * 2;
       }
     }
   }
@@ -258,7 +327,8 @@ class grouped_int_codec {
   unsigned bits_;
   std::size_t group_;
   std::size_t channels_ = 0;
-  std::vector<float> lo_, hi_;
+  std::vector<float> lo_, hi_, fp16_float_;
+  std::vector<std::uint8_t> row_;
 };
 
 }  // namespace kvtier::codec
