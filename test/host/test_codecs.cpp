@@ -388,6 +388,22 @@ TEST_CASE("grouped int: a constant group decodes exactly, NaN does not reach the
   }
 }
 
+TEST_CASE("the calls docs/codecs.md shows") {
+  const chunk_format format = fmt;
+  const std::size_t tokens = 100;
+  test::synthetic_kv gen(format, 2);
+  const auto chunk = gen.chunk(elem_type::bf16, tokens);
+  // clang-format off
+  kvtier::codec::grouped_int_codec c(format, kvtier::codec::elem_type::bf16, /*bits=*/4,
+                                     /*group_size=*/64);
+  std::vector<std::byte> enc(c.max_encoded_bytes(tokens)), dec(format.bytes(tokens));
+  const std::size_t n = c.encode(chunk, tokens, enc);  // chunk: format.bytes(tokens) bytes
+  const std::size_t got = c.decode(std::span(enc).first(n), dec);  // got == tokens
+  // clang-format on
+  CHECK(got == tokens);
+  CHECK(n == enc.size());
+}
+
 TEST_CASE("codecs refuse bad parameters and bad encode sizes, naming the value") {
   using E = kvtier::invalid_argument;
   CHECK_THROWS_WITH_AS(codec::grouped_int_codec(fmt, elem_type::bf16, 6, 32),
