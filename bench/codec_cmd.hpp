@@ -42,8 +42,9 @@ inline void codec_command(args& a, bool json, const std::string& plot) {
     std::size_t bound;
   };
   std::vector<entry> codecs;
-  auto add = [&](std::string name, auto codec) {
-    auto c = std::make_shared<decltype(codec)>(std::move(codec));
+  // `c` a shared_ptr to a codec: shared because lossless_codec cannot move (its zstd contexts
+  // point into it), so every codec is built in place.
+  auto add = [&](std::string name, auto c) {
     codecs.push_back(
         {std::move(name),
          [c, &src, tokens](std::span<std::byte> out) { return c->encode(src, tokens, out); },
@@ -52,26 +53,16 @@ inline void codec_command(args& a, bool json, const std::string& plot) {
          },
          c->max_encoded_bytes(tokens)});
   };
-  add("fp8_e4m3", kvtier::codec::fp8_e4m3_codec(f, type));
-  add("int8 g" + std::to_string(group), kvtier::codec::grouped_int_codec(f, type, 8, group));
-  add("int4 g" + std::to_string(group), kvtier::codec::grouped_int_codec(f, type, 4, group));
+  namespace cd = kvtier::codec;
+  add("fp8_e4m3", std::make_shared<cd::fp8_e4m3_codec>(f, type));
+  add("int8 g" + std::to_string(group), std::make_shared<cd::grouped_int_codec>(f, type, 8, group));
+  add("int4 g" + std::to_string(group), std::make_shared<cd::grouped_int_codec>(f, type, 4, group));
 #ifdef KVTIER_BENCH_LOSSLESS
-  // lossless_codec is not movable (its zstd contexts point into it): built in place.
-  auto lossless = [&](std::string name, kvtier::codec::codec_id id, int level, bool shuffle) {
-    auto c = std::make_shared<kvtier::codec::lossless_codec>(f, id, level, shuffle);
-    codecs.push_back(
-        {std::move(name),
-         [c, &src, tokens](std::span<std::byte> out) { return c->encode(src, tokens, out); },
-         [c](std::span<const std::byte> in, std::span<std::byte> out) {
-           return c->decode(in, out);
-         },
-         c->max_encoded_bytes(tokens)});
-  };
   for (bool shuffle : {false, true}) {
     const std::string s = shuffle ? " shuffled" : "";
-    lossless("zstd-1" + s, kvtier::codec::codec_id::zstd, 1, shuffle);
-    lossless("zstd-3" + s, kvtier::codec::codec_id::zstd, 3, shuffle);
-    lossless("lz4" + s, kvtier::codec::codec_id::lz4, 1, shuffle);
+    add("zstd-1" + s, std::make_shared<cd::lossless_codec>(f, cd::codec_id::zstd, 1, shuffle));
+    add("zstd-3" + s, std::make_shared<cd::lossless_codec>(f, cd::codec_id::zstd, 3, shuffle));
+    add("lz4" + s, std::make_shared<cd::lossless_codec>(f, cd::codec_id::lz4, 1, shuffle));
   }
 #endif
 
@@ -132,11 +123,7 @@ inline void codec_command(args& a, bool json, const std::string& plot) {
                 "%d",
                 n, layers, heads, head_size, tokens, dtype.c_str(), seed, iters);
   rep.note(note);
-  if (json) {
-    rep.print_json(stdout);
-  } else {
-    rep.print_table(stdout);
-  }
+  rep.print(json);
 }
 
 }  // namespace bench
