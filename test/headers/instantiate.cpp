@@ -11,6 +11,7 @@
 #include <kvtier/tier/redis.hpp>
 #endif
 #include <kvtier/codec/byte_shuffle.hpp>
+#include <kvtier/codec/concept.hpp>
 #include <kvtier/codec/fp8_e4m3.hpp>
 #include <kvtier/codec/grouped_int.hpp>
 #if defined(KVTIER_HEADERS_LOSSLESS)

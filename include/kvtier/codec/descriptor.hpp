@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <type_traits>
 
 namespace kvtier::codec {
 
@@ -62,6 +63,9 @@ struct codec_descriptor {
   }
   friend constexpr bool operator==(const codec_descriptor&, const codec_descriptor&) = default;
 };
+
+static_assert(sizeof(codec_descriptor) == 8 && std::is_trivially_copyable_v<codec_descriptor>,
+              "codec_descriptor is 8 trivially copyable bytes, what a record carries");
 
 /// Size of the header that starts every encoded chunk.
 inline constexpr std::size_t header_bytes = 32;

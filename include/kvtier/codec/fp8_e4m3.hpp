@@ -3,6 +3,7 @@
 // one NaN per sign): conversions, and a codec that stores each bf16 or fp16 element of a chunk
 // as one such byte.
 
+#include "kvtier/codec/concept.hpp"
 #include "kvtier/codec/descriptor.hpp"
 #include "kvtier/codec/float16.hpp"
 #include "kvtier/config.hpp"
@@ -135,5 +136,7 @@ class fp8_e4m3_codec {
   std::vector<std::uint8_t> encode_table_;
   std::array<std::uint16_t, 256> decode_table_{};
 };
+
+static_assert(chunk_codec<fp8_e4m3_codec>, "fp8_e4m3_codec must model kvtier::codec::chunk_codec");
 
 }  // namespace kvtier::codec

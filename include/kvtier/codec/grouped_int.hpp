@@ -3,6 +3,7 @@
 // (a group is `group_size` consecutive tokens of one channel), V per token (a group is
 // `group_size` consecutive channels of one token), each group with its own scale and minimum.
 
+#include "kvtier/codec/concept.hpp"
 #include "kvtier/codec/descriptor.hpp"
 #include "kvtier/codec/float16.hpp"
 #include "kvtier/detail/checked.hpp"
@@ -330,5 +331,8 @@ class grouped_int_codec {
   std::vector<float> lo_, hi_, fp16_float_;
   std::vector<std::uint8_t> row_;
 };
+
+static_assert(chunk_codec<grouped_int_codec>,
+              "grouped_int_codec must model kvtier::codec::chunk_codec");
 
 }  // namespace kvtier::codec

@@ -3,6 +3,7 @@
 // CMake target kvtier::lossless), with an optional byte shuffle of the chunk's elements first.
 
 #include "kvtier/codec/byte_shuffle.hpp"
+#include "kvtier/codec/concept.hpp"
 #include "kvtier/codec/descriptor.hpp"
 #include "kvtier/detail/checked.hpp"
 #include "kvtier/layout/chunk_format.hpp"
@@ -177,5 +178,7 @@ class lossless_codec {
   ZSTD_CCtx* cctx_ = nullptr;
   ZSTD_DCtx* dctx_ = nullptr;
 };
+
+static_assert(chunk_codec<lossless_codec>, "lossless_codec must model kvtier::codec::chunk_codec");
 
 }  // namespace kvtier::codec
