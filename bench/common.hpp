@@ -156,6 +156,14 @@ class report {
     for (const auto& n : notes_) std::fprintf(f, "  %s\n", n.c_str());
   }
 
+  /// print_json or print_table, to stdout.
+  void print(bool json) const {
+    if (json) {
+      print_json(stdout);
+    } else {
+      print_table(stdout);
+    }
+  }
   void print_json(std::FILE* f) const {
     std::fprintf(f, "{\"title\": %s, \"rows\": [", quote(title_).c_str());
     for (std::size_t r = 0; r < rows_.size(); ++r) {

@@ -14,9 +14,12 @@
 //   256,...]
 //                         [--disk-chunks 0] [--chunk 256] [--prefill-tps 10000] [--truncate 4096]
 //                         [--sessions 8 --rounds 6 --docs 12 --doc-tokens 6000 ...] [--seed 1]
+//   kvtier-bench codec    [--layers 8 --heads 8 --head-size 128 --chunk 256] [--dtype bf16|fp16]
+//                         [--group 64] [--iters 5] [--seed 1]
 //   kvtier-bench shared   [--tokens 131072] [--keys 32] [--iters 5] [--lookups 50]
 //                         [--layers 8 --heads 8 --head-size 128 --dtype-size 2 --block 16]
 //   every subcommand:     [--json] [--plot out.png]
+#include "codec_cmd.hpp"
 #include "common.hpp"
 #include "disk_cmd.hpp"
 #include "lookup_cmd.hpp"
@@ -55,7 +58,8 @@ void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::f
 
 namespace {
 const char* usage =
-    "usage: kvtier-bench tier|disk|lookup|shared|workload [options] [--json] [--plot out.png]\n"
+    "usage: kvtier-bench tier|disk|lookup|shared|workload|codec [options] [--json] [--plot "
+    "out.png]\n"
     "  tier      store, lookup and load throughput and latency of a tier stack, against the\n"
     "            stack's limit (host: best contiguous copy; disk: raw O_DIRECT; redis: raw\n"
     "            pipelined hiredis SET/GET) in the same run\n"
@@ -65,6 +69,8 @@ const char* usage =
     "            per-chunk overhead, heap allocations per operation, metadata per chunk\n"
     "  shared    the shared host tier from another process: lookup of a cached prompt and\n"
     "            loads, against tier::host in-process and memcpy, interleaved\n"
+    "  codec     compression ratio and encode/decode GB/s of each codec on one synthetic chunk,\n"
+    "            against memcpy of the same bytes, interleaved\n"
     "  workload  trace-driven simulation (chat, chat-truncated, docqa, or a JSONL trace of\n"
     "            {\"tokens\": [...]} lines): hit ratio per tier, bytes moved, time to first token\n"
     "See docs/performance.md for every option.\n";
@@ -88,6 +94,8 @@ int main(int argc, char** argv) {
       bench::lookup_command(a, json, plot);
     } else if (cmd == "shared") {
       bench::shared_command(a, json, plot);
+    } else if (cmd == "codec") {
+      bench::codec_command(a, json, plot);
     } else if (cmd == "workload") {
       bench::workload_command(a, json, plot);
     } else {

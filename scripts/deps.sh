@@ -6,7 +6,7 @@ need=()
 # libclang-rt-dev: its sanitizer and libFuzzer runtimes, for the fuzz tests (only recommended
 # by clang, so --no-install-recommends would leave them out).
 for pkg in cmake make g++ clang libclang-rt-dev python3 doctest-dev libboost-dev libxxhash-dev \
-    gnuplot-nox liburing-dev libhiredis-dev redis-server; do
+    gnuplot-nox liburing-dev libhiredis-dev redis-server libzstd-dev liblz4-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 # A toolchain already on PATH (e.g. a newer cmake or python3 from elsewhere) is fine too.

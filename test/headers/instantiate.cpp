@@ -10,10 +10,18 @@
 #if defined(KVTIER_HEADERS_REDIS)
 #include <kvtier/tier/redis.hpp>
 #endif
+#include <kvtier/codec/byte_shuffle.hpp>
+#include <kvtier/codec/concept.hpp>
+#include <kvtier/codec/fp8_e4m3.hpp>
+#include <kvtier/codec/grouped_int.hpp>
+#if defined(KVTIER_HEADERS_LOSSLESS)
+#include <kvtier/codec/lossless.hpp>
+#endif
 
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <string_view>
 
 namespace o = kvtier::opt;
 namespace ly = kvtier::layout;
@@ -134,6 +142,37 @@ std::size_t exercise_groups(const kvtier::group<mla_disk_t>& mla,
   n += g.rule(1).window_tokens;
   g.flush();
   return n;
+}
+
+// Every call of each codec (not in the umbrella: included above).
+template <class Codec>
+std::size_t exercise_codec(Codec& c, std::span<const std::byte> chunk, std::size_t tokens,
+                           std::span<std::byte> encoded, std::span<std::byte> decoded) {
+  std::size_t n = c.max_encoded_bytes(tokens) + c.format().chunk_tokens;
+  n += c.descriptor().lossy() ? 1 : 0;
+  const std::size_t size = c.encode(chunk, tokens, encoded);
+  return n + c.decode(encoded.first(size), decoded);
+}
+
+std::size_t exercise_codecs(const ly::chunk_format& f, std::span<const std::byte> chunk,
+                            std::size_t tokens, std::span<std::byte> encoded,
+                            std::span<std::byte> decoded) {
+  namespace cd = kvtier::codec;
+  cd::fp8_e4m3_codec fp8(f, cd::elem_type::bf16);
+  cd::grouped_int_codec i8(f, cd::elem_type::fp16, 8, 64), i4(f, cd::elem_type::bf16, 4, 32);
+  std::size_t n = exercise_codec(fp8, chunk, tokens, encoded, decoded);
+  n += exercise_codec(i8, chunk, tokens, encoded, decoded) + i8.bits() + i8.group_size();
+  n += exercise_codec(i4, chunk, tokens, encoded, decoded) + i4.groups(1, tokens);
+  n += cd::float_to_fp8_e4m3(cd::fp8_e4m3_to_float(static_cast<std::uint8_t>(n)));
+  cd::byte_shuffle(chunk.data(), decoded.data(), chunk.size(), 2);
+  cd::byte_unshuffle(chunk.data(), decoded.data(), chunk.size(), 2);
+#if defined(KVTIER_HEADERS_LOSSLESS)
+  cd::lossless_codec z(f, cd::codec_id::zstd, 1, true), l(f, cd::codec_id::lz4, 1, false);
+  n += exercise_codec(z, chunk, tokens, encoded, decoded);
+  n += exercise_codec(l, chunk, tokens, encoded, decoded);
+#endif
+  return n + std::string_view(cd::name(cd::codec_id::zstd)).size() +
+         std::string_view(cd::name(cd::elem_type::bf16)).size();
 }
 
 #if defined(KVTIER_HEADERS_REDIS)
