@@ -5,6 +5,7 @@
 // enough large requests in flight, whatever the object size of the client measured against it.
 
 #include "common.hpp"
+#include "sweep.hpp"
 
 namespace bench {
 
@@ -58,24 +59,15 @@ inline disk_limit raw_disk_limit(const std::filesystem::path& dir, std::size_t t
         if (r != static_cast<ssize_t>(req)) ok = false;
       }
     };
-    const auto t0 = clock_type::now();
-    std::vector<std::thread> th;
-    for (std::size_t t = 1; t < n; ++t) th.emplace_back(work, t);
-    work(0);
-    for (auto& x : th) x.join();
-    if (write && ::fdatasync(fd) != 0) ok = false;
-    return seconds_since(t0);
-  };
-  std::map<std::pair<std::size_t, std::size_t>, std::pair<double, double>> best;
-  for (int i = 0; i < iters && ok; ++i) {
-    for (std::size_t req : requests) {
-      for (std::size_t n : threads) {
-        auto [it, fresh] = best.try_emplace({req, n}, 1e30, 1e30);
-        it->second.first = std::min(it->second.first, pass(true, req, n));
-        it->second.second = std::min(it->second.second, pass(false, req, n));
-      }
+    double s = timed_threads(n, work);
+    if (write) {
+      const auto t0 = clock_type::now();
+      if (::fdatasync(fd) != 0) ok = false;
+      s += seconds_since(t0);
     }
-  }
+    return s;
+  };
+  const auto best = sweep_best(iters, requests, threads, ok, pass);
   ::close(fd);
   std::filesystem::remove(path);
   if (!ok) return out;

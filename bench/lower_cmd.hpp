@@ -8,9 +8,11 @@
 #include "common.hpp"
 #include "disk_raw.hpp"
 #include "redis_raw.hpp"
+#include "sweep.hpp"
 
 #include <optional>
 #include <random>
+#include <span>
 
 namespace bench {
 
@@ -56,57 +58,49 @@ void run_lower(const lower_options& o, report& rep) {
     auto* w = reinterpret_cast<std::uint64_t*>(src.data);
     for (std::size_t i = 0; i < src.size / 8; ++i) w[i] = rng();
   }
+  std::vector<kvtier::tier::write_job> writes(o.objects);
+  std::vector<kvtier::tier::read_job> reads(o.objects);
   std::vector<kvtier::chunk_key> keys(o.objects);
   const std::size_t batches = (o.objects + o.batch - 1) / o.batch;
-  // Runs fn(first object, count) for every batch over o.inflight threads; wall seconds.
-  auto run = [&](auto&& fn) {
+  // Runs the tier's call on every batch of `jobs` over o.inflight threads; wall seconds.
+  auto run = [&](auto& jobs, auto&& call) {
     std::atomic<std::size_t> next{0};
-    auto work = [&] {
+    return timed_threads(o.inflight, [&](std::size_t) {
       for (std::size_t b; (b = next++) < batches;) {
-        fn(b * o.batch, std::min(o.batch, o.objects - b * o.batch));
+        call(std::span(jobs).subspan(b * o.batch, std::min(o.batch, o.objects - b * o.batch)));
       }
-    };
-    const auto t0 = clock_type::now();
-    std::vector<std::thread> th;
-    for (std::size_t t = 1; t < o.inflight; ++t) th.emplace_back(work);
-    work();
-    for (auto& x : th) x.join();
-    return seconds_since(t0);
+    });
+  };
+  // Fills what write and read jobs share: object i in slot i under keys[i].
+  auto fill = [&](auto& jobs) {
+    for (std::size_t i = 0; i < o.objects; ++i) {
+      jobs[i].slot = static_cast<std::uint32_t>(i);
+      jobs[i].key = keys[i];
+      jobs[i].tokens = 256;
+      jobs[i].bytes = o.object;
+    }
   };
   double best_w = 1e30, best_r = 1e30;
   bool ok = true;
   for (int it = 0; it < o.iters && ok; ++it) {
     // Fresh keys each iteration: the redis tier skips values the server already holds.
     for (std::size_t i = 0; i < o.objects; ++i) keys[i] = {i + 1, (std::uint64_t(it) << 32) | 7};
-    std::atomic<std::size_t> stored{0}, loaded{0};
-    best_w = std::min(best_w, run([&](std::size_t first, std::size_t n) {
-                        std::vector<kvtier::tier::write_job> jobs(n);
-                        for (std::size_t i = 0; i < n; ++i) {
-                          jobs[i].slot = static_cast<std::uint32_t>(first + i);
-                          jobs[i].key = keys[first + i];
-                          jobs[i].tokens = 256;
-                          jobs[i].src = src.data + (first + i) * padded;
-                          jobs[i].bytes = o.object;
-                        }
-                        tier.write_batch(jobs);
-                        for (const auto& j : jobs) stored += j.ok;
-                      }));
+    fill(writes);
+    fill(reads);
+    for (std::size_t i = 0; i < o.objects; ++i) {
+      writes[i].src = src.data + i * padded;
+      reads[i].dst = dst.data + i * padded;
+    }
+    best_w = std::min(best_w, run(writes, [&](auto js) { tier.write_batch(js); }));
     std::memset(dst.data, 0, dst.size);
     evict(src.data, src.size);
     evict(dst.data, dst.size);
-    best_r = std::min(best_r, run([&](std::size_t first, std::size_t n) {
-                        std::vector<kvtier::tier::read_job> jobs(n);
-                        for (std::size_t i = 0; i < n; ++i) {
-                          jobs[i].slot = static_cast<std::uint32_t>(first + i);
-                          jobs[i].key = keys[first + i];
-                          jobs[i].tokens = 256;
-                          jobs[i].dst = dst.data + (first + i) * padded;
-                          jobs[i].bytes = o.object;
-                        }
-                        tier.read_batch(jobs);
-                        for (const auto& j : jobs)
-                          loaded += j.status == kvtier::tier::read_status::ok;
-                      }));
+    best_r = std::min(best_r, run(reads, [&](auto js) { tier.read_batch(js); }));
+    const std::size_t stored =
+        std::count_if(writes.begin(), writes.end(), [](auto& j) { return j.ok; });
+    const std::size_t loaded = std::count_if(reads.begin(), reads.end(), [](auto& j) {
+      return j.status == kvtier::tier::read_status::ok;
+    });
     for (std::size_t i = 0; i < o.objects; ++i) {
       if (std::memcmp(src.data + i * padded, dst.data + i * padded, o.object) != 0) ok = false;
     }
