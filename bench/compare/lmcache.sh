@@ -153,7 +153,9 @@ media=(disk redis)
 [ -z "$only" ] || media=("$only")
 IFS=, read -r -a kibs <<< "$sizes"
 for kib in "${kibs[@]}"; do
-  [[ $kib =~ ^[1-9][0-9]*$ ]] && (( kib % 4 == 0 )) || die "--sizes-kib: '$kib' is not a multiple of 4"
+  if ! [[ $kib =~ ^[1-9][0-9]*$ ]] || (( kib % 4 != 0 )); then
+    die "--sizes-kib: '$kib' is not a positive multiple of 4"
+  fi
   shape_of "$kib" >/dev/null
   (( bytes_mib * 1024 / kib >= 1 )) || die "--bytes-mib $bytes_mib holds no object of $kib KiB"
 done
