@@ -9,6 +9,9 @@
 //                         [--no-verify] [--iters 3] [--dir /tmp/kvtier-bench]
 //   kvtier-bench disk     [--record-kib 8192] [--records 16] [--queue-depth 32] [--segment 1048576]
 //                         [--threads 8] [--iters 5] [--dir /tmp/kvtier-bench]
+//   kvtier-bench lower    [--stack disk|redis] [--object-kib 256] [--objects 64] [--batch 8]
+//                         [--inflight 1] [--iters 3] [--no-limits] [--redis H:P] [--dir DIR]
+//   kvtier-bench limits   [--object-kib 256] [--objects 64] [--iters 2] [--redis H:P] [--dir DIR]
 //   kvtier-bench lookup   [--tokens 1024,...,131072] [--chunk 256] [--iters 100]
 //   kvtier-bench workload [--trace all|chat|chat-truncated|docqa|FILE.jsonl] [--host-chunks
 //   256,...]
@@ -23,6 +26,7 @@
 #include "common.hpp"
 #include "disk_cmd.hpp"
 #include "lookup_cmd.hpp"
+#include "lower_cmd.hpp"
 #include "shared_cmd.hpp"
 #include "tier.hpp"
 #include "workload.hpp"
@@ -58,13 +62,16 @@ void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::f
 
 namespace {
 const char* usage =
-    "usage: kvtier-bench tier|disk|lookup|shared|workload|codec [options] [--json] [--plot "
-    "out.png]\n"
+    "usage: kvtier-bench tier|disk|lower|limits|lookup|shared|workload|codec [options] [--json] "
+    "[--plot out.png]\n"
     "  tier      store, lookup and load throughput and latency of a tier stack, against the\n"
-    "            stack's limit (host: best contiguous copy; disk: raw O_DIRECT; redis: raw\n"
-    "            pipelined hiredis SET/GET) in the same run\n"
+    "            stack's limit (host: best contiguous copy; disk: raw O_DIRECT, swept; redis: raw\n"
+    "            RESP client, swept) in the same run\n"
     "  disk      the disk tier's I/O engine (io_uring, threads) against raw O_DIRECT on the\n"
     "            same file, interleaved\n"
+    "  lower     a lower tier alone (disk or redis, no gather/scatter), contiguous objects,\n"
+    "            against the swept raw limits in the same run\n"
+    "  limits    the swept raw limits (O_DIRECT; a raw RESP client) next to the older baselines\n"
     "  lookup    hashing and lookup latency for 1k-128k-token prompts, 0/50/100 % cached;\n"
     "            per-chunk overhead, heap allocations per operation, metadata per chunk\n"
     "  shared    the shared host tier from another process: lookup of a cached prompt and\n"
@@ -83,13 +90,17 @@ int main(int argc, char** argv) {
   }
   const std::string cmd = argv[1];
   try {
-    bench::args a(argc, argv, 2, {"json", "no-verify"});
+    bench::args a(argc, argv, 2, {"json", "no-verify", "no-limits"});
     const bool json = a.flag("json");
     const std::string plot = a.str("plot", "");
     if (cmd == "tier") {
       bench::tier_command(a, json, plot);
     } else if (cmd == "disk") {
       bench::disk_command(a, json, plot);
+    } else if (cmd == "lower") {
+      bench::lower_command(a, json, plot);
+    } else if (cmd == "limits") {
+      bench::limits_command(a, json, plot);
     } else if (cmd == "lookup") {
       bench::lookup_command(a, json, plot);
     } else if (cmd == "shared") {

@@ -3,6 +3,8 @@
 // ratio to the stack's limit measured in the same run.
 
 #include "common.hpp"
+#include "disk_raw.hpp"
+#include "redis_raw.hpp"
 
 #include <numeric>
 #include <optional>
@@ -234,12 +236,19 @@ void run_tier(const tier_options& o, report& rep) {
   const double bytes = static_cast<double>(chunks * chunk_bytes);
   double limit_w = 0, limit_r = 0;
   if constexpr (Disk) {
-    std::tie(limit_w, limit_r) = raw_direct_io(o.dir, slot + 4096, chunks, o.iters);
+    // The device's best: raw O_DIRECT swept over request size and threads (disk_raw.hpp).
+    const disk_limit l =
+        raw_disk_limit(o.dir, chunks * (slot + 4096), std::min(o.iters, 2), slot + 4096);
+    limit_w = l.write_gbps;
+    limit_r = l.read_gbps;
   } else if constexpr (S == stack_kind::redis) {
 #ifdef KVTIER_BENCH_REDIS
-    // Raw pipelined SET/GET of values of the record's size, 16 per round trip as the tier.
-    std::tie(limit_w, limit_r) = raw_pipelined_redis(
-        o.redis, sizeof(kvtier::detail::record_header) + chunk_bytes, chunks, 16, o.iters);
+    // The raw RESP client's best over connections and pipeline depth (redis_raw.hpp), values of
+    // the record's size.
+    const redis_limit l = raw_redis_limit(
+        o.redis, sizeof(kvtier::detail::record_header) + chunk_bytes, chunks, std::min(o.iters, 2));
+    limit_w = l.set_gbps;
+    limit_r = l.get_gbps;
     // The limit counts value bytes; the tier's rate counts payload bytes: compare like bytes.
     const double scale = static_cast<double>(chunk_bytes) /
                          static_cast<double>(sizeof(kvtier::detail::record_header) + chunk_bytes);
@@ -321,10 +330,12 @@ inline void tier_command(args& a, bool json, const std::string& plot) {
   if (o.disk_io != "uring" && o.disk_io != "threads") {
     throw std::invalid_argument("--disk-io takes uring or threads, not '" + o.disk_io + "'");
   }
-  report rep("kvtier-bench tier: " + o.stack +
-             " stack, ratios to the limit measured in this run"
-             " (host: best contiguous copy, cold caches; disk: raw O_DIRECT on the same dir,"
-             " best of queue depth 1 and 8 threads; redis: raw pipelined hiredis SET/GET)");
+  report rep(
+      "kvtier-bench tier: " + o.stack +
+      " stack, ratios to the limit measured in this run"
+      " (host: best contiguous copy, cold caches; disk: raw O_DIRECT on the same dir,"
+      " best of a sweep of request size and threads; redis: raw RESP client, best of a sweep of"
+      " connections and pipeline depth)");
   for (std::size_t n : chunks) {
     with_chunk_size(n, [&]<std::size_t N>() {
       auto go = [&]<class L>() {
