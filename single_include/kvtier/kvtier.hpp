@@ -11,11 +11,13 @@
 // ---- begin kvtier/cache/cache_impl.hpp
 // The cache behind kvtier::cache (see cache.hpp for the documented API): the engine's calls, each
 // composed from the parts in this folder. Top to bottom: the parts, construction, keys, the
-// engine's calls (lookup, retrieve, store), the GPU path, prefetch, pins and clears, flush and
-// stats. One lock (state) guards every index and counter; it is never held across a copy or I/O.
+// engine's calls (lookup, retrieve, store), the GPU path, prefetch, pins and clears (defined in
+// chunk_calls.inl, included at the end), flush and stats. One lock (state) guards every index and
+// counter; it is never held across a copy or I/O.
 //
 //   chunker       chunk counts and keys           op_table      operation slots (keys, refs)
 //   tier_chain    the tiers and their settings    lease, pin    a lookup's run, a pin's chunks
+//   pin_table     the chunks each pin holds
 //   writers       background lower-tier writes    write_policy  write-through/back, admission
 //   promoter      lower tier -> first tier        prefetcher    background promotion
 //   async_path    GPU copies and layer pipelines  in_place      reads from tiers in memory
@@ -2674,7 +2676,7 @@ class basic_lease {
 // ---- end kvtier/cache/lease.hpp
 // ---- begin kvtier/cache/pin.hpp
 // The result of pin(): the chunks one pin() call kept from eviction, which only this handle can
-// give back. It names a slot of the cache's pin table, whose preallocated array holds the keys of
+// give back. It names a slot of the cache's pin table (pin_table.hpp), which holds the keys of
 // exactly the chunks this call pinned; unpinning undoes one pin on each of them and touches no
 // other chunk, so a holder can never drop a pin it did not take (a chunk stored after the pin, a
 // chunk another caller pinned). Only the cache reads or changes the slot.
@@ -2732,23 +2734,90 @@ class basic_pin {
   std::size_t tokens_ = 0;
 };
 
-/// Marks chunk `k` lost in every pin slot that names it, so their unpin skips it: the chunk's last
-/// indexed copy was discarded (failed verification) while pinned, and its pins went with it. A
-/// copy stored later is a new chunk with pins of its own, which those handles must not drop.
-/// A slot's ref i is `dropped_tier` when lost; pin() resets the refs of the chunks it pins.
-/// O(max_pins x max_chunks), for a rare event; under the lock.
-inline void mark_pin_lost(op_table& pins, const chunk_key& k) noexcept {
-  for (std::uint32_t s = 0; s < pins.capacity(); ++s) {
-    const chunk_key* ks = pins.keys(s);
-    chunk_ref* rs = pins.refs(s);
-    for (std::size_t i = 0; i < pins.max_chunks(); ++i) {
-      if (ks[i] == k) rs[i].tier = dropped_tier;
-    }
-  }
-}
-
 }  // namespace kvtier::detail
 // ---- end kvtier/cache/pin.hpp
+// ---- begin kvtier/cache/pin_table.hpp
+// The cache's pin table: one slot per live pin handle (pin.hpp), reserved at construction
+// (cache_config::max_pins), holding the keys of exactly the chunks that pin pinned. Pinning
+// covers a chunk in every indexed tier holding it; every copy of a chunk carries the same count
+// (tier_chain::publish_locked gives a new copy the chunk's count), so an unpin undoes one pin
+// wherever the chunk is. Not thread-safe: the cache calls it under its lock.
+
+
+
+namespace kvtier::detail {
+
+template <class Chain>
+class pin_table {
+ public:
+  pin_table(Chain& chain, std::size_t max_chunks, std::size_t max_pins)
+      : chain_(chain), slots_(max_chunks, max_pins, "max_pins") {}
+
+  /// A free slot, whose keys the caller then fills (without the lock), or op_table::no_op.
+  [[nodiscard]] std::uint32_t acquire_locked() noexcept { return slots_.acquire(); }
+  [[nodiscard]] chunk_key* keys(std::uint32_t s) const noexcept { return slots_.keys(s); }
+
+  /// Pins the leading chunks of slot s's `n` keys that some indexed tier holds ready, once in
+  /// every such tier, up to the first no tier holds; returns how many. With none, the slot is
+  /// given back.
+  std::size_t pin_locked(std::uint32_t s, std::size_t n) noexcept {
+    const chunk_key* ks = slots_.keys(s);
+    std::size_t i = 0;
+    for (; i < n; ++i) {
+      bool any = false;
+      for_each_copy(ks[i], [&](auto& ix, index_entry& e) {
+        ix.pin(e);
+        any = true;
+      });
+      if (!any) break;
+    }
+    std::fill_n(slots_.refs(s), i, chunk_ref{});  // none lost yet
+    if (i == 0) slots_.release(s);
+    return i;
+  }
+
+  /// Undoes one pin of each of slot s's first `chunks` chunks in every indexed tier holding it,
+  /// except those marked lost, and gives the slot back.
+  void unpin_locked(std::uint32_t s, std::size_t chunks) noexcept {
+    const chunk_key* ks = slots_.keys(s);
+    const chunk_ref* rs = slots_.refs(s);
+    for (std::size_t i = 0; i < chunks; ++i) {
+      if (rs[i].tier == dropped_tier) continue;
+      for_each_copy(ks[i], [](auto& ix, index_entry& e) { (void)ix.unpin(e); });
+    }
+    slots_.release(s);
+  }
+
+  /// Marks chunk `k` lost in every slot that names it, so their unpin skips it: its last indexed
+  /// copy was discarded (failed verification) while pinned, and its pins went with it; a copy
+  /// stored later is a new chunk with pins of its own, which those handles must not drop.
+  /// O(max_pins x max_chunks), for a rare event. (A free slot's marks are reset by pin_locked.)
+  void mark_lost_locked(const chunk_key& k) noexcept {
+    for (std::uint32_t s = 0; s < slots_.capacity(); ++s) {
+      const chunk_key* ks = slots_.keys(s);
+      chunk_ref* rs = slots_.refs(s);
+      for (std::size_t i = 0; i < slots_.max_chunks(); ++i) {
+        if (ks[i] == k) rs[i].tier = dropped_tier;
+      }
+    }
+  }
+
+ private:
+  template <class F>
+  void for_each_copy(const chunk_key& k, F&& f) noexcept {
+    for (std::size_t t = 0; t < Chain::tier_count; ++t) {
+      auto* ix = chain_.index(t);
+      if (ix == nullptr) continue;  // a remote tier: not pinned
+      if (index_entry* e = ix->find_ready(k)) f(*ix, *e);
+    }
+  }
+
+  Chain& chain_;
+  op_table slots_;
+};
+
+}  // namespace kvtier::detail
+// ---- end kvtier/cache/pin_table.hpp
 // ---- begin kvtier/cache/prefetcher.hpp
 // Prefetch: loading lower-tier chunks into the first tier in the background before a request
 // needs them. prefetch() reserves a writing first-tier entry per chunk under the lock (so a
@@ -2776,7 +2845,7 @@ class promoter {
 
   /// `pins`: the cache's pin table, told of pinned chunks lost with a discarded record.
   promoter(Chain& chain, state_type& st, write_policy<Chain>& policy, const layout::chunk_format& f,
-           op_table* pins = nullptr) noexcept
+           pin_table<Chain>* pins = nullptr) noexcept
       : chain_(chain), st_(st), policy_(policy), format_(f), pins_(pins) {}
 
   /// The end of bringing a chunk from lower tier t (slot `lslot` there, when indexed) into the
@@ -2808,7 +2877,7 @@ class promoter {
         const bool pinned = le.pins != 0;
         const chunk_key k = le.key;
         low->discard(le);
-        if (pinned && pins_ != nullptr && !chain_.held_locked(k)) mark_pin_lost(*pins_, k);
+        if (pinned && pins_ != nullptr && !chain_.held_locked(k)) pins_->mark_lost_locked(k);
       }
       low->unref(le);
     }
@@ -2928,7 +2997,7 @@ class promoter {
   state_type& st_;
   write_policy<Chain>& policy_;
   const layout::chunk_format format_;
-  op_table* pins_;
+  pin_table<Chain>* pins_;
 };
 
 }  // namespace kvtier::detail
@@ -3691,34 +3760,6 @@ class tier_chain {
     }
   }
 
-  /// Pins the leading chunks of `ks[0, n)` that some indexed tier holds ready, once in every
-  /// such tier, up to the first no tier holds; returns how many. Under the lock.
-  std::size_t pin_prefix_locked(const chunk_key* ks, std::size_t n) noexcept {
-    for (std::size_t i = 0; i < n; ++i) {
-      bool any = false;
-      for (index_type* ix : index_) {
-        if (ix == nullptr) continue;
-        if (index_entry* e = ix->find_ready(ks[i])) {
-          ix->pin(*e);
-          any = true;
-        }
-      }
-      if (!any) return i;
-    }
-    return n;
-  }
-  /// Undoes one pin of each chunk of `ks[0, n)` in every indexed tier holding it, except those
-  /// whose ref is dropped_tier (lost with their last copy). Under the lock.
-  void unpin_locked(const chunk_key* ks, const chunk_ref* rs, std::size_t n) noexcept {
-    for (std::size_t i = 0; i < n; ++i) {
-      if (rs[i].tier == dropped_tier) continue;
-      for (index_type* ix : index_) {
-        if (ix == nullptr) continue;
-        if (index_entry* e = ix->find_ready(ks[i])) (void)ix->unpin(*e);
-      }
-    }
-  }
-
   /// True when some indexed tier holds chunk `k` ready. Under the lock.
   [[nodiscard]] bool held_locked(const chunk_key& k) noexcept {
     for (index_type* ix : index_) {
@@ -3849,7 +3890,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
         chain_(tiers, tier::context{format_, chunker_.salt_key(), model_.block_size,
                                     max_chunks(cfg_, ChunkTokens), cfg_.max_inflight}),
         ops_(max_chunks(cfg_, ChunkTokens), cfg_.max_inflight),
-        pins_(max_chunks(cfg_, ChunkTokens), cfg_.max_pins, "max_pins"),
+        pins_(chain_, max_chunks(cfg_, ChunkTokens), cfg_.max_pins),
         writers_(chain_, st_, format_, cfg_.write_queue_depth, cfg_.write_hold_percent),
         policy_(chain_, st_, writers_, cfg_.mode),
         promoter_(chain_, st_, policy_, format_, &pins_),
@@ -4161,30 +4202,12 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   /// Waits until every GPU copy started so far has completed, and publishes the stored chunks.
   void synchronize() requires async_copies { async_.synchronize(); }
 
-  // ---- prefetch, pins, clears (prefetcher.hpp) ----------------------------------------------
+  // ---- prefetch, pins, clears (defined in chunk_calls.inl) ----------------------------------
 
   /// Starts loading the lower-tier chunks of `tokens`' cached prefix into the first tier in the
   /// background; returns the tokens whose loading started. lookup() reports a chunk in the
   /// first tier once it is loaded (and in its lower tier until then).
-  std::size_t prefetch(std::span<const token_id> tokens) {
-    check_tokens("prefetch", tokens.size(), cfg_);
-    if constexpr (!has_lower) {
-      return 0;
-    } else {
-      const std::size_t n = chunk_count(tokens.size());
-      if (n == 0) return 0;
-      std::unique_lock lk(st_.mu);
-      async_.poll_locked();
-      const std::uint32_t op = begin_op(lk, tokens, n);
-      if (op == no_op) return 0;
-      const std::size_t started = prefetcher_.start_locked(
-          ops_.keys(op), n, [&](std::size_t i) { return tokens_at(i, tokens.size()); });
-      ops_.release(op);
-      lk.unlock();
-      if (started > 0) prefetcher_.notify();
-      return started;
-    }
-  }
+  std::size_t prefetch(std::span<const token_id> tokens);
 
   /// Throws what store or retrieve would throw for `kv` and the blocks of tokens [begin, end) of
   /// `table`, without doing anything else.
@@ -4198,89 +4221,14 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     release_locked(l);
   }
 
-  [[nodiscard]] pin_handle pin(std::span<const token_id> tokens) {
-    check_tokens("pin", tokens.size(), cfg_);
-    pin_handle p;
-    const std::size_t n = chunk_count(tokens.size());
-    if (n == 0) return p;
-    std::unique_lock lk(st_.mu);
-    const std::uint32_t slot = pins_.acquire();
-    if (slot == no_op) {
-      ++st_.stats.pins_refused;
-      return p;
-    }
-    lk.unlock();
-    keys(tokens, {pins_.keys(slot), n});  // n <= max_chunks (check_tokens): cannot throw
-    lk.lock();
-    async_.poll_locked();
-    p.chunks_ = chain_.pin_prefix_locked(pins_.keys(slot), n);
-    std::fill_n(pins_.refs(slot), p.chunks_, chunk_ref{});
-    if (p.chunks_ == 0) {
-      pins_.release(slot);
-      return p;
-    }
-    p.cache_ = this;
-    p.slot_ = slot;
-    p.tokens_ = std::min(p.chunks_ * ChunkTokens, tokens.size());  // the tail chunk comes last
-    return p;
-  }
-
-  std::size_t unpin(pin_handle& p) noexcept {
-    if (p.cache_ != this) return 0;
-    std::lock_guard lk(st_.mu);
-    chain_.unpin_locked(pins_.keys(p.slot_), pins_.refs(p.slot_), p.chunks_);
-    pins_.release(p.slot_);
-    const std::size_t tokens = p.tokens_;
-    p.clear();
-    return tokens;
-  }
-
-  std::size_t clear(std::span<const token_id> tokens) {
-    check_tokens("clear", tokens.size(), cfg_);
-    const std::size_t n = chunk_count(tokens.size());
-    if (n == 0) return 0;
-    std::unique_lock lk(st_.mu);
-    async_.poll_locked();
-    const std::uint32_t op = begin_op(lk, tokens, n);
-    if (op == no_op) return 0;
-    const chunk_key* ks = ops_.keys(op);
-    std::size_t done = 0;
-    for (std::size_t i = 0; i < n; ++i) {
-      bool any = false;
-      for (std::size_t t = 0; t < tier_count; ++t) {
-        index_type* ix = chain_.index(t);
-        if (ix == nullptr) continue;
-        if (index_entry* e = ix->find_ready(ks[i])) any = chain_.remove_locked(*ix, *e) || any;
-      }
-      if (any) done += tokens_at(i, tokens.size());
-    }
-    lk.unlock();
-    policy_.notify();  // the writers invalidate cleared records on disk
-    // Remote tiers are cleared by key; what only they held counts too (the tail chunk last).
-    const std::size_t removed = chain_.remove_remote(std::span<const chunk_key>(ks, n));
-    done = std::max(done, std::min(removed * ChunkTokens, tokens.size()));
-    lk.lock();
-    ops_.release(op);
-    return done;
-  }
-
-  std::size_t clear() {
-    std::unique_lock lk(st_.mu);
-    async_.poll_locked();
-    std::size_t removed = 0;
-    for (std::size_t t = 0; t < tier_count; ++t) {
-      index_type* ix = chain_.index(t);
-      if (ix == nullptr) continue;
-      for (std::uint32_t s = 0; s < ix->capacity(); ++s) {
-        index_entry& e = ix->at(s);
-        if (e.state == entry_state::ready && chain_.remove_locked(*ix, e)) ++removed;
-      }
-    }
-    lk.unlock();
-    policy_.notify();  // the writers invalidate cleared records on disk
-    if constexpr (remote_count > 0) removed += chain_.remove_all_remote();
-    return removed;
-  }
+  /// Pins the cached prefix of `tokens` (see cache.hpp); the handle owns exactly those chunks.
+  [[nodiscard]] pin_handle pin(std::span<const token_id> tokens);
+  /// Undoes `p`'s pin and empties it; returns the tokens it had pinned (0 for an empty handle).
+  std::size_t unpin(pin_handle& p) noexcept;
+  /// Removes the unpinned chunks of `tokens` from every tier; returns the tokens removed.
+  std::size_t clear(std::span<const token_id> tokens);
+  /// Removes every unpinned chunk from every tier; returns the chunk copies removed.
+  std::size_t clear();
 
   // ---- flush, stats, accessors --------------------------------------------------------------
 
@@ -4361,6 +4309,19 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     return op;
   }
 
+  // Checks `tokens`, locks `lk` and begins an operation on their chunks (with their count);
+  // no_op when there are none or every slot is taken.
+  std::pair<std::uint32_t, std::size_t> begin_call(const char* what,
+                                                   std::span<const token_id> tokens,
+                                                   std::unique_lock<std::mutex>& lk) {
+    check_tokens(what, tokens.size(), cfg_);
+    const std::size_t n = chunk_count(tokens.size());
+    if (n == 0) return {no_op, 0};
+    lk.lock();
+    async_.poll_locked();
+    return {begin_op(lk, tokens, n), n};
+  }
+
   // Promotes the lease's chunks [lo, hi) into the first tier (promotion.hpp).
   void promote(const lease& l, std::size_t lo, std::size_t hi, std::size_t abs_end) {
     promoter_.promote(ops_.keys(l.op_) + l.first_, ops_.refs(l.op_), lo, hi, l.first_, abs_end,
@@ -4394,7 +4355,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   cache_state<tier_count> st_;
   chain_type chain_;
   op_table ops_;
-  op_table pins_;  ///< one slot per live pin_handle: the keys of the chunks it pinned
+  pin_table<chain_type> pins_;
   writers<chain_type> writers_;
   write_policy<chain_type> policy_;
   promoter<chain_type> promoter_;
@@ -4404,6 +4365,125 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
 };
 
 }  // namespace kvtier::detail
+
+// ---- begin kvtier/cache/chunk_calls.inl
+// The calls of kvtier::cache that name chunks without moving bytes to or from the engine:
+// prefetch, pin and unpin, clear. Member definitions of cache_impl (cache_impl.hpp, which
+// declares and documents them and includes this file at its end).
+
+
+
+namespace kvtier::detail {
+
+template <std::size_t ChunkTokens, std::size_t BlockTokens, class Layout, class Eviction,
+          class Hasher, class First, class... Lower>
+std::size_t cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher,
+                       std::tuple<First, Lower...>>::prefetch(std::span<const token_id> tokens) {
+  if constexpr (!has_lower) {
+    check_tokens("prefetch", tokens.size(), cfg_);
+    return 0;
+  } else {
+    std::unique_lock lk(st_.mu, std::defer_lock);
+    const auto [op, n] = begin_call("prefetch", tokens, lk);
+    if (op == no_op) return 0;
+    const std::size_t started = prefetcher_.start_locked(
+        ops_.keys(op), n, [&](std::size_t i) { return tokens_at(i, tokens.size()); });
+    ops_.release(op);
+    lk.unlock();
+    if (started > 0) prefetcher_.notify();
+    return started;
+  }
+}
+
+template <std::size_t ChunkTokens, std::size_t BlockTokens, class Layout, class Eviction,
+          class Hasher, class First, class... Lower>
+auto cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher,
+                std::tuple<First, Lower...>>::pin(std::span<const token_id> tokens) -> pin_handle {
+  check_tokens("pin", tokens.size(), cfg_);
+  pin_handle p;
+  const std::size_t n = chunk_count(tokens.size());
+  if (n == 0) return p;
+  std::unique_lock lk(st_.mu);
+  const std::uint32_t slot = pins_.acquire_locked();
+  if (slot == no_op) {
+    ++st_.stats.pins_refused;
+    return p;
+  }
+  lk.unlock();
+  keys(tokens, {pins_.keys(slot), n});  // n <= max_chunks (check_tokens): cannot throw
+  lk.lock();
+  async_.poll_locked();
+  p.chunks_ = pins_.pin_locked(slot, n);
+  if (p.chunks_ == 0) return p;
+  p.cache_ = this;
+  p.slot_ = slot;
+  p.tokens_ = std::min(p.chunks_ * ChunkTokens, tokens.size());  // the tail chunk comes last
+  return p;
+}
+
+template <std::size_t ChunkTokens, std::size_t BlockTokens, class Layout, class Eviction,
+          class Hasher, class First, class... Lower>
+std::size_t cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher,
+                       std::tuple<First, Lower...>>::unpin(pin_handle& p) noexcept {
+  if (p.cache_ != this) return 0;
+  std::lock_guard lk(st_.mu);
+  pins_.unpin_locked(p.slot_, p.chunks_);
+  const std::size_t tokens = p.tokens_;
+  p.clear();
+  return tokens;
+}
+
+template <std::size_t ChunkTokens, std::size_t BlockTokens, class Layout, class Eviction,
+          class Hasher, class First, class... Lower>
+std::size_t cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher,
+                       std::tuple<First, Lower...>>::clear(std::span<const token_id> tokens) {
+  std::unique_lock lk(st_.mu, std::defer_lock);
+  const auto [op, n] = begin_call("clear", tokens, lk);
+  if (op == no_op) return 0;
+  const chunk_key* ks = ops_.keys(op);
+  std::size_t done = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    bool any = false;
+    for (std::size_t t = 0; t < tier_count; ++t) {
+      index_type* ix = chain_.index(t);
+      if (ix == nullptr) continue;
+      if (index_entry* e = ix->find_ready(ks[i])) any = chain_.remove_locked(*ix, *e) || any;
+    }
+    if (any) done += tokens_at(i, tokens.size());
+  }
+  lk.unlock();
+  policy_.notify();  // the writers invalidate cleared records on disk
+  // Remote tiers are cleared by key; what only they held counts too (the tail chunk last).
+  const std::size_t removed = chain_.remove_remote(std::span<const chunk_key>(ks, n));
+  done = std::max(done, std::min(removed * ChunkTokens, tokens.size()));
+  lk.lock();
+  ops_.release(op);
+  return done;
+}
+
+template <std::size_t ChunkTokens, std::size_t BlockTokens, class Layout, class Eviction,
+          class Hasher, class First, class... Lower>
+std::size_t cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher,
+                       std::tuple<First, Lower...>>::clear() {
+  std::unique_lock lk(st_.mu);
+  async_.poll_locked();
+  std::size_t removed = 0;
+  for (std::size_t t = 0; t < tier_count; ++t) {
+    index_type* ix = chain_.index(t);
+    if (ix == nullptr) continue;
+    for (std::uint32_t s = 0; s < ix->capacity(); ++s) {
+      index_entry& e = ix->at(s);
+      if (e.state == entry_state::ready && chain_.remove_locked(*ix, e)) ++removed;
+    }
+  }
+  lk.unlock();
+  policy_.notify();  // the writers invalidate cleared records on disk
+  if constexpr (remote_count > 0) removed += chain_.remove_all_remote();
+  return removed;
+}
+
+}  // namespace kvtier::detail
+// ---- end kvtier/cache/chunk_calls.inl
 // ---- end kvtier/cache/cache_impl.hpp
 // ---- begin kvtier/options.hpp
 // kvtier::opt::* tags, their defaults, and the order-free resolution of an option pack.

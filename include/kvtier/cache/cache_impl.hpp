@@ -1,11 +1,13 @@
 #pragma once
 // The cache behind kvtier::cache (see cache.hpp for the documented API): the engine's calls, each
 // composed from the parts in this folder. Top to bottom: the parts, construction, keys, the
-// engine's calls (lookup, retrieve, store), the GPU path, prefetch, pins and clears, flush and
-// stats. One lock (state) guards every index and counter; it is never held across a copy or I/O.
+// engine's calls (lookup, retrieve, store), the GPU path, prefetch, pins and clears (defined in
+// chunk_calls.inl, included at the end), flush and stats. One lock (state) guards every index and
+// counter; it is never held across a copy or I/O.
 //
 //   chunker       chunk counts and keys           op_table      operation slots (keys, refs)
 //   tier_chain    the tiers and their settings    lease, pin    a lookup's run, a pin's chunks
+//   pin_table     the chunks each pin holds
 //   writers       background lower-tier writes    write_policy  write-through/back, admission
 //   promoter      lower tier -> first tier        prefetcher    background promotion
 //   async_path    GPU copies and layer pipelines  in_place      reads from tiers in memory
@@ -17,6 +19,7 @@
 #include "kvtier/cache/lease.hpp"
 #include "kvtier/cache/op_table.hpp"
 #include "kvtier/cache/pin.hpp"
+#include "kvtier/cache/pin_table.hpp"
 #include "kvtier/cache/prefetcher.hpp"
 #include "kvtier/cache/promotion.hpp"
 #include "kvtier/cache/state.hpp"
@@ -94,7 +97,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
         chain_(tiers, tier::context{format_, chunker_.salt_key(), model_.block_size,
                                     max_chunks(cfg_, ChunkTokens), cfg_.max_inflight}),
         ops_(max_chunks(cfg_, ChunkTokens), cfg_.max_inflight),
-        pins_(max_chunks(cfg_, ChunkTokens), cfg_.max_pins, "max_pins"),
+        pins_(chain_, max_chunks(cfg_, ChunkTokens), cfg_.max_pins),
         writers_(chain_, st_, format_, cfg_.write_queue_depth, cfg_.write_hold_percent),
         policy_(chain_, st_, writers_, cfg_.mode),
         promoter_(chain_, st_, policy_, format_, &pins_),
@@ -406,30 +409,12 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   /// Waits until every GPU copy started so far has completed, and publishes the stored chunks.
   void synchronize() requires async_copies { async_.synchronize(); }
 
-  // ---- prefetch, pins, clears (prefetcher.hpp) ----------------------------------------------
+  // ---- prefetch, pins, clears (defined in chunk_calls.inl) ----------------------------------
 
   /// Starts loading the lower-tier chunks of `tokens`' cached prefix into the first tier in the
   /// background; returns the tokens whose loading started. lookup() reports a chunk in the
   /// first tier once it is loaded (and in its lower tier until then).
-  std::size_t prefetch(std::span<const token_id> tokens) {
-    check_tokens("prefetch", tokens.size(), cfg_);
-    if constexpr (!has_lower) {
-      return 0;
-    } else {
-      const std::size_t n = chunk_count(tokens.size());
-      if (n == 0) return 0;
-      std::unique_lock lk(st_.mu);
-      async_.poll_locked();
-      const std::uint32_t op = begin_op(lk, tokens, n);
-      if (op == no_op) return 0;
-      const std::size_t started = prefetcher_.start_locked(
-          ops_.keys(op), n, [&](std::size_t i) { return tokens_at(i, tokens.size()); });
-      ops_.release(op);
-      lk.unlock();
-      if (started > 0) prefetcher_.notify();
-      return started;
-    }
-  }
+  std::size_t prefetch(std::span<const token_id> tokens);
 
   /// Throws what store or retrieve would throw for `kv` and the blocks of tokens [begin, end) of
   /// `table`, without doing anything else.
@@ -443,89 +428,14 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     release_locked(l);
   }
 
-  [[nodiscard]] pin_handle pin(std::span<const token_id> tokens) {
-    check_tokens("pin", tokens.size(), cfg_);
-    pin_handle p;
-    const std::size_t n = chunk_count(tokens.size());
-    if (n == 0) return p;
-    std::unique_lock lk(st_.mu);
-    const std::uint32_t slot = pins_.acquire();
-    if (slot == no_op) {
-      ++st_.stats.pins_refused;
-      return p;
-    }
-    lk.unlock();
-    keys(tokens, {pins_.keys(slot), n});  // n <= max_chunks (check_tokens): cannot throw
-    lk.lock();
-    async_.poll_locked();
-    p.chunks_ = chain_.pin_prefix_locked(pins_.keys(slot), n);
-    std::fill_n(pins_.refs(slot), p.chunks_, chunk_ref{});
-    if (p.chunks_ == 0) {
-      pins_.release(slot);
-      return p;
-    }
-    p.cache_ = this;
-    p.slot_ = slot;
-    p.tokens_ = std::min(p.chunks_ * ChunkTokens, tokens.size());  // the tail chunk comes last
-    return p;
-  }
-
-  std::size_t unpin(pin_handle& p) noexcept {
-    if (p.cache_ != this) return 0;
-    std::lock_guard lk(st_.mu);
-    chain_.unpin_locked(pins_.keys(p.slot_), pins_.refs(p.slot_), p.chunks_);
-    pins_.release(p.slot_);
-    const std::size_t tokens = p.tokens_;
-    p.clear();
-    return tokens;
-  }
-
-  std::size_t clear(std::span<const token_id> tokens) {
-    check_tokens("clear", tokens.size(), cfg_);
-    const std::size_t n = chunk_count(tokens.size());
-    if (n == 0) return 0;
-    std::unique_lock lk(st_.mu);
-    async_.poll_locked();
-    const std::uint32_t op = begin_op(lk, tokens, n);
-    if (op == no_op) return 0;
-    const chunk_key* ks = ops_.keys(op);
-    std::size_t done = 0;
-    for (std::size_t i = 0; i < n; ++i) {
-      bool any = false;
-      for (std::size_t t = 0; t < tier_count; ++t) {
-        index_type* ix = chain_.index(t);
-        if (ix == nullptr) continue;
-        if (index_entry* e = ix->find_ready(ks[i])) any = chain_.remove_locked(*ix, *e) || any;
-      }
-      if (any) done += tokens_at(i, tokens.size());
-    }
-    lk.unlock();
-    policy_.notify();  // the writers invalidate cleared records on disk
-    // Remote tiers are cleared by key; what only they held counts too (the tail chunk last).
-    const std::size_t removed = chain_.remove_remote(std::span<const chunk_key>(ks, n));
-    done = std::max(done, std::min(removed * ChunkTokens, tokens.size()));
-    lk.lock();
-    ops_.release(op);
-    return done;
-  }
-
-  std::size_t clear() {
-    std::unique_lock lk(st_.mu);
-    async_.poll_locked();
-    std::size_t removed = 0;
-    for (std::size_t t = 0; t < tier_count; ++t) {
-      index_type* ix = chain_.index(t);
-      if (ix == nullptr) continue;
-      for (std::uint32_t s = 0; s < ix->capacity(); ++s) {
-        index_entry& e = ix->at(s);
-        if (e.state == entry_state::ready && chain_.remove_locked(*ix, e)) ++removed;
-      }
-    }
-    lk.unlock();
-    policy_.notify();  // the writers invalidate cleared records on disk
-    if constexpr (remote_count > 0) removed += chain_.remove_all_remote();
-    return removed;
-  }
+  /// Pins the cached prefix of `tokens` (see cache.hpp); the handle owns exactly those chunks.
+  [[nodiscard]] pin_handle pin(std::span<const token_id> tokens);
+  /// Undoes `p`'s pin and empties it; returns the tokens it had pinned (0 for an empty handle).
+  std::size_t unpin(pin_handle& p) noexcept;
+  /// Removes the unpinned chunks of `tokens` from every tier; returns the tokens removed.
+  std::size_t clear(std::span<const token_id> tokens);
+  /// Removes every unpinned chunk from every tier; returns the chunk copies removed.
+  std::size_t clear();
 
   // ---- flush, stats, accessors --------------------------------------------------------------
 
@@ -606,6 +516,19 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     return op;
   }
 
+  // Checks `tokens`, locks `lk` and begins an operation on their chunks (with their count);
+  // no_op when there are none or every slot is taken.
+  std::pair<std::uint32_t, std::size_t> begin_call(const char* what,
+                                                   std::span<const token_id> tokens,
+                                                   std::unique_lock<std::mutex>& lk) {
+    check_tokens(what, tokens.size(), cfg_);
+    const std::size_t n = chunk_count(tokens.size());
+    if (n == 0) return {no_op, 0};
+    lk.lock();
+    async_.poll_locked();
+    return {begin_op(lk, tokens, n), n};
+  }
+
   // Promotes the lease's chunks [lo, hi) into the first tier (promotion.hpp).
   void promote(const lease& l, std::size_t lo, std::size_t hi, std::size_t abs_end) {
     promoter_.promote(ops_.keys(l.op_) + l.first_, ops_.refs(l.op_), lo, hi, l.first_, abs_end,
@@ -639,7 +562,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   cache_state<tier_count> st_;
   chain_type chain_;
   op_table ops_;
-  op_table pins_;  ///< one slot per live pin_handle: the keys of the chunks it pinned
+  pin_table<chain_type> pins_;
   writers<chain_type> writers_;
   write_policy<chain_type> policy_;
   promoter<chain_type> promoter_;
@@ -649,3 +572,5 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
 };
 
 }  // namespace kvtier::detail
+
+#include "kvtier/cache/chunk_calls.inl"

@@ -1,12 +1,11 @@
 #pragma once
 // The result of pin(): the chunks one pin() call kept from eviction, which only this handle can
-// give back. It names a slot of the cache's pin table, whose preallocated array holds the keys of
+// give back. It names a slot of the cache's pin table (pin_table.hpp), which holds the keys of
 // exactly the chunks this call pinned; unpinning undoes one pin on each of them and touches no
 // other chunk, so a holder can never drop a pin it did not take (a chunk stored after the pin, a
 // chunk another caller pinned). Only the cache reads or changes the slot.
 
 #include "kvtier/cache/op_table.hpp"
-#include "kvtier/key/chunk_key.hpp"
 
 #include <cstddef>
 #include <cstdint>
@@ -62,20 +61,5 @@ class basic_pin {
   std::size_t chunks_ = 0;
   std::size_t tokens_ = 0;
 };
-
-/// Marks chunk `k` lost in every pin slot that names it, so their unpin skips it: the chunk's last
-/// indexed copy was discarded (failed verification) while pinned, and its pins went with it. A
-/// copy stored later is a new chunk with pins of its own, which those handles must not drop.
-/// A slot's ref i is `dropped_tier` when lost; pin() resets the refs of the chunks it pins.
-/// O(max_pins x max_chunks), for a rare event; under the lock.
-inline void mark_pin_lost(op_table& pins, const chunk_key& k) noexcept {
-  for (std::uint32_t s = 0; s < pins.capacity(); ++s) {
-    const chunk_key* ks = pins.keys(s);
-    chunk_ref* rs = pins.refs(s);
-    for (std::size_t i = 0; i < pins.max_chunks(); ++i) {
-      if (ks[i] == k) rs[i].tier = dropped_tier;
-    }
-  }
-}
 
 }  // namespace kvtier::detail

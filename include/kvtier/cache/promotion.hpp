@@ -5,7 +5,7 @@
 // rather than read twice. A record that fails verification is dropped from its tier, never used.
 
 #include "kvtier/cache/op_table.hpp"
-#include "kvtier/cache/pin.hpp"
+#include "kvtier/cache/pin_table.hpp"
 #include "kvtier/cache/state.hpp"
 #include "kvtier/cache/write_policy.hpp"
 #include "kvtier/detail/index_entry.hpp"
@@ -31,7 +31,7 @@ class promoter {
 
   /// `pins`: the cache's pin table, told of pinned chunks lost with a discarded record.
   promoter(Chain& chain, state_type& st, write_policy<Chain>& policy, const layout::chunk_format& f,
-           op_table* pins = nullptr) noexcept
+           pin_table<Chain>* pins = nullptr) noexcept
       : chain_(chain), st_(st), policy_(policy), format_(f), pins_(pins) {}
 
   /// The end of bringing a chunk from lower tier t (slot `lslot` there, when indexed) into the
@@ -63,7 +63,7 @@ class promoter {
         const bool pinned = le.pins != 0;
         const chunk_key k = le.key;
         low->discard(le);
-        if (pinned && pins_ != nullptr && !chain_.held_locked(k)) mark_pin_lost(*pins_, k);
+        if (pinned && pins_ != nullptr && !chain_.held_locked(k)) pins_->mark_lost_locked(k);
       }
       low->unref(le);
     }
@@ -183,7 +183,7 @@ class promoter {
   state_type& st_;
   write_policy<Chain>& policy_;
   const layout::chunk_format format_;
-  op_table* pins_;
+  pin_table<Chain>* pins_;
 };
 
 }  // namespace kvtier::detail

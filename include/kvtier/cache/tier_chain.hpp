@@ -222,34 +222,6 @@ class tier_chain {
     }
   }
 
-  /// Pins the leading chunks of `ks[0, n)` that some indexed tier holds ready, once in every
-  /// such tier, up to the first no tier holds; returns how many. Under the lock.
-  std::size_t pin_prefix_locked(const chunk_key* ks, std::size_t n) noexcept {
-    for (std::size_t i = 0; i < n; ++i) {
-      bool any = false;
-      for (index_type* ix : index_) {
-        if (ix == nullptr) continue;
-        if (index_entry* e = ix->find_ready(ks[i])) {
-          ix->pin(*e);
-          any = true;
-        }
-      }
-      if (!any) return i;
-    }
-    return n;
-  }
-  /// Undoes one pin of each chunk of `ks[0, n)` in every indexed tier holding it, except those
-  /// whose ref is dropped_tier (lost with their last copy). Under the lock.
-  void unpin_locked(const chunk_key* ks, const chunk_ref* rs, std::size_t n) noexcept {
-    for (std::size_t i = 0; i < n; ++i) {
-      if (rs[i].tier == dropped_tier) continue;
-      for (index_type* ix : index_) {
-        if (ix == nullptr) continue;
-        if (index_entry* e = ix->find_ready(ks[i])) (void)ix->unpin(*e);
-      }
-    }
-  }
-
   /// True when some indexed tier holds chunk `k` ready. Under the lock.
   [[nodiscard]] bool held_locked(const chunk_key& k) noexcept {
     for (index_type* ix : index_) {
