@@ -21,6 +21,7 @@
 #include "kvtier/layout/state_pages.hpp"
 #include "kvtier/layout/trtllm_packed.hpp"
 #include "kvtier/layout/view.hpp"
+#include "kvtier/layout/vllm_cpu.hpp"
 #include "kvtier/layout/vllm_cross_layer.hpp"
 #include "kvtier/layout/vllm_flash_hnd.hpp"
 #include "kvtier/layout/vllm_flash_nhd.hpp"

@@ -1037,6 +1037,16 @@ enum class dim : std::uint8_t {
   kv_elem,  ///< 2 * head_size elements: K's head_size then V's (fused K/V)
 };
 
+/// How K and V sit inside the rows the dims describe. A layout that leaves `page` out has
+/// `rows`.
+enum class page : std::uint8_t {
+  rows,  ///< as the dims say: each (token, head) row of head_size elements is contiguous
+  /// vLLM's CPU backend: the dims end in {slot, kv_elem}, and the block_size x 2*head_size
+  /// elements of one (block, head) are one page holding K transposed, `[head_size][block_size]`
+  /// (a token's K elements block_size apart), then V, `[block_size][head_size]`.
+  k_transposed,
+};
+
 /// Which tensors an engine passes for one layout.
 enum class tensors : std::uint8_t {
   one,           ///< one tensor for all layers
@@ -1088,6 +1098,15 @@ struct traits {
     return rank;
   }
 
+  /// How K and V sit in a page (`L::page`, else page::rows).
+  static constexpr page page_kind = [] {
+    if constexpr (requires { L::page; }) {
+      return page{L::page};
+    } else {
+      return page::rows;
+    }
+  }();
+
   /// K and V planes per chunk: 1 for layouts without a K/V split (MLA latent), else 2.
   static constexpr std::size_t kv_planes =
       has(dim::kv) || has(dim::kv_elem) || L::scope == tensors::per_layer_kv ? 2 : 1;
@@ -1111,6 +1130,9 @@ struct traits {
                 "kvtier layout: a token dim replaces block and slot");
   static_assert(count(dim::kv) + count(dim::kv_elem) + (L::scope == tensors::per_layer_kv) <= 1,
                 "kvtier layout: K/V is split by exactly one of kv, kv_elem, or per_layer_kv");
+  static_assert(page_kind == page::rows || (rank >= 2 && L::dims[rank - 2] == dim::slot &&
+                                            L::dims[rank - 1] == dim::kv_elem),
+                "kvtier layout: page::k_transposed needs dims ending in slot, kv_elem");
   static_assert(has(dim::layer) == (L::scope == tensors::one),
                 "kvtier layout: a layer dim exactly when one tensor holds all layers");
 };
@@ -1157,12 +1179,14 @@ namespace kvtier::layout {
 
 /// Address of one block's slots for one layer and one of K/V, as byte offset and strides inside
 /// tensor `tensor` of the engine's KV. Slot s, head h begins at
-/// offset + s * token_stride + h * head_stride, and its head_size elements are contiguous.
+/// offset + s * token_stride + h * head_stride, and its head_size elements are contiguous, or,
+/// when elem_stride is not 0 (K of a page::k_transposed layout), elem_stride bytes apart.
 struct block_span {
   std::uint32_t tensor = 0;
   std::size_t offset = 0;
   std::size_t token_stride = 0;
   std::size_t head_stride = 0;
+  std::size_t elem_stride = 0;  ///< 0: rows are contiguous
 };
 
 /// An engine's KV resolved through a layout: extents and byte strides by role. Trivially
@@ -1179,6 +1203,15 @@ struct ref {
   std::size_t block_stride = 0;
   std::size_t token_stride = 0;  ///< bytes between slots of a block
   std::size_t head_stride = 0;
+  /// page::k_transposed: K's bytes between slots (one element) and between the elements of a
+  /// row (a slot's K elements lie block_size apart); both 0 when K's rows are like V's.
+  std::size_t k_token_stride = 0;
+  std::size_t k_elem_stride = 0;
+
+  /// True when every row of every plane is head_size contiguous elements (row_bytes).
+  KVTIER_HOST_DEVICE [[nodiscard]] constexpr bool contiguous_rows() const noexcept {
+    return k_elem_stride == 0;
+  }
 
   KVTIER_HOST_DEVICE [[nodiscard]] constexpr block_span span(std::size_t layer, std::size_t kv,
                                                              std::size_t block) const noexcept {
@@ -1186,8 +1219,9 @@ struct ref {
                             : scope == tensors::per_layer
                                 ? static_cast<std::uint32_t>(layer)
                                 : static_cast<std::uint32_t>(kv * layers + layer);
-    return {t, layer * layer_stride + kv * kv_stride + block * block_stride, token_stride,
-            head_stride};
+    const bool kt = kv == 0 && k_elem_stride != 0;
+    return {t, layer * layer_stride + kv * kv_stride + block * block_stride,
+            kt ? k_token_stride : token_stride, head_stride, kt ? k_elem_stride : 0};
   }
 };
 
@@ -2195,6 +2229,22 @@ class view {
       r_.block_stride = s(dim::block);
     }
     r_.kv_stride = tr::has(dim::kv_elem) ? std::size_t{m.head_size} * m.dtype_size : s(dim::kv);
+    if constexpr (tr::page_kind == page::k_transposed) {
+      // The (slot, kv_elem) dims only frame a page of block_size * 2 * head_size elements, which
+      // must then be dense: K [head_size][block_size], then V [block_size][head_size].
+      const std::size_t sd = tr::rank - 2;
+      if (st[sd] != 2 * std::int64_t{m.head_size}) {
+        throw invalid_argument(
+            "kvtier: engine_kv strides[" + std::to_string(sd) + "] (" + dim_name(dim::slot) +
+            ") is " + std::to_string(st[sd]) + ", layout " + lname + " needs " +
+            std::to_string(2 * std::int64_t{m.head_size}) + " (each (block, head) page dense)");
+      }
+      const std::size_t dt = m.dtype_size;
+      r_.kv_stride = std::size_t{m.block_size} * m.head_size * dt;  // V follows K's page half
+      r_.token_stride = std::size_t{m.head_size} * dt;              // V: [block_size][head_size]
+      r_.k_token_stride = dt;                                       // K: [head_size][block_size]
+      r_.k_elem_stride = std::size_t{m.block_size} * dt;
+    }
     tensors_ = kv.tensors.data();
   }
 
@@ -2434,6 +2484,71 @@ inline void copy_rows(std::byte* dst, std::size_t dst_token, std::size_t dst_hea
 
 enum class direction { gather, scatter };
 
+// One element of `E` bytes between two places, unaligned either side.
+template <class E>
+inline void copy_elem(std::byte* dst, const std::byte* src) noexcept {
+  E v;
+  std::memcpy(&v, src, sizeof v);
+  std::memcpy(dst, &v, sizeof v);
+}
+
+template <direction Dir, class E>
+void transpose_rows(std::byte* chunk, std::size_t ctoken, std::byte* eng, std::size_t eng_head,
+                    std::size_t eng_elem, std::size_t tokens, std::size_t heads,
+                    std::size_t row) noexcept {
+  constexpr std::size_t es = sizeof(E);
+  const std::size_t elems = row / es;
+  for (std::size_t h = 0; h < heads; ++h) {
+    for (std::size_t d = 0; d < elems; ++d) {
+      std::byte* e = eng + h * eng_head + d * eng_elem;  // the engine's tokens, es bytes apart
+      std::byte* c = chunk + h * row + d * es;           // the chunk's, ctoken bytes apart
+      for (std::size_t t = 0; t < tokens; ++t) {
+        if constexpr (Dir == direction::gather) {
+          copy_elem<E>(c + t * ctoken, e + t * es);
+        } else {
+          copy_elem<E>(e + t * es, c + t * ctoken);
+        }
+      }
+    }
+  }
+}
+
+/// Moves `tokens` x `heads` rows between the chunk (rows of `row` contiguous bytes, ctoken bytes
+/// per token) and an engine plane whose tokens are one element (`elem` bytes) apart and a row's
+/// elements `eng_elem` apart: K of a page::k_transposed layout, a transpose per head.
+template <direction Dir>
+void copy_transposed(std::byte* chunk, std::size_t ctoken, std::byte* eng, std::size_t eng_head,
+                     std::size_t eng_elem, std::size_t tokens, std::size_t heads, std::size_t row,
+                     std::size_t elem) noexcept {
+  switch (elem) {
+    case 1:
+      return transpose_rows<Dir, std::uint8_t>(chunk, ctoken, eng, eng_head, eng_elem, tokens,
+                                               heads, row);
+    case 2:
+      return transpose_rows<Dir, std::uint16_t>(chunk, ctoken, eng, eng_head, eng_elem, tokens,
+                                                heads, row);
+    case 4:
+      return transpose_rows<Dir, std::uint32_t>(chunk, ctoken, eng, eng_head, eng_elem, tokens,
+                                                heads, row);
+    case 8:
+      return transpose_rows<Dir, std::uint64_t>(chunk, ctoken, eng, eng_head, eng_elem, tokens,
+                                                heads, row);
+    default:
+      break;
+  }
+  for (std::size_t h = 0; h < heads; ++h)
+    for (std::size_t d = 0; d < row / elem; ++d)
+      for (std::size_t t = 0; t < tokens; ++t) {
+        std::byte* e = eng + h * eng_head + d * eng_elem + t * elem;
+        std::byte* c = chunk + t * ctoken + h * row + d * elem;
+        if constexpr (Dir == direction::gather) {
+          std::memcpy(c, e, elem);
+        } else {
+          std::memcpy(e, c, elem);
+        }
+      }
+}
+
 /// A plane hook that does nothing.
 struct no_hook {
   void operator()(const std::byte*, std::size_t) const noexcept {}
@@ -2460,7 +2575,10 @@ void move_chunk(const layout::view<L>& v, const layout::chunk_format& f, block_t
         layout::block_span s;
         std::byte* eng = v.base(l, kv, block, s) + slot * s.token_stride;
         std::byte* c = chunk + f.offset(l, kv, t, tokens);
-        if constexpr (Dir == direction::gather) {
+        if (s.elem_stride != 0) {
+          copy_transposed<Dir>(c, ctoken, eng, s.head_stride, s.elem_stride, run, e.heads, row,
+                               s.token_stride);
+        } else if constexpr (Dir == direction::gather) {
           copy_rows(c, ctoken, row, eng, s.token_stride, s.head_stride, run, e.heads, row);
         } else {
           copy_rows(eng, s.token_stride, s.head_stride, c, ctoken, row, run, e.heads, row);
@@ -3869,6 +3987,9 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   using stats_type = cache_stats<tier_count>;
   /// True when the first tier copies asynchronously on the GPU (tier::device, tier::pinned_host).
   static constexpr bool async_copies = async_type::enabled;
+  static_assert(!async_copies || layout::traits<Layout>::page_kind == layout::page::rows,
+                "kvtier: a layout with transposed K pages (layout::vllm_cpu) holds KV in host "
+                "memory; its first tier must be tier::host, not a GPU tier");
   /// How GPU copies are ordered with the engine's stream (gpu::stream_order for the GPU tiers).
   using order_type = typename async_type::order_type;
   /// The event a layer pipeline step returns (cudaEvent_t for the GPU tiers).
@@ -5441,6 +5562,29 @@ struct trtllm_packed {
 
 }  // namespace kvtier::layout
 // ---- end kvtier/layout/trtllm_packed.hpp
+// ---- begin kvtier/layout/vllm_cpu.hpp
+// vLLM's CPU attention backend: one tensor per layer, [NB, H, BS, 2*D] framing (block, head)
+// pages that hold K transposed, then V.
+
+
+
+namespace kvtier::layout {
+
+/// vLLM CPU backend (vllm-cpu): per layer a tensor viewed as `[num_blocks, kv_heads, block_size,
+/// 2 * head_size]`, whose block_size x 2*head_size elements of one (block, head) are a page of
+/// K transposed, `[head_size][block_size]`, then V, `[block_size][head_size]`: element d of slot
+/// s's K is at page + d * block_size + s, of its V at page + block_size * head_size + s *
+/// head_size + d. Verified against vLLM 0.32.0's CPU cache-write op
+/// (python/tests/probe_cpu_layout.py).
+struct vllm_cpu {
+  static constexpr const char* name = "vllm_cpu";
+  static constexpr tensors scope = tensors::per_layer;
+  static constexpr std::array dims{dim::block, dim::head, dim::slot, dim::kv_elem};
+  static constexpr layout::page page = layout::page::k_transposed;
+};
+
+}  // namespace kvtier::layout
+// ---- end kvtier/layout/vllm_cpu.hpp
 // ---- begin kvtier/layout/vllm_cross_layer.hpp
 // vLLM cross-layer layout: one tensor, [NB, NL, 2, BS, H, D].
 

@@ -70,10 +70,43 @@ struct engine {
     for (auto& t : storage) std::fill(t.begin(), t.end(), v);
   }
 
-  /// Reference address of the head_size-element row (layer, kv, block, slot, head), from each
-  /// layout's documented shape, written out by hand (not through kvtier's dim roles).
+  /// Elements between consecutive elements of a row of plane `kv` (1: rows are contiguous;
+  /// vllm_cpu's K is stored transposed in its page, a row's elements block_size apart).
+  std::size_t elem_step(std::size_t kv) const {
+    return std::is_same_v<L, kvtier::layout::vllm_cpu> && kv == 0 ? m.block_size : 1;
+  }
+  /// Row (layer, kv, block, slot, head) copied out, element by element (any layout).
+  std::vector<std::byte> get_row(std::size_t l, std::size_t kv, std::size_t b, std::size_t s,
+                                 std::size_t h) const {
+    const std::size_t dt = m.dtype_size, step = elem_step(kv) * dt;
+    const std::byte* p = first_elem(l, kv, b, s, h);
+    std::vector<std::byte> out(m.head_size * dt);
+    for (std::size_t d = 0; d < m.head_size; ++d) std::memcpy(&out[d * dt], p + d * step, dt);
+    return out;
+  }
+  /// Writes row (layer, kv, block, slot, head) from `src` (head_size contiguous elements).
+  void put_row(std::size_t l, std::size_t kv, std::size_t b, std::size_t s, std::size_t h,
+               const std::byte* src) {
+    const std::size_t dt = m.dtype_size, step = elem_step(kv) * dt;
+    std::byte* p = const_cast<std::byte*>(first_elem(l, kv, b, s, h));
+    for (std::size_t d = 0; d < m.head_size; ++d) std::memcpy(p + d * step, src + d * dt, dt);
+  }
+
+  /// Reference address of the head_size-element row (layer, kv, block, slot, head), for layouts
+  /// whose rows are contiguous.
   const std::byte* row(std::size_t l, std::size_t kv, std::size_t b, std::size_t s,
                        std::size_t h) const {
+    static_assert(!std::is_same_v<L, kvtier::layout::vllm_cpu>, "use get_row/put_row");
+    return first_elem(l, kv, b, s, h);
+  }
+  std::byte* row(std::size_t l, std::size_t kv, std::size_t b, std::size_t s, std::size_t h) {
+    return const_cast<std::byte*>(std::as_const(*this).row(l, kv, b, s, h));
+  }
+
+  /// Reference address of element 0 of row (layer, kv, block, slot, head), from each layout's
+  /// documented shape, written out by hand (not through kvtier's dim roles).
+  const std::byte* first_elem(std::size_t l, std::size_t kv, std::size_t b, std::size_t s,
+                              std::size_t h) const {
     namespace ly = kvtier::layout;
     const std::size_t NB = blocks, BS = m.block_size, H = m.kv_heads, D = m.head_size,
                       NL = m.layers, dt = m.dtype_size;
@@ -103,13 +136,14 @@ struct engine {
       elem = ((((b * NL + l) * 2 + kv) * H + h) * BS + s) * D;  // [NB, NL, 2, H, BS, D]
     } else if constexpr (std::is_same_v<L, ly::fused_kv>) {
       elem = ((b * H + h) * BS + s) * 2 * D + kv * D;  // [NB, H, BS, 2*D]
+    } else if constexpr (std::is_same_v<L, ly::vllm_cpu>) {
+      // Page (b, h) of BS*2D elements: K as [D][BS] (element d of slot s at d*BS + s), then V
+      // as [BS][D].
+      elem = (b * H + h) * BS * 2 * D + (kv == 0 ? s : BS * D + s * D);
     } else {
       static_assert(sizeof(L) == 0, "test engine: no reference formula for this layout");
     }
     return storage[tensor].data() + elem * dt;
-  }
-  std::byte* row(std::size_t l, std::size_t kv, std::size_t b, std::size_t s, std::size_t h) {
-    return const_cast<std::byte*>(std::as_const(*this).row(l, kv, b, s, h));
   }
   static constexpr std::size_t planes = kvtier::layout::traits<L>::kv_planes;
   /// Token t's rows (every layer, K/V, head) as in block table `bt`.
@@ -126,14 +160,15 @@ struct engine {
 template <class LA, class LB>
 bool same_tokens(const engine<LA>& a, const std::vector<std::int32_t>& ta, const engine<LB>& b,
                  const std::vector<std::int32_t>& tb, std::size_t first, std::size_t n) {
-  const std::size_t row = a.m.head_size * a.m.dtype_size;
   for (std::size_t t = first; t < first + n; ++t) {
-    std::vector<const std::byte*> ra, rb;
-    a.for_token(ta, t, [&](const std::byte* p) { ra.push_back(p); });
-    b.for_token(tb, t, [&](const std::byte* p) { rb.push_back(p); });
-    for (std::size_t i = 0; i < ra.size(); ++i) {
-      if (std::memcmp(ra[i], rb[i], row) != 0) return false;
-    }
+    const std::size_t ba = static_cast<std::size_t>(ta[t / a.m.block_size]);
+    const std::size_t bb = static_cast<std::size_t>(tb[t / b.m.block_size]);
+    const std::size_t s = t % a.m.block_size, sb = t % b.m.block_size;
+    for (std::size_t l = 0; l < a.m.layers; ++l)
+      for (std::size_t kv = 0; kv < engine<LA>::planes; ++kv)
+        for (std::size_t h = 0; h < a.m.kv_heads; ++h) {
+          if (a.get_row(l, kv, ba, s, h) != b.get_row(l, kv, bb, sb, h)) return false;
+        }
   }
   return true;
 }

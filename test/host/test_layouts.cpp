@@ -6,7 +6,7 @@ namespace ly = kvtier::layout;
 
 #define KVTIER_TWO_PLANE_LAYOUTS                                                  \
   ly::vllm_flash_nhd, ly::vllm_flash_hnd, ly::flashinfer_nhd, ly::flashinfer_hnd, \
-      ly::vllm_cross_layer, ly::sglang_split_kv, ly::trtllm_packed, ly::fused_kv
+      ly::vllm_cross_layer, ly::sglang_split_kv, ly::trtllm_packed, ly::fused_kv, ly::vllm_cpu
 #define KVTIER_ALL_LAYOUTS KVTIER_TWO_PLANE_LAYOUTS, ly::mla_latent, ly::sglang_mla
 
 namespace {
@@ -65,7 +65,7 @@ TEST_CASE_TEMPLATE("gather writes the canonical chunk format", L, KVTIER_ALL_LAY
         for (std::size_t kv = 0; kv < f.kv_planes; ++kv)
           for (std::size_t h = 0; h < sc.m.kv_heads; ++h)
             all &= std::memcmp(chunk.data() + f.offset(l, kv, t, n) + h * f.row_bytes(),
-                               eng.row(l, kv, b, s, h), f.row_bytes()) == 0;
+                               eng.get_row(l, kv, b, s, h).data(), f.row_bytes()) == 0;
     }
     CHECK(all);
   }
@@ -94,8 +94,7 @@ TEST_CASE_TEMPLATE("scatter is the exact inverse of gather and touches nothing e
       for (std::size_t l = 0; l < sc.m.layers; ++l)
         for (std::size_t kv = 0; kv < f.kv_planes; ++kv)
           for (std::size_t h = 0; h < sc.m.kv_heads; ++h)
-            std::memcpy(expected.row(l, kv, bd, slot, h), src.row(l, kv, bs, slot, h),
-                        f.row_bytes());
+            expected.put_row(l, kv, bd, slot, h, src.get_row(l, kv, bs, slot, h).data());
     }
     CHECK(dst.storage == expected.storage);
   }
@@ -135,6 +134,7 @@ TEST_CASE_TEMPLATE("a chunk from one layout loads into every other layout exactl
   F::template into<ly::sglang_split_kv>();
   F::template into<ly::trtllm_packed>();
   F::template into<ly::fused_kv>();
+  F::template into<ly::vllm_cpu>();
 }
 
 TEST_CASE("MLA chunks move between vLLM's and SGLang's MLA layouts exactly") {
@@ -170,6 +170,7 @@ TEST_CASE("layout shapes match the engines' tensors") {
   CHECK(ly::shape_of<ly::sglang_split_kv>(m, 1000) == A3{16000, 8, 128});
   CHECK(ly::shape_of<ly::trtllm_packed>(m, 1000) == A6{1000, 32, 2, 8, 16, 128});
   CHECK(ly::shape_of<ly::fused_kv>(m, 1000) == A4{1000, 8, 16, 256});
+  CHECK(ly::shape_of<ly::vllm_cpu>(m, 1000) == A4{1000, 8, 16, 256});
   const kvtier::model_shape mla{61, 1, 576, 2, 64};
   CHECK(ly::shape_of<ly::mla_latent>(mla, 100) == A3{100, 64, 576});
   CHECK(ly::shape_of<ly::sglang_mla>(mla, 100) == A3{6400, 1, 576});
@@ -304,4 +305,48 @@ TEST_CASE_TEMPLATE("every layout round-trips through the cache, with disk promot
   CHECK(l.hits_in(1) == 4);
   CHECK(cache.retrieve(l, dst.kv(), bt2) == 64);
   CHECK(test::same_tokens(eng, bt, dst, bt2, 0, 64));
+}
+
+TEST_CASE("vllm_cpu: K is transposed inside each (block, head) page, and pages must be dense") {
+  // One layer, 2 heads, head size 3, 1-byte elements, block size 4, 2 blocks: element values
+  // written by the page formula, read back from the chunk by the canonical formula.
+  const kvtier::model_shape m{1, 2, 3, 1, 4};
+  const std::int64_t NB = 2, H = 2, BS = 4, D = 3;
+  std::vector<std::uint8_t> t(static_cast<std::size_t>(NB * H * BS * 2 * D));
+  for (std::int64_t b = 0; b < NB; ++b)
+    for (std::int64_t h = 0; h < H; ++h)
+      for (std::int64_t s = 0; s < BS; ++s)
+        for (std::int64_t d = 0; d < D; ++d) {
+          const std::int64_t page = (b * H + h) * BS * 2 * D;
+          const auto tag = static_cast<std::uint8_t>(((b * BS + s) * H + h) * D + d);
+          t[static_cast<std::size_t>(page + d * BS + s)] = tag;                // K[d][s]
+          t[static_cast<std::size_t>(page + BS * D + s * D + d)] = tag + 128;  // V[s][d]
+        }
+  std::vector<void*> ptrs{t.data()};
+  const std::vector<std::int64_t> shape{NB, H, BS, 2 * D};
+  const ly::view<ly::vllm_cpu> v(m, {ptrs, shape});
+  const std::vector<std::int32_t> bt{1, 0};  // tokens 0..3 in block 1, 4..7 in block 0
+  const auto f = ly::chunk_format::from(m, 8);
+  std::vector<std::uint8_t> chunk(f.bytes(8));
+  kvtier::transfer::gather(v, f, bt, 0, 8, reinterpret_cast<std::byte*>(chunk.data()));
+  std::size_t wrong = 0;
+  for (std::size_t tok = 0; tok < 8; ++tok)
+    for (std::size_t kv = 0; kv < 2; ++kv)
+      for (std::size_t h = 0; h < 2; ++h)
+        for (std::size_t d = 0; d < 3; ++d) {
+          const std::size_t b = static_cast<std::size_t>(bt[tok / 4]), s = tok % 4;
+          const auto tag = static_cast<std::uint8_t>(((b * 4 + s) * 2 + h) * 3 + d + kv * 128);
+          wrong += chunk[f.offset(0, kv, tok, 8) + h * 3 + d] != tag;
+        }
+  CHECK(wrong == 0);
+  // A padded page (slot stride 8 instead of 2 * head_size = 6) cannot hold this layout.
+  std::vector<std::uint8_t> big(2 * 2 * 4 * 8);
+  std::vector<void*> bp{big.data()};
+  CHECK_THROWS_WITH_AS(
+      (ly::view<ly::vllm_cpu>(m, {bp, shape, std::vector<std::int64_t>{64, 32, 8, 1}})),
+      "kvtier: engine_kv strides[2] (block_size) is 8, layout vllm_cpu needs 6 (each (block, "
+      "head) page dense)",
+      kvtier::invalid_argument);
+  static_assert(ly::traits<ly::vllm_cpu>::page_kind == ly::page::k_transposed);
+  static_assert(ly::traits<ly::fused_kv>::page_kind == ly::page::rows);
 }

@@ -76,6 +76,9 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   using stats_type = cache_stats<tier_count>;
   /// True when the first tier copies asynchronously on the GPU (tier::device, tier::pinned_host).
   static constexpr bool async_copies = async_type::enabled;
+  static_assert(!async_copies || layout::traits<Layout>::page_kind == layout::page::rows,
+                "kvtier: a layout with transposed K pages (layout::vllm_cpu) holds KV in host "
+                "memory; its first tier must be tier::host, not a GPU tier");
   /// How GPU copies are ordered with the engine's stream (gpu::stream_order for the GPU tiers).
   using order_type = typename async_type::order_type;
   /// The event a layer pipeline step returns (cudaEvent_t for the GPU tiers).

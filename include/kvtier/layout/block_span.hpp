@@ -11,12 +11,14 @@ namespace kvtier::layout {
 
 /// Address of one block's slots for one layer and one of K/V, as byte offset and strides inside
 /// tensor `tensor` of the engine's KV. Slot s, head h begins at
-/// offset + s * token_stride + h * head_stride, and its head_size elements are contiguous.
+/// offset + s * token_stride + h * head_stride, and its head_size elements are contiguous, or,
+/// when elem_stride is not 0 (K of a page::k_transposed layout), elem_stride bytes apart.
 struct block_span {
   std::uint32_t tensor = 0;
   std::size_t offset = 0;
   std::size_t token_stride = 0;
   std::size_t head_stride = 0;
+  std::size_t elem_stride = 0;  ///< 0: rows are contiguous
 };
 
 /// An engine's KV resolved through a layout: extents and byte strides by role. Trivially
@@ -33,6 +35,15 @@ struct ref {
   std::size_t block_stride = 0;
   std::size_t token_stride = 0;  ///< bytes between slots of a block
   std::size_t head_stride = 0;
+  /// page::k_transposed: K's bytes between slots (one element) and between the elements of a
+  /// row (a slot's K elements lie block_size apart); both 0 when K's rows are like V's.
+  std::size_t k_token_stride = 0;
+  std::size_t k_elem_stride = 0;
+
+  /// True when every row of every plane is head_size contiguous elements (row_bytes).
+  KVTIER_HOST_DEVICE [[nodiscard]] constexpr bool contiguous_rows() const noexcept {
+    return k_elem_stride == 0;
+  }
 
   KVTIER_HOST_DEVICE [[nodiscard]] constexpr block_span span(std::size_t layer, std::size_t kv,
                                                              std::size_t block) const noexcept {
@@ -40,8 +51,9 @@ struct ref {
                             : scope == tensors::per_layer
                                 ? static_cast<std::uint32_t>(layer)
                                 : static_cast<std::uint32_t>(kv * layers + layer);
-    return {t, layer * layer_stride + kv * kv_stride + block * block_stride, token_stride,
-            head_stride};
+    const bool kt = kv == 0 && k_elem_stride != 0;
+    return {t, layer * layer_stride + kv * kv_stride + block * block_stride,
+            kt ? k_token_stride : token_stride, head_stride, kt ? k_elem_stride : 0};
   }
 };
 

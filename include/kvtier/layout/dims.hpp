@@ -21,6 +21,16 @@ enum class dim : std::uint8_t {
   kv_elem,  ///< 2 * head_size elements: K's head_size then V's (fused K/V)
 };
 
+/// How K and V sit inside the rows the dims describe. A layout that leaves `page` out has
+/// `rows`.
+enum class page : std::uint8_t {
+  rows,  ///< as the dims say: each (token, head) row of head_size elements is contiguous
+  /// vLLM's CPU backend: the dims end in {slot, kv_elem}, and the block_size x 2*head_size
+  /// elements of one (block, head) are one page holding K transposed, `[head_size][block_size]`
+  /// (a token's K elements block_size apart), then V, `[block_size][head_size]`.
+  k_transposed,
+};
+
 /// Which tensors an engine passes for one layout.
 enum class tensors : std::uint8_t {
   one,           ///< one tensor for all layers
@@ -72,6 +82,15 @@ struct traits {
     return rank;
   }
 
+  /// How K and V sit in a page (`L::page`, else page::rows).
+  static constexpr page page_kind = [] {
+    if constexpr (requires { L::page; }) {
+      return page{L::page};
+    } else {
+      return page::rows;
+    }
+  }();
+
   /// K and V planes per chunk: 1 for layouts without a K/V split (MLA latent), else 2.
   static constexpr std::size_t kv_planes =
       has(dim::kv) || has(dim::kv_elem) || L::scope == tensors::per_layer_kv ? 2 : 1;
@@ -95,6 +114,9 @@ struct traits {
                 "kvtier layout: a token dim replaces block and slot");
   static_assert(count(dim::kv) + count(dim::kv_elem) + (L::scope == tensors::per_layer_kv) <= 1,
                 "kvtier layout: K/V is split by exactly one of kv, kv_elem, or per_layer_kv");
+  static_assert(page_kind == page::rows || (rank >= 2 && L::dims[rank - 2] == dim::slot &&
+                                            L::dims[rank - 1] == dim::kv_elem),
+                "kvtier layout: page::k_transposed needs dims ending in slot, kv_elem");
   static_assert(has(dim::layer) == (L::scope == tensors::one),
                 "kvtier layout: a layer dim exactly when one tensor holds all layers");
 };

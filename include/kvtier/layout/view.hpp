@@ -88,6 +88,22 @@ class view {
       r_.block_stride = s(dim::block);
     }
     r_.kv_stride = tr::has(dim::kv_elem) ? std::size_t{m.head_size} * m.dtype_size : s(dim::kv);
+    if constexpr (tr::page_kind == page::k_transposed) {
+      // The (slot, kv_elem) dims only frame a page of block_size * 2 * head_size elements, which
+      // must then be dense: K [head_size][block_size], then V [block_size][head_size].
+      const std::size_t sd = tr::rank - 2;
+      if (st[sd] != 2 * std::int64_t{m.head_size}) {
+        throw invalid_argument(
+            "kvtier: engine_kv strides[" + std::to_string(sd) + "] (" + dim_name(dim::slot) +
+            ") is " + std::to_string(st[sd]) + ", layout " + lname + " needs " +
+            std::to_string(2 * std::int64_t{m.head_size}) + " (each (block, head) page dense)");
+      }
+      const std::size_t dt = m.dtype_size;
+      r_.kv_stride = std::size_t{m.block_size} * m.head_size * dt;  // V follows K's page half
+      r_.token_stride = std::size_t{m.head_size} * dt;              // V: [block_size][head_size]
+      r_.k_token_stride = dt;                                       // K: [head_size][block_size]
+      r_.k_elem_stride = std::size_t{m.block_size} * dt;
+    }
     tensors_ = kv.tensors.data();
   }
 

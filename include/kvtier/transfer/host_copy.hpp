@@ -104,6 +104,71 @@ inline void copy_rows(std::byte* dst, std::size_t dst_token, std::size_t dst_hea
 
 enum class direction { gather, scatter };
 
+// One element of `E` bytes between two places, unaligned either side.
+template <class E>
+inline void copy_elem(std::byte* dst, const std::byte* src) noexcept {
+  E v;
+  std::memcpy(&v, src, sizeof v);
+  std::memcpy(dst, &v, sizeof v);
+}
+
+template <direction Dir, class E>
+void transpose_rows(std::byte* chunk, std::size_t ctoken, std::byte* eng, std::size_t eng_head,
+                    std::size_t eng_elem, std::size_t tokens, std::size_t heads,
+                    std::size_t row) noexcept {
+  constexpr std::size_t es = sizeof(E);
+  const std::size_t elems = row / es;
+  for (std::size_t h = 0; h < heads; ++h) {
+    for (std::size_t d = 0; d < elems; ++d) {
+      std::byte* e = eng + h * eng_head + d * eng_elem;  // the engine's tokens, es bytes apart
+      std::byte* c = chunk + h * row + d * es;           // the chunk's, ctoken bytes apart
+      for (std::size_t t = 0; t < tokens; ++t) {
+        if constexpr (Dir == direction::gather) {
+          copy_elem<E>(c + t * ctoken, e + t * es);
+        } else {
+          copy_elem<E>(e + t * es, c + t * ctoken);
+        }
+      }
+    }
+  }
+}
+
+/// Moves `tokens` x `heads` rows between the chunk (rows of `row` contiguous bytes, ctoken bytes
+/// per token) and an engine plane whose tokens are one element (`elem` bytes) apart and a row's
+/// elements `eng_elem` apart: K of a page::k_transposed layout, a transpose per head.
+template <direction Dir>
+void copy_transposed(std::byte* chunk, std::size_t ctoken, std::byte* eng, std::size_t eng_head,
+                     std::size_t eng_elem, std::size_t tokens, std::size_t heads, std::size_t row,
+                     std::size_t elem) noexcept {
+  switch (elem) {
+    case 1:
+      return transpose_rows<Dir, std::uint8_t>(chunk, ctoken, eng, eng_head, eng_elem, tokens,
+                                               heads, row);
+    case 2:
+      return transpose_rows<Dir, std::uint16_t>(chunk, ctoken, eng, eng_head, eng_elem, tokens,
+                                                heads, row);
+    case 4:
+      return transpose_rows<Dir, std::uint32_t>(chunk, ctoken, eng, eng_head, eng_elem, tokens,
+                                                heads, row);
+    case 8:
+      return transpose_rows<Dir, std::uint64_t>(chunk, ctoken, eng, eng_head, eng_elem, tokens,
+                                                heads, row);
+    default:
+      break;
+  }
+  for (std::size_t h = 0; h < heads; ++h)
+    for (std::size_t d = 0; d < row / elem; ++d)
+      for (std::size_t t = 0; t < tokens; ++t) {
+        std::byte* e = eng + h * eng_head + d * eng_elem + t * elem;
+        std::byte* c = chunk + t * ctoken + h * row + d * elem;
+        if constexpr (Dir == direction::gather) {
+          std::memcpy(c, e, elem);
+        } else {
+          std::memcpy(e, c, elem);
+        }
+      }
+}
+
 /// A plane hook that does nothing.
 struct no_hook {
   void operator()(const std::byte*, std::size_t) const noexcept {}
@@ -130,7 +195,10 @@ void move_chunk(const layout::view<L>& v, const layout::chunk_format& f, block_t
         layout::block_span s;
         std::byte* eng = v.base(l, kv, block, s) + slot * s.token_stride;
         std::byte* c = chunk + f.offset(l, kv, t, tokens);
-        if constexpr (Dir == direction::gather) {
+        if (s.elem_stride != 0) {
+          copy_transposed<Dir>(c, ctoken, eng, s.head_stride, s.elem_stride, run, e.heads, row,
+                               s.token_stride);
+        } else if constexpr (Dir == direction::gather) {
           copy_rows(c, ctoken, row, eng, s.token_stride, s.head_stride, run, e.heads, row);
         } else {
           copy_rows(eng, s.token_stride, s.head_stride, c, ctoken, row, run, e.heads, row);
