@@ -15,6 +15,18 @@ suffix=${san:+-${san//,/-}}
 build=${KVTIER_BUILD_DIR:-build$suffix}
 # KVTIER_CMAKE_ARGS: more configure options (CI's Release run: -DKVTIER_ENABLE_CUDA=OFF).
 # shellcheck disable=SC2086
+# The Python package and vLLM's CPU build (labels python, vllm) live in a venv under the build
+# directory, made (or reused, then only the package reinstalled) when the tests asked for
+# include them: not for sanitized builds, nor for a -L selection that names neither.
+case " $* " in
+  *" -L "* | *" --label-regex "*) [[ "$*" =~ vllm|python ]] && want_py=1 || want_py= ;;
+  *) want_py=1 ;;
+esac
+[ -n "$san" ] && want_py=
+mkdir -p "$build"
+if [ -n "$want_py" ]; then
+  KVTIER_VLLM_VENV="$(pwd)/$build/venv-vllm" bash scripts/vllm_env.sh >/dev/null
+fi
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE="$type" -DKVTIER_SANITIZE="$san" ${KVTIER_CMAKE_ARGS:-} >/dev/null
 cmake --build "$build" -j "$(nproc)"
 # ctest lists skipped tests (the gpu label, without a GPU) after its summary: the summary line is

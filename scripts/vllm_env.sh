@@ -47,7 +47,10 @@ with zipfile.ZipFile(sys.argv[1]) as z:
 PY
   "${pip[@]}" install -r "$wheels/req.txt" "torch==$torch_version" >&2
   "${pip[@]}" install --no-deps "$whl" >&2
-  "${pip[@]}" install safetensors numpy pyyaml >&2
+  "${pip[@]}" install safetensors numpy pyyaml pytest >&2
   touch "$marker"
 fi
+# kvtier's package from this checkout, every time (its build directory is kept, so an unchanged
+# checkout rebuilds nothing).
+"$venv/bin/python" -m pip --disable-pip-version-check -q install "$repo/python" >&2
 echo "$venv/bin/python"

@@ -59,9 +59,10 @@ class Cache:
         return self._c.store(_ints(tokens), list(kv_caches), _ints(block_table), first_token,
                              self._dt)
 
-    def lookup(self, tokens: Sequence[int]) -> Lease:
-        """The cached run of leading chunks of ``tokens``, held until retrieved or released."""
-        return self._c.lookup(_ints(tokens))
+    def lookup(self, tokens: Sequence[int], first_chunk: int = 0) -> Lease:
+        """The cached run of chunks of ``tokens`` from chunk ``first_chunk`` (the prefix by
+        default), held until retrieved or released."""
+        return self._c.lookup(_ints(tokens), first_chunk)
 
     def retrieve(self, lease: Lease, kv_caches: Sequence[Any], block_table: Sequence[int],
                  end_token: int | None = None) -> int:
@@ -71,9 +72,10 @@ class Cache:
         return self._c.retrieve(lease, list(kv_caches), _ints(block_table), end, self._dt)
 
     def load(self, tokens: Sequence[int], kv_caches: Sequence[Any], block_table: Sequence[int],
-             end_token: int | None = None) -> int:
-        """lookup + retrieve: loads the cached prefix of ``tokens`` (up to ``end_token``)."""
-        lease = self.lookup(tokens)
+             end_token: int | None = None, first_chunk: int = 0) -> int:
+        """lookup + retrieve: loads the cached run of ``tokens`` from chunk ``first_chunk`` up to
+        ``end_token``; returns the tokens loaded from ``first_chunk * chunk_tokens``."""
+        lease = self.lookup(tokens, first_chunk)
         try:
             return self.retrieve(lease, kv_caches, block_table, end_token)
         finally:

@@ -43,7 +43,7 @@ class cache_base {
   virtual ~cache_base() = default;
   virtual std::size_t store(tokens_view t, const engine_kv& kv, block_table bt,
                             std::size_t first_token) = 0;
-  virtual std::unique_ptr<lease_base> lookup(tokens_view t) = 0;
+  virtual std::unique_ptr<lease_base> lookup(tokens_view t, std::size_t first_chunk) = 0;
   virtual std::size_t retrieve(lease_base& l, const engine_kv& kv, block_table bt,
                                std::size_t end_token) = 0;
   virtual std::size_t prefetch(tokens_view t) = 0;
@@ -92,8 +92,8 @@ class cache_box final : public cache_base {
                     std::size_t first) override {
     return c_.store(t, kv, bt, first);
   }
-  std::unique_ptr<lease_base> lookup(tokens_view t) override {
-    return std::make_unique<lease_box<C>>(c_.lookup(t));
+  std::unique_ptr<lease_base> lookup(tokens_view t, std::size_t first_chunk) override {
+    return std::make_unique<lease_box<C>>(c_.lookup(t, first_chunk));
   }
   std::size_t retrieve(lease_base& l, const engine_kv& kv, block_table bt,
                        std::size_t end) override {
@@ -133,9 +133,7 @@ class cache_box final : public cache_base {
     for (const auto& t : c_.stats().tiers) n.emplace_back(t.name);
     return n;
   }
-  std::uint64_t format_fingerprint() const noexcept override {
-    return c_.format().fingerprint();
-  }
+  std::uint64_t format_fingerprint() const noexcept override { return c_.format().fingerprint(); }
 
  private:
   C c_;
@@ -187,8 +185,7 @@ auto with_chunk(std::size_t n, Fn&& fn) {
       return fn.template operator()<512>();
     default:
       throw kvtier::invalid_argument("kvtier: config chunk_tokens " + std::to_string(n) +
-                                     " is not built into the Python package (" + chunk_names +
-                                     ")");
+                                     " is not built into the Python package (" + chunk_names + ")");
   }
 }
 

@@ -1,4 +1,5 @@
-// The caches with tier chain {kvtier::tier::host, kvtier::tier::shared_host}, for every built chunk size and layout.
+// The caches with tier chain {kvtier::tier::host, kvtier::tier::shared_host}, for every built chunk
+// size and layout.
 #include "box.hpp"
 
 namespace kvtier_py {

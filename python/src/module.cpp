@@ -51,8 +51,8 @@ settings from_dict(const nb::dict& d) {
   s.cfg.write_queue_depth = get<std::size_t>(d, "write_queue_depth", s.cfg.write_queue_depth);
   s.cfg.store_partial_tail = get<bool>(d, "store_partial_tail", false);
   const std::string mode = get<std::string>(d, "write_mode", "write_through");
-  s.cfg.mode = mode == "write_back" ? kvtier::write_mode::write_back
-                                    : kvtier::write_mode::write_through;
+  s.cfg.mode =
+      mode == "write_back" ? kvtier::write_mode::write_back : kvtier::write_mode::write_through;
   const nb::dict h = section(d, "host");
   s.host.capacity_bytes = get<std::size_t>(h, "capacity_bytes", s.host.capacity_bytes);
   s.host.prefault = get<bool>(h, "prefault", s.host.prefault);
@@ -78,7 +78,7 @@ settings from_dict(const nb::dict& d) {
     c.writers = get<unsigned>(x, "writers", c.writers);
     c.preallocate = get<bool>(x, "preallocate", c.preallocate);
     c.sync = get<bool>(x, "sync_each_batch", false) ? kvtier::tier::durability::each_batch
-                                                     : kvtier::tier::durability::none;
+                                                    : kvtier::tier::durability::none;
     s.disk = c;
   }
   return s;
@@ -127,9 +127,9 @@ kv_arg describe(const std::vector<any_array>& ts, std::uint32_t dtype_size) {
     }
     const std::size_t bytes = (t.dtype().bits * t.dtype().lanes + 7) / 8;
     if (bytes != dtype_size) {
-      throw kvtier::invalid_argument("kvtier: kv_caches[" + std::to_string(i) + "] has " +
-                                     std::to_string(bytes) + "-byte elements, model dtype_size is " +
-                                     std::to_string(dtype_size));
+      throw kvtier::invalid_argument(
+          "kvtier: kv_caches[" + std::to_string(i) + "] has " + std::to_string(bytes) +
+          "-byte elements, model dtype_size is " + std::to_string(dtype_size));
     }
     std::vector<std::int64_t> shape(t.ndim()), strides(t.ndim());
     for (std::size_t d = 0; d < t.ndim(); ++d) {
@@ -191,6 +191,7 @@ nb::dict stats_dict(const stats_out& s) {
 
 NB_MODULE(_kvtier, m) {
   using namespace kvtier_py;
+  nb::set_leak_warnings(false);  // vLLM keeps connectors alive until the interpreter exits
   m.doc() = "kvtier's KV-cache tiers (see the kvtier package)";
   static nb::exception<kvtier::error> error(m, "Error", PyExc_RuntimeError);
   static nb::exception<kvtier::invalid_argument> invalid(m, "InvalidArgument", PyExc_ValueError);
@@ -218,8 +219,12 @@ NB_MODULE(_kvtier, m) {
             return c.store(tokens, k.view(), table, first);
           },
           "tokens"_a, "kv_caches"_a, "block_table"_a, "first_token"_a, "dtype_size"_a)
-      .def("lookup", [](cache_base& c, const std::vector<token_id>& t) { return c.lookup(t); },
-           "tokens"_a, release, nb::keep_alive<0, 1>())
+      .def(
+          "lookup",
+          [](cache_base& c, const std::vector<token_id>& t, std::size_t first_chunk) {
+            return c.lookup(t, first_chunk);
+          },
+          "tokens"_a, "first_chunk"_a = 0, release, nb::keep_alive<0, 1>())
       .def(
           "retrieve",
           [](cache_base& c, lease_base& l, const std::vector<any_array>& kv,
@@ -229,10 +234,12 @@ NB_MODULE(_kvtier, m) {
             return c.retrieve(l, k.view(), table, end);
           },
           "lease"_a, "kv_caches"_a, "block_table"_a, "end_token"_a, "dtype_size"_a)
-      .def("prefetch", [](cache_base& c, const std::vector<token_id>& t) { return c.prefetch(t); },
-           "tokens"_a, release)
-      .def("clear", [](cache_base& c, const std::vector<token_id>& t) { return c.clear(t); },
-           "tokens"_a, release)
+      .def(
+          "prefetch", [](cache_base& c, const std::vector<token_id>& t) { return c.prefetch(t); },
+          "tokens"_a, release)
+      .def(
+          "clear", [](cache_base& c, const std::vector<token_id>& t) { return c.clear(t); },
+          "tokens"_a, release)
       .def("clear_all", &cache_base::clear_all, release)
       .def("flush", &cache_base::flush, release)
       .def("stats", [](const cache_base& c) { return stats_dict(c.stats()); })
@@ -242,7 +249,8 @@ NB_MODULE(_kvtier, m) {
 
   nb::class_<lookup_base>(m, "_SharedLookup")
       .def(nb::new_(&make_lookup), "config"_a)
-      .def("cached_tokens",
-           [](lookup_base& v, const std::vector<token_id>& t) { return v.cached_tokens(t); },
-           "tokens"_a, release);
+      .def(
+          "cached_tokens",
+          [](lookup_base& v, const std::vector<token_id>& t) { return v.cached_tokens(t); },
+          "tokens"_a, release);
 }

@@ -48,7 +48,7 @@ def _env(threads, kvcache_gib, extra_env):
     env.setdefault("DO_NOT_TRACK", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
     # make kvtier python package/connector importable when given
-    pp = [HERE, os.path.join(HERE, "..")]
+    pp = [HERE]  # the kvtier package comes from the venv (pip install ./python)
     if env.get("PYTHONPATH"):
         pp.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(pp)

@@ -1,0 +1,177 @@
+"""kvtier inside vLLM's CPU build, end to end (ctest label `vllm`).
+
+A tiny Llama-architecture model with seeded random weights (tiny_model.py), greedy decoding,
+enforce_eager, token-id prompts. Each engine runs in its own subprocess (vllm_harness.py); the
+connector's worker writes its counters to KVTIER_VLLM_STATS_FILE, which is what proves that
+bytes were loaded (vLLM's num_cached_tokens only counts what a connector claims).
+"""
+
+import json
+import os
+import random
+import uuid
+
+import pytest
+
+import tiny_model
+from vllm_harness import max_logprob_diff, run
+
+BLOCK = 128  # vLLM CPU's default block size; the connector's chunk is one block
+BATCHED = 2048  # max_num_batched_tokens: the 6000-token prompt prefills in 3 steps
+LONG, SHORT, PREFIX = 6000, 750, 700
+
+
+def _prompts():
+    rng = random.Random(7)
+    long = [rng.randrange(3, 1000) for _ in range(LONG)]
+    prefix = [rng.randrange(3, 1000) for _ in range(PREFIX)]
+    shorts = [prefix + [rng.randrange(3, 1000) for _ in range(SHORT - PREFIX)] for _ in range(2)]
+    return [long] + shorts
+
+
+PROMPTS = _prompts()
+
+
+def _claimable(n):
+    """Tokens a hit can cover: whole chunks, leaving the last prompt token to compute."""
+    return (n - 1) // BLOCK * BLOCK
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_model.make(str(tmp_path_factory.mktemp("model") / "tiny"))
+
+
+class Segment:
+    """A shared host segment of its own for one test, removed afterwards."""
+
+    def __init__(self):
+        self.name = f"/kvtier-test-{uuid.uuid4().hex[:12]}"
+        self.path = "/dev/shm/" + self.name[1:]
+
+    def remove(self):
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+@pytest.fixture
+def segment():
+    s = Segment()
+    yield s
+    s.remove()
+
+
+def _ktc(role, seg):
+    return {
+        "kv_connector": "KvtierConnector",
+        "kv_connector_module_path": "kvtier.vllm",
+        "kv_role": role,
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {"kvtier": {
+            "chunk_tokens": BLOCK,
+            "host": {"capacity_bytes": 32 << 20},
+            "shared_host": {"name": seg.name, "capacity_bytes": 64 << 20},
+        }},
+    }
+
+
+def _run(model, prompts, tmp_path, tag, role=None, seg=None, multiprocess=False, **kw):
+    stats = tmp_path / f"{tag}.stats.json"
+    env = {"KVTIER_VLLM_STATS_FILE": str(stats)}
+    if multiprocess:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    res = run(model, prompts, max_tokens=8, block_size=BLOCK, max_num_batched_tokens=BATCHED,
+              kv_transfer_config=_ktc(role, seg) if role else None, extra_env=env,
+              log_path=str(tmp_path / f"{tag}.log"), **kw)
+    res["stats"] = json.loads(stats.read_text()) if stats.exists() else None
+    return res
+
+
+@pytest.fixture(scope="module")
+def reference(model, tmp_path_factory):
+    """No kvtier: a cold run, then the same prompts on top of vLLM's own prefix cache. Their
+    logprob difference is how far computing on a cached prefix moves them (not zero)."""
+    res = _run(model, PROMPTS, tmp_path_factory.mktemp("ref"), "ref", enable_prefix_caching=True,
+               rounds=2)
+    cold, warm = res["rounds"]
+    diff, same = max_logprob_diff(cold, warm)
+    assert same, "vLLM's own prefix cache changed a greedy token on these prompts"
+    assert [o["num_cached_tokens"] for o in warm] == [_claimable(len(p)) for p in PROMPTS]
+    return {"cold": cold, "diff": diff}
+
+
+def _same_as(ref, res, tol):
+    diff, same = max_logprob_diff(ref["cold"], res["outputs"])
+    assert same, "greedy tokens differ from the run without kvtier"
+    assert diff <= tol, f"logprobs moved by {diff}, more than the reference {tol}"
+    return diff
+
+
+def test_store_then_fresh_engine_hits_including_chunked_prefill(model, reference, segment,
+                                                                  tmp_path):
+    # First engine: nothing cached yet; it stores every full chunk as it is computed, the
+    # 6000-token prompt across its three prefill steps.
+    a = _run(model, PROMPTS, tmp_path, "a", "kv_both", segment)
+    # (The second short prompt may already hit chunks of the prefix the first one stored a
+    # step earlier in this same engine.)
+    assert a["outputs"][0]["num_cached_tokens"] == 0
+    _same_as(reference, a, reference["diff"] + 1e-6)
+    stored = a["stats"]["connector"]["store_tokens"]
+    # Every full chunk of each sequence (prompt plus the outputs whose KV was computed).
+    want = sum((len(p) + 7) // BLOCK * BLOCK for p in PROMPTS)
+    assert stored == want, a["stats"]
+    # A fresh engine (vLLM's prefix cache off): the external hit skips the prefill of all but
+    # the last chunk, the bytes are loaded, and the outputs are those of a full prefill.
+    b = _run(model, PROMPTS, tmp_path, "b", "kv_both", segment)
+    hits = [_claimable(len(p)) for p in PROMPTS]
+    assert [o["num_cached_tokens"] for o in b["outputs"]] == hits
+    c = b["stats"]["connector"]
+    assert c.get("load_tokens") == sum(hits), b["stats"]
+    assert c.get("load_failed_tokens", 0) == 0
+    _same_as(reference, b, reference["diff"] + 1e-6)
+
+
+def test_producer_stores_consumer_loads_in_separate_processes(model, reference, segment,
+                                                              tmp_path):
+    p = _run(model, PROMPTS[1:], tmp_path, "producer", "kv_producer", segment)
+    assert p["stats"]["connector"].get("load_tokens", 0) == 0
+    assert p["stats"]["connector"]["store_tokens"] > 0
+    # The consumer with vLLM's engine core in its own process: the scheduler half (EngineCore)
+    # and the worker half share nothing but the segment.
+    c = _run(model, PROMPTS[1:], tmp_path, "consumer", "kv_consumer", segment, multiprocess=True)
+    hits = [_claimable(len(q)) for q in PROMPTS[1:]]
+    assert [o["num_cached_tokens"] for o in c["outputs"]] == hits
+    assert c["stats"]["connector"].get("load_tokens") == sum(hits)
+    assert c["stats"]["connector"].get("store_tokens", 0) == 0
+    ref = {"cold": reference["cold"][1:], "diff": reference["diff"]}
+    _same_as(ref, c, reference["diff"] + 1e-6)
+
+
+def _corrupt_slab(seg, chunk_bytes, capacity):
+    """Flips one byte in every chunk slot of the segment's slab (the end of the file)."""
+    slot = -(-chunk_bytes // 4096) * 4096
+    slots = capacity // slot
+    size = os.path.getsize(seg.path)
+    start = size - slots * slot
+    with open(seg.path, "r+b") as f:
+        for i in range(slots):
+            f.seek(start + i * slot + 1000)
+            b = f.read(1)
+            f.seek(start + i * slot + 1000)
+            f.write(bytes([b[0] ^ 0x5A]))
+
+
+def test_corrupt_records_are_recomputed(model, reference, segment, tmp_path):
+    _run(model, PROMPTS[1:], tmp_path, "store", "kv_producer", segment)
+    cfg = json.load(open(os.path.join(model, "config.json")))
+    chunk = cfg["num_hidden_layers"] * 2 * BLOCK * cfg["num_key_value_heads"] * cfg["head_dim"] * 2
+    _corrupt_slab(segment, chunk, 64 << 20)
+    c = _run(model, PROMPTS[1:], tmp_path, "load", "kv_consumer", segment)
+    s = c["stats"]
+    # The scheduler still saw the chunks (their index is intact) and promised them; the worker
+    # found every payload corrupt, loaded nothing, and vLLM recomputed those blocks.
+    assert s["connector"].get("load_tokens", 0) == 0, s
+    assert s["connector"]["load_failed_tokens"] == sum(_claimable(len(q)) for q in PROMPTS[1:])
+    assert sum(t["errors"] for t in s["cache"]["tiers"]) > 0
+    ref = {"cold": reference["cold"][1:], "diff": reference["diff"]}
+    _same_as(ref, c, reference["diff"] + 1e-6)
