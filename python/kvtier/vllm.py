@@ -8,8 +8,10 @@
         "kv_connector_extra_config": {"kvtier": {...}},   # or {"kvtier_config_file": path}
     }
 
-The scheduler half answers ``get_num_new_matched_tokens`` from the node's shared host segment
-(``kvtier.SharedLookup``: keys only, no bytes). The worker half holds a ``kvtier.Cache`` over the
+The scheduler half answers ``get_num_new_matched_tokens`` by asking the worker half's cache
+over a Unix socket (its index across every tier, the disk included: keys only, no bytes), or,
+when the worker cannot answer, from the node's shared host segment (``kvtier.SharedLookup``).
+The worker half holds a ``kvtier.Cache`` over the
 engine's KV tensors (host tier, shared host segment, optionally a local disk): it loads the
 blocks the scheduler promised before the forward pass and stores every full chunk the pass
 computed after it, so a chunked prefill is stored whole, chunk by chunk. A promised chunk that
@@ -38,6 +40,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 import kvtier
+from kvtier import _lookup
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -182,8 +185,12 @@ class KvtierConnector(KVConnectorBase_V1):
         if self._chunk % self._block:
             raise kvtier.ConfigError(f"kvtier: config key 'chunk_tokens' is {self._chunk}, not a "
                                      f"multiple of vLLM's block size {self._block}")
-        # Scheduler half.
+        # Scheduler half: asks the worker (every tier), else the shared segment.
         self._lookup: kvtier.SharedLookup | None = None
+        self._client: _lookup.LookupClient | None = None
+        self._server: _lookup.LookupServer | None = None
+        self._addr = _lookup.address(str(ktc.engine_id), rank if role == KVConnectorRole.WORKER
+                                     else 0)
         self._reqs: dict[str, _ReqState] = {}
         # Worker half.
         self._cache: kvtier.Cache | None = None
@@ -197,6 +204,7 @@ class KvtierConnector(KVConnectorBase_V1):
         self._stats_file = os.environ.get("KVTIER_VLLM_STATS_FILE")
         if role == KVConnectorRole.SCHEDULER and self._consume:
             self._lookup = kvtier.SharedLookup(self._cfg)
+            self._client = _lookup.LookupClient(self._addr)
         logger.info("kvtier connector (%s, %s): chunk %d tokens, tiers %s", role.name,
                     ktc.kv_role, self._chunk,
                     ["host"] + [t for t in ("shared_host", "local_disk") if t in self._cfg])
@@ -213,7 +221,10 @@ class KvtierConnector(KVConnectorBase_V1):
         # Chunks load whole: a local hit that ends inside a chunk is not extended.
         if limit <= num_computed_tokens or num_computed_tokens % self._chunk:
             return 0, False
-        hit = self._lookup.cached_tokens(tokens[:limit]) // self._chunk * self._chunk
+        hit = self._client.cached_tokens(tokens[:limit])
+        if hit is None:  # the worker cannot answer (yet): what the shared segment holds
+            hit = self._lookup.cached_tokens(tokens[:limit])
+        hit = hit // self._chunk * self._chunk
         if hit <= num_computed_tokens:
             return 0, False
         st = self._state(request)
@@ -296,6 +307,8 @@ class KvtierConnector(KVConnectorBase_V1):
                 f"vllm_cpu layout expects [num_blocks, {want[0]}, {want[1]}, {want[2]}] in host "
                 "memory (vLLM's CPU backend)")
         self._cache = kvtier.Cache(self._cfg)
+        if self._consume:
+            self._server = _lookup.LookupServer(self._addr, self._cache.cached_tokens)
         logger.info("kvtier: %d layers of %s, %d blocks; tiers %s", len(self._kv),
                     tuple(t.shape[1:]), t.shape[0], self._cache.tier_names)
 
@@ -372,6 +385,11 @@ class KvtierConnector(KVConnectorBase_V1):
         return KvtierStats(data=dict(data or {}))
 
     def shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self._client is not None:
+            self._client.close()
         if self._cache is not None:
             self._cache.flush()
             s = self._cache.stats()

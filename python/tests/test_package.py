@@ -222,3 +222,27 @@ def test_vllm_cpu_layout_matches_vllms_cache_write_op():
         import os
         if os.path.exists("/dev/shm/" + seg[1:]):
             os.unlink("/dev/shm/" + seg[1:])
+
+
+def test_worker_lookup_server_answers_and_fails_soft():
+    from kvtier import _lookup
+
+    c = kvtier.Cache(cfg())
+    c.store(TOKENS, cpu_kv(6), list(range(1, 8)))
+    addr = _lookup.address(uuid.uuid4().hex, 0)
+    client = _lookup.LookupClient(addr, timeout=0.5)
+    assert client.cached_tokens(TOKENS) is None  # no worker yet: the caller falls back
+    server = _lookup.LookupServer(addr, c.cached_tokens)
+    try:
+        assert client.cached_tokens(TOKENS) == 192
+        assert client.cached_tokens(TOKENS[:100]) == 64
+        assert client.cached_tokens([1, 2, 3]) == 0
+        assert client.cached_tokens([]) == 0
+        # A second client, and a request the cache refuses (more than max_tokens): answered 0,
+        # the server stays up.
+        other = _lookup.LookupClient(addr, timeout=0.5)
+        assert other.cached_tokens(list(range(200000))) == 0
+        assert client.cached_tokens(TOKENS) == 192
+    finally:
+        server.close()
+    assert client.cached_tokens(TOKENS) is None

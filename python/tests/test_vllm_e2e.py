@@ -61,27 +61,40 @@ def segment():
     s.remove()
 
 
-def _ktc(role, seg):
+DISK_BYTES = 64 << 20
+
+
+def _ktc(role, seg, disk=None):
+    tiers = {
+        "chunk_tokens": BLOCK,
+        "host": {"capacity_bytes": 32 << 20},
+        "shared_host": {"name": seg.name, "capacity_bytes": 64 << 20},
+    }
+    if disk is not None:
+        tiers["local_disk"] = {"path": str(disk), "capacity_bytes": DISK_BYTES}
     return {
         "kv_connector": "KvtierConnector",
         "kv_connector_module_path": "kvtier.vllm",
         "kv_role": role,
         "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": {"kvtier": {
-            "chunk_tokens": BLOCK,
-            "host": {"capacity_bytes": 32 << 20},
-            "shared_host": {"name": seg.name, "capacity_bytes": 64 << 20},
-        }},
+        "kv_connector_extra_config": {"kvtier": tiers},
     }
 
 
-def _run(model, prompts, tmp_path, tag, role=None, seg=None, multiprocess=False, **kw):
+def _chunk_bytes(model):
+    with open(os.path.join(model, "config.json")) as f:
+        cfg = json.load(f)
+    return cfg["num_hidden_layers"] * 2 * BLOCK * cfg["num_key_value_heads"] * cfg["head_dim"] * 2
+
+
+def _run(model, prompts, tmp_path, tag, role=None, seg=None, multiprocess=False, disk=None,
+         **kw):
     stats = tmp_path / f"{tag}.stats.json"
     env = {"KVTIER_VLLM_STATS_FILE": str(stats)}
     if multiprocess:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
     res = run(model, prompts, max_tokens=8, block_size=BLOCK, max_num_batched_tokens=BATCHED,
-              kv_transfer_config=_ktc(role, seg) if role else None, extra_env=env,
+              kv_transfer_config=_ktc(role, seg, disk) if role else None, extra_env=env,
               log_path=str(tmp_path / f"{tag}.log"), **kw)
     res["stats"] = json.loads(stats.read_text()) if stats.exists() else None
     return res
@@ -163,9 +176,7 @@ def _corrupt_slab(seg, chunk_bytes, capacity):
 
 def test_corrupt_records_are_recomputed(model, reference, segment, tmp_path):
     _run(model, PROMPTS[1:], tmp_path, "store", "kv_producer", segment)
-    cfg = json.load(open(os.path.join(model, "config.json")))
-    chunk = cfg["num_hidden_layers"] * 2 * BLOCK * cfg["num_key_value_heads"] * cfg["head_dim"] * 2
-    _corrupt_slab(segment, chunk, 64 << 20)
+    _corrupt_slab(segment, _chunk_bytes(model), 64 << 20)
     c = _run(model, PROMPTS[1:], tmp_path, "load", "kv_consumer", segment)
     s = c["stats"]
     # The scheduler still saw the chunks (their index is intact) and promised them; the worker
@@ -173,5 +184,51 @@ def test_corrupt_records_are_recomputed(model, reference, segment, tmp_path):
     assert s["connector"].get("load_tokens", 0) == 0, s
     assert s["connector"]["load_failed_tokens"] == sum(_claimable(len(q)) for q in PROMPTS[1:])
     assert sum(t["errors"] for t in s["cache"]["tiers"]) > 0
+    ref = {"cold": reference["cold"][1:], "diff": reference["diff"]}
+    _same_as(ref, c, reference["diff"] + 1e-6)
+
+
+def test_restarted_engine_hits_what_the_first_stored_on_disk(model, reference, segment,
+                                                             tmp_path):
+    disk = tmp_path / "disk"
+    _run(model, PROMPTS[1:], tmp_path, "first", "kv_both", segment, disk=disk)
+    # The node restarts: the shared segment is gone, the disk file is not. The new engine's
+    # scheduler asks its worker, whose cache rebuilt the disk index at start.
+    segment.remove()
+    b = _run(model, PROMPTS[1:], tmp_path, "restarted", "kv_both", segment, disk=disk)
+    hits = [_claimable(len(q)) for q in PROMPTS[1:]]
+    assert [o["num_cached_tokens"] for o in b["outputs"]] == hits
+    s = b["stats"]
+    assert s["connector"].get("load_tokens") == sum(hits), s
+    disk_tier = s["cache"]["tiers"][2]
+    assert disk_tier["name"] == "local_disk" and disk_tier["recovered"] > 0
+    assert disk_tier["hits"] > 0 and disk_tier["errors"] == 0
+    ref = {"cold": reference["cold"][1:], "diff": reference["diff"]}
+    _same_as(ref, b, reference["diff"] + 1e-6)
+
+
+def _corrupt_disk(disk, chunk_bytes):
+    """Flips one payload byte of every record slot of the disk tier's file (headers intact)."""
+    (path,) = [os.path.join(disk, f) for f in os.listdir(disk) if f.endswith(".kvt")]
+    slot = 4096 + -(-chunk_bytes // 4096) * 4096
+    with open(path, "r+b") as f:
+        for i in range(os.path.getsize(path) // slot):
+            f.seek(i * slot + 4096 + 1000)
+            b = f.read(1)
+            f.seek(i * slot + 4096 + 1000)
+            f.write(bytes([b[0] ^ 0xA5]))
+
+
+def test_corrupt_disk_records_are_recomputed(model, reference, segment, tmp_path):
+    disk = tmp_path / "disk"
+    _run(model, PROMPTS[1:], tmp_path, "first", "kv_producer", segment, disk=disk)
+    segment.remove()
+    _corrupt_disk(disk, _chunk_bytes(model))
+    c = _run(model, PROMPTS[1:], tmp_path, "corrupt", "kv_consumer", segment, disk=disk)
+    s = c["stats"]
+    hits = sum(_claimable(len(q)) for q in PROMPTS[1:])
+    assert s["connector"].get("load_tokens", 0) == 0, s
+    assert s["connector"]["load_failed_tokens"] == hits
+    assert s["cache"]["tiers"][2]["errors"] > 0
     ref = {"cold": reference["cold"][1:], "diff": reference["diff"]}
     _same_as(ref, c, reference["diff"] + 1e-6)
