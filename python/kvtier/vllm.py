@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -202,6 +203,8 @@ class KvtierConnector(KVConnectorBase_V1):
         # Tests and operators: the worker's totals and the cache's counters, as JSON, rewritten
         # after every step that moved bytes.
         self._stats_file = os.environ.get("KVTIER_VLLM_STATS_FILE")
+        self._sched: dict[str, int] = {}  # the scheduler half's totals
+        self._sched_dirty = False
         if role == KVConnectorRole.SCHEDULER and self._consume:
             self._lookup = kvtier.SharedLookup(self._cfg)
             self._client = _lookup.LookupClient(self._addr)
@@ -224,6 +227,8 @@ class KvtierConnector(KVConnectorBase_V1):
         hit = self._client.cached_tokens(tokens[:limit])
         if hit is None:  # the worker cannot answer (yet): what the shared segment holds
             hit = self._lookup.cached_tokens(tokens[:limit])
+            self._sched_count("lookups_from_segment", 1)
+        self._sched_count("lookups", 1)
         hit = hit // self._chunk * self._chunk
         if hit <= num_computed_tokens:
             return 0, False
@@ -231,11 +236,16 @@ class KvtierConnector(KVConnectorBase_V1):
         st.offer_start = num_computed_tokens
         return hit - num_computed_tokens, False
 
+    def _sched_count(self, key: str, n: int) -> None:
+        self._sched[key] = self._sched.get(key, 0) + n
+        self._sched_dirty = True
+
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int) -> None:
         st = self._state(request)
         if num_external_tokens > 0 and st.offer_start is not None:
             st.pending_load = (st.offer_start, st.offer_start + num_external_tokens)
+            self._sched_count("promised_tokens", num_external_tokens)
         st.offer_start = None
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
@@ -255,9 +265,16 @@ class KvtierConnector(KVConnectorBase_V1):
             nb = cached.new_block_ids[i]
             if rid in cached.resumed_req_ids:  # after preemption: the whole new block list
                 st.block_ids = list(nb[0]) if nb else []
+                self._sched_count("resumed", 1)
             elif nb:
                 st.block_ids.extend(nb[0])
             self._plan(meta, st, cached.num_computed_tokens[i] + so.num_scheduled_tokens[rid])
+        preempted = getattr(so, "preempted_req_ids", None) or ()
+        if preempted:
+            self._sched_count("preempted", len(preempted))
+        if self._stats_file and self._sched_dirty:
+            self._sched_dirty = False
+            _write_json(self._stats_file + ".scheduler", dict(self._sched))
         return meta
 
     def request_finished(self, request: "Request",
@@ -316,6 +333,7 @@ class KvtierConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         if self._cache is None or not isinstance(meta, KvtierMetadata):
             return
+        t0 = time.perf_counter()
         for ld in meta.loads:
             first = ld.start // self._chunk
             try:
@@ -333,6 +351,8 @@ class KvtierConnector(KVConnectorBase_V1):
                 logger.warning("kvtier: request %s loaded %d of %d promised tokens; %d blocks "
                                "will be recomputed", ld.req_id, got - ld.start,
                                ld.end - ld.start, len(bad))
+        if meta.loads:
+            self._count("load_us", int((time.perf_counter() - t0) * 1e6))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads finish in start_load_kv (host copies, before the forward pass)
@@ -354,12 +374,15 @@ class KvtierConnector(KVConnectorBase_V1):
     def _write_stats(self) -> None:
         with self._counts_lock:
             data = {"connector": dict(self._totals), "cache": self._cache.stats()}
-        tmp = f"{self._stats_file}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-        os.replace(tmp, self._stats_file)
+        _write_json(self._stats_file, data)
 
     def _store_all(self, meta: KvtierMetadata) -> None:
+        t0 = time.perf_counter()
+        self._store_each(meta)
+        if meta.stores:
+            self._count("store_us", int((time.perf_counter() - t0) * 1e6))
+
+    def _store_each(self, meta: KvtierMetadata) -> None:
         for sv in meta.stores:
             try:
                 n = self._cache.store(sv.tokens, self._kv, sv.block_ids, sv.start)
@@ -401,6 +424,13 @@ class KvtierConnector(KVConnectorBase_V1):
         with self._counts_lock:
             self._counts[key] = self._counts.get(key, 0) + n
             self._totals[key] = self._totals.get(key, 0) + n
+
+
+def _write_json(path: str, data: Any) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
 
 
 class _ReqState:

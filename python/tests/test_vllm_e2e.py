@@ -232,3 +232,27 @@ def test_corrupt_disk_records_are_recomputed(model, reference, segment, tmp_path
     assert s["cache"]["tiers"][2]["errors"] > 0
     ref = {"cold": reference["cold"][1:], "diff": reference["diff"]}
     _same_as(ref, c, reference["diff"] + 1e-6)
+
+
+def test_preempted_requests_resume_and_load_again(model, reference, segment, tmp_path):
+    # 13 blocks of 128 tokens for six 765-token prompts that each decode 200 tokens: vLLM runs
+    # out of blocks while decoding and preempts requests, which free their blocks and later
+    # resume with new ones (the scheduler half then promises, and the worker loads, again).
+    rng = random.Random(3)
+    prefix = [rng.randrange(3, 1000) for _ in range(700)]
+    prompts = [prefix + [rng.randrange(3, 1000) for _ in range(65)] for _ in range(6)]
+    small = {"num_gpu_blocks_override": 13, "max_model_len": 1024}
+    kw = dict(max_tokens=200, block_size=BLOCK, extra=small)
+    base = run(model, prompts, log_path=str(tmp_path / "base.log"), **kw)
+    stats = tmp_path / "k.stats.json"
+    k = run(model, prompts, kv_transfer_config=_ktc("kv_both", segment),
+            extra_env={"KVTIER_VLLM_STATS_FILE": str(stats)}, log_path=str(tmp_path / "k.log"),
+            **kw)
+    sched = json.loads((tmp_path / "k.stats.json.scheduler").read_text())
+    worker = json.loads(stats.read_text())["connector"]
+    assert sched.get("preempted", 0) >= 1 and sched.get("resumed", 0) >= 1, sched
+    assert worker["load_tokens"] == sched["promised_tokens"], (worker, sched)
+    assert worker.get("load_failed_tokens", 0) == 0
+    diff, same = max_logprob_diff(base, k)
+    assert same, "greedy tokens differ from the run without kvtier"
+    assert diff <= reference["diff"] + 1e-6, diff
