@@ -25,9 +25,9 @@ struct tier_stats {
   std::size_t capacity_chunks = 0;
 };
 
-/// A snapshot of a cache's counters.
-template <std::size_t Tiers>
-struct cache_stats {
+/// A cache's own counters (every tier chain has the same), the part of cache_stats that does not
+/// depend on the chain's length.
+struct cache_counters {
   std::uint64_t lookups = 0;
   std::uint64_t lookup_tokens = 0;      ///< tokens asked for by lookups
   std::uint64_t hit_tokens = 0;         ///< tokens lookups found cached
@@ -43,6 +43,11 @@ struct cache_stats {
   /// Queued lower-tier writes dropped because the first tier needed their chunks' slots (a lower
   /// tier that is slow, hung or unreachable); also in that tier's dropped_writes.
   std::uint64_t writes_dropped_for_room = 0;
+};
+
+/// A snapshot of a cache's counters, and its tiers'.
+template <std::size_t Tiers>
+struct cache_stats : cache_counters {
   std::array<tier_stats, Tiers> tiers{};
 };
 

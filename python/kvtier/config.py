@@ -46,8 +46,11 @@ class ConfigError(_kvtier.InvalidArgument):
 
 def load(source: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
     """Reads a config dict, or a ``.json`` / ``.yaml`` / ``.yml`` file, and checks it."""
-    if isinstance(source, Mapping):
-        return check(dict(source))
+    return check(dict(source) if isinstance(source, Mapping) else read(source))
+
+
+def read(source: str | os.PathLike) -> dict[str, Any]:
+    """The mapping a ``.json`` / ``.yaml`` / ``.yml`` config file holds, not yet checked."""
     path = os.fspath(source)
     try:
         with open(path, encoding="utf-8") as f:
@@ -70,7 +73,7 @@ def load(source: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
             raise ConfigError(f"kvtier: config file '{path}' is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"kvtier: config file '{path}' holds a {type(data).__name__}, not a mapping")
-    return check(data)
+    return data
 
 
 def _check_type(key: str, value: Any, kind: str) -> None:

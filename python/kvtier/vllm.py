@@ -41,6 +41,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 import kvtier
+import kvtier.config
 from kvtier import _lookup
 
 if TYPE_CHECKING:
@@ -121,7 +122,7 @@ def kvtier_config(vllm_config: "VllmConfig", tp_rank: int) -> dict[str, Any]:
         raise kvtier.ConfigError(f"kvtier: kv_connector_extra_config key '{sorted(unknown)[0]}' is "
                                  "unknown (known: kvtier, kvtier_config_file)")
     if "kvtier_config_file" in extra:
-        user = _read_file(extra["kvtier_config_file"])
+        user = kvtier.config.read(extra["kvtier_config_file"])
     else:
         user = dict(extra.get("kvtier", {}))
     mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
@@ -156,18 +157,6 @@ def kvtier_config(vllm_config: "VllmConfig", tp_rank: int) -> dict[str, Any]:
     cfg.setdefault("max_tokens", max(int(mc.max_model_len), cfg["chunk_tokens"]))
     cfg.setdefault("shared_host", {})
     return kvtier.load_config(cfg)
-
-
-def _read_file(path: str) -> dict[str, Any]:
-    # The file's keys are checked with the rest once the connector has added its own.
-    import json
-
-    with open(path, encoding="utf-8") as f:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-
-            return dict(yaml.safe_load(f))
-        return dict(json.load(f))
 
 
 class KvtierConnector(KVConnectorBase_V1):

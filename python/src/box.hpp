@@ -9,6 +9,8 @@
 #include <kvtier/kvtier.hpp>
 
 #include <memory>
+#include <optional>
+#include <utility>
 #include <span>
 #include <string>
 #include <vector>
@@ -22,7 +24,7 @@ using tokens_view = std::span<const token_id>;
 
 /// A cache's counters, flattened (the per-tier array's length is the chain's).
 struct stats_out {
-  kvtier::cache_stats<1> cache;  ///< its `tiers` member is unused: see `tiers`
+  kvtier::cache_counters cache;
   std::vector<kvtier::tier_stats> tiers;
 };
 
@@ -109,20 +111,7 @@ class cache_box final : public cache_base {
   void flush() override { c_.flush(); }
   stats_out stats() const override {
     const auto s = c_.stats();
-    stats_out o;
-    o.cache.lookups = s.lookups;
-    o.cache.lookup_tokens = s.lookup_tokens;
-    o.cache.hit_tokens = s.hit_tokens;
-    o.cache.stored_tokens = s.stored_tokens;
-    o.cache.retrieved_tokens = s.retrieved_tokens;
-    o.cache.bytes_from_engine = s.bytes_from_engine;
-    o.cache.bytes_to_engine = s.bytes_to_engine;
-    o.cache.store_partial = s.store_partial;
-    o.cache.busy = s.busy;
-    o.cache.pins_refused = s.pins_refused;
-    o.cache.prefetched = s.prefetched;
-    o.cache.prefetch_dropped = s.prefetch_dropped;
-    o.cache.writes_dropped_for_room = s.writes_dropped_for_room;
+    stats_out o{s, {}};
     o.tiers.assign(s.tiers.begin(), s.tiers.end());
     return o;
   }
@@ -162,31 +151,31 @@ typename Tier::config config_for(const settings& s) {
   }
 }
 
-/// Calls fn.template operator()<L>() with the layout type named by `name`.
+/// Calls fn.template operator()<L>() with the layout type named by `name`, one of layout_names.
 template <class Fn>
 auto with_layout(const std::string& name, Fn&& fn) {
-  if (name == "vllm_cpu") return fn.template operator()<kvtier::layout::vllm_cpu>();
-  if (name == "vllm_flash_nhd") return fn.template operator()<kvtier::layout::vllm_flash_nhd>();
-  throw kvtier::invalid_argument("kvtier: config layout '" + name + "' is not built into the " +
-                                 "Python package (" + layout_names + ")");
+  if (name == layout_names[0]) return fn.template operator()<kvtier::layout::vllm_cpu>();
+  if (name == layout_names[1]) return fn.template operator()<kvtier::layout::vllm_flash_nhd>();
+  throw kvtier::invalid_argument("kvtier: config layout '" + name +
+                                 "' is not built into the Python package (" + listed(layout_names) +
+                                 ")");
 }
 
 /// Calls fn.template operator()<N>() with chunk size `n`, one of chunk_sizes.
+template <class Fn, std::size_t... I>
+auto with_chunk_at(std::size_t n, Fn& fn, std::index_sequence<I...>) {
+  std::optional<decltype(fn.template operator()<chunk_sizes[0]>())> r;
+  ((n == chunk_sizes[I] && (r = fn.template operator()<chunk_sizes[I]>(), true)) || ...);
+  if (!r) {
+    throw kvtier::invalid_argument("kvtier: config chunk_tokens " + std::to_string(n) +
+                                   " is not built into the Python package (" + listed(chunk_sizes) +
+                                   ")");
+  }
+  return std::move(*r);
+}
 template <class Fn>
 auto with_chunk(std::size_t n, Fn&& fn) {
-  switch (n) {
-    case 64:
-      return fn.template operator()<64>();
-    case 128:
-      return fn.template operator()<128>();
-    case 256:
-      return fn.template operator()<256>();
-    case 512:
-      return fn.template operator()<512>();
-    default:
-      throw kvtier::invalid_argument("kvtier: config chunk_tokens " + std::to_string(n) +
-                                     " is not built into the Python package (" + chunk_names + ")");
-  }
+  return with_chunk_at(n, fn, std::make_index_sequence<chunk_sizes.size()>{});
 }
 
 template <class... Tiers>

@@ -195,8 +195,11 @@ NB_MODULE(_kvtier, m) {
   m.doc() = "kvtier's KV-cache tiers (see the kvtier package)";
   static nb::exception<kvtier::error> error(m, "Error", PyExc_RuntimeError);
   static nb::exception<kvtier::invalid_argument> invalid(m, "InvalidArgument", PyExc_ValueError);
-  m.attr("chunk_sizes") = nb::make_tuple(64, 128, 256, 512);
-  m.attr("layouts") = nb::make_tuple("vllm_cpu", "vllm_flash_nhd");
+  nb::list sizes, names;
+  for (std::size_t n : chunk_sizes) sizes.append(n);
+  for (const char* n : layout_names) names.append(n);
+  m.attr("chunk_sizes") = nb::tuple(sizes);
+  m.attr("layouts") = nb::tuple(names);
 
   nb::class_<lease_base>(m, "Lease")
       .def_prop_ro("tokens", &lease_base::tokens)

@@ -5,13 +5,33 @@
 
 #include <kvtier/kvtier.hpp>
 
+#include <array>
 #include <optional>
 #include <string>
+#include <type_traits>
 
 namespace kvtier_py {
 
-inline constexpr const char* chunk_names = "64, 128, 256 or 512";
-inline constexpr const char* layout_names = "vllm_cpu or vllm_flash_nhd";
+/// The chunk sizes the package is built for (box.hpp's with_chunk instantiates each; the module
+/// exports them as kvtier.chunk_sizes).
+inline constexpr std::array<std::size_t, 4> chunk_sizes{64, 128, 256, 512};
+/// The layouts it is built for, by name (box.hpp's with_layout maps each to its type).
+inline constexpr std::array<const char*, 2> layout_names{"vllm_cpu", "vllm_flash_nhd"};
+
+/// "a, b or c" of a list, for error messages.
+template <class T, std::size_t N>
+std::string listed(const std::array<T, N>& xs) {
+  std::string out;
+  for (std::size_t i = 0; i < N; ++i) {
+    if (i) out += i + 1 == N ? " or " : ", ";
+    if constexpr (std::is_arithmetic_v<T>) {
+      out += std::to_string(xs[i]);
+    } else {
+      out += xs[i];
+    }
+  }
+  return out;
+}
 
 struct settings {
   std::size_t chunk_tokens = 256;

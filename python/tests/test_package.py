@@ -4,6 +4,7 @@ the shared segment seen from a process without KV, the GIL released while bytes 
 vllm_cpu layout against vLLM's own CPU cache-write op (skipped without vLLM)."""
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -45,6 +46,16 @@ def v_of_cpu(t, block, slot):
     return page[:, D * BS:].reshape(H, BS, D)[:, slot, :]
 
 
+@pytest.fixture
+def seg():
+    """A shared host segment name of the test's own; the segment is removed afterwards."""
+    name = f"/kvtier-pkg-{uuid.uuid4().hex[:10]}"
+    yield name
+    path = "/dev/shm/" + name[1:]
+    if os.path.exists(path):
+        os.unlink(path)
+
+
 TOKENS = list(range(1000, 1000 + 200))  # 3 full chunks of 64 (192 tokens) and a tail
 
 
@@ -64,31 +75,25 @@ def test_round_trip_in_place_and_exact():
     assert s["bytes_to_engine"] == 192 * L * 2 * H * D * 2
 
 
-def test_cpu_chunk_loads_into_flash_nhd_with_k_untransposed():
-    seg = f"/kvtier-pkg-{uuid.uuid4().hex[:10]}"
-    try:
-        base = cfg(shared_host={"name": seg, "capacity_bytes": 8 << 20})
-        a = kvtier.Cache(base)
-        src = cpu_kv(2)
-        table = list(range(1, 8))
-        assert a.store(TOKENS, src, table) == 192
-        a.flush()  # written into the segment
-        b = kvtier.Cache({**base, "layout": "vllm_flash_nhd"})
-        dst = nhd_kv()
-        assert b.load(TOKENS, dst, table) == 192
-        for l in range(L):
-            for t in range(192):
-                blk, s = table[t // BS], t % BS
-                assert torch.equal(dst[l][0, blk, s], k_of_cpu(src[l], blk, s))
-                assert torch.equal(dst[l][1, blk, s], v_of_cpu(src[l], blk, s))
-        # The scheduler's view: keys only, no tensors.
-        view = kvtier.SharedLookup(base)
-        assert view.cached_tokens(TOKENS) == 192
-        assert view.cached_tokens([7] + TOKENS[1:]) == 0
-    finally:
-        import os
-        if os.path.exists("/dev/shm/" + seg[1:]):
-            os.unlink("/dev/shm/" + seg[1:])
+def test_cpu_chunk_loads_into_flash_nhd_with_k_untransposed(seg):
+    base = cfg(shared_host={"name": seg, "capacity_bytes": 8 << 20})
+    a = kvtier.Cache(base)
+    src = cpu_kv(2)
+    table = list(range(1, 8))
+    assert a.store(TOKENS, src, table) == 192
+    a.flush()  # written into the segment
+    b = kvtier.Cache({**base, "layout": "vllm_flash_nhd"})
+    dst = nhd_kv()
+    assert b.load(TOKENS, dst, table) == 192
+    for l in range(L):
+        for t in range(192):
+            blk, s = table[t // BS], t % BS
+            assert torch.equal(dst[l][0, blk, s], k_of_cpu(src[l], blk, s))
+            assert torch.equal(dst[l][1, blk, s], v_of_cpu(src[l], blk, s))
+    # The scheduler's view: keys only, no tensors.
+    view = kvtier.SharedLookup(base)
+    assert view.cached_tokens(TOKENS) == 192
+    assert view.cached_tokens([7] + TOKENS[1:]) == 0
 
 
 def test_lease_is_held_until_retrieved_or_released():
@@ -182,7 +187,7 @@ def test_copies_release_the_gil():
     assert elapsed > 0.01 and during > 1000, (elapsed, during)
 
 
-def test_vllm_cpu_layout_matches_vllms_cache_write_op():
+def test_vllm_cpu_layout_matches_vllms_cache_write_op(seg):
     ops = pytest.importorskip("vllm._custom_ops")
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
@@ -203,25 +208,19 @@ def test_vllm_cpu_layout_matches_vllms_cache_write_op():
         ops.cpu_attn_reshape_and_cache(keys[l], vals[l], k_cache, v_cache, slot_mapping, isa,
                                        k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
         kv.append(cache)
-    seg = f"/kvtier-op-{uuid.uuid4().hex[:10]}"
     base = cfg(shared_host={"name": seg, "capacity_bytes": 8 << 20})
-    try:
-        a = kvtier.Cache(base)
-        toks = list(range(5000, 5000 + T))
-        assert a.store(toks, kv, table) == T
-        a.flush()
-        b = kvtier.Cache({**base, "layout": "vllm_flash_nhd"})
-        dst = nhd_kv()
-        assert b.load(toks, dst, table) == T
-        for l in range(L):
-            for t in range(T):
-                blk, s = table[t // BS], t % BS
-                assert torch.equal(dst[l][0, blk, s], keys[l][t]), (l, t, "K")
-                assert torch.equal(dst[l][1, blk, s], vals[l][t]), (l, t, "V")
-    finally:
-        import os
-        if os.path.exists("/dev/shm/" + seg[1:]):
-            os.unlink("/dev/shm/" + seg[1:])
+    a = kvtier.Cache(base)
+    toks = list(range(5000, 5000 + T))
+    assert a.store(toks, kv, table) == T
+    a.flush()
+    b = kvtier.Cache({**base, "layout": "vllm_flash_nhd"})
+    dst = nhd_kv()
+    assert b.load(toks, dst, table) == T
+    for l in range(L):
+        for t in range(T):
+            blk, s = table[t // BS], t % BS
+            assert torch.equal(dst[l][0, blk, s], keys[l][t]), (l, t, "K")
+            assert torch.equal(dst[l][1, blk, s], vals[l][t]), (l, t, "V")
 
 
 def test_worker_lookup_server_answers_and_fails_soft():

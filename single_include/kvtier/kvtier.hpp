@@ -211,9 +211,9 @@ struct tier_stats {
   std::size_t capacity_chunks = 0;
 };
 
-/// A snapshot of a cache's counters.
-template <std::size_t Tiers>
-struct cache_stats {
+/// A cache's own counters (every tier chain has the same), the part of cache_stats that does not
+/// depend on the chain's length.
+struct cache_counters {
   std::uint64_t lookups = 0;
   std::uint64_t lookup_tokens = 0;      ///< tokens asked for by lookups
   std::uint64_t hit_tokens = 0;         ///< tokens lookups found cached
@@ -229,6 +229,11 @@ struct cache_stats {
   /// Queued lower-tier writes dropped because the first tier needed their chunks' slots (a lower
   /// tier that is slow, hung or unreachable); also in that tier's dropped_writes.
   std::uint64_t writes_dropped_for_room = 0;
+};
+
+/// A snapshot of a cache's counters, and its tiers'.
+template <std::size_t Tiers>
+struct cache_stats : cache_counters {
   std::array<tier_stats, Tiers> tiers{};
 };
 
@@ -2484,29 +2489,22 @@ inline void copy_rows(std::byte* dst, std::size_t dst_token, std::size_t dst_hea
 
 enum class direction { gather, scatter };
 
-// One element of `E` bytes between two places, unaligned either side.
-template <class E>
-inline void copy_elem(std::byte* dst, const std::byte* src) noexcept {
-  E v;
-  std::memcpy(&v, src, sizeof v);
-  std::memcpy(dst, &v, sizeof v);
-}
-
-template <direction Dir, class E>
+// The transpose of copy_transposed with elements of N bytes (N = 0: `elem` bytes, known only at
+// run time); memcpy of a constant size compiles to one unaligned load and store.
+template <direction Dir, std::size_t N>
 void transpose_rows(std::byte* chunk, std::size_t ctoken, std::byte* eng, std::size_t eng_head,
-                    std::size_t eng_elem, std::size_t tokens, std::size_t heads,
-                    std::size_t row) noexcept {
-  constexpr std::size_t es = sizeof(E);
-  const std::size_t elems = row / es;
+                    std::size_t eng_elem, std::size_t tokens, std::size_t heads, std::size_t row,
+                    std::size_t elem) noexcept {
+  const std::size_t es = N != 0 ? N : elem;
   for (std::size_t h = 0; h < heads; ++h) {
-    for (std::size_t d = 0; d < elems; ++d) {
+    for (std::size_t d = 0; d < row / es; ++d) {
       std::byte* e = eng + h * eng_head + d * eng_elem;  // the engine's tokens, es bytes apart
       std::byte* c = chunk + h * row + d * es;           // the chunk's, ctoken bytes apart
       for (std::size_t t = 0; t < tokens; ++t) {
         if constexpr (Dir == direction::gather) {
-          copy_elem<E>(c + t * ctoken, e + t * es);
+          std::memcpy(c + t * ctoken, e + t * es, N != 0 ? N : es);
         } else {
-          copy_elem<E>(e + t * es, c + t * ctoken);
+          std::memcpy(e + t * es, c + t * ctoken, N != 0 ? N : es);
         }
       }
     }
@@ -2520,33 +2518,21 @@ template <direction Dir>
 void copy_transposed(std::byte* chunk, std::size_t ctoken, std::byte* eng, std::size_t eng_head,
                      std::size_t eng_elem, std::size_t tokens, std::size_t heads, std::size_t row,
                      std::size_t elem) noexcept {
+  const auto run = [&]<std::size_t N>() {
+    transpose_rows<Dir, N>(chunk, ctoken, eng, eng_head, eng_elem, tokens, heads, row, elem);
+  };
   switch (elem) {
     case 1:
-      return transpose_rows<Dir, std::uint8_t>(chunk, ctoken, eng, eng_head, eng_elem, tokens,
-                                               heads, row);
+      return run.template operator()<1>();
     case 2:
-      return transpose_rows<Dir, std::uint16_t>(chunk, ctoken, eng, eng_head, eng_elem, tokens,
-                                                heads, row);
+      return run.template operator()<2>();
     case 4:
-      return transpose_rows<Dir, std::uint32_t>(chunk, ctoken, eng, eng_head, eng_elem, tokens,
-                                                heads, row);
+      return run.template operator()<4>();
     case 8:
-      return transpose_rows<Dir, std::uint64_t>(chunk, ctoken, eng, eng_head, eng_elem, tokens,
-                                                heads, row);
+      return run.template operator()<8>();
     default:
-      break;
+      return run.template operator()<0>();
   }
-  for (std::size_t h = 0; h < heads; ++h)
-    for (std::size_t d = 0; d < row / elem; ++d)
-      for (std::size_t t = 0; t < tokens; ++t) {
-        std::byte* e = eng + h * eng_head + d * eng_elem + t * elem;
-        std::byte* c = chunk + t * ctoken + h * row + d * elem;
-        if constexpr (Dir == direction::gather) {
-          std::memcpy(c, e, elem);
-        } else {
-          std::memcpy(e, c, elem);
-        }
-      }
 }
 
 /// A plane hook that does nothing.
