@@ -1,7 +1,8 @@
 // kvtier-bench: tier throughput, control-path cost and workload simulation, always as ratios to
 // the physical limit measured in the same run.
 //
-//   kvtier-bench tier     [--stack host|disk|redis] [--layout nhd|trt|sglang] [--chunk 64,...,512]
+//   kvtier-bench tier     [--stack host|disk|redis] [--layout nhd|trt|sglang|cpu] [--chunk
+//   64,...,512]
 //                         [--redis 127.0.0.1:6379] [--disk-io uring|threads] [--segment 1048576]
 //                         [--queue-depth 32]
 //                         [--layers 8 --heads 8 --head-size 128 --dtype-size 2 --block 16]

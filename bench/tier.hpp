@@ -355,8 +355,11 @@ inline void tier_command(args& a, bool json, const std::string& plot) {
         go.template operator()<kvtier::layout::trtllm_packed>();
       } else if (o.layout == "sglang") {
         go.template operator()<kvtier::layout::sglang_split_kv>();
+      } else if (o.layout == "cpu") {
+        go.template operator()<kvtier::layout::vllm_cpu>();
       } else {
-        throw std::invalid_argument("--layout takes nhd, trt or sglang, not '" + o.layout + "'");
+        throw std::invalid_argument("--layout takes nhd, trt, sglang or cpu, not '" + o.layout +
+                                    "'");
       }
     });
   }

@@ -23,7 +23,13 @@ std::vector<shape_case> shapes() {
   const bool heads = ly::traits<L>::kv_planes == 2;  // MLA layouts hold one latent row
   std::vector<shape_case> out = {{{2, heads ? 2u : 1u, 8, 2, 4}, 40},
                                  {{1, 1, 4, 1, 32}, 5},
-                                 {{3, 1, 576, 2, 16}, 9}};  // an MLA-sized row
+                                 {{3, 1, 576, 2, 16}, 9},  // an MLA-sized row
+                                 // vllm_cpu's K transpose in 16-byte tiles with ragged edges:
+                                 // 2-byte elements, 12 per row (8 tiled + 4), runs of 11-16
+                                 // tokens; 4-byte, 18 per row (16 + 2); 2-byte, 32-token blocks.
+                                 {{1, heads ? 2u : 1u, 12, 2, 16}, 9},
+                                 {{2, heads ? 3u : 1u, 18, 4, 32}, 5},
+                                 {{1, heads ? 2u : 1u, 24, 2, 32}, 6}};
   std::mt19937 rng(1234);
   const std::uint32_t bs[] = {1, 2, 4, 8, 16, 32};
   const std::uint32_t dts[] = {1, 2, 4};
