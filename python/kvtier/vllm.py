@@ -53,6 +53,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("kvtier.vllm")
 
+# How long a waiting request's lookup answer is reused when this engine planned no store since:
+# another process's stores reach the cache without this scheduler seeing them.
+_ANSWER_TTL_S = 0.5
+
 _TORCH_KV_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16",
                     torch.float32: "float32"}
 
@@ -182,6 +186,9 @@ class KvtierConnector(KVConnectorBase_V1):
         self._addr = _lookup.address(str(ktc.engine_id), rank if role == KVConnectorRole.WORKER
                                      else 0)
         self._reqs: dict[str, _ReqState] = {}
+        # The last answer per request: (limit, hit, stores planned then, monotonic time).
+        self._answers: dict[str, tuple[int, int, int, float]] = {}
+        self._stores_planned = 0
         # Worker half.
         self._cache: kvtier.Cache | None = None
         self._kv: list[torch.Tensor] = []
@@ -213,17 +220,31 @@ class KvtierConnector(KVConnectorBase_V1):
         # Chunks load whole: a local hit that ends inside a chunk is not extended.
         if limit <= num_computed_tokens or num_computed_tokens % self._chunk:
             return 0, False
-        hit = self._client.cached_tokens(tokens[:limit])
-        if hit is None:  # the worker cannot answer (yet): what the shared segment holds
-            hit = self._lookup.cached_tokens(tokens[:limit])
-            self._sched_count("lookups_from_segment", 1)
-        self._sched_count("lookups", 1)
+        hit = self._cached_tokens(request.request_id, tokens, limit)
         hit = hit // self._chunk * self._chunk
         if hit <= num_computed_tokens:
             return 0, False
         st = self._state(request)
         st.offer_start = num_computed_tokens
         return hit - num_computed_tokens, False
+
+    def _cached_tokens(self, req_id: str, tokens: list[int], limit: int) -> int:
+        """How many of tokens[:limit] the cache holds. A waiting request is asked about at every
+        step; the answer is reused while no store was planned since, it is younger than
+        _ANSWER_TTL_S (other processes store too) and the request's prompt is unchanged."""
+        now = time.monotonic()
+        memo = self._answers.get(req_id)
+        if (memo is not None and memo[0] == limit and memo[2] == self._stores_planned
+                and now - memo[3] < _ANSWER_TTL_S):
+            self._sched_count("lookups_reused", 1)
+            return memo[1]
+        hit = self._client.cached_tokens(tokens[:limit])
+        if hit is None:  # the worker cannot answer (yet): what the shared segment holds
+            hit = self._lookup.cached_tokens(tokens[:limit])
+            self._sched_count("lookups_from_segment", 1)
+        self._sched_count("lookups", 1)
+        self._answers[req_id] = (limit, hit, self._stores_planned, now)
+        return hit
 
     def _sched_count(self, key: str, n: int) -> None:
         self._sched[key] = self._sched.get(key, 0) + n
@@ -271,6 +292,7 @@ class KvtierConnector(KVConnectorBase_V1):
         # Stores complete inside the step that computed their tokens (wait_for_save), so the
         # blocks can be freed now; nothing is held for the request after this.
         self._reqs.pop(request.request_id, None)
+        self._answers.pop(request.request_id, None)
         return False, None
 
     def _state(self, request: "Request") -> "_ReqState":
@@ -294,6 +316,7 @@ class KvtierConnector(KVConnectorBase_V1):
             tokens = list(st.request.all_token_ids[:end])
             meta.stores.append(_Store(rid, tokens, st.block_ids[: end // self._block], st.stored))
             st.stored = end
+            self._stores_planned += 1
 
     # ---- worker half -------------------------------------------------------------------------
 
