@@ -592,6 +592,60 @@ TEST_CASE(
   CHECK(a.tier<1>().stats().writes == 10);
 }
 
+TEST_CASE("a chunk both the segment and a disk below it hold is read from the segment") {
+  // Chain order: host -> shared_host -> local_disk. The disk has an index here and the segment
+  // is probed by key, so before the fix a fresh cache took every such chunk from the disk
+  // (read, verified, promoted) although the node's memory held it.
+  using three_t = kvtier::cache<
+      kvtier::opt::chunk_tokens<16>, kvtier::opt::layout<kvtier::layout::vllm_flash_nhd>,
+      kvtier::opt::tiers<kvtier::tier::host, kvtier::tier::shared_host, kvtier::tier::local_disk>>;
+  using disk_only_t =
+      kvtier::cache<kvtier::opt::chunk_tokens<16>,
+                    kvtier::opt::layout<kvtier::layout::vllm_flash_nhd>,
+                    kvtier::opt::tiers<kvtier::tier::host, kvtier::tier::local_disk>>;
+  segment_guard g{segment_name("order")};
+  const std::size_t bytes = 64 * slot;
+  const std::string dir = test::temp_dir("shared-order");
+  const kvtier::tier::local_disk::config disk{.path = dir, .capacity_bytes = 64 * (slot + 4096)};
+  const auto toks = prompt(11, 160);  // 10 chunks
+  const auto bt = test::shuffled_table(40, engine_blocks, 6);
+  engine_t e(model, engine_blocks, 4);
+  fill(e, bt, 11, 160);
+  {
+    // The disk holds all 10 chunks; the segment only the first 6.
+    disk_only_t d(model, salt,
+                  disk_only_t::tier_configs{std::get<0>(configs(g.name, bytes)), disk});
+    CHECK(d.store(toks, e.kv(), bt) == 160);
+    d.flush();
+    cache_t s(model, salt, configs(g.name, bytes));
+    CHECK(s.store(std::span(toks).first(96), e.kv(), bt) == 96);
+    s.flush();
+  }
+  auto two = configs(g.name, bytes);
+  three_t c(model, salt, three_t::tier_configs{std::get<0>(two), std::get<1>(two), disk});
+  REQUIRE(c.tier<2>().recovered() == 10);
+  auto hit = c.lookup(toks);
+  CHECK(hit.tokens() == 160);
+  CHECK(hit.hits_in(1) == 6);  // the segment's, in place
+  CHECK(hit.hits_in(2) == 4);  // the rest from the disk
+  engine_t e2(model, engine_blocks, 5);
+  e2.wipe(untouched);
+  CHECK(c.retrieve(hit, e2.kv(), bt) == 160);
+  CHECK(wrong_bytes(e2, bt, 11, 160) == 0);
+  const auto st = c.stats();
+  CHECK(st.tiers[1].hits == 6);
+  CHECK(st.tiers[2].hits == 4);
+  const std::size_t chunk_bytes =
+      16 * model.layers * 2 * model.kv_heads * model.head_size * model.dtype_size;
+  CHECK(st.tiers[1].bytes_read == 6 * chunk_bytes);
+  CHECK(st.tiers[2].bytes_read == 4 * chunk_bytes);
+  // Looked up again: the 4 disk chunks were promoted into the host tier, the 6 stay in place.
+  auto again = c.lookup(toks);
+  CHECK(again.hits_in(0) == 4);
+  CHECK(again.hits_in(1) == 6);
+  CHECK(again.hits_in(2) == 0);
+}
+
 TEST_CASE("process records and lease records run out: refused or failed, never corrupted") {
   segment_guard g{segment_name("full")};
   auto cfg = std::get<1>(configs(g.name, 8 * slot));

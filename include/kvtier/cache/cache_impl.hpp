@@ -171,6 +171,7 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       rs[hit] = {chain_.index(t)->slot(*e), static_cast<std::uint8_t>(t), 0};
       hit_tokens += e->tokens;
     }
+    if constexpr (chain_type::has_mapped) prefer_mapped(lk, ks + first_chunk, rs, hit);
     if constexpr (remote_count > 0) {
       // The chunks no local tier holds: one pipelined existence check per remote tier, without
       // the lock, bounded by the tier's timeout. A remote tier that is down answers at once.
@@ -546,6 +547,29 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
       ops_.release(l.op_);
     }
     l.clear();
+  }
+
+  /// Chain order for the tier that reads in place (tier m: the node's shared segment): a hit of
+  /// lookup's in an indexed tier below m (a local disk under the segment) that m also holds is
+  /// served from m, in place, instead of being read from the slower tier and promoted. The
+  /// segment is probed without the cache's lock (it takes its own); the lower tier's reference
+  /// is dropped, so a chunk the segment evicts before retrieve ends the loaded prefix there.
+  void prefer_mapped(std::unique_lock<std::mutex>& lk, const chunk_key* ks, chunk_ref* rs,
+                     std::size_t hit) {
+    constexpr std::size_t m = chain_type::first_mapped;
+    std::size_t j0 = 0;
+    while (j0 < hit && rs[j0].tier < m) ++j0;
+    if (j0 == hit) return;
+    lk.unlock();
+    const std::size_t held = chain_.probe_mapped({ks + j0, hit - j0});
+    lk.lock();
+    for (std::size_t j = j0; j < j0 + held; ++j) {
+      if (rs[j].tier < m) continue;
+      --st_.stats.tiers[rs[j].tier].hits;
+      ++st_.stats.tiers[m].hits;
+      chain_.unref_locked(rs[j]);
+      rs[j] = {0, static_cast<std::uint8_t>(m), 0};
+    }
   }
 
   std::size_t lease_hits_in(const lease& l, std::size_t t) const noexcept {

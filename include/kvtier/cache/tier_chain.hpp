@@ -54,6 +54,14 @@ class tier_chain {
   };
   static constexpr bool has_mapped =
       (false || ... || maps_reads<typename Lower::template impl<Eviction>>);
+  /// The first lower tier that reads in place (tier_count without one).
+  static constexpr std::size_t first_mapped = [] {
+    constexpr bool m[] = {false, maps_reads<typename Lower::template impl<Eviction>>...};
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      if (m[t]) return t;
+    }
+    return tier_count;
+  }();
 
   static_assert(sizeof...(Lower) < 8, "kvtier: a tier chain has at most 8 tiers");
   static_assert(host_visible_v<First> || sizeof...(Lower) == 0,
