@@ -29,6 +29,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -214,7 +215,9 @@ class KvtierConnector(KVConnectorBase_V1):
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
         if self._lookup is None:
             return 0, False
-        tokens = list(request.prompt_token_ids or [])
+        # Not copied: only a question that reaches the cache slices it (most are answered from
+        # the request's last answer).
+        tokens = request.prompt_token_ids or []
         # Leave at least one prompt token to compute (its logits start the decode).
         limit = (len(tokens) - 1) // self._chunk * self._chunk
         # Chunks load whole: a local hit that ends inside a chunk is not extended.
@@ -228,7 +231,7 @@ class KvtierConnector(KVConnectorBase_V1):
         st.offer_start = num_computed_tokens
         return hit - num_computed_tokens, False
 
-    def _cached_tokens(self, req_id: str, tokens: list[int], limit: int) -> int:
+    def _cached_tokens(self, req_id: str, tokens: Sequence[int], limit: int) -> int:
         """How many of tokens[:limit] the cache holds. A waiting request is asked about at every
         step; the answer is reused while no store was planned since, it is younger than
         _ANSWER_TTL_S (other processes store too) and the request's prompt is unchanged."""
@@ -238,9 +241,10 @@ class KvtierConnector(KVConnectorBase_V1):
                 and now - memo[3] < _ANSWER_TTL_S):
             self._sched_count("lookups_reused", 1)
             return memo[1]
-        hit = self._client.cached_tokens(tokens[:limit])
+        head = list(tokens[:limit])
+        hit = self._client.cached_tokens(head)
         if hit is None:  # the worker cannot answer (yet): what the shared segment holds
-            hit = self._lookup.cached_tokens(tokens[:limit])
+            hit = self._lookup.cached_tokens(head)
             self._sched_count("lookups_from_segment", 1)
         self._sched_count("lookups", 1)
         self._answers[req_id] = (limit, hit, self._stores_planned, now)

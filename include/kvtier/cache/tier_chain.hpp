@@ -152,13 +152,9 @@ class tier_chain {
   /// The leading run of `keys` the first lower tier that reads in place holds (0 without one).
   std::size_t probe_mapped(std::span<const chunk_key> keys) {
     std::size_t found = 0;
-    bool asked = false;
-    for (std::size_t t = 1; t < tier_count && !asked; ++t) {
-      with_lower(t, [&](auto& impl) {
-        if constexpr (maps_reads<decltype(impl)>) {
-          found = impl.probe(keys);
-          asked = true;
-        }
+    if constexpr (first_mapped < tier_count) {
+      with_lower(first_mapped, [&](auto& impl) {
+        if constexpr (maps_reads<decltype(impl)>) found = impl.probe(keys);
       });
     }
     return found;
