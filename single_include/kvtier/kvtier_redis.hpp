@@ -371,7 +371,6 @@ class server {
 // ---- end kvtier/tier/redis/connection.hpp
 
 
-#include <optional>
 #include <shared_mutex>
 
 namespace kvtier::tier::detail_redis {

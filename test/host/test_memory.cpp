@@ -46,6 +46,16 @@ std::uint64_t allocations_over(Cache& cache, test::engine<nhd>& eng,
     cache.release(l2);
     auto pin = cache.pin(p);
     (void)cache.unpin(pin);
+    if constexpr (!Cache::async_copies) {  // the layer-wise pipelines
+      const auto& q = prompts[static_cast<std::size_t>(r + 3) % prompts.size()];
+      auto sp = cache.begin_store(q, eng.kv(), bt);
+      sp.store_all();
+      (void)sp.finish();
+      auto l3 = cache.lookup(q);
+      auto rp = cache.begin_retrieve(l3, eng.kv(), bt);
+      rp.retrieve_all();
+      (void)rp.finish();
+    }
   };
   for (int r = 0; r < 16; ++r) round(r);  // warm up: every path taken once
   cache.flush();

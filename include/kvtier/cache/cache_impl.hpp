@@ -15,6 +15,7 @@
 #include "kvtier/cache/async_path.hpp"
 #include "kvtier/cache/chunker.hpp"
 #include "kvtier/cache/config.hpp"
+#include "kvtier/cache/host_pipeline.hpp"
 #include "kvtier/cache/in_place.hpp"
 #include "kvtier/cache/lease.hpp"
 #include "kvtier/cache/op_table.hpp"
@@ -87,9 +88,11 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
   using lease = basic_lease<cache_impl>;
   /// The result of pin (see pin.hpp).
   using pin_handle = basic_pin<cache_impl>;
-  /// Layer-wise GPU copies (see async_path.hpp).
-  using store_pipeline = typename async_type::store_pipeline;
-  using retrieve_pipeline = typename async_type::retrieve_pipeline;
+  /// Layer-wise copies: on the GPU tiers (async_path.hpp), on host tiers (host_pipeline.hpp).
+  using store_pipeline = std::conditional_t<async_copies, typename async_type::store_pipeline,
+                                            host_store_pipeline<cache_impl>>;
+  using retrieve_pipeline = std::conditional_t<async_copies, typename async_type::retrieve_pipeline,
+                                               host_retrieve_pipeline<cache_impl>>;
 
   cache_impl(const model_shape& model, const salt& s, const tier_configs& tiers = {},
              const cache_config& cfg = {}) try
@@ -410,6 +413,32 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     return retrieve_pipeline(std::move(p));
   }
 
+  /// Host tiers: starts a layer-wise store of `tokens` (as store()): entries are reserved now,
+  /// store_layer(l) copies layer l once the engine has computed it, finish() publishes.
+  store_pipeline begin_store(std::span<const token_id> tokens, const engine_kv& kv,
+                             block_table table,
+                             std::size_t first_token = 0) requires(!async_copies) {
+    return store_pipeline(*this, tokens, kv, table, first_token);
+  }
+
+  /// Host tiers: starts a layer-wise retrieve of the lease (it consumes the lease): the chunks
+  /// it loads are proven now (promoted from lower tiers, or held and verified in the segment),
+  /// then retrieve_layer(l) copies layer l.
+  retrieve_pipeline begin_retrieve(lease& l, const engine_kv& kv, block_table table,
+                                   std::size_t end_token = SIZE_MAX) requires(!async_copies) {
+    check_lease("retrieve", l);
+    const view_type v(model_, kv);
+    const std::size_t count = chunks_to_load(l, v, table, end_token);
+    if (count == 0) {
+      release(l);
+      return retrieve_pipeline(*this, no_op, 0, 0, 0, 0, v, table);
+    }
+    const std::uint32_t op = l.op_;
+    const std::size_t first = l.first_, chunks = l.chunks_, abs_end = l.end_token();
+    l.clear();  // the pipeline owns the operation and its references from here
+    return retrieve_pipeline(*this, op, first, chunks, count, abs_end, v, table);
+  }
+
   /// Waits until every GPU copy started so far has completed, and publishes the stored chunks.
   void synchronize() requires async_copies { async_.synchronize(); }
 
@@ -478,6 +507,8 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
 
  private:
   friend lease;
+  friend host_store_pipeline<cache_impl>;
+  friend host_retrieve_pipeline<cache_impl>;
 
   // ---- checks -------------------------------------------------------------------------------
 
@@ -535,8 +566,11 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
 
   // Promotes the lease's chunks [lo, hi) into the first tier (promotion.hpp).
   void promote(const lease& l, std::size_t lo, std::size_t hi, std::size_t abs_end) {
-    promoter_.promote(ops_.keys(l.op_) + l.first_, ops_.refs(l.op_), lo, hi, l.first_, abs_end,
-                      ChunkTokens,
+    promote_run(l.op_, l.first_, lo, hi, abs_end);
+  }
+  void promote_run(std::uint32_t op, std::size_t first, std::size_t lo, std::size_t hi,
+                   std::size_t abs_end) {
+    promoter_.promote(ops_.keys(op) + first, ops_.refs(op), lo, hi, first, abs_end, ChunkTokens,
                       [this](std::unique_lock<std::mutex>& lk) { async_.wait_state_locked(lk); });
   }
 

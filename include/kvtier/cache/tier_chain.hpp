@@ -167,6 +167,14 @@ class tier_chain {
     });
   }
 
+  /// The first tier that reads in place holds the leading run of `n` chunks for a layer-wise
+  /// retrieve (tier::shared_host::hold). Only in chains with such a tier.
+  template <class KeyOf, class TokensOf>
+  auto hold_mapped(std::size_t n, KeyOf&& key_of, TokensOf&& tokens_of,
+                   std::size_t* corrupt) requires has_mapped {
+    return this->template tier<first_mapped>().hold(n, key_of, tokens_of, corrupt);
+  }
+
   /// Asks remote tiers, in chain order, for the leading run of `keys` they hold, until one holds
   /// some. Returns that run's length and sets `tier` to the tier that answered; `asked[t]` is
   /// set for each tier asked.

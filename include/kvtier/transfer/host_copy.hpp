@@ -230,16 +230,16 @@ struct no_hook {
   void operator()(const std::byte*, std::size_t) const noexcept {}
 };
 
-/// Moves one chunk between the engine's blocks and the chunk format. `before(p, n)` is called
-/// with each (layer, K/V) plane of the chunk, in chunk order (so over the whole chunk, once),
-/// just before that plane is moved.
+/// Moves layers [l0, l1) of one chunk between the engine's blocks and the chunk format.
+/// `before(p, n)` is called with each (layer, K/V) plane moved, in chunk order (so over the
+/// whole chunk, once, when every layer is moved), just before that plane is moved.
 template <direction Dir, class L, class Hook = no_hook>
 void move_chunk(const layout::view<L>& v, const layout::chunk_format& f, block_table table,
-                std::size_t first_token, std::size_t tokens, std::byte* chunk,
-                Hook&& before = {}) noexcept {
+                std::size_t first_token, std::size_t tokens, std::byte* chunk, Hook&& before = {},
+                std::size_t l0 = 0, std::size_t l1 = SIZE_MAX) noexcept {
   const layout::ref& e = v.resolved();
   const std::size_t row = f.row_bytes(), ctoken = f.token_bytes(), bs = e.block_size;
-  for (std::size_t l = 0; l < f.layers; ++l) {
+  for (std::size_t l = l0; l < std::min<std::size_t>(l1, f.layers); ++l) {
     for (std::size_t kv = 0; kv < f.kv_planes; ++kv) {
       before(chunk + f.offset(l, kv, 0, tokens), tokens * ctoken);
       std::size_t t = 0;
@@ -283,6 +283,22 @@ void scatter(const layout::view<L>& v, const layout::chunk_format& f, block_tabl
              std::size_t first_token, std::size_t tokens, const std::byte* chunk) noexcept {
   detail::move_chunk<detail::direction::scatter>(v, f, table, first_token, tokens,
                                                  const_cast<std::byte*>(chunk));
+}
+
+/// gather and scatter of layer `l` only (a layer-wise store or retrieve on host tiers).
+template <class L>
+void gather_layer(const layout::view<L>& v, const layout::chunk_format& f, block_table table,
+                  std::size_t first_token, std::size_t tokens, std::byte* chunk,
+                  std::size_t l) noexcept {
+  detail::move_chunk<detail::direction::gather>(v, f, table, first_token, tokens, chunk, {}, l,
+                                                l + 1);
+}
+template <class L>
+void scatter_layer(const layout::view<L>& v, const layout::chunk_format& f, block_table table,
+                   std::size_t first_token, std::size_t tokens, const std::byte* chunk,
+                   std::size_t l) noexcept {
+  detail::move_chunk<detail::direction::scatter>(v, f, table, first_token, tokens,
+                                                 const_cast<std::byte*>(chunk), {}, l, l + 1);
 }
 
 /// scatter, which also returns the payload checksum of `chunk` (detail::payload_checksum under
