@@ -12,10 +12,13 @@ vocab 4096. Every engine runs in its own subprocess and is warmed up with a shor
 it is timed (the first generate of an engine pays a one-time cost). TTFT is the wall time of
 generate([prompt], max_tokens=1) on an otherwise idle engine. Per round, in this order:
 
-    recompute   no connector, vLLM's prefix cache off
-    store       kvtier (kv_both), fresh segment and disk: the first engine stores the prompt
-    shared      a fresh engine over the same segment: the hit comes from the shared host tier
-    disk        the segment removed (a reboot), a fresh engine over the same disk
+    recompute     no connector, vLLM's prefix cache off
+    store_whole   kvtier (kv_both, "layerwise": false), fresh segment and disk: stores the prompt
+    store         the same, layer by layer (the default), over another fresh segment and disk
+    shared        a fresh engine over the same segment: the hit comes from the shared host tier
+    shared_whole  the same, "layerwise": false
+    disk          the segment removed (a reboot), a fresh engine over the same disk
+    disk_whole    the same, "layerwise": false
 
 The chat workload: C conversations, T turns; each turn appends U user tokens to the history and
 generates R tokens, all conversations batched in one generate per turn; once with nothing, with
@@ -49,12 +52,13 @@ MODEL = dict(layers=8, hidden=1024, heads=8, kv_heads=8, head_size=128, vocab=40
 QUICK = dict(layers=2, hidden=256, heads=4, kv_heads=2, head_size=64, vocab=1024,
              intermediate=512, max_pos=16384, seed=3)
 BLOCK = 128
+NAMES = ("recompute", "store_whole", "store", "shared", "shared_whole", "disk", "disk_whole")
 
 
-def ktc(role, seg, disk):
+def ktc(role, seg, disk, layerwise=True):
     return {"kv_connector": "KvtierConnector", "kv_connector_module_path": "kvtier.vllm",
             "kv_role": role, "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": {"kvtier": {
+            "kv_connector_extra_config": {"layerwise": layerwise, "kvtier": {
                 "chunk_tokens": BLOCK,
                 "host": {"capacity_bytes": 512 << 20},
                 "shared_host": {"name": seg, "capacity_bytes": 1 << 30},
@@ -127,19 +131,34 @@ def ttft_round(model, prompt, warm, tmp, r):
     disk = os.path.join(tmp, f"disk-{r}")
     phases = [dict(prompts=[warm], max_tokens=1), dict(prompts=[prompt], max_tokens=1)]
     out = {}
+
+    def unlink_segment():
+        if os.path.exists("/dev/shm/" + seg[1:]):
+            os.unlink("/dev/shm/" + seg[1:])
+
     try:
-        for name, kv in (("recompute", None), ("store", ktc("kv_both", seg, disk)),
+        # "_whole": the connector with "layerwise": false (every layer copied in one go before
+        # the forward, stores after it). store_whole runs first over its own segment and disk.
+        for name, kv in (("recompute", None),
+                         ("store_whole", ktc("kv_both", seg, disk, False)),
+                         ("store", ktc("kv_both", seg, disk)),
                          ("shared", ktc("kv_both", seg, disk)),
-                         ("disk", ktc("kv_both", seg, disk))):
-            if name == "disk":
-                os.unlink("/dev/shm/" + seg[1:])
+                         ("shared_whole", ktc("kv_both", seg, disk, False)),
+                         ("disk", ktc("kv_both", seg, disk)),
+                         ("disk_whole", ktc("kv_both", seg, disk, False))):
+            if name == "store":
+                unlink_segment()
+                shutil.rmtree(disk, ignore_errors=True)
+            if name.startswith("disk"):
+                unlink_segment()  # a reboot: the node's memory is gone, the disk is not
             e = engine(model, phases, kv, log=os.path.join(tmp, f"ttft-{name}-{r}.log"))
             t = e["phases"][1]
             conn = (e["stats"] or {}).get("connector", {})
             out[name] = dict(seconds=t["seconds"], cached=t["cached"][0],
                              first_token=t["outputs"][0][0],
                              loaded=conn.get("load_tokens", 0), stored=conn.get("store_tokens", 0),
-                             load_us=conn.get("load_us", 0), store_us=conn.get("store_us", 0))
+                             load_us=conn.get("load_us", 0), store_us=conn.get("store_us", 0),
+                             layer_wait_us=conn.get("layer_wait_us", 0))
     finally:
         path = "/dev/shm/" + seg[1:]
         if os.path.exists(path):
@@ -191,7 +210,7 @@ def plot(results, path):
     """Two panels: the TTFT of each configuration and the chat workload's wall time."""
     if not shutil.which("gnuplot"):
         return False
-    names = ["recompute", "store", "shared", "disk"]
+    names = NAMES
     ttft = [statistics.median(x[n]["seconds"] for x in results["ttft"]) for n in names]
     chats = list(results["chat"].items())
     dat1, dat2 = path + ".1.dat", path + ".2.dat"
@@ -202,7 +221,7 @@ def plot(results, path):
         for i, (n, c) in enumerate(chats):
             f.write(f'{i} "{n.replace("_", " ")}" {c["seconds"]}\n')
     m = results["model"]
-    script = f"""set terminal png size 1100,420
+    script = f"""set terminal png size 1400,420
 set output '{path}'
 set multiplot layout 1,2 title 'vLLM CPU build, {m["layers"]} layers, hidden {m["hidden"]}, \
 {m["kv_heads"]}x{m["head_size"]} KV heads (2 cores)'
@@ -256,37 +275,47 @@ def main():
     try:
         for tag, kv, pc in (("none", None, False), ("vllm_prefix_cache", None, True),
                             ("kvtier", ktc("kv_both", seg, os.path.join(tmp, "chat-disk")),
+                             False),
+                            ("kvtier_whole", ktc("kv_both", seg + "w",
+                                                 os.path.join(tmp, "chat-disk-w"), False),
                              False)):
             results["chat"][tag] = chat(model, args, tmp, kv, pc, tag)
     finally:
-        if os.path.exists("/dev/shm/" + seg[1:]):
-            os.unlink("/dev/shm/" + seg[1:])
+        for name in (seg, seg + "w"):
+            if os.path.exists("/dev/shm/" + name[1:]):
+                os.unlink("/dev/shm/" + name[1:])
     shutil.rmtree(tmp, ignore_errors=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     ref = [x["recompute"]["first_token"] for x in results["ttft"]]
     print(f"TTFT, {args.prompt}-token prompt (seconds per round; median; ratio to recompute):")
     med0 = statistics.median(x["recompute"]["seconds"] for x in results["ttft"])
-    for n in ("recompute", "store", "shared", "disk"):
+    for n in NAMES:
         xs = [x[n]["seconds"] for x in results["ttft"]]
         hits = [x[n]["cached"] for x in results["ttft"]]
         same = all(x[n]["first_token"] == ref[i] for i, x in enumerate(results["ttft"]))
         loaded = [x[n]["loaded"] for x in results["ttft"]]
-        print(f"  {n:10s} {' '.join(f'{v:7.3f}' for v in xs)}   median {statistics.median(xs):7.3f}"
+        print(f"  {n:12s} {' '.join(f'{v:7.3f}' for v in xs)}   median {statistics.median(xs):7.3f}"
               f"   x{statistics.median(xs) / med0:6.3f}   cached {hits} loaded {loaded}"
               f"   same first token: {same}")
-    print(f"connector load/store (the bytes of the loaded tokens over the connector's time; "
+    print(f"connector load/store (the bytes moved over the time the engine waited for them; "
           f"single-threaded memcpy of as many bytes here: {results['memcpy_gbps']:.2f} GB/s):")
     # The hit engines' stores find every chunk held already (nothing is copied): not shown.
-    for n, what in (("store", "store"), ("shared", "load"), ("disk", "load")):
+    for n, what in (("store", "store"), ("store_whole", "store"), ("shared", "load"),
+                    ("shared_whole", "load"), ("disk", "load"), ("disk_whole", "load")):
         for x in results["ttft"]:
             e = x[n]
-            tok, us = (e["stored"], e["store_us"]) if what == "store" else (e["loaded"],
-                                                                             e["load_us"])
+            # The time the engine waited for the connector: a load's start_load_kv plus its
+            # waits in the layer hooks (layer-wise copies run behind the forward), a store's
+            # wait_for_save.
+            tok, us = (e["stored"], e["store_us"]) if what == "store" else (
+                e["loaded"], e["load_us"] + e.get("layer_wait_us", 0))
             if tok and us:
                 gbps = tok * kv_bytes_per_token / (us * 1e3)
-                print(f"  {n:10s} {what:5s} {tok:6d} tokens {us / 1e3:8.1f} ms "
-                      f"{gbps:6.2f} GB/s  x{gbps / results['memcpy_gbps']:5.2f} of memcpy")
+                wait = e.get("layer_wait_us", 0) / 1e3
+                print(f"  {n:12s} {what:5s} {tok:6d} tokens {us / 1e3:8.1f} ms "
+                      f"{gbps:6.2f} GB/s  x{gbps / results['memcpy_gbps']:5.2f} of memcpy"
+                      + (f"  ({wait:.1f} ms of it in the layer hooks)" if wait else ""))
     base = results["chat"]["none"]
     print(f"chat, {args.conversations} conversations x {args.turns} turns "
           f"({base['prompt_tokens']} prompt tokens in all):")

@@ -17,10 +17,11 @@ from .config import ConfigError, load as load_config
 Error = _kvtier.Error
 InvalidArgument = _kvtier.InvalidArgument
 Lease = _kvtier.Lease
+Pipeline = _kvtier.Pipeline
 chunk_sizes = _kvtier.chunk_sizes
 layouts = _kvtier.layouts
 
-__all__ = ["Cache", "SharedLookup", "Lease", "Error", "InvalidArgument", "ConfigError",
+__all__ = ["Cache", "SharedLookup", "Lease", "Pipeline", "Error", "InvalidArgument", "ConfigError",
            "load_config", "chunk_sizes", "layouts"]
 
 
@@ -70,6 +71,25 @@ class Cache:
         tokens loaded (a prefix, verified byte for byte); consumes the lease."""
         end = (1 << 63) if end_token is None else end_token
         return self._c.retrieve(lease, list(kv_caches), _ints(block_table), end, self._dt)
+
+    def begin_store(self, tokens: Sequence[int], kv_caches: Sequence[Any],
+                    block_table: Sequence[int], first_token: int = 0) -> Pipeline:
+        """A layer-wise store (as ``store``): the chunks' entries are reserved now; call
+        ``layer(l)`` for l = 0, 1, ... once the engine has written layer l, then ``finish()``,
+        which publishes the chunks and returns the tokens stored (0 unless every layer was
+        stored). The tensors must stay alive until then."""
+        return self._c.begin_store(_ints(tokens), list(kv_caches), _ints(block_table),
+                                   first_token, self._dt)
+
+    def begin_retrieve(self, lease: Lease, kv_caches: Sequence[Any], block_table: Sequence[int],
+                       end_token: int | None = None) -> Pipeline:
+        """A layer-wise retrieve (as ``retrieve``; consumes the lease): every chunk it will load
+        is proven now (promoted from disk, or held and verified in the shared segment), so
+        ``tokens`` is final; ``layer(l)`` copies layer l of every chunk into the engine's blocks,
+        ``finish()`` releases the chunks and returns the tokens (0 unless every layer was
+        copied)."""
+        end = (1 << 63) if end_token is None else end_token
+        return self._c.begin_retrieve(lease, list(kv_caches), _ints(block_table), end, self._dt)
 
     def load(self, tokens: Sequence[int], kv_caches: Sequence[Any], block_table: Sequence[int],
              end_token: int | None = None, first_chunk: int = 0) -> int:

@@ -43,7 +43,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 
 import kvtier
 import kvtier.config
-from kvtier import _lookup
+from kvtier import _layers, _lookup
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -57,6 +57,9 @@ logger = logging.getLogger("kvtier.vllm")
 # How long a waiting request's lookup answer is reused when this engine planned no store since:
 # another process's stores reach the cache without this scheduler seeing them.
 _ANSWER_TTL_S = 0.5
+
+# The connector's own keys in kv_connector_extra_config (kvtier's config is under "kvtier").
+_EXTRA_KEYS = {"kvtier", "kvtier_config_file", "layerwise"}
 
 _TORCH_KV_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16",
                     torch.float32: "float32"}
@@ -122,10 +125,13 @@ def kvtier_config(vllm_config: "VllmConfig", tp_rank: int) -> dict[str, Any]:
     the model shape, dtype and salt from vLLM, the tiers from ``extra_config["kvtier"]`` (or the
     file ``extra_config["kvtier_config_file"]``)."""
     extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
-    unknown = set(extra) - {"kvtier", "kvtier_config_file"}
+    unknown = set(extra) - _EXTRA_KEYS
     if unknown:
         raise kvtier.ConfigError(f"kvtier: kv_connector_extra_config key '{sorted(unknown)[0]}' is "
-                                 "unknown (known: kvtier, kvtier_config_file)")
+                                 f"unknown (known: {', '.join(sorted(_EXTRA_KEYS))})")
+    if not isinstance(extra.get("layerwise", True), bool):
+        raise kvtier.ConfigError("kvtier: kv_connector_extra_config key 'layerwise' is "
+                                 f"{extra['layerwise']!r}, not true or false")
     if "kvtier_config_file" in extra:
         user = kvtier.config.read(extra["kvtier_config_file"])
     else:
@@ -193,6 +199,12 @@ class KvtierConnector(KVConnectorBase_V1):
         # Worker half.
         self._cache: kvtier.Cache | None = None
         self._kv: list[torch.Tensor] = []
+        self._layer_of: dict[str, int] = {}  # vLLM's layer name -> index into self._kv
+        extra = ktc.kv_connector_extra_config or {}
+        self._layerwise = bool(extra.get("layerwise", True))
+        self._steps: _layers.LayerSteps | None = None
+        self._step_loads: list[_Load] = []  # this step's loads the pipelines began
+        self._step_stores: list[Any] = []  # this step's store pipelines (None: not begun)
         self._load_errors: set[int] = set()
         self._counts: dict[str, int] = {}  # since the last get_kv_connector_stats
         self._totals: dict[str, int] = {}  # since the start
@@ -331,6 +343,7 @@ class KvtierConnector(KVConnectorBase_V1):
 
         names = sorted(kv_caches, key=layer_index)
         self._kv = [kv_caches[n] for n in names]
+        self._layer_of = {n: i for i, n in enumerate(names)}
         t = self._kv[0]
         m = self._cfg["model"]
         want = (m["kv_heads"], m["block_size"], 2 * m["head_size"])
@@ -340,6 +353,8 @@ class KvtierConnector(KVConnectorBase_V1):
                 f"vllm_cpu layout expects [num_blocks, {want[0]}, {want[1]}, {want[2]}] in host "
                 "memory (vLLM's CPU backend)")
         self._cache = kvtier.Cache(self._cfg)
+        if self._layerwise:
+            self._steps = _layers.LayerSteps(len(self._kv))
         if self._consume:
             self._server = _lookup.LookupServer(self._addr, self._cache.cached_tokens)
         logger.info("kvtier: %d layers of %s, %d blocks; tiers %s", len(self._kv),
@@ -350,42 +365,120 @@ class KvtierConnector(KVConnectorBase_V1):
         if self._cache is None or not isinstance(meta, KvtierMetadata):
             return
         t0 = time.perf_counter()
-        for ld in meta.loads:
-            first = ld.start // self._chunk
-            try:
-                n = self._cache.load(ld.tokens, self._kv, ld.block_ids, ld.end, first)
-            except kvtier.Error as e:
-                logger.error("kvtier: load of request %s failed: %s", ld.req_id, e)
+        if self._steps is None:
+            for ld in meta.loads:
+                try:
+                    n = self._cache.load(ld.tokens, self._kv, ld.block_ids, ld.end,
+                                         ld.start // self._chunk)
+                except kvtier.Error as e:
+                    logger.error("kvtier: load of request %s failed: %s", ld.req_id, e)
+                    n = 0
+                self._loaded(ld, n)
+        else:
+            # Layer-wise: each load's chunks are proven now (promoted from disk, held and
+            # verified in the segment); the copies run layer by layer behind the forward.
+            pipes = []
+            for ld in meta.loads:
                 n = 0
-            got = ld.start + n
-            self._count("load_tokens", n)
-            if got < ld.end:
-                # Every promised block from the first one not fully loaded is recomputed.
-                bad = ld.block_ids[got // self._block: -(-ld.end // self._block)]
-                self._load_errors.update(bad)
-                self._count("load_failed_tokens", ld.end - got)
-                logger.warning("kvtier: request %s loaded %d of %d promised tokens; %d blocks "
-                               "will be recomputed", ld.req_id, got - ld.start,
-                               ld.end - ld.start, len(bad))
+                try:
+                    lease = self._cache.lookup(ld.tokens, ld.start // self._chunk)
+                    p = self._cache.begin_retrieve(lease, self._kv, ld.block_ids, ld.end)
+                    n = p.tokens
+                    pipes.append(p)
+                    self._step_loads.append(ld)
+                except kvtier.Error as e:
+                    logger.error("kvtier: load of request %s failed: %s", ld.req_id, e)
+                self._loaded(ld, n)
+            self._steps.start_loads(pipes)
+            if pipes:
+                self._count("layerwise_loads", len(pipes))
         if meta.loads:
             self._count("load_us", int((time.perf_counter() - t0) * 1e6))
 
+    def _loaded(self, ld: _Load, n: int) -> None:
+        got = ld.start + n
+        self._count("load_tokens", n)
+        if got < ld.end:
+            # Every promised block from the first one not fully loaded is recomputed.
+            bad = ld.block_ids[got // self._block: -(-ld.end // self._block)]
+            self._load_errors.update(bad)
+            self._count("load_failed_tokens", ld.end - got)
+            logger.warning("kvtier: request %s loaded %d of %d promised tokens; %d blocks "
+                           "will be recomputed", ld.req_id, got - ld.start, ld.end - ld.start,
+                           len(bad))
+
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads finish in start_load_kv (host copies, before the forward pass)
+        if self._steps is None:
+            return  # loads finished in start_load_kv
+        i = self._layer_of.get(layer_name)
+        if i is not None:
+            waited = self._steps.wait_layer(i)
+            if waited > 0:
+                self._count("layer_wait_us", int(waited * 1e6))
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any,
                       **kwargs: Any) -> None:
-        return  # stores run in wait_for_save, once every layer of the step is computed
+        if self._steps is None:
+            return  # stores run in wait_for_save
+        i = self._layer_of.get(layer_name)
+        meta = self._get_connector_metadata()
+        if i is None or self._cache is None or not isinstance(meta, KvtierMetadata):
+            return
+        if not self._steps.stores_begun:
+            self._steps.begin_stores(lambda: self._begin_stores(meta))
+        if self._steps.layer_saved(i):
+            self._count("layers_stored_behind", 1)
+
+    def _begin_stores(self, meta: KvtierMetadata) -> list[Any]:
+        pipes = []
+        for sv in meta.stores:
+            try:
+                pipes.append(self._cache.begin_store(sv.tokens, self._kv, sv.block_ids, sv.start))
+            except kvtier.Error as e:
+                logger.error("kvtier: store of request %s failed: %s", sv.req_id, e)
+                pipes.append(None)
+        self._step_stores = pipes
+        return [p for p in pipes if p is not None]
 
     def wait_for_save(self) -> None:
         meta = self._get_connector_metadata()
         if self._cache is None or not isinstance(meta, KvtierMetadata):
             return
         try:
-            self._store_all(meta)
+            if self._steps is None:
+                self._store_all(meta)
+            else:
+                self._end_step(meta)
         finally:
             if self._stats_file and (meta.stores or meta.loads):
                 self._write_stats()
+
+    def _end_step(self, meta: KvtierMetadata) -> None:
+        t0 = time.perf_counter()
+        self._steps.begin_stores(lambda: self._begin_stores(meta))  # when no hook was called
+        pipes, self._step_stores = self._step_stores, []
+        loads_ok, load_error, stored, store_error = self._steps.end_step()
+        loads, self._step_loads = self._step_loads, []
+        if not loads_ok:
+            # The forward did not wait for every layer (or a copy failed): it may have read
+            # a layer before it was loaded, so every block this step loaded is recomputed.
+            logger.error("kvtier: layer-wise load not sound this step (%s); %d requests' "
+                         "loaded blocks will be recomputed",
+                         load_error or "a layer was read without waiting", len(loads))
+            for ld in loads:
+                self._load_errors.update(ld.block_ids[ld.start // self._block:
+                                                      -(-ld.end // self._block)])
+            self._count("layerwise_unsound_steps", 1)
+        if store_error is not None:
+            logger.error("kvtier: layer-wise store failed: %s", store_error)
+        done = iter(stored)
+        for sv, p in zip(meta.stores, pipes):
+            n = next(done) if p is not None else 0
+            self._count("store_tokens", n)
+            if n < len(sv.tokens) - sv.start:
+                self._count("store_short_tokens", len(sv.tokens) - sv.start - n)
+        if meta.stores:
+            self._count("store_us", int((time.perf_counter() - t0) * 1e6))
 
     def _write_stats(self) -> None:
         with self._counts_lock:
@@ -394,11 +487,6 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def _store_all(self, meta: KvtierMetadata) -> None:
         t0 = time.perf_counter()
-        self._store_each(meta)
-        if meta.stores:
-            self._count("store_us", int((time.perf_counter() - t0) * 1e6))
-
-    def _store_each(self, meta: KvtierMetadata) -> None:
         for sv in meta.stores:
             try:
                 n = self._cache.store(sv.tokens, self._kv, sv.block_ids, sv.start)
@@ -408,6 +496,8 @@ class KvtierConnector(KVConnectorBase_V1):
             self._count("store_tokens", n)
             if n < len(sv.tokens) - sv.start:
                 self._count("store_short_tokens", len(sv.tokens) - sv.start - n)
+        if meta.stores:
+            self._count("store_us", int((time.perf_counter() - t0) * 1e6))
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         bad, self._load_errors = self._load_errors, set()
@@ -424,6 +514,8 @@ class KvtierConnector(KVConnectorBase_V1):
         return KvtierStats(data=dict(data or {}))
 
     def shutdown(self) -> None:
+        if self._steps is not None:
+            self._steps.close()
         if self._server is not None:
             self._server.close()
             self._server = None

@@ -40,6 +40,45 @@ class lease_base {
   virtual void release() noexcept = 0;
 };
 
+/// The engine's KV tensors and block table, owned for a layer-wise pipeline's life (kvtier's
+/// pipelines keep pointers into them until they finish).
+struct kv_owned {
+  std::vector<void*> ptrs;
+  std::vector<std::int64_t> shape, strides;
+  std::vector<std::int32_t> table;
+  [[nodiscard]] engine_kv view() const { return {ptrs, shape, strides}; }
+};
+
+/// A layer-wise store or retrieve (kvtier's host pipelines): layer(l) for l = 0, 1, ... in
+/// order, then finish().
+class pipeline_base {
+ public:
+  virtual ~pipeline_base() = default;
+  [[nodiscard]] virtual std::size_t tokens() const noexcept = 0;
+  virtual void layer(std::size_t l) = 0;
+  virtual std::size_t finish() = 0;
+};
+
+template <class P, bool Store>
+class pipeline_box final : public pipeline_base {
+ public:
+  template <class Begin>
+  pipeline_box(kv_owned k, Begin&& begin) : k_(std::move(k)), p_(begin(k_.view(), k_.table)) {}
+  std::size_t tokens() const noexcept override { return p_.tokens(); }
+  void layer(std::size_t l) override {
+    if constexpr (Store) {
+      p_.store_layer(l);
+    } else {
+      p_.retrieve_layer(l);
+    }
+  }
+  std::size_t finish() override { return p_.finish(); }
+
+ private:
+  kv_owned k_;  // before p_: it outlives the pipeline
+  P p_;
+};
+
 class cache_base {
  public:
   virtual ~cache_base() = default;
@@ -48,6 +87,10 @@ class cache_base {
   virtual std::unique_ptr<lease_base> lookup(tokens_view t, std::size_t first_chunk) = 0;
   virtual std::size_t retrieve(lease_base& l, const engine_kv& kv, block_table bt,
                                std::size_t end_token) = 0;
+  virtual std::unique_ptr<pipeline_base> begin_store(tokens_view t, kv_owned k,
+                                                     std::size_t first_token) = 0;
+  virtual std::unique_ptr<pipeline_base> begin_retrieve(lease_base& l, kv_owned k,
+                                                        std::size_t end_token) = 0;
   virtual std::size_t prefetch(tokens_view t) = 0;
   virtual std::size_t clear(tokens_view t) = 0;
   virtual std::size_t clear_all() = 0;
@@ -99,11 +142,20 @@ class cache_box final : public cache_base {
   }
   std::size_t retrieve(lease_base& l, const engine_kv& kv, block_table bt,
                        std::size_t end) override {
-    auto* mine = dynamic_cast<lease_box<C>*>(&l);
-    if (mine == nullptr) {
-      throw kvtier::invalid_argument("kvtier: the lease comes from another cache");
-    }
-    return c_.retrieve(mine->get(), kv, bt, end);
+    return c_.retrieve(mine(l), kv, bt, end);
+  }
+  std::unique_ptr<pipeline_base> begin_store(tokens_view t, kv_owned k,
+                                             std::size_t first) override {
+    return std::make_unique<pipeline_box<typename C::store_pipeline, true>>(
+        std::move(k),
+        [&](const engine_kv& kv, block_table bt) { return c_.begin_store(t, kv, bt, first); });
+  }
+  std::unique_ptr<pipeline_base> begin_retrieve(lease_base& l, kv_owned k,
+                                                std::size_t end) override {
+    auto& lease = mine(l);
+    return std::make_unique<pipeline_box<typename C::retrieve_pipeline, false>>(
+        std::move(k),
+        [&](const engine_kv& kv, block_table bt) { return c_.begin_retrieve(lease, kv, bt, end); });
   }
   std::size_t prefetch(tokens_view t) override { return c_.prefetch(t); }
   std::size_t clear(tokens_view t) override { return c_.clear(t); }
@@ -125,6 +177,12 @@ class cache_box final : public cache_base {
   std::uint64_t format_fingerprint() const noexcept override { return c_.format().fingerprint(); }
 
  private:
+  static typename C::lease& mine(lease_base& l) {
+    auto* m = dynamic_cast<lease_box<C>*>(&l);
+    if (m == nullptr) throw kvtier::invalid_argument("kvtier: the lease comes from another cache");
+    return m->get();
+  }
+
   C c_;
 };
 

@@ -108,11 +108,7 @@ using any_array = nb::ndarray<nb::ro>;
 
 /// The engine's KV tensors as kvtier describes them: base pointers, and the shape and strides
 /// every tensor must share (checked here, then against the layout by kvtier).
-struct kv_arg {
-  std::vector<void*> ptrs;
-  std::vector<std::int64_t> shape, strides;
-  engine_kv view() const { return {ptrs, shape, strides}; }
-};
+using kv_arg = kv_owned;  // the table is left empty where a call takes it separately
 
 kv_arg describe(const std::vector<any_array>& ts, std::uint32_t dtype_size) {
   kv_arg k;
@@ -211,6 +207,11 @@ NB_MODULE(_kvtier, m) {
       .def("release", &lease_base::release);
 
   const auto release = nb::call_guard<nb::gil_scoped_release>();
+  nb::class_<pipeline_base>(m, "Pipeline")
+      .def_prop_ro("tokens", &pipeline_base::tokens)
+      .def("layer", &pipeline_base::layer, "layer"_a, release)
+      .def("finish", &pipeline_base::finish, release);
+
   nb::class_<cache_base>(m, "_Cache")
       .def(nb::new_(&make), "config"_a)
       .def(
@@ -237,6 +238,28 @@ NB_MODULE(_kvtier, m) {
             return c.retrieve(l, k.view(), table, end);
           },
           "lease"_a, "kv_caches"_a, "block_table"_a, "end_token"_a, "dtype_size"_a)
+      .def(
+          "begin_store",
+          [](cache_base& c, const std::vector<token_id>& tokens, const std::vector<any_array>& kv,
+             std::vector<std::int32_t> table, std::size_t first, std::uint32_t dt) {
+            kv_arg k = describe(kv, dt);
+            k.table = std::move(table);
+            nb::gil_scoped_release unlocked;
+            return c.begin_store(tokens, std::move(k), first);
+          },
+          "tokens"_a, "kv_caches"_a, "block_table"_a, "first_token"_a, "dtype_size"_a,
+          nb::keep_alive<0, 1>())
+      .def(
+          "begin_retrieve",
+          [](cache_base& c, lease_base& l, const std::vector<any_array>& kv,
+             std::vector<std::int32_t> table, std::size_t end, std::uint32_t dt) {
+            kv_arg k = describe(kv, dt);
+            k.table = std::move(table);
+            nb::gil_scoped_release unlocked;  // promotes lower-tier chunks, verifies in place
+            return c.begin_retrieve(l, std::move(k), end);
+          },
+          "lease"_a, "kv_caches"_a, "block_table"_a, "end_token"_a, "dtype_size"_a,
+          nb::keep_alive<0, 1>())
       .def(
           "prefetch", [](cache_base& c, const std::vector<token_id>& t) { return c.prefetch(t); },
           "tokens"_a, release)

@@ -64,7 +64,7 @@ def segment():
 DISK_BYTES = 64 << 20
 
 
-def _ktc(role, seg, disk=None):
+def _ktc(role, seg, disk=None, layerwise=True):
     tiers = {
         "chunk_tokens": BLOCK,
         "host": {"capacity_bytes": 32 << 20},
@@ -77,7 +77,7 @@ def _ktc(role, seg, disk=None):
         "kv_connector_module_path": "kvtier.vllm",
         "kv_role": role,
         "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": {"kvtier": tiers},
+        "kv_connector_extra_config": {"kvtier": tiers, "layerwise": layerwise},
     }
 
 
@@ -88,13 +88,13 @@ def _chunk_bytes(model):
 
 
 def _run(model, prompts, tmp_path, tag, role=None, seg=None, multiprocess=False, disk=None,
-         **kw):
+         layerwise=True, **kw):
     stats = tmp_path / f"{tag}.stats.json"
     env = {"KVTIER_VLLM_STATS_FILE": str(stats)}
     if multiprocess:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
     res = run(model, prompts, max_tokens=8, block_size=BLOCK, max_num_batched_tokens=BATCHED,
-              kv_transfer_config=_ktc(role, seg, disk) if role else None, extra_env=env,
+              kv_transfer_config=_ktc(role, seg, disk, layerwise) if role else None, extra_env=env,
               log_path=str(tmp_path / f"{tag}.log"), **kw)
     res["stats"] = json.loads(stats.read_text()) if stats.exists() else None
     return res
@@ -133,6 +133,8 @@ def test_store_then_fresh_engine_hits_including_chunked_prefill(model, reference
     # Every full chunk of each sequence (prompt plus the outputs whose KV was computed).
     want = sum((len(p) + 7) // BLOCK * BLOCK for p in PROMPTS)
     assert stored == want, a["stats"]
+    # Layer by layer: the hooks after each attention layer copied the stores behind the forward.
+    assert a["stats"]["connector"].get("layers_stored_behind", 0) > 0, a["stats"]
     # A fresh engine (vLLM's prefix cache off): the external hit skips the prefill of all but
     # the last chunk, the bytes are loaded, and the outputs are those of a full prefill.
     b = _run(model, PROMPTS, tmp_path, "b", "kv_both", segment)
@@ -141,6 +143,9 @@ def test_store_then_fresh_engine_hits_including_chunked_prefill(model, reference
     c = b["stats"]["connector"]
     assert c.get("load_tokens") == sum(hits), b["stats"]
     assert c.get("load_failed_tokens", 0) == 0
+    # Layer by layer (the default): vLLM waited for every layer of every step that loaded.
+    assert c.get("layerwise_loads", 0) == len(PROMPTS), c
+    assert c.get("layerwise_unsound_steps", 0) == 0, c
     _same_as(reference, b, reference["diff"] + 1e-6)
 
 
@@ -150,12 +155,15 @@ def test_producer_stores_consumer_loads_in_separate_processes(model, reference, 
     assert p["stats"]["connector"].get("load_tokens", 0) == 0
     assert p["stats"]["connector"]["store_tokens"] > 0
     # The consumer with vLLM's engine core in its own process: the scheduler half (EngineCore)
-    # and the worker half share nothing but the segment.
-    c = _run(model, PROMPTS[1:], tmp_path, "consumer", "kv_consumer", segment, multiprocess=True)
+    # and the worker half share nothing but the segment. Its loads are whole-step ones
+    # ("layerwise": false), the path without the layer hooks.
+    c = _run(model, PROMPTS[1:], tmp_path, "consumer", "kv_consumer", segment, multiprocess=True,
+             layerwise=False)
     hits = [_claimable(len(q)) for q in PROMPTS[1:]]
     assert [o["num_cached_tokens"] for o in c["outputs"]] == hits
     assert c["stats"]["connector"].get("load_tokens") == sum(hits)
     assert c["stats"]["connector"].get("store_tokens", 0) == 0
+    assert c["stats"]["connector"].get("layerwise_loads", 0) == 0
     ref = {"cold": reference["cold"][1:], "diff": reference["diff"]}
     _same_as(ref, c, reference["diff"] + 1e-6)
 

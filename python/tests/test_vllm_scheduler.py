@@ -81,3 +81,18 @@ def test_finished_request_forgets_its_answer(clock):
     assert c._answers == {}
     c._cached_tokens("a", list(range(1000)), 896)
     assert w.asked == 2
+
+
+def _vllm_config(extra):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra))
+
+
+def test_connector_keys_are_checked_before_anything_else():
+    import kvtier
+
+    with pytest.raises(kvtier.ConfigError, match="key 'layerwise' is 'yes', not true or false"):
+        kv.kvtier_config(_vllm_config({"layerwise": "yes"}), 0)
+    with pytest.raises(kvtier.ConfigError, match="key 'layer_wise' is unknown .*layerwise"):
+        kv.kvtier_config(_vllm_config({"layer_wise": True}), 0)
