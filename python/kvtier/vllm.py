@@ -166,6 +166,10 @@ def kvtier_config(vllm_config: "VllmConfig", tp_rank: int) -> dict[str, Any]:
     if "chunk_tokens" not in cfg:
         cfg["chunk_tokens"] = block if block in kvtier.chunk_sizes else 256
     cfg.setdefault("max_tokens", max(int(mc.max_model_len), cfg["chunk_tokens"]))
+    # Layer by layer, every load and store of a step holds an operation slot for the step: room
+    # for a load and a store per sequence.
+    seqs = getattr(getattr(vllm_config, "scheduler_config", None), "max_num_seqs", None) or 256
+    cfg.setdefault("max_inflight", max(64, 2 * int(seqs) + 8))
     cfg.setdefault("shared_host", {})
     return kvtier.load_config(cfg)
 

@@ -3,12 +3,9 @@
 // node's shared segment in place and from a disk, and proves every chunk before it copies any.
 
 #include "common.hpp"
+#include "segments.hpp"
 
 #include <doctest/doctest.h>
-
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <unistd.h>
 
 #include <cstddef>
 #include <string>
@@ -20,17 +17,6 @@ namespace ts = kvtier::tier;
 namespace {
 
 constexpr std::size_t slot = 4096;  // a 2048-byte chunk's slot
-
-std::string segment_name(const char* what) {
-  static int n = 0;
-  return "/kvtier-layers-" + std::string(what) + "-" + std::to_string(::getpid()) + "-" +
-         std::to_string(n++);
-}
-
-struct segment_guard {
-  std::string name;
-  ~segment_guard() { ts::shared_host::handle::unlink(name); }
-};
 
 /// Wrong bytes of layer `l` of tokens [0, n) of family f, or, with `want_untouched`, bytes of
 /// layer l of those tokens that a load changed.
@@ -49,21 +35,6 @@ std::size_t wrong_in_layer(const engine_t& e, const std::vector<std::int32_t>& b
       }
   }
   return wrong;
-}
-
-/// Flips a byte of every slot's payload of segment `name`.
-void corrupt_every_slot(const std::string& name) {
-  const int fd = ::shm_open(name.c_str(), O_RDWR, 0);
-  REQUIRE(fd >= 0);
-  auto* h = static_cast<kvtier::detail_shared::header*>(
-      ::mmap(nullptr, 4096, PROT_READ, MAP_SHARED, fd, 0));
-  const std::size_t total = h->total_bytes, off = h->off_data, slots = h->slots;
-  ::munmap(h, 4096);
-  auto* base =
-      static_cast<std::byte*>(::mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
-  for (std::size_t i = 0; i < slots; ++i) base[off + i * slot + 100] ^= std::byte{1};
-  ::munmap(base, total);
-  ::close(fd);
 }
 
 constexpr std::size_t chunk_bytes =
@@ -184,7 +155,7 @@ TEST_CASE("a layer-wise retrieve proves the segment's chunks before it copies an
     CHECK(a.store(toks, e.kv(), bt) == 80);
     a.flush();
   }
-  corrupt_every_slot(g.name);
+  corrupt_every_slot(g.name, slot);
   cache_t b(model, salt, configs(g.name, 16 * slot));
   engine_t e2(model, engine_blocks, 9);
   e2.wipe(untouched);

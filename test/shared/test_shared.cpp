@@ -3,6 +3,7 @@
 // lock, or half-way through a write; leases handed from a scheduler to a worker; refusals.
 
 #include "common.hpp"
+#include "segments.hpp"
 #include "../host/alloc_counter.hpp"
 
 #include <doctest/doctest.h>
@@ -31,18 +32,6 @@ namespace ts = kvtier::tier;
 namespace {
 
 constexpr std::size_t slot = 4096;  // a 2048-byte chunk's slot
-
-std::string segment_name(const char* what) {
-  static int n = 0;
-  return "/kvtier-test-" + std::string(what) + "-" + std::to_string(::getpid()) + "-" +
-         std::to_string(n++);
-}
-
-/// Removes the segment when the test ends, however it ends.
-struct segment_guard {
-  std::string name;
-  ~segment_guard() { ts::shared_host::handle::unlink(name); }
-};
 
 struct child {
   pid_t pid = -1;
@@ -487,18 +476,7 @@ TEST_CASE("bytes that changed in the segment are a corrupt read, never served") 
   fill(e, bt, 5, 80);
   CHECK(a.store(prompt(5, 80), e.kv(), bt) == 80);
   a.flush();
-  // Flip one byte of every slot's payload through a mapping of our own.
-  const int fd = ::shm_open(g.name.c_str(), O_RDWR, 0);
-  REQUIRE(fd >= 0);
-  auto* h = static_cast<kvtier::detail_shared::header*>(
-      ::mmap(nullptr, 4096, PROT_READ, MAP_SHARED, fd, 0));
-  const std::size_t total = h->total_bytes, off = h->off_data, slots = h->slots;
-  ::munmap(h, 4096);
-  auto* base =
-      static_cast<std::byte*>(::mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
-  for (std::size_t i = 0; i < slots; ++i) base[off + i * slot + 100] ^= std::byte{1};
-  ::munmap(base, total);
-  ::close(fd);
+  corrupt_every_slot(g.name, slot);  // one byte of every slot's payload
 
   cache_t b(model, salt, configs(g.name, bytes));
   engine_t e2(model, engine_blocks, 3);
