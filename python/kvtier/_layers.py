@@ -99,7 +99,8 @@ class LayerSteps:
         if not self._stores or layer < self._store_next or layer >= self.layers:
             return False
         lo, self._store_next = self._store_next, layer + 1
-        self._store_jobs.append(self._pool.submit(_copy, list(self._stores), lo, layer + 1))
+        # self._stores is replaced at the end of a step, never changed in place: no copy.
+        self._store_jobs.append(self._pool.submit(_copy, self._stores, lo, layer + 1))
         return True
 
     # ---- the end of the step -------------------------------------------------------------

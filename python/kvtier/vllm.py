@@ -477,10 +477,7 @@ class KvtierConnector(KVConnectorBase_V1):
             logger.error("kvtier: layer-wise store failed: %s", store_error)
         done = iter(stored)
         for sv, p in zip(meta.stores, pipes):
-            n = next(done) if p is not None else 0
-            self._count("store_tokens", n)
-            if n < len(sv.tokens) - sv.start:
-                self._count("store_short_tokens", len(sv.tokens) - sv.start - n)
+            self._stored(sv, next(done) if p is not None else 0)
         if meta.stores:
             self._count("store_us", int((time.perf_counter() - t0) * 1e6))
 
@@ -497,11 +494,14 @@ class KvtierConnector(KVConnectorBase_V1):
             except kvtier.Error as e:
                 logger.error("kvtier: store of request %s failed: %s", sv.req_id, e)
                 n = 0
-            self._count("store_tokens", n)
-            if n < len(sv.tokens) - sv.start:
-                self._count("store_short_tokens", len(sv.tokens) - sv.start - n)
+            self._stored(sv, n)
         if meta.stores:
             self._count("store_us", int((time.perf_counter() - t0) * 1e6))
+
+    def _stored(self, sv: _Store, n: int) -> None:
+        self._count("store_tokens", n)
+        if n < len(sv.tokens) - sv.start:
+            self._count("store_short_tokens", len(sv.tokens) - sv.start - n)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         bad, self._load_errors = self._load_errors, set()
