@@ -3788,22 +3788,30 @@ struct shared_host {
       }
     }
 
-    /// Reads each job's chunk in place: `use(j, src, verify)` gets the bytes of job j in the
-    /// segment (held under a lease while it runs) and, when `verify`, returns their payload
-    /// checksum (computed as it reads them); job.status is then ok only if that checksum is the
-    /// one the writer recorded. job.dst is not used. The cache scatters straight from the
-    /// segment into the engine's blocks this way: one copy instead of two.
+    /// Reads the leading run of jobs' chunks in place: `use(j, src, verify)` gets the bytes of
+    /// job j in the segment (held under a lease while it runs) and, when `verify`, returns their
+    /// payload checksum (computed as it reads them); job.status is then ok only if that checksum
+    /// is the one the writer recorded. The run ends at the first job that is not ok: no later
+    /// job is given to `use` (each is left `missing`), so the only bytes outside the run that
+    /// can have been delivered are those of a chunk that failed its checksum. job.dst is not
+    /// used. The cache scatters straight from the segment into the engine's blocks this way:
+    /// one copy instead of two, and nothing past the prefix it reports loaded but that chunk.
     static constexpr bool maps_reads = true;
     template <class Use>
     void read_mapped(std::span<read_job> jobs, Use&& use) {
       check_process();
       maybe_reap();
       for (std::size_t b = 0; b < jobs.size(); b += batch) {
-        read_group(jobs.subspan(b, std::min(batch, jobs.size() - b)),
-                   [&](std::size_t j, read_job&, const std::byte* src, std::uint64_t sum) {
-                     const std::uint64_t got = use(b + j, src, cfg_.verify);
-                     return !cfg_.verify || got == sum;
-                   });
+        const auto group = jobs.subspan(b, std::min(batch, jobs.size() - b));
+        read_group<true>(group,
+                         [&](std::size_t j, read_job&, const std::byte* src, std::uint64_t sum) {
+                           const std::uint64_t got = use(b + j, src, cfg_.verify);
+                           return !cfg_.verify || got == sum;
+                         });
+        if (group.back().status != read_status::ok) {
+          for (read_job& j : jobs.subspan(b + group.size())) j.status = read_status::missing;
+          return;
+        }
       }
     }
 
@@ -4032,8 +4040,9 @@ struct shared_host {
 
     // One lock round of reads: references the jobs' chunks under a lease, has deliver(j, job,
     // src, checksum) move and check each without the lock (true: the bytes are the chunk's),
-    // then removes chunks that failed and drops the lease.
-    template <class Deliver>
+    // then removes chunks that failed and drops the lease. Leading: only the jobs before the
+    // first one that is not ok are delivered; the rest are left missing.
+    template <bool Leading = false, class Deliver>
     void read_group(std::span<read_job> jobs, Deliver&& deliver) {
       std::array<std::uint32_t, batch> slot;
       std::array<std::uint64_t, batch> sum{};
@@ -4057,13 +4066,14 @@ struct shared_host {
         return;
       }
       auto& c = ix_.hdr().counters;
+      for (read_job& job : jobs) job.status = read_status::missing;
+      std::fill_n(slot.begin(), jobs.size(), detail_shared::nil);
       for (std::size_t j = 0; j < jobs.size(); ++j) {
         read_job& job = jobs[j];
-        slot[j] = detail_shared::nil;
-        job.status = read_status::missing;
         const std::uint32_t i = ix_.find_ready(job.key);
         if (i == detail_shared::nil) {
           ++c.misses;
+          if (Leading) break;
           continue;
         }
         const detail_shared::entry& e = ix_.at(i);
@@ -4071,6 +4081,7 @@ struct shared_host {
             job.bytes > seg_.hdr().slot_bytes) {
           job.status = read_status::corrupt;  // a record of this key that is not this chunk
           ++c.corrupt;
+          if (Leading) break;
           continue;
         }
         ix_.lease_add(l, i);
@@ -4081,17 +4092,22 @@ struct shared_host {
       const std::uint32_t id = ix_.lease(l).id;
       unlock();
       for (std::size_t j = 0; j < jobs.size(); ++j) {
-        if (slot[j] == detail_shared::nil) continue;
+        if (slot[j] == detail_shared::nil) {
+          if (Leading) break;
+          continue;
+        }
         read_job& job = jobs[j];
         const bool good = deliver(j, job, seg_.data(slot[j]), sum[j]);
         job.status = good ? read_status::ok : read_status::corrupt;
+        if (Leading && !good) break;
       }
       if (!lock()) {
         defer(l, id);
         return;
       }
       for (std::size_t j = 0; j < jobs.size(); ++j) {
-        if (slot[j] == detail_shared::nil || jobs[j].status == read_status::ok) continue;
+        // Failed its checksum (a job not delivered is left missing and stays served).
+        if (slot[j] == detail_shared::nil || jobs[j].status != read_status::corrupt) continue;
         ix_.remove(slot[j]);  // its bytes are not the chunk's: never served again
         ++c.corrupt;
       }
@@ -5166,10 +5182,11 @@ class in_place_reader {
 
   /// Scatters the chunks [lo, hi) of a lease (keys `ks`, refs `rs`; chunk i is chunk
   /// first_chunk + i of a run ending at token abs_end) held by tiers that read in place straight
-  /// from there into the engine's blocks, each verified as it is copied; sets out[i - lo]. A
-  /// failed chunk's bytes may already be in the blocks of tokens retrieve does not report as
-  /// loaded (the engine computes those anew). Their refs become dropped_tier (a remote tier's
-  /// chunk holds no reference here).
+  /// from there into the engine's blocks, each verified as it is copied; sets out[i - lo]. The
+  /// tier stops at its first chunk that is missing or fails: nothing after it is copied, and
+  /// only the bytes of a chunk that failed its checksum can be in blocks of tokens retrieve does
+  /// not report as loaded (the engine computes those anew). Their refs become dropped_tier (a
+  /// remote tier's chunk holds no reference here).
   template <class View>
   void load(const chunk_key* ks, chunk_ref* rs, std::size_t first_chunk, std::size_t lo,
             std::size_t hi, std::size_t abs_end, const View& v, block_table table, outcome& out) {
@@ -6254,10 +6271,13 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     for (std::size_t w = 0; w < count; w += window) {
       const std::size_t hi = std::min(count, w + window);
       typename in_place_reader<chain_type>::outcome direct{};  // 1: loaded in place, 2: failed
+      std::size_t upto = hi;  // the window's chunks before one that failed in place
       if constexpr (chain_type::has_mapped) {
         in_place_.load(ops_.keys(l.op_) + l.first_, rs, l.first_, w, hi, abs_end, v, table, direct);
+        upto = w + static_cast<std::size_t>(
+                       std::find(direct.begin(), direct.begin() + (hi - w), 2) - direct.begin());
       }
-      if constexpr (has_lower) promote(l, w, hi, abs_end);
+      if constexpr (has_lower) promote(l, w, upto, abs_end);
       std::size_t i = w;
       for (; i < hi && direct[i - w] != 2 && (direct[i - w] == 1 || rs[i].tier == 0); ++i) {
         const std::size_t c = l.first_ + i;

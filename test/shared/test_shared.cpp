@@ -484,13 +484,51 @@ TEST_CASE("bytes that changed in the segment are a corrupt read, never served") 
   auto hit = b.lookup(prompt(5, 80));
   CHECK(hit.tokens() == 80);
   CHECK(b.retrieve(hit, e2.kv(), bt) == 0);
-  // Nothing is reported loaded; only the blocks of the failed chunks (all 5 were read in place
-  // in one batch) may have been written, nothing outside them.
-  CHECK(wrong_bytes(e2, bt, 5, 0, 80) == 0);
+  // Nothing is reported loaded; only the blocks of the chunk that failed its checksum (the
+  // first) may have been written: the read stops there, nothing after it is copied.
+  CHECK(wrong_bytes(e2, bt, 5, 0, 16) == 0);
   CHECK(b.stats().tiers[1].errors >= 1);
   CHECK(b.tier<1>().stats().corrupt >= 1);
   // The corrupt chunk is gone from the segment.
   CHECK(b.lookup(prompt(5, 80)).tokens() == 0);
+}
+
+// The CI failure of stop 23: a chunk another process evicted between a lookup and its retrieve
+// ended the loaded prefix, but the chunks after it in the same batch were still scattered into
+// the engine's blocks, past the tokens retrieve reported loaded.
+TEST_CASE("a chunk gone between lookup and retrieve ends the load: nothing past it is written") {
+  segment_guard g{segment_name("gone")};
+  const std::size_t bytes = 64 * slot;
+  const auto f = kvtier::layout::chunk_format::from(model, 16, 2);
+  kvtier::detail::chunker<16, kvtier::key::xxh3_hasher> ch(salt, f, false);
+  cache_t a(model, salt, configs(g.name, bytes));
+  kvtier::shared_lookup<cache_t> other(model, salt, std::get<1>(configs(g.name, bytes)));
+  engine_t e(model, engine_blocks, 4);
+  for (const std::uint32_t gone : {0u, 4u, 9u}) {
+    const std::uint32_t fam = 3 + gone;
+    const auto toks = prompt(fam, 160);
+    std::vector<kvtier::chunk_key> keys(10);
+    REQUIRE(ch.keys(toks, keys) == 10);
+    const auto bt = test::shuffled_table(40, engine_blocks, 4);
+    fill(e, bt, fam, 160);
+    REQUIRE(a.store(toks, e.kv(), bt) == 160);
+    a.flush();
+    // b finds all 10 chunks in the segment; then another attachment removes chunk `gone`.
+    cache_t b(model, salt, configs(g.name, bytes));
+    engine_t e2(model, engine_blocks, 5);
+    e2.wipe(untouched);
+    const auto bt2 = test::shuffled_table(40, engine_blocks, 6 + gone);
+    auto hit = b.lookup(toks);
+    REQUIRE(hit.tokens() == 160);
+    REQUIRE(other.handle().remove(std::span(keys).subspan(gone, 1)) == 1);
+    INFO("chunk " << gone << " removed");
+    CHECK(b.retrieve(hit, e2.kv(), bt2) == gone * 16);
+    CHECK(wrong_bytes(e2, bt2, fam, gone * 16) == 0);  // every block past the prefix untouched
+    CHECK(b.stats().tiers[1].errors == 0);             // a miss, not an error
+    CHECK(b.tier<1>().stats().corrupt == 0);
+    // The chunks after the gone one are still served (not taken for corrupt ones).
+    CHECK(other.handle().probe(std::span(keys).subspan(gone + 1)) == 9 - gone);
+  }
 }
 
 TEST_CASE("probe, read and write batches allocate nothing") {

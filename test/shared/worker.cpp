@@ -44,7 +44,16 @@ int run(const std::string& name, std::uint32_t seed, std::size_t iterations, std
     const std::size_t got = cache.retrieve(hit, e.kv(), bt);
     ++loads;
     loaded_total += got;
-    wrong += wrong_bytes(e, bt, f, got);
+    if (const std::size_t w = wrong_bytes(e, bt, f, got); w != 0) {
+      // Which bytes: of the tokens reported loaded, or of blocks past them (a chunk that failed
+      // its proof after it reached the engine's blocks).
+      const std::size_t in_loaded = wrong_bytes(e, bt, f, got, n);
+      std::fprintf(stderr,
+                   "worker %u: load %zu of family %u: %zu of %zu tokens loaded, %zu wrong bytes "
+                   "(%zu in the loaded tokens)\n",
+                   seed, loads, f, got, n, w, in_loaded);
+      wrong += w;
+    }
     fill(e, bt, f, n);
     stored_total += cache.store(toks, e.kv(), bt);
     if (rng() % 8 == 0) cache.flush();

@@ -227,10 +227,13 @@ class cache_impl<ChunkTokens, BlockTokens, Layout, Eviction, Hasher, std::tuple<
     for (std::size_t w = 0; w < count; w += window) {
       const std::size_t hi = std::min(count, w + window);
       typename in_place_reader<chain_type>::outcome direct{};  // 1: loaded in place, 2: failed
+      std::size_t upto = hi;  // the window's chunks before one that failed in place
       if constexpr (chain_type::has_mapped) {
         in_place_.load(ops_.keys(l.op_) + l.first_, rs, l.first_, w, hi, abs_end, v, table, direct);
+        upto = w + static_cast<std::size_t>(
+                       std::find(direct.begin(), direct.begin() + (hi - w), 2) - direct.begin());
       }
-      if constexpr (has_lower) promote(l, w, hi, abs_end);
+      if constexpr (has_lower) promote(l, w, upto, abs_end);
       std::size_t i = w;
       for (; i < hi && direct[i - w] != 2 && (direct[i - w] == 1 || rs[i].tier == 0); ++i) {
         const std::size_t c = l.first_ + i;

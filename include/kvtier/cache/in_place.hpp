@@ -46,10 +46,11 @@ class in_place_reader {
 
   /// Scatters the chunks [lo, hi) of a lease (keys `ks`, refs `rs`; chunk i is chunk
   /// first_chunk + i of a run ending at token abs_end) held by tiers that read in place straight
-  /// from there into the engine's blocks, each verified as it is copied; sets out[i - lo]. A
-  /// failed chunk's bytes may already be in the blocks of tokens retrieve does not report as
-  /// loaded (the engine computes those anew). Their refs become dropped_tier (a remote tier's
-  /// chunk holds no reference here).
+  /// from there into the engine's blocks, each verified as it is copied; sets out[i - lo]. The
+  /// tier stops at its first chunk that is missing or fails: nothing after it is copied, and
+  /// only the bytes of a chunk that failed its checksum can be in blocks of tokens retrieve does
+  /// not report as loaded (the engine computes those anew). Their refs become dropped_tier (a
+  /// remote tier's chunk holds no reference here).
   template <class View>
   void load(const chunk_key* ks, chunk_ref* rs, std::size_t first_chunk, std::size_t lo,
             std::size_t hi, std::size_t abs_end, const View& v, block_table table, outcome& out) {

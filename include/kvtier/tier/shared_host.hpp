@@ -212,22 +212,30 @@ struct shared_host {
       }
     }
 
-    /// Reads each job's chunk in place: `use(j, src, verify)` gets the bytes of job j in the
-    /// segment (held under a lease while it runs) and, when `verify`, returns their payload
-    /// checksum (computed as it reads them); job.status is then ok only if that checksum is the
-    /// one the writer recorded. job.dst is not used. The cache scatters straight from the
-    /// segment into the engine's blocks this way: one copy instead of two.
+    /// Reads the leading run of jobs' chunks in place: `use(j, src, verify)` gets the bytes of
+    /// job j in the segment (held under a lease while it runs) and, when `verify`, returns their
+    /// payload checksum (computed as it reads them); job.status is then ok only if that checksum
+    /// is the one the writer recorded. The run ends at the first job that is not ok: no later
+    /// job is given to `use` (each is left `missing`), so the only bytes outside the run that
+    /// can have been delivered are those of a chunk that failed its checksum. job.dst is not
+    /// used. The cache scatters straight from the segment into the engine's blocks this way:
+    /// one copy instead of two, and nothing past the prefix it reports loaded but that chunk.
     static constexpr bool maps_reads = true;
     template <class Use>
     void read_mapped(std::span<read_job> jobs, Use&& use) {
       check_process();
       maybe_reap();
       for (std::size_t b = 0; b < jobs.size(); b += batch) {
-        read_group(jobs.subspan(b, std::min(batch, jobs.size() - b)),
-                   [&](std::size_t j, read_job&, const std::byte* src, std::uint64_t sum) {
-                     const std::uint64_t got = use(b + j, src, cfg_.verify);
-                     return !cfg_.verify || got == sum;
-                   });
+        const auto group = jobs.subspan(b, std::min(batch, jobs.size() - b));
+        read_group<true>(group,
+                         [&](std::size_t j, read_job&, const std::byte* src, std::uint64_t sum) {
+                           const std::uint64_t got = use(b + j, src, cfg_.verify);
+                           return !cfg_.verify || got == sum;
+                         });
+        if (group.back().status != read_status::ok) {
+          for (read_job& j : jobs.subspan(b + group.size())) j.status = read_status::missing;
+          return;
+        }
       }
     }
 
@@ -456,8 +464,9 @@ struct shared_host {
 
     // One lock round of reads: references the jobs' chunks under a lease, has deliver(j, job,
     // src, checksum) move and check each without the lock (true: the bytes are the chunk's),
-    // then removes chunks that failed and drops the lease.
-    template <class Deliver>
+    // then removes chunks that failed and drops the lease. Leading: only the jobs before the
+    // first one that is not ok are delivered; the rest are left missing.
+    template <bool Leading = false, class Deliver>
     void read_group(std::span<read_job> jobs, Deliver&& deliver) {
       std::array<std::uint32_t, batch> slot;
       std::array<std::uint64_t, batch> sum{};
@@ -481,13 +490,14 @@ struct shared_host {
         return;
       }
       auto& c = ix_.hdr().counters;
+      for (read_job& job : jobs) job.status = read_status::missing;
+      std::fill_n(slot.begin(), jobs.size(), detail_shared::nil);
       for (std::size_t j = 0; j < jobs.size(); ++j) {
         read_job& job = jobs[j];
-        slot[j] = detail_shared::nil;
-        job.status = read_status::missing;
         const std::uint32_t i = ix_.find_ready(job.key);
         if (i == detail_shared::nil) {
           ++c.misses;
+          if (Leading) break;
           continue;
         }
         const detail_shared::entry& e = ix_.at(i);
@@ -495,6 +505,7 @@ struct shared_host {
             job.bytes > seg_.hdr().slot_bytes) {
           job.status = read_status::corrupt;  // a record of this key that is not this chunk
           ++c.corrupt;
+          if (Leading) break;
           continue;
         }
         ix_.lease_add(l, i);
@@ -505,17 +516,22 @@ struct shared_host {
       const std::uint32_t id = ix_.lease(l).id;
       unlock();
       for (std::size_t j = 0; j < jobs.size(); ++j) {
-        if (slot[j] == detail_shared::nil) continue;
+        if (slot[j] == detail_shared::nil) {
+          if (Leading) break;
+          continue;
+        }
         read_job& job = jobs[j];
         const bool good = deliver(j, job, seg_.data(slot[j]), sum[j]);
         job.status = good ? read_status::ok : read_status::corrupt;
+        if (Leading && !good) break;
       }
       if (!lock()) {
         defer(l, id);
         return;
       }
       for (std::size_t j = 0; j < jobs.size(); ++j) {
-        if (slot[j] == detail_shared::nil || jobs[j].status == read_status::ok) continue;
+        // Failed its checksum (a job not delivered is left missing and stays served).
+        if (slot[j] == detail_shared::nil || jobs[j].status != read_status::corrupt) continue;
         ix_.remove(slot[j]);  // its bytes are not the chunk's: never served again
         ++c.corrupt;
       }
