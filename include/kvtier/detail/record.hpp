@@ -37,7 +37,7 @@ static_assert(sizeof(record_header) <= record_header_bytes);
 /// Payload checksum, seeded by the key so bytes moved under another key fail the check too.
 [[nodiscard]] inline std::uint64_t payload_checksum(const chunk_key& k, const std::byte* p,
                                                     std::size_t n) noexcept {
-  return XXH3_64bits_withSeed(p, n, k.lo ^ k.hi);
+  return xxh3_64_seeded(p, n, k.lo ^ k.hi);
 }
 
 /// payload_checksum taken piece by piece (the same value over the same bytes, in order), so a
@@ -48,7 +48,7 @@ class payload_hasher {
     XXH3_INITSTATE(&st_);
     XXH3_64bits_reset_withSeed(&st_, k.lo ^ k.hi);
   }
-  void update(const std::byte* p, std::size_t n) noexcept { XXH3_64bits_update(&st_, p, n); }
+  void update(const std::byte* p, std::size_t n) noexcept { xxh3_update(&st_, p, n); }
   [[nodiscard]] std::uint64_t digest() const noexcept { return XXH3_64bits_digest(&st_); }
 
  private:

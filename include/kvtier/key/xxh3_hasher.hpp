@@ -36,7 +36,7 @@ struct xxh3_hasher {
     XXH3_128bits_reset(&state);
     const std::uint64_t words[2] = {prev.lo, prev.hi};
     XXH3_128bits_update(&state, words, sizeof words);
-    XXH3_128bits_update(&state, tokens.data(), tokens.size_bytes());
+    kvtier::detail::xxh3_update(&state, tokens.data(), tokens.size_bytes());  // the AVX2 loop
     const XXH128_hash_t h = XXH3_128bits_digest(&state);
     return chunk_key{h.low64, h.high64};
   }
