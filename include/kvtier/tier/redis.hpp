@@ -56,6 +56,10 @@ struct redis {
     std::string key_prefix = "kvtier";
     std::uint32_t admit_after_hits = 0;  ///< take a chunk only once hit this often above
     unsigned writers = 2;  ///< threads writing chunks (each with a pipelined batch in flight)
+    /// Value bytes kept in flight per server connection by loads (GET replies) and writes (SET
+    /// values), at least 2 commands: a sliding window, the next command sent as each reply is
+    /// read. Deeper pipelines of large values run slower (docs/performance.md, "Redis").
+    std::size_t window_bytes = std::size_t{1} << 20;
   };
 
   /// Counters of the tier's own events (the cache counts hits, writes and errors).
@@ -135,14 +139,19 @@ struct redis {
     void read_batch(std::span<read_job> jobs) {
       for (std::size_t b = 0; b < jobs.size(); b += batch) {
         std::span<read_job> js = jobs.subspan(b, std::min(batch, jobs.size() - b));
-        for (auto& j : js) j.status = read_status::io_error;
+        std::size_t largest = 1;
+        for (auto& j : js) {
+          j.status = read_status::io_error;
+          largest = std::max(largest, j.bytes);
+        }
         run_with(
             js.size(), [&](std::size_t i) { return key_text(js[i].key); },
             detail_redis::keyed("GET"),
             [&](redisContext*, wire& w, std::size_t i, bool asking, std::string& err) {
               return detail_redis::read_record(w, js[i], ctx_, asking, err);
             },
-            [&](std::size_t i) { js[i].status = read_status::io_error; }, true);
+            [&](std::size_t i) { js[i].status = read_status::io_error; }, true,
+            window_for(largest));
       }
     }
 
@@ -158,10 +167,13 @@ struct redis {
               if (r != nullptr && r->type == REDIS_REPLY_INTEGER) state[i] = r->integer ? 1 : 2;
             });
         std::array<std::size_t, batch> absent{};
-        std::size_t m = 0;
+        std::size_t m = 0, largest = 1;
         for (std::size_t i = 0; i < js.size(); ++i) {
           js[i].ok = state[i] == 1;
-          if (state[i] == 2) absent[m++] = i;
+          if (state[i] == 2) {
+            absent[m++] = i;
+            largest = std::max(largest, js[i].bytes);
+          }
         }
         if (m == 0) continue;
         run(
@@ -171,7 +183,8 @@ struct redis {
             },
             [&](std::size_t i, redisReply* r) {
               js[absent[i]].ok = r != nullptr && r->type == REDIS_REPLY_STATUS;
-            });
+            },
+            window_for(largest));
       }
     }
 
@@ -244,6 +257,9 @@ struct redis {
                                std::to_string(c.backoff_max.count()) +
                                " ms are not 0 < min <= max");
       }
+      if (c.window_bytes == 0) {
+        throw invalid_argument("kvtier: redis window_bytes is 0 (at least one byte)");
+      }
       if (c.ttl.count() < 0) {
         throw invalid_argument("kvtier: redis ttl " + std::to_string(c.ttl.count()) +
                                " ms is negative");
@@ -258,6 +274,11 @@ struct redis {
       std::string s;
       for (const auto& a : v) s += (s.empty() ? "" : ",") + a;
       return s;
+    }
+
+    // Commands per connection in flight for values of up to `largest` bytes.
+    std::size_t window_for(std::size_t largest) const noexcept {
+      return std::clamp<std::size_t>(cfg_.window_bytes / largest, 2, batch);
     }
 
     key_buf key_text(const chunk_key& k) const noexcept {
@@ -276,18 +297,20 @@ struct redis {
     // Runs `n` commands: key(i) names command i's key, append(ctx, i, key) appends it, and
     // reply(i, r) takes its reply (nullptr when its server failed, was down or late).
     template <class KeyOf, class Append, class Reply>
-    void run(std::size_t n, KeyOf key_of, Append append, Reply reply) {
+    void run(std::size_t n, KeyOf key_of, Append append, Reply reply, std::size_t window = batch) {
       run_with(
           n, key_of, append, detail_redis::by_hiredis(reply),
-          [&](std::size_t i) { reply(i, nullptr); }, false);
+          [&](std::size_t i) { reply(i, nullptr); }, false, window);
     }
 
     // The same with a reply reader of one's own: read(ctx, wire, i, asking, err) consumes
     // command i's reply (and the ASKING reply before it); fail(i) is called for a command whose
-    // server failed, was down or late. Commands are grouped per server, all servers are written
-    // before any is read, and MOVED/ASK redirections are followed (up to 3 times per command).
+    // server failed, was down or late. Commands are grouped per server; each server gets its
+    // first `window` commands before any is read, then one more as each reply is read (a
+    // sliding window), and MOVED/ASK redirections are followed (up to 3 times per command).
     template <class KeyOf, class Append, class Read, class Fail>
-    void run_with(std::size_t n, KeyOf key_of, Append append, Read read, Fail fail, bool direct) {
+    void run_with(std::size_t n, KeyOf key_of, Append append, Read read, Fail fail, bool direct,
+                  std::size_t window) {
       std::array<route, batch> rt{};
       std::array<key_buf, batch> keys;
       {
@@ -300,7 +323,9 @@ struct redis {
       bool refresh = false;
       std::string err;
       for (int round = 0; round < 4; ++round) {
-        // The servers of this round's pending commands.
+        // This round's pending commands grouped per server, in order: server s sends and reads
+        // order[first[s] .. first[s + 1]). Fixed for the round: a redirect moves a command to
+        // next round's list, never into one being sent.
         std::array<std::uint16_t, batch> servers{};
         std::size_t ns = 0;
         for (std::size_t i = 0; i < n; ++i) {
@@ -311,35 +336,53 @@ struct redis {
           }
         }
         if (ns == 0) break;
+        std::array<std::uint8_t, batch> order{};
+        std::array<std::uint8_t, batch + 1> first{};
+        std::size_t m = 0;
+        for (std::size_t s = 0; s < ns; ++s) {
+          first[s] = static_cast<std::uint8_t>(m);
+          for (std::size_t i = 0; i < n; ++i) {
+            if (!rt[i].done && rt[i].node == servers[s]) order[m++] = static_cast<std::uint8_t>(i);
+          }
+        }
+        first[ns] = static_cast<std::uint8_t>(m);
         std::array<detail_redis::server*, batch> sn{};
         {
           const auto lk = topo_.reading();
           for (std::size_t s = 0; s < ns; ++s) sn[s] = &topo_.at_locked(servers[s]);
         }
-        // Write every server's commands first, so servers work in parallel.
         std::array<redisContext*, batch> ctx{};
+        std::array<std::uint8_t, batch> sent{};  // per server: order[] positions sent so far
+        const auto send_upto = [&](std::size_t s, std::size_t end) {
+          for (; sent[s] < end; ++sent[s]) {
+            const std::size_t i = order[sent[s]];
+            if (rt[i].asking) redisAppendCommand(ctx[s], "ASKING");
+            append(ctx[s], i, keys[i]);
+          }
+          detail_redis::flush_out(ctx[s]);
+        };
+        // Every server's first window first, so servers work in parallel.
         for (std::size_t s = 0; s < ns; ++s) {
+          sent[s] = first[s];
           ctx[s] = sn[s]->acquire();
           if (ctx[s] == nullptr) {
             ++skipped_;
             continue;
           }
-          for (std::size_t i = 0; i < n; ++i) {
-            if (rt[i].done || rt[i].node != servers[s]) continue;
-            if (rt[i].asking) redisAppendCommand(ctx[s], "ASKING");
-            append(ctx[s], i, keys[i]);
-          }
-          detail_redis::flush_out(ctx[s]);
+          send_upto(s, std::min<std::size_t>(first[s + 1], first[s] + window));
         }
-        // Then read the replies in order.
+        // Then read each server's replies in order, topping its window up after each.
         for (std::size_t s = 0; s < ns; ++s) {
           redisContext* c = ctx[s];
           bool healthy = c != nullptr && c->err == 0;
           wire w{c != nullptr ? c->fd : -1};
-          for (std::size_t i = 0; i < n; ++i) {
-            if (rt[i].done || rt[i].node != servers[s]) continue;
-            const outcome o = healthy ? read(c, w, i, rt[i].asking, err) : outcome::broken;
+          for (std::size_t p = first[s]; p < first[s + 1]; ++p) {
+            const std::size_t i = order[p];
+            // Only sent commands have replies; one left unsent by a broken connection fails.
+            const outcome o =
+                healthy && p < sent[s] ? read(c, w, i, rt[i].asking, err) : outcome::broken;
             if (o == outcome::broken) healthy = false;
+            if (healthy && sent[s] < first[s + 1]) send_upto(s, sent[s] + 1u);
             if (o == outcome::error && round < 3 && redirect(err, rt[i], refresh)) {
               continue;  // sent again next round
             }
