@@ -11,7 +11,7 @@
 // not depend on the CPU that wrote them. Off (the compile-time loop) when the build already
 // targets AVX2, outside GCC/Clang on x86-64, in CUDA translation units, for an xxHash other than
 // 0.8.1 (its internal calls are used), when xxhash.h's implementation was included before this
-// header, or with -DKVTIER_NO_XXH_DISPATCH.
+// header or XXH_ACC_ALIGN was set below 32, or with -DKVTIER_NO_XXH_DISPATCH.
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__AVX2__) && \
     !defined(__CUDACC__) && !defined(KVTIER_NO_XXH_DISPATCH) && !defined(XXH_IMPLEM_13a8737387)
@@ -22,6 +22,12 @@
 #endif
 #ifndef XXH_TARGET_AVX2
 #define XXH_TARGET_AVX2 __attribute__((__target__("avx2")))
+#endif
+// The AVX2 loop reads and writes its accumulators and derived secret as aligned 32-byte
+// vectors; an SSE2 build aligns them to 16 only, so a frame 16 bytes off faults (vmovdqa).
+// 64, as xxh_x86dispatch.c has it; an engine's own smaller value turns the dispatch off below.
+#ifndef XXH_ACC_ALIGN
+#define XXH_ACC_ALIGN 64
 #endif
 #endif
 
@@ -38,7 +44,8 @@
 #include <cstddef>
 #include <cstdint>
 
-#if defined(KVTIER_XXH_TRY_AVX2) && XXH_VERSION_NUMBER == 801 && XXH_DISPATCH_AVX2
+#if defined(KVTIER_XXH_TRY_AVX2) && XXH_VERSION_NUMBER == 801 && XXH_DISPATCH_AVX2 && \
+    XXH_ACC_ALIGN >= 32 && XXH_SEC_ALIGN >= 32
 #define KVTIER_XXH_AVX2_DISPATCH 1
 #else
 #define KVTIER_XXH_AVX2_DISPATCH 0
