@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 import tiny_model
-from vllm_harness import max_logprob_diff, run
+from vllm_harness import greedy_divergence, max_logprob_diff, run
 
 BLOCK = 128  # vLLM CPU's default block size; the connector's chunk is one block
 BATCHED = 2048  # max_num_batched_tokens: the 6000-token prompt prefills in 3 steps
@@ -64,11 +64,11 @@ def segment():
 DISK_BYTES = 64 << 20
 
 
-def _ktc(role, seg, disk=None, layerwise=True):
+def _ktc(role, seg, disk=None, layerwise=True, verify=True):
     tiers = {
         "chunk_tokens": BLOCK,
         "host": {"capacity_bytes": 32 << 20},
-        "shared_host": {"name": seg.name, "capacity_bytes": 64 << 20},
+        "shared_host": {"name": seg.name, "capacity_bytes": 64 << 20, "verify": verify},
     }
     if disk is not None:
         tiers["local_disk"] = {"path": str(disk), "capacity_bytes": DISK_BYTES}
@@ -88,35 +88,50 @@ def _chunk_bytes(model):
 
 
 def _run(model, prompts, tmp_path, tag, role=None, seg=None, multiprocess=False, disk=None,
-         layerwise=True, **kw):
+         layerwise=True, verify=True, **kw):
     stats = tmp_path / f"{tag}.stats.json"
     env = {"KVTIER_VLLM_STATS_FILE": str(stats)}
     if multiprocess:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
     res = run(model, prompts, max_tokens=8, block_size=BLOCK, max_num_batched_tokens=BATCHED,
-              kv_transfer_config=_ktc(role, seg, disk, layerwise) if role else None, extra_env=env,
-              log_path=str(tmp_path / f"{tag}.log"), **kw)
+              kv_transfer_config=_ktc(role, seg, disk, layerwise, verify) if role else None,
+              extra_env=env, log_path=str(tmp_path / f"{tag}.log"), **kw)
     res["stats"] = json.loads(stats.read_text()) if stats.exists() else None
     return res
 
 
 @pytest.fixture(scope="module")
 def reference(model, tmp_path_factory):
-    """No kvtier: a cold run, then the same prompts on top of vLLM's own prefix cache. Their
-    logprob difference is how far computing on a cached prefix moves them (not zero)."""
-    res = _run(model, PROMPTS, tmp_path_factory.mktemp("ref"), "ref", enable_prefix_caching=True,
-               rounds=2)
-    cold, warm = res["rounds"]
-    diff, same = max_logprob_diff(cold, warm)
-    assert same, "vLLM's own prefix cache changed a greedy token on these prompts"
+    """No kvtier. Each prompt set (all prompts, the short ones alone) run cold with the engine
+    settings kvtier's runs use: what those are compared with. vLLM's own logprobs move with
+    how its steps are batched and split (bf16 on a CPU without AVX-512 by up to about 1e-3), so
+    the tolerance is measured: the largest difference between runs of the same prompts that
+    differ only in scheduling (cold with and without vLLM's prefix cache, then on its prefix
+    cache; the short prompts alone and inside the full batch), doubled. Wrong bytes move them by
+    far more: test_corrupt_records_are_recomputed serves one flipped byte per chunk and checks
+    that the comparison sees it."""
+    d = tmp_path_factory.mktemp("ref")
+    full = _run(model, PROMPTS, d, "ref")["outputs"]
+    short = _run(model, PROMPTS[1:], d, "ref_short")["outputs"]
+    pc = _run(model, PROMPTS, d, "ref_pc", enable_prefix_caching=True, rounds=2)
+    cold, warm = pc["rounds"]
     assert [o["num_cached_tokens"] for o in warm] == [_claimable(len(p)) for p in PROMPTS]
-    return {"cold": cold, "diff": diff}
+    diffs = {}
+    for name, x, y in (("prefix_cache_cold", full, cold), ("prefix_cache_warm", full, warm),
+                       ("prefix_cache_cold_warm", cold, warm), ("batch", full[1:], short)):
+        diffs[name], same = max_logprob_diff(x, y)
+        assert same, f"vLLM changed a greedy token on these prompts by itself ({name})"
+    tol = 2 * max(diffs.values()) + 1e-6
+    # A floor this high would leave the test blind to small errors; it is not, here.
+    assert tol < 5e-3, diffs
+    return {"full": full, "short": short, "tol": tol, "diffs": diffs}
 
 
-def _same_as(ref, res, tol):
-    diff, same = max_logprob_diff(ref["cold"], res["outputs"])
+def _same_as(cold, res, reference):
+    diff, same = max_logprob_diff(cold, res["outputs"])
     assert same, "greedy tokens differ from the run without kvtier"
-    assert diff <= tol, f"logprobs moved by {diff}, more than the reference {tol}"
+    assert diff <= reference["tol"], (
+        f"logprobs moved by {diff}, more than vLLM's own {reference['diffs']}")
     return diff
 
 
@@ -128,7 +143,7 @@ def test_store_then_fresh_engine_hits_including_chunked_prefill(model, reference
     # (The second short prompt may already hit chunks of the prefix the first one stored a
     # step earlier in this same engine.)
     assert a["outputs"][0]["num_cached_tokens"] == 0
-    _same_as(reference, a, reference["diff"] + 1e-6)
+    _same_as(reference["full"], a, reference)
     stored = a["stats"]["connector"]["store_tokens"]
     # Every full chunk of each sequence (prompt plus the outputs whose KV was computed).
     want = sum((len(p) + 7) // BLOCK * BLOCK for p in PROMPTS)
@@ -146,7 +161,7 @@ def test_store_then_fresh_engine_hits_including_chunked_prefill(model, reference
     # Layer by layer (the default): vLLM waited for every layer of every step that loaded.
     assert c.get("layerwise_loads", 0) == len(PROMPTS), c
     assert c.get("layerwise_unsound_steps", 0) == 0, c
-    _same_as(reference, b, reference["diff"] + 1e-6)
+    _same_as(reference["full"], b, reference)
 
 
 def test_producer_stores_consumer_loads_in_separate_processes(model, reference, segment,
@@ -164,8 +179,7 @@ def test_producer_stores_consumer_loads_in_separate_processes(model, reference, 
     assert c["stats"]["connector"].get("load_tokens") == sum(hits)
     assert c["stats"]["connector"].get("store_tokens", 0) == 0
     assert c["stats"]["connector"].get("layerwise_loads", 0) == 0
-    ref = {"cold": reference["cold"][1:], "diff": reference["diff"]}
-    _same_as(ref, c, reference["diff"] + 1e-6)
+    _same_as(reference["short"], c, reference)
 
 
 def _corrupt_slab(seg, chunk_bytes, capacity):
@@ -185,15 +199,22 @@ def _corrupt_slab(seg, chunk_bytes, capacity):
 def test_corrupt_records_are_recomputed(model, reference, segment, tmp_path):
     _run(model, PROMPTS[1:], tmp_path, "store", "kv_producer", segment)
     _corrupt_slab(segment, _chunk_bytes(model), 64 << 20)
+    # The control: a consumer that does not verify (shared_host "verify": false) is served the
+    # flipped bytes, and the comparison with the run without kvtier must see them; otherwise the
+    # e2e tests' tolerance would hide wrong bytes.
+    u = _run(model, PROMPTS[1:], tmp_path, "unverified", "kv_consumer", segment, verify=False)
+    hits = sum(_claimable(len(q)) for q in PROMPTS[1:])
+    assert u["stats"]["connector"].get("load_tokens") == hits, u["stats"]
+    diff, same = max_logprob_diff(reference["short"], u["outputs"])
+    assert not same or diff > 10 * reference["tol"], (diff, reference["diffs"])
     c = _run(model, PROMPTS[1:], tmp_path, "load", "kv_consumer", segment)
     s = c["stats"]
     # The scheduler still saw the chunks (their index is intact) and promised them; the worker
     # found every payload corrupt, loaded nothing, and vLLM recomputed those blocks.
     assert s["connector"].get("load_tokens", 0) == 0, s
-    assert s["connector"]["load_failed_tokens"] == sum(_claimable(len(q)) for q in PROMPTS[1:])
+    assert s["connector"]["load_failed_tokens"] == hits
     assert sum(t["errors"] for t in s["cache"]["tiers"]) > 0
-    ref = {"cold": reference["cold"][1:], "diff": reference["diff"]}
-    _same_as(ref, c, reference["diff"] + 1e-6)
+    _same_as(reference["short"], c, reference)
 
 
 def test_restarted_engine_hits_what_the_first_stored_on_disk(model, reference, segment,
@@ -211,8 +232,7 @@ def test_restarted_engine_hits_what_the_first_stored_on_disk(model, reference, s
     disk_tier = s["cache"]["tiers"][2]
     assert disk_tier["name"] == "local_disk" and disk_tier["recovered"] > 0
     assert disk_tier["hits"] > 0 and disk_tier["errors"] == 0
-    ref = {"cold": reference["cold"][1:], "diff": reference["diff"]}
-    _same_as(ref, b, reference["diff"] + 1e-6)
+    _same_as(reference["short"], b, reference)
 
 
 def _corrupt_disk(disk, chunk_bytes):
@@ -238,8 +258,7 @@ def test_corrupt_disk_records_are_recomputed(model, reference, segment, tmp_path
     assert s["connector"].get("load_tokens", 0) == 0, s
     assert s["connector"]["load_failed_tokens"] == hits
     assert s["cache"]["tiers"][2]["errors"] > 0
-    ref = {"cold": reference["cold"][1:], "diff": reference["diff"]}
-    _same_as(ref, c, reference["diff"] + 1e-6)
+    _same_as(reference["short"], c, reference)
 
 
 def test_preempted_requests_resume_and_load_again(model, reference, segment, tmp_path):
@@ -250,8 +269,17 @@ def test_preempted_requests_resume_and_load_again(model, reference, segment, tmp
     prefix = [rng.randrange(3, 1000) for _ in range(700)]
     prompts = [prefix + [rng.randrange(3, 1000) for _ in range(65)] for _ in range(6)]
     small = {"num_gpu_blocks_override": 13, "max_model_len": 1024}
-    kw = dict(max_tokens=200, block_size=BLOCK, extra=small)
+    kw = dict(max_tokens=200, block_size=BLOCK, extra=small, logprobs=2)
     base = run(model, prompts, log_path=str(tmp_path / "base.log"), **kw)
+    # vLLM's own noise over 200 bf16 decode steps of preempted, resumed requests: the same run on
+    # its prefix cache (a schedule change without kvtier). Here it differs from the run without by
+    # up to about 0.03 and flips a greedy token at a near tie (one bf16 step apart).
+    base_pc = run(model, prompts, log_path=str(tmp_path / "base_pc.log"),
+                  enable_prefix_caching=True, **kw)
+    noise_diff, noise_parted = greedy_divergence(base, base_pc)
+    noise = max([noise_diff] + [gap for _, _, gap in noise_parted])
+    assert noise < 0.1, (noise_diff, noise_parted)
+    tol = 2 * noise + 1e-6
     stats = tmp_path / "k.stats.json"
     k = run(model, prompts, kv_transfer_config=_ktc("kv_both", segment),
             extra_env={"KVTIER_VLLM_STATS_FILE": str(stats)}, log_path=str(tmp_path / "k.log"),
@@ -263,6 +291,8 @@ def test_preempted_requests_resume_and_load_again(model, reference, segment, tmp
     assert worker.get("load_failed_tokens", 0) == 0
     # Waiting requests are asked about at every step; most answers are reused, not re-asked.
     assert sched.get("lookups_reused", 0) > sched["lookups"], sched
-    diff, same = max_logprob_diff(base, k)
-    assert same, "greedy tokens differ from the run without kvtier"
-    assert diff <= reference["diff"] + 1e-6, diff
+    # Same tokens up to where the two runs part, if they do, with logprobs within vLLM's own
+    # noise before that; and they part only at a near tie as narrow as that noise.
+    diff, parted = greedy_divergence(base, k)
+    assert diff <= tol, (diff, noise_diff, noise_parted)
+    assert all(gap <= tol for _, _, gap in parted), (parted, noise_diff, noise_parted)

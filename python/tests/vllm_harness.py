@@ -17,6 +17,7 @@ the prefix cache / connector); then res["rounds"] holds one outputs list per
 round and res["outputs"] is the last round.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -109,6 +110,29 @@ def max_logprob_diff(a, b):
     return m, bool(same)
 
 
+def greedy_divergence(a, b):
+    """Compares two greedy runs of the same prompts position by position, up to each request's
+    first differing token. Returns (max |lp_a - lp_b| over the positions before it, [(request,
+    position, gap)] for each request that diverges). gap is how far apart the two tokens were
+    where they parted: the larger, over both runs, of lp(own token) - lp(the other run's token),
+    or inf where a run did not have the other token among its top logprobs (run with
+    logprobs >= 2). A near tie (small gap) is where run-to-run noise can flip a greedy choice."""
+    m, parted = 0.0, []
+    for i, (x, y) in enumerate(zip(a["outputs"] if isinstance(a, dict) else a,
+                                   b["outputs"] if isinstance(b, dict) else b)):
+        for j, (tx, ty) in enumerate(zip(x["token_ids"], y["token_ids"])):
+            if tx != ty:
+                gap = 0.0
+                for run_, own, other in ((x, tx, ty), (y, ty, tx)):
+                    top = run_["top"][j]
+                    gap = max(gap, top[str(own)] - top[str(other)] if str(other) in top
+                              else math.inf)
+                parted.append((i, j, gap))
+                break
+            m = max(m, abs(x["logprobs"][j] - y["logprobs"][j]))
+    return m, parted
+
+
 # ----------------------------------------------------------------- worker
 def _worker(spec_path, out_path):
     with open(spec_path) as f:
@@ -143,10 +167,11 @@ def _worker(spec_path, out_path):
         res = []
         for o in outs:
             c = o.outputs[0]
-            lps = []
+            lps, tops = [], []
             for tid, d in zip(c.token_ids, c.logprobs or []):
                 lps.append(float(d[tid].logprob) if tid in d else None)
-            res.append(dict(token_ids=list(c.token_ids), logprobs=lps,
+                tops.append({str(t): float(v.logprob) for t, v in d.items()})
+            res.append(dict(token_ids=list(c.token_ids), logprobs=lps, top=tops,
                             num_cached_tokens=int(o.num_cached_tokens or 0),
                             prompt_len=len(o.prompt_token_ids)))
         rounds.append(res)
