@@ -279,7 +279,8 @@ def test_preempted_requests_resume_and_load_again(model, reference, segment, tmp
     noise_diff, noise_parted = greedy_divergence(base, base_pc)
     noise = max([noise_diff] + [gap for _, _, gap in noise_parted])
     assert noise < 0.1, (noise_diff, noise_parted)
-    tol = 2 * noise + 1e-6
+    # Never tighter than the prompts' own tolerance (a CPU where both runs are bit-identical).
+    tol = max(2 * noise + 1e-6, reference["tol"])
     stats = tmp_path / "k.stats.json"
     k = run(model, prompts, kv_transfer_config=_ktc("kv_both", segment),
             extra_env={"KVTIER_VLLM_STATS_FILE": str(stats)}, log_path=str(tmp_path / "k.log"),

@@ -151,43 +151,10 @@ TEST_CASE("keys() rejects a short output span, naming the sizes") {
                        kvtier::invalid_argument);
 }
 
-// kvtier/detail/xxhash.hpp runs XXH3's long inputs through an AVX2 loop chosen at run time. Every
-// loop must give the same hashes as xxHash's own API (checksums in records written elsewhere and
-// keys other processes computed depend on it), for every length and however a stream is split.
-TEST_CASE("checksums and keys are xxHash's own values on the loop chosen at run time") {
-  MESSAGE("XXH3 loop: " << std::string(kvtier::detail::xxh3_loop()));
-#if defined(__x86_64__) && !defined(__AVX2__) && !defined(__CUDACC__) && \
-    !defined(KVTIER_NO_XXH_DISPATCH) && XXH_VERSION_NUMBER == 801
-  // The dispatch must not turn itself off unnoticed where it can work.
-  if (__builtin_cpu_supports("avx2")) {
-    CHECK(std::string(kvtier::detail::xxh3_loop()) == "avx2 (run-time)");
-  }
-#endif
-  std::mt19937_64 rng(11);
-  std::vector<std::byte> buf(300000);
-  for (auto& b : buf) b = static_cast<std::byte>(rng());
-  const kvtier::chunk_key k{0x0123456789abcdefull, 0xfedcba9876543210ull};
-  std::vector<std::size_t> lengths = {0,    1,    16,    17,         128,       129,
-                                      240,  241,  255,   256,        1023,      1024,
-                                      1025, 4096, 65536, 131072 + 3, buf.size()};
-  for (int i = 0; i < 40; ++i) lengths.push_back(rng() % buf.size());
-  for (const std::size_t n : lengths) {
-    const std::size_t off = rng() % 64;  // unaligned starts too
-    const std::size_t len = std::min(n, buf.size() - off);
-    INFO("length " << len << " at offset " << off);
-    const std::byte* p = buf.data() + off;
-    const std::uint64_t want = XXH3_64bits_withSeed(p, len, k.lo ^ k.hi);
-    CHECK(kvtier::detail::payload_checksum(k, p, len) == want);
-    kvtier::detail::payload_hasher h(k);
-    for (std::size_t at = 0; at < len;) {
-      const std::size_t piece = std::min<std::size_t>(len - at, 1 + rng() % 70000);
-      h.update(p + at, piece);
-      at += piece;
-    }
-    CHECK(h.digest() == want);
-  }
-  // Chunk keys of long chunks (their tokens go through the streaming loop) against the spec's
-  // one-shot hash.
+// Chunk keys on the XXH3 loop chosen at run time (kvtier/detail/xxhash.hpp; its checksums are
+// tested in test_xxhash.cpp): every loop must give the keys other processes computed.
+TEST_CASE("keys of long chunks are the spec's on the loop chosen at run time") {
+  // Long chunks' tokens go through the streaming loop; the spec hashes them in one shot.
   const kvtier::chunk_key prev{42, 43};
   for (const std::size_t n : {16u, 60u, 64u, 256u, 1000u, 4096u}) {
     const auto t = test::tokens(n, static_cast<std::uint32_t>(n));
