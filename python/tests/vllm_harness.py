@@ -99,11 +99,15 @@ def run(model_dir, prompts, max_tokens=8, kv_transfer_config=None,
     return res
 
 
+def _outputs(r):
+    """A run's outputs: run()'s result, or its outputs list (one round) as it is."""
+    return r["outputs"] if isinstance(r, dict) else r
+
+
 def max_logprob_diff(a, b):
     """(max |lp_a - lp_b| over aligned generated tokens, all tokens equal?)."""
     m, same = 0.0, True
-    for x, y in zip(a["outputs"] if isinstance(a, dict) else a,
-                    b["outputs"] if isinstance(b, dict) else b):
+    for x, y in zip(_outputs(a), _outputs(b)):
         same &= x["token_ids"] == y["token_ids"]
         for p, q in zip(x["logprobs"], y["logprobs"]):
             m = max(m, abs(p - q))
@@ -118,8 +122,7 @@ def greedy_divergence(a, b):
     or inf where a run did not have the other token among its top logprobs (run with
     logprobs >= 2). A near tie (small gap) is where run-to-run noise can flip a greedy choice."""
     m, parted = 0.0, []
-    for i, (x, y) in enumerate(zip(a["outputs"] if isinstance(a, dict) else a,
-                                   b["outputs"] if isinstance(b, dict) else b)):
+    for i, (x, y) in enumerate(zip(_outputs(a), _outputs(b))):
         for j, (tx, ty) in enumerate(zip(x["token_ids"], y["token_ids"])):
             if tx != ty:
                 gap = 0.0
